@@ -1,0 +1,137 @@
+#pragma once
+// The PyTorch-facing side of the operator: arguments bundled in one struct and checked in one place,
+// before any kernel (CPU now, CUDA later) sees them.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <array>
+#include <optional>
+#include <sstream>
+#include <string>
+
+#include "transforms.h"
+
+namespace fusedtie {
+
+// Looks a transform up by name; an unknown name is a ValueError that lists the valid ones.
+inline TransformKind parse_transform(c10::string_view name) {
+  for (const auto& info : kTransforms) {
+    if (name == info.name) return info.kind;
+  }
+  std::ostringstream valid;
+  for (int i = 0; i < kNumTransforms; ++i) valid << (i ? ", " : "") << kTransforms[i].name;
+  TORCH_CHECK_VALUE(false, "unknown transform '", std::string(name), "'; valid transforms: ",
+                    valid.str());
+}
+
+struct TransformSpec {
+  TransformKind kind = TransformKind::kIdentity;
+  double alpha = 1.0;  // only read by transforms whose table row says uses_alpha
+  bool is_identity() const { return kind == TransformKind::kIdentity; }
+};
+
+// Geometry and transforms of one tied_conv2d call. padding is (top, bottom, left, right), so the
+// asymmetric padding of padding="same" with even kernels is expressible.
+struct TiedConv2dParams {
+  TransformSpec weight_transform;
+  TransformSpec bias_transform;
+  std::array<int64_t, 2> stride{1, 1};
+  std::array<int64_t, 4> padding{0, 0, 0, 0};
+  std::array<int64_t, 2> dilation{1, 1};
+  int64_t groups = 1;
+
+  static TiedConv2dParams from_schema(c10::string_view transform, double alpha,
+                                      c10::string_view bias_transform, double bias_alpha,
+                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                      at::IntArrayRef dilation, int64_t groups) {
+    TiedConv2dParams p;
+    p.weight_transform = {parse_transform(transform), alpha};
+    p.bias_transform = {parse_transform(bias_transform), bias_alpha};
+    TORCH_CHECK_VALUE(stride.size() == 2, "stride must have 2 elements, got ", stride);
+    TORCH_CHECK_VALUE(padding.size() == 4,
+                      "padding must have 4 elements (top, bottom, left, right), got ", padding);
+    TORCH_CHECK_VALUE(dilation.size() == 2, "dilation must have 2 elements, got ", dilation);
+    for (int i = 0; i < 2; ++i) {
+      TORCH_CHECK_VALUE(stride[i] > 0, "stride must be positive, got ", stride);
+      TORCH_CHECK_VALUE(dilation[i] > 0, "dilation must be positive, got ", dilation);
+      p.stride[i] = stride[i];
+      p.dilation[i] = dilation[i];
+    }
+    for (int i = 0; i < 4; ++i) {
+      TORCH_CHECK_VALUE(padding[i] >= 0, "negative padding is not supported, got ", padding);
+      p.padding[i] = padding[i];
+    }
+    TORCH_CHECK_VALUE(groups > 0, "groups must be a positive integer, got ", groups);
+    p.groups = groups;
+    return p;
+  }
+
+  bool symmetric_padding() const { return padding[0] == padding[1] && padding[2] == padding[3]; }
+  // The padding at::convolution applies itself (the smaller side of each pair) ...
+  std::array<int64_t, 2> symmetric_part() const {
+    return {std::min(padding[0], padding[1]), std::min(padding[2], padding[3])};
+  }
+  // ... and what is left to pad explicitly, in at::constant_pad_nd order (left, right, top, bottom).
+  std::array<int64_t, 4> asymmetric_remainder() const {
+    auto sym = symmetric_part();
+    return {padding[2] - sym[1], padding[3] - sym[1], padding[0] - sym[0], padding[1] - sym[0]};
+  }
+
+  // Checks every tensor against the geometry; the messages name the problem and the values.
+  void check(const at::Tensor& input, const at::Tensor& weight,
+             const std::optional<at::Tensor>& bias) const {
+    TORCH_CHECK_VALUE(input.dim() == 4, "fusedtie::tied_conv2d expects a 4-D input (N, C, H, W), got ",
+                      "input of size ", input.sizes());
+    TORCH_CHECK_VALUE(weight.dim() == 4,
+                      "fusedtie::tied_conv2d expects a 4-D weight (out_channels, in_channels/groups, kH, "
+                      "kW), got weight of size ", weight.sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()),
+                     "fusedtie::tied_conv2d supports floating-point tensors (float32, float64, bfloat16, "
+                     "float16), got input of dtype ", input.scalar_type());
+    TORCH_CHECK_TYPE(input.scalar_type() == weight.scalar_type(),
+                     "expected input and weight to have the same dtype, got input ",
+                     input.scalar_type(), " and weight ", weight.scalar_type());
+    TORCH_CHECK(input.device() == weight.device(),
+                "expected input and weight on the same device, got input on ", input.device(),
+                " and weight on ", weight.device());
+    const int64_t out_channels = weight.size(0);
+    TORCH_CHECK_VALUE(out_channels % groups == 0, "out_channels (", out_channels,
+                      ") must be divisible by groups (", groups, ")");
+    TORCH_CHECK_VALUE(input.size(1) == weight.size(1) * groups, "Given groups=", groups,
+                      ", weight of size ", weight.sizes(), ", expected input", input.sizes(),
+                      " to have ", weight.size(1) * groups, " channels, but got ", input.size(1),
+                      " channels instead");
+    if (bias.has_value()) {
+      const at::Tensor& b = *bias;
+      TORCH_CHECK_TYPE(b.scalar_type() == weight.scalar_type(),
+                       "expected bias and weight to have the same dtype, got bias ", b.scalar_type(),
+                       " and weight ", weight.scalar_type());
+      TORCH_CHECK(b.device() == weight.device(), "expected bias and weight on the same device, got bias on ",
+                  b.device(), " and weight on ", weight.device());
+      TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == out_channels, "expected bias of size [",
+                        out_channels, "] (out_channels), got ", b.sizes());
+    }
+    for (int d = 0; d < 2; ++d) {
+      const int64_t padded = input.size(2 + d) + padding[2 * d] + padding[2 * d + 1];
+      const int64_t extent = dilation[d] * (weight.size(2 + d) - 1) + 1;
+      TORCH_CHECK_VALUE(padded >= extent, "Calculated padded input size per channel: (",
+                        input.size(2) + padding[0] + padding[1], " x ",
+                        input.size(3) + padding[2] + padding[3], "). Kernel size: (",
+                        dilation[0] * (weight.size(2) - 1) + 1, " x ",
+                        dilation[1] * (weight.size(3) - 1) + 1,
+                        "). Kernel size can't be greater than actual input size");
+    }
+  }
+
+  std::array<int64_t, 4> output_size(const at::Tensor& input, const at::Tensor& weight) const {
+    std::array<int64_t, 4> out{input.size(0), weight.size(0), 0, 0};
+    for (int d = 0; d < 2; ++d) {
+      const int64_t padded = input.size(2 + d) + padding[2 * d] + padding[2 * d + 1];
+      out[2 + d] = (padded - dilation[d] * (weight.size(2 + d) - 1) - 1) / stride[d] + 1;
+    }
+    return out;
+  }
+};
+
+}  // namespace fusedtie

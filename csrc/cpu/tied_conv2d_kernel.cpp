@@ -1,0 +1,207 @@
+// CPU implementation of the fusedtie operators: f(W) in one parallel vectorised pass, ATen's
+// convolution (oneDNN where available) for the convolution itself, and the chain rule
+// dL/dW_src = f'(W_src) * dL/dW as one parallel vectorised pass over the weight gradient.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include "../conv_params.h"
+#include "../transforms.h"
+
+namespace fusedtie {
+namespace {
+
+// Elements per task: large enough that a task outweighs the scheduling, small enough that a 3x3
+// 64->64 weight (37k elements) still splits across two threads for the transcendental transforms.
+constexpr int64_t kGrainSize = 16384;
+
+// Two tensors whose elements are laid out identically and densely, so one flat loop covers both.
+bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
+  return a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense() &&
+         a.sizes() == b.sizes() && a.strides() == b.strides();
+}
+
+// out[i] = f(in[i]) over `numel` elements in memory order.
+template <typename Transform, typename scalar_t>
+void transform_pass(const scalar_t* in, scalar_t* out, int64_t numel, double alpha) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<opmath_t>;
+  const Vec alpha_vec(static_cast<opmath_t>(alpha));
+  at::parallel_for(0, numel, kGrainSize, [&](int64_t begin, int64_t end) {
+    at::vec::map([&](Vec x) { return Transform::forward(x, alpha_vec); }, out + begin, in + begin,
+                 end - begin);
+  });
+}
+
+// out[i] = grad[i] * f'(source[i]); out may be grad.
+template <typename Transform, typename scalar_t>
+void chain_rule_pass(const scalar_t* grad, const scalar_t* source, scalar_t* out, int64_t numel,
+                     double alpha) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<opmath_t>;
+  const Vec alpha_vec(static_cast<opmath_t>(alpha));
+  at::parallel_for(0, numel, kGrainSize, [&](int64_t begin, int64_t end) {
+    at::vec::map2([&](Vec g, Vec x) { return g * Transform::derivative(x, alpha_vec); },
+                  out + begin, grad + begin, source + begin, end - begin);
+  });
+}
+
+#define FUSEDTIE_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+// f(source) as a new tensor with source's layout (kept for dense tensors, contiguous otherwise).
+at::Tensor apply_transform(const at::Tensor& source, const TransformSpec& spec) {
+  const at::Tensor src = source.is_non_overlapping_and_dense()
+                             ? source
+                             : source.contiguous(source.suggest_memory_format());
+  at::Tensor out = at::empty_like(src);
+  if (src.numel() == 0) return out;
+  FUSEDTIE_DISPATCH_FLOATING(src.scalar_type(), "fusedtie_transform", [&] {
+    dispatch_transform(spec.kind, [&](auto transform) {
+      transform_pass<decltype(transform)>(src.const_data_ptr<scalar_t>(),
+                                          out.mutable_data_ptr<scalar_t>(), src.numel(), spec.alpha);
+    });
+  });
+  return out;
+}
+
+// grad * f'(source). When `grad_is_scratch`, grad is a temporary of ours and is overwritten.
+at::Tensor apply_chain_rule(const at::Tensor& grad, const at::Tensor& source, const TransformSpec& spec,
+                            bool grad_is_scratch) {
+  at::Tensor g = grad;
+  at::Tensor src = source;
+  if (!same_dense_layout(g, src)) {
+    const auto format = source.suggest_memory_format();
+    src = source.contiguous(format);
+    g = grad.contiguous(format);
+    grad_is_scratch = grad_is_scratch || !g.is_same(grad);
+  }
+  at::Tensor out = grad_is_scratch ? g : at::empty_like(g);
+  if (g.numel() == 0) return out;
+  FUSEDTIE_DISPATCH_FLOATING(g.scalar_type(), "fusedtie_chain_rule", [&] {
+    dispatch_transform(spec.kind, [&](auto transform) {
+      chain_rule_pass<decltype(transform)>(g.const_data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>(),
+                                           out.mutable_data_ptr<scalar_t>(), g.numel(), spec.alpha);
+    });
+  });
+  return out;
+}
+
+void check_transform_args(const at::Tensor& source, const char* what) {
+  TORCH_CHECK_TYPE(at::isFloatingType(source.scalar_type()), "fusedtie::", what,
+                   " supports floating-point tensors, got ", source.scalar_type());
+}
+
+at::Tensor transform_cpu(const at::Tensor& source, c10::string_view transform, double alpha) {
+  check_transform_args(source, "transform");
+  const TransformSpec spec{parse_transform(transform), alpha};
+  // An operator's output must not alias its input, so identity returns a copy.
+  return spec.is_identity() ? source.clone() : apply_transform(source, spec);
+}
+
+at::Tensor transform_backward_cpu(const at::Tensor& grad, const at::Tensor& source,
+                                  c10::string_view transform, double alpha) {
+  check_transform_args(source, "_transform_backward");
+  TORCH_CHECK_VALUE(grad.sizes() == source.sizes(), "expected grad of size ", source.sizes(),
+                    ", got ", grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == source.scalar_type(), "expected grad of dtype ",
+                   source.scalar_type(), ", got ", grad.scalar_type());
+  const TransformSpec spec{parse_transform(transform), alpha};
+  return spec.is_identity() ? grad.clone() : apply_chain_rule(grad, source, spec, false);
+}
+
+// The input as at::convolution sees it: padded explicitly only by the part of an asymmetric padding
+// that at::convolution's symmetric padding cannot express.
+at::Tensor pad_asymmetric_remainder(const at::Tensor& input, const TiedConv2dParams& p) {
+  if (p.symmetric_padding()) return input;
+  const auto extra = p.asymmetric_remainder();
+  return at::constant_pad_nd(input, {extra[0], extra[1], extra[2], extra[3]}, 0);
+}
+
+at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, c10::string_view transform,
+                           double alpha, c10::string_view bias_transform, double bias_alpha,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                           int64_t groups) {
+  const auto p = TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride,
+                                               padding, dilation, groups);
+  p.check(input, weight, bias);
+  const at::Tensor derived_weight =
+      p.weight_transform.is_identity() ? weight : apply_transform(weight, p.weight_transform);
+  std::optional<at::Tensor> derived_bias;
+  if (bias.has_value()) {
+    derived_bias = p.bias_transform.is_identity() ? *bias : apply_transform(*bias, p.bias_transform);
+  }
+  const auto sym = p.symmetric_part();
+  return at::convolution(pad_asymmetric_remainder(input, p), derived_weight, derived_bias, p.stride,
+                         sym, p.dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups);
+}
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
+tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                         const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         c10::string_view transform, double alpha, c10::string_view bias_transform,
+                         double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+  const auto p = TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride,
+                                               padding, dilation, groups);
+  p.check(input, weight, bias);
+  const auto out_size = p.output_size(input, weight);
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_size), "expected grad_output of size ",
+                    at::IntArrayRef(out_size), ", got ", grad_output.sizes());
+  TORCH_CHECK_VALUE(!output_mask[2] || bias.has_value(),
+                    "output_mask asks for a bias gradient, but bias is None");
+
+  // f(W) is recomputed rather than saved by the forward: one pass over W, no memory held between
+  // forward and backward. It is needed only for the input gradient; the weight gradient reads W's
+  // shape alone, so the source weight stands in when the input gradient is not wanted.
+  const at::Tensor weight_for_conv =
+      (output_mask[0] && !p.weight_transform.is_identity()) ? apply_transform(weight, p.weight_transform)
+                                                             : weight;
+  const at::Tensor conv_input = pad_asymmetric_remainder(input, p);
+  const auto sym = p.symmetric_part();
+  std::vector<int64_t> bias_sizes{weight.size(0)};
+  auto [grad_input, grad_weight, grad_bias] = at::convolution_backward(
+      grad_output, conv_input, weight_for_conv,
+      output_mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, p.stride, sym, p.dilation,
+      /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups, output_mask);
+
+  std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
+  if (output_mask[0]) {
+    if (!p.symmetric_padding()) {
+      const auto extra = p.asymmetric_remainder();
+      grad_input = grad_input.narrow(2, extra[2], input.size(2)).narrow(3, extra[0], input.size(3));
+    }
+    // Gradients take their tensor's suggested memory format (the fake kernel states the same rule).
+    grad_input_out = grad_input.contiguous(input.suggest_memory_format());
+  }
+  if (output_mask[1]) {
+    // grad_weight is a fresh tensor from convolution_backward, so the chain rule runs in place.
+    grad_weight_out = (p.weight_transform.is_identity()
+                           ? grad_weight
+                           : apply_chain_rule(grad_weight, weight, p.weight_transform, true))
+                          .contiguous(weight.suggest_memory_format());
+  }
+  if (output_mask[2]) {
+    grad_bias_out = (p.bias_transform.is_identity()
+                         ? grad_bias
+                         : apply_chain_rule(grad_bias, *bias, p.bias_transform, true))
+                        .contiguous();
+  }
+  return {grad_input_out, grad_weight_out, grad_bias_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedtie, CPU, m) {
+  m.impl("tied_conv2d", &tied_conv2d_cpu);
+  m.impl("_tied_conv2d_backward", &tied_conv2d_backward_cpu);
+  m.impl("transform", &transform_cpu);
+  m.impl("_transform_backward", &transform_backward_cpu);
+}
+
+}  // namespace fusedtie

@@ -1,0 +1,162 @@
+#pragma once
+// f and f' for every transform, written once. The CPU path instantiates them on scalars and on
+// at::vec::Vectorized<T>; the CUDA kernels instantiate them on device scalars (float/double; half
+// types are computed in float). Adding a transform means: a functor here, a row in kTransforms and a
+// case in dispatch_transform. Python reads the table through the _C module, never a copy of it.
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FUSEDTIE_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FUSEDTIE_HOST_DEVICE inline
+#include <ATen/cpu/vec/vec.h>
+#endif
+
+namespace fusedtie {
+
+enum class TransformKind : int32_t {
+  kIdentity = 0,
+  kSquare,
+  kAbs,
+  kNeg,
+  kScale,
+  kExp,
+  kSigmoid,
+  kTanh,
+  kSoftplus,
+};
+
+struct TransformInfo {
+  TransformKind kind;
+  const char* name;
+  const char* forward;     // f(x), for documentation and the Python table
+  const char* derivative;  // f'(x)
+  bool uses_alpha;         // takes the constant `alpha`
+};
+
+inline constexpr TransformInfo kTransforms[] = {
+    {TransformKind::kIdentity, "identity", "x", "1", false},
+    {TransformKind::kSquare, "square", "x*x", "2*x", false},
+    {TransformKind::kAbs, "abs", "|x|", "sign(x), 0 at x=0", false},
+    {TransformKind::kNeg, "neg", "-x", "-1", false},
+    {TransformKind::kScale, "scale", "alpha*x", "alpha", true},
+    {TransformKind::kExp, "exp", "exp(x)", "exp(x)", false},
+    {TransformKind::kSigmoid, "sigmoid", "1/(1+exp(-x))", "s*(1-s)", false},
+    {TransformKind::kTanh, "tanh", "tanh(x)", "1-tanh(x)^2", false},
+    {TransformKind::kSoftplus, "softplus", "log(1+exp(x)); x where x>20",
+     "exp(x)/(1+exp(x)); 1 where x>20", false},
+};
+inline constexpr int kNumTransforms = sizeof(kTransforms) / sizeof(kTransforms[0]);
+
+// Elementary functions with one spelling for host scalars, device scalars and CPU vectors, so each
+// transform below is a single template.
+namespace math {
+FUSEDTIE_HOST_DEVICE float exp(float x) { return ::expf(x); }
+FUSEDTIE_HOST_DEVICE double exp(double x) { return ::exp(x); }
+FUSEDTIE_HOST_DEVICE float log1p(float x) { return ::log1pf(x); }
+FUSEDTIE_HOST_DEVICE double log1p(double x) { return ::log1p(x); }
+FUSEDTIE_HOST_DEVICE float tanh(float x) { return ::tanhf(x); }
+FUSEDTIE_HOST_DEVICE double tanh(double x) { return ::tanh(x); }
+FUSEDTIE_HOST_DEVICE float abs(float x) { return ::fabsf(x); }
+FUSEDTIE_HOST_DEVICE double abs(double x) { return ::fabs(x); }
+template <typename T>
+FUSEDTIE_HOST_DEVICE T where(bool condition, T if_true, T if_false) {
+  return condition ? if_true : if_false;
+}
+
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+// Comparisons of Vectorized values give all-ones lane masks; where() selects lane by lane.
+template <typename T>
+inline at::vec::Vectorized<T> exp(const at::vec::Vectorized<T>& x) { return x.exp(); }
+template <typename T>
+inline at::vec::Vectorized<T> log1p(const at::vec::Vectorized<T>& x) { return x.log1p(); }
+template <typename T>
+inline at::vec::Vectorized<T> tanh(const at::vec::Vectorized<T>& x) { return x.tanh(); }
+template <typename T>
+inline at::vec::Vectorized<T> abs(const at::vec::Vectorized<T>& x) { return x.abs(); }
+template <typename T>
+inline at::vec::Vectorized<T> where(const at::vec::Vectorized<T>& mask,
+                                    const at::vec::Vectorized<T>& if_true,
+                                    const at::vec::Vectorized<T>& if_false) {
+  return at::vec::Vectorized<T>::blendv(if_false, if_true, mask);
+}
+#endif
+}  // namespace math
+
+// Each transform: forward(x, alpha) = f(x), derivative(x, alpha) = f'(x). V is a float type or a
+// Vectorized of one; V(c) broadcasts a constant.
+struct IdentityTransform {
+  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) { return x; }
+  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V, V) { return V(1); }
+};
+struct SquareTransform {
+  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) { return x * x; }
+  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V x, V) { return x + x; }
+};
+struct AbsTransform {
+  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) { return math::abs(x); }
+  // sign(x) with 0 at 0 (PyTorch's subgradient); x*0 keeps a NaN weight's gradient NaN.
+  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
+    return math::where(x > V(0), V(1), math::where(x < V(0), V(-1), x * V(0)));
+  }
+};
+struct NegTransform {
+  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) { return V(0) - x; }
+  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V, V) { return V(-1); }
+};
+struct ScaleTransform {
+  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V alpha) { return alpha * x; }
+  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V, V alpha) { return alpha; }
+};
+struct ExpTransform {
+  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) { return math::exp(x); }
+  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V x, V) { return math::exp(x); }
+};
+struct SigmoidTransform {
+  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) {
+    return V(1) / (V(1) + math::exp(V(0) - x));
+  }
+  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
+    V s = V(1) / (V(1) + math::exp(V(0) - x));
+    return s * (V(1) - s);
+  }
+};
+struct TanhTransform {
+  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) { return math::tanh(x); }
+  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
+    V t = math::tanh(x);
+    return V(1) - t * t;
+  }
+};
+// torch.nn.functional.softplus with beta=1, threshold=20: linear above the threshold, where
+// log1p(exp(x)) == x in float32 anyway. The derivative follows PyTorch's softplus_backward.
+struct SoftplusTransform {
+  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) {
+    return math::where(x > V(20), x, math::log1p(math::exp(x)));
+  }
+  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
+    V z = math::exp(x);
+    return math::where(x > V(20), V(1), z / (z + V(1)));
+  }
+};
+
+// Calls fn(SomeTransform{}) for the functor of `kind`: one switch, taken once per tensor on the CPU
+// and once per thread block (a uniform branch) in CUDA kernels.
+template <typename Fn>
+FUSEDTIE_HOST_DEVICE decltype(auto) dispatch_transform(TransformKind kind, Fn&& fn) {
+  switch (kind) {
+    case TransformKind::kSquare: return fn(SquareTransform{});
+    case TransformKind::kAbs: return fn(AbsTransform{});
+    case TransformKind::kNeg: return fn(NegTransform{});
+    case TransformKind::kScale: return fn(ScaleTransform{});
+    case TransformKind::kExp: return fn(ExpTransform{});
+    case TransformKind::kSigmoid: return fn(SigmoidTransform{});
+    case TransformKind::kTanh: return fn(TanhTransform{});
+    case TransformKind::kSoftplus: return fn(SoftplusTransform{});
+    case TransformKind::kIdentity:
+    default: return fn(IdentityTransform{});
+  }
+}
+
+}  // namespace fusedtie

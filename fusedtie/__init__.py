@@ -1,0 +1,24 @@
+"""fusedtie: tie a conv layer's weights to an elementwise function of another layer's weights.
+
+``FusedTiedConv2d(conv_1, "square")`` is a layer whose weight is ``conv_1.weight ** 2`` as the very
+same variable: it owns no parameters, and one operator (``torch.ops.fusedtie.tied_conv2d``) applies
+the transform inside the convolution and the chain rule inside its backward.
+"""
+
+from ._library import LIB as _LIB
+from .nn import FusedTiedConv2d
+from .ops import apply_transform, tied_conv2d
+from .transforms import Transform, available_transforms, transform_table
+
+__version__ = "0.1.0"
+cuda_compiled: bool = bool(_LIB.cuda_compiled)
+
+__all__ = [
+    "FusedTiedConv2d",
+    "Transform",
+    "apply_transform",
+    "available_transforms",
+    "cuda_compiled",
+    "tied_conv2d",
+    "transform_table",
+]

@@ -1,0 +1,353 @@
+"""FusedTiedConv2d: a conv layer whose weight is f(source.weight), owning no parameters."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import TransformLike, _pair, apply_transform, normalize_padding, run_tied_conv2d
+from .transforms import Transform
+
+_BIAS_MODES = ("same", "transform", None)
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_SLOT = "source."  # the state_dict prefix of the source inside a FusedTiedConv2d
+
+
+class FusedTiedConv2d(nn.Module):
+    r"""A 2-D convolution whose weight is ``f(source.weight)``: the tie as one fused operator.
+
+    Args:
+        source: the ``nn.Conv2d`` that owns the parameters.
+        transform: f, a name from :func:`fusedtie.available_transforms` or a
+            :class:`fusedtie.Transform` (``Transform("scale", alpha=0.5)``).
+        bias: ``"same"``: the source's bias as it is (none if the source has none);
+            ``"transform"``: f(source.bias); ``None`` (or ``False``): no bias.
+        stride, padding, dilation, groups, padding_mode: default to the source's.
+        in_channels, out_channels, kernel_size: optional; if given they must equal what the tie
+            implies, so a tie that cannot work fails here and says why.
+
+    The layer owns no parameters: ``parameters()`` of a network holding both layers yields the
+    source's tensors once, and its ``state_dict()`` has only the source's keys. Used alone, the
+    layer carries its source (as the submodule ``source``), moves it with ``.to()`` and saves it
+    under ``source.*``.
+
+    Example::
+
+        >>> conv_1 = nn.Conv2d(16, 16, 3, padding=1)
+        >>> conv_2 = fusedtie.FusedTiedConv2d(conv_1, "square")   # weight = conv_1.weight ** 2
+        >>> y = conv_2(conv_1(torch.randn(1, 16, 300, 300)))
+    """
+
+    def __init__(
+        self,
+        source: nn.Conv2d,
+        transform: TransformLike = "square",
+        bias: Union[str, None, bool] = "same",
+        *,
+        stride=None,
+        padding=None,
+        dilation=None,
+        groups: Optional[int] = None,
+        padding_mode: Optional[str] = None,
+        in_channels: Optional[int] = None,
+        out_channels: Optional[int] = None,
+        kernel_size=None,
+    ) -> None:
+        if isinstance(source, FusedTiedConv2d):
+            raise TypeError(
+                "the source of a FusedTiedConv2d must be an nn.Conv2d that owns its parameters, got "
+                "another FusedTiedConv2d; tie to its source instead (ties cannot chain or form cycles)"
+            )
+        if not isinstance(source, nn.Conv2d):
+            raise TypeError(
+                f"FusedTiedConv2d ties to an nn.Conv2d source, got {type(source).__name__}"
+            )
+        if isinstance(source.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                "the source is a lazy conv whose weight is not initialised yet; run one forward "
+                "pass through it before tying"
+            )
+        super().__init__()
+        t = Transform.parse(transform)
+        if bias is False:
+            bias = None
+        if bias not in _BIAS_MODES:
+            raise ValueError(f"bias must be 'same', 'transform' or None, got {bias!r}")
+        if bias == "transform" and source.bias is None:
+            raise ValueError(
+                "bias='transform' applies the transform to the source's bias, but the source has no "
+                "bias (it was built with bias=False); use bias=None"
+            )
+        padding_mode = source.padding_mode if padding_mode is None else padding_mode
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(
+                f"padding_mode must be one of {', '.join(map(repr, _PADDING_MODES))}, got {padding_mode!r}"
+            )
+        groups = source.groups if groups is None else groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+            raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        w_out, w_in_per_group, kh, kw = source.weight.shape
+        if w_out % groups != 0:
+            raise ValueError(
+                f"cannot use groups={groups}: the source weight {list(source.weight.shape)} has "
+                f"{w_out} output channels, and out_channels must be divisible by groups"
+            )
+        implied = {
+            "in_channels": w_in_per_group * groups,
+            "out_channels": w_out,
+            "kernel_size": (kh, kw),
+        }
+        asked = {"in_channels": in_channels, "out_channels": out_channels, "kernel_size": kernel_size}
+        wrong = [
+            f"{name}={asked[name]!r} (the tie gives {implied[name]!r})"
+            for name in implied
+            if asked[name] is not None
+            and (tuple(_pair(asked[name], name)) if name == "kernel_size" else asked[name]) != implied[name]
+        ]
+        if wrong:
+            raise ValueError(
+                "cannot tie: a FusedTiedConv2d has its source's weight shape "
+                f"{list(source.weight.shape)} (out_channels, in_channels/groups, kH, kW), so with "
+                f"groups={groups} it maps {implied['in_channels']} to {implied['out_channels']} "
+                f"channels with a {kh}x{kw} kernel; asked for " + ", ".join(wrong)
+            )
+
+        object.__setattr__(self, "_frozen", False)
+        self.transform = t
+        self.bias_mode = bias
+        self.in_channels = implied["in_channels"]
+        self.out_channels = implied["out_channels"]
+        self.kernel_size = (kh, kw)
+        self.stride = _pair(source.stride if stride is None else stride, "stride")
+        self.dilation = _pair(source.dilation if dilation is None else dilation, "dilation")
+        self.groups = groups
+        padding = source.padding if padding is None else padding
+        self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
+        self.padding_mode = padding_mode
+        for name in ("stride", "dilation"):
+            if min(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        top, bottom, left, right = normalize_padding(self.padding, (kh, kw), self.stride, self.dilation)
+        if padding_mode == "zeros":
+            op_padding = (top, bottom, left, right)
+        else:
+            # nn.Conv2d's order: F.pad's (left, right, top, bottom), then a convolution without padding
+            self._reversed_padding_repeated_twice = (left, right, top, bottom)
+            op_padding = (0, 0, 0, 0)
+        bias_transform = t if bias == "transform" else Transform("identity")
+        # Everything the operator needs besides the tensors, normalised once.
+        self._op_args = (
+            t.name, t.op_alpha, bias_transform.name, bias_transform.op_alpha,
+            self.stride, op_padding, self.dilation, self.groups,
+        )
+        self.source = source
+        _install_source_hooks(source)
+        self.register_load_state_dict_post_hook(_derived_loaded)
+        object.__setattr__(self, "_frozen", True)
+
+    # --- the derived tensors ----------------------------------------------------------------------
+
+    @property
+    def weight(self) -> Tensor:
+        """f(source.weight), differentiable with respect to the source."""
+        return apply_transform(self.source.weight, self.transform)
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        """The derived bias: the source's bias itself, f(source.bias), or None."""
+        source_bias = self.source.bias
+        if self.bias_mode is None or source_bias is None:
+            return None
+        return source_bias if self.bias_mode == "same" else apply_transform(source_bias, self.transform)
+
+    def __setattr__(self, name, value):
+        if name in ("weight", "bias"):
+            raise AttributeError(
+                f"FusedTiedConv2d.{name} is derived from its source and cannot be assigned; "
+                f"assign the source's instead (layer.source.{name})"
+            )
+        if getattr(self, "_frozen", False) and name == "source":
+            raise AttributeError("the source of a FusedTiedConv2d is fixed at construction; build a new layer")
+        super().__setattr__(name, value)
+
+    def reset_parameters(self) -> None:
+        raise RuntimeError(
+            "FusedTiedConv2d owns no parameters: its weight is f(source.weight). Reset the source "
+            "layer instead (layer.source.reset_parameters())."
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        source = self.source
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        bias = source.bias if self.bias_mode is not None else None
+        return run_tied_conv2d(input, source.weight, bias, self._op_args)
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` with f(W) and g(b) baked in (untied, for export and deployment)."""
+        weight = self.source.weight
+        bias = self.bias
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+            padding=self.padding, dilation=self.dilation, groups=self.groups,
+            bias=bias is not None, padding_mode=self.padding_mode,
+            device=weight.device, dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.weight)
+            if bias is not None:
+                conv.bias.copy_(bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, transform={self.transform}, bias={self.bias_mode!r}")
+        if self.padding != (0, 0):
+            s += f", padding={self.padding!r}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s
+
+    # --- state_dict without duplicate keys ----------------------------------------------------------
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        # Called by a parent, the source may also be saved under its own name elsewhere in the same
+        # state_dict; the source's hook then keeps that entry and drops ours (see _source_saved).
+        if destination is not None:
+            book = _save_book(destination)
+            if book is not None:
+                book.slot_prefixes.add(prefix + _SLOT)
+        return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        slot = prefix + _SLOT
+        if not any(key.startswith(slot) for key in state_dict):
+            # The checkpoint stores the source under its own name (or nowhere). Let the source's
+            # visit through this layer load its current values onto itself, and report the keys
+            # missing only if no other visit loads the source in this call (see _derived_loaded).
+            book = _load_book(missing_keys)
+            book.placeholder_slots.add(slot)
+            own = self.source.state_dict(keep_vars=True)
+            for key, value in own.items():
+                state_dict[slot + key] = value
+            book.placeholders[id(self)] = (id(self.source), [slot + key for key in own])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+# --- bookkeeping for state_dict() and load_state_dict() across a whole module tree -----------------
+#
+# A tie is two paths to one module (parent.conv_1 and parent.conv_2.source). state_dict() keeps
+# the source's entries under its own path, and under the tied layer's "source." path only when no
+# other path to the source exists in that state_dict. load_state_dict() accepts either.
+
+
+class _SaveBook:
+    def __init__(self):
+        self.slot_prefixes: set[str] = set()
+        self.canonical: dict[int, str] = {}
+        self.kept_slot: dict[int, str] = {}
+
+
+_save_books: dict[int, tuple[weakref.ref, _SaveBook]] = {}
+
+
+def _save_book(destination) -> Optional[_SaveBook]:
+    key = id(destination)
+    entry = _save_books.get(key)
+    if entry is not None and entry[0]() is destination:
+        return entry[1]
+    try:
+        ref = weakref.ref(destination, lambda _, key=key: _save_books.pop(key, None))
+    except TypeError:  # a destination without weak references (plain dict): no deduplication
+        return None
+    book = _SaveBook()
+    _save_books[key] = (ref, book)
+    return book
+
+
+def _drop_prefix(destination, prefix: str) -> None:
+    for key in [k for k in destination if k.startswith(prefix)]:
+        del destination[key]
+    metadata = getattr(destination, "_metadata", None)
+    if metadata is not None:
+        for key in [k for k in metadata if k == prefix[:-1] or k.startswith(prefix)]:
+            del metadata[key]
+
+
+def _source_saved(module, destination, prefix, local_metadata):
+    book = _save_book(destination)
+    if book is None:
+        return
+    sid = id(module)
+    if prefix in book.slot_prefixes:
+        if sid in book.canonical or sid in book.kept_slot:
+            _drop_prefix(destination, prefix)
+        else:
+            book.kept_slot[sid] = prefix
+    else:
+        book.canonical.setdefault(sid, prefix)
+        slot = book.kept_slot.pop(sid, None)
+        if slot is not None:
+            _drop_prefix(destination, slot)
+
+
+class _LoadBook:
+    def __init__(self, missing_keys: list):
+        self.missing_keys = missing_keys  # identifies the load_state_dict call
+        self.placeholder_slots: set[str] = set()
+        self.placeholders: dict[int, tuple[int, list[str]]] = {}
+        self.loaded: set[int] = set()
+        self.pending_missing: dict[int, list[str]] = {}
+
+
+_load_state = threading.local()
+
+
+def _load_book(missing_keys: list) -> _LoadBook:
+    book = getattr(_load_state, "book", None)
+    if book is None or book.missing_keys is not missing_keys:
+        book = _LoadBook(missing_keys)
+        _load_state.book = book
+    return book
+
+
+def _source_loading(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                    unexpected_keys, error_msgs):
+    book = _load_book(missing_keys)
+    if prefix in book.placeholder_slots or not any(k.startswith(prefix) for k in state_dict):
+        return
+    sid = id(module)
+    book.loaded.add(sid)
+    for key in book.pending_missing.pop(sid, []):
+        if key in missing_keys:
+            missing_keys.remove(key)
+
+
+def _derived_loaded(module, incompatible_keys):
+    book = _load_book(incompatible_keys.missing_keys)
+    entry = book.placeholders.pop(id(module), None)
+    if entry is None:
+        return
+    sid, keys = entry
+    if sid not in book.loaded:
+        incompatible_keys.missing_keys.extend(keys)
+        book.pending_missing.setdefault(sid, []).extend(keys)
+
+
+def _install_source_hooks(source: nn.Module) -> None:
+    if getattr(source, "_fusedtie_hooks", False):
+        return
+    source.register_state_dict_post_hook(_source_saved)
+    source.register_load_state_dict_pre_hook(_source_loading)
+    source._fusedtie_hooks = True

@@ -1,0 +1,240 @@
+"""The Python face of the operators: argument normalisation, fake kernels and autograd.
+
+``torch.ops.fusedtie.tied_conv2d`` takes fully normalised arguments (4-D input, pairs, padding as
+(top, bottom, left, right)); ``tied_conv2d`` below accepts everything ``F.conv2d`` accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .transforms import Transform
+
+TransformLike = Union[str, Transform]
+IntOrPair = Union[int, Sequence[int]]
+PaddingLike = Union[str, int, Sequence[int]]
+
+
+def _pair(value: IntOrPair, name: str) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list, torch.Size)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return (int(value[0]), int(value[1]))
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def normalize_padding(
+    padding: PaddingLike, kernel_size: Sequence[int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right), with ``"same"`` split like F.conv2d: the odd pixel goes last."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            sides = []
+            for d in range(2):
+                total = dilation[d] * (kernel_size[d] - 1)
+                sides += [total // 2, total - total // 2]
+            return tuple(sides)  # type: ignore[return-value]
+        raise ValueError(f"Invalid padding string '{padding}', should be one of {{'valid', 'same'}}")
+    ph, pw = _pair(padding, "padding")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"negative padding is not supported, got {padding!r}")
+    return (ph, ph, pw, pw)
+
+
+def tied_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    transform: TransformLike = "square",
+    bias_transform: TransformLike = "identity",
+    stride: IntOrPair = 1,
+    padding: PaddingLike = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+) -> Tensor:
+    """``F.conv2d(input, f(weight), g(bias), stride, padding, dilation, groups)`` as one operator.
+
+    ``weight`` and ``bias`` are the *source* tensors; f = ``transform`` and g = ``bias_transform``
+    are applied inside the operator, and gradients reach the source through f' and g'.
+
+    Example::
+
+        >>> w = torch.randn(16, 16, 3, 3, requires_grad=True)
+        >>> y = fusedtie.tied_conv2d(torch.randn(1, 16, 8, 8), w, transform="square", padding=1)
+        >>> y.sum().backward()   # w.grad == 2 * w * dL/d(w**2)
+    """
+    t = Transform.parse(transform)
+    bt = Transform.parse(bias_transform)
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    if weight.dim() != 4:
+        raise ValueError(
+            "expected a 4-D weight (out_channels, in_channels/groups, kH, kW), got weight of size "
+            f"{list(weight.shape)}"
+        )
+    stride2 = _pair(stride, "stride")
+    dilation2 = _pair(dilation, "dilation")
+    padding4 = normalize_padding(padding, weight.shape[2:], stride2, dilation2)
+    op_args = (t.name, t.op_alpha, bt.name, bt.op_alpha, stride2, padding4, dilation2, groups)
+    return run_tied_conv2d(input, weight, bias, op_args)
+
+
+def run_tied_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], op_args: tuple) -> Tensor:
+    """The operator call with arguments already normalised; adds the unbatched (3-D) case."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a tensor, got {type(input).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+    if input.dim() == 4:
+        return torch.ops.fusedtie.tied_conv2d(input, weight, bias, *op_args)
+    if input.dim() == 3:
+        return torch.ops.fusedtie.tied_conv2d(input.unsqueeze(0), weight, bias, *op_args).squeeze(0)
+    raise ValueError(
+        "Expected 3D (unbatched) or 4D (batched) input to tied_conv2d, but got input of size: "
+        f"{list(input.shape)}"
+    )
+
+
+def apply_transform(source: Tensor, transform: TransformLike) -> Tensor:
+    """f(source) as a new tensor, differentiable: ``apply_transform(w, "square")`` is ``w * w``."""
+    t = Transform.parse(transform)
+    return torch.ops.fusedtie.transform(source, t.name, t.op_alpha)
+
+
+# --- fake (meta) kernels --------------------------------------------------------------------------
+
+
+def _suggested_format(t: Tensor) -> torch.memory_format:
+    return torch._prims_common.suggest_memory_format(t)
+
+
+def _check_same_dtype_device(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    if not input.dtype.is_floating_point:
+        raise TypeError(
+            "fusedtie::tied_conv2d supports floating-point tensors (float32, float64, bfloat16, "
+            f"float16), got input of dtype {input.dtype}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise TypeError(
+                f"expected input and {name} to have the same dtype, got input {input.dtype} and "
+                f"{name} {t.dtype}"
+            )
+        if t.device != input.device:
+            raise RuntimeError(
+                f"expected input and {name} on the same device, got input on {input.device} and "
+                f"{name} on {t.device}"
+            )
+
+
+@torch.library.register_fake("fusedtie::tied_conv2d")
+def _tied_conv2d_fake(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride,
+                      padding, dilation, groups):
+    _check_same_dtype_device(input, weight, bias)
+    # The shape rules and their checks are aten.convolution's own, run on the fake tensors.
+    top, bottom, left, right = padding
+    sym_h, sym_w = min(top, bottom), min(left, right)
+    if (top, left) != (bottom, right):
+        input = F.pad(input, (left - sym_w, right - sym_w, top - sym_h, bottom - sym_h))
+    return torch.ops.aten.convolution(
+        input, weight, bias, stride, (sym_h, sym_w), dilation, False, (0, 0), groups
+    )
+
+
+@torch.library.register_fake("fusedtie::_tied_conv2d_backward")
+def _tied_conv2d_backward_fake(grad_output, input, weight, bias, transform, alpha, bias_transform,
+                               bias_alpha, stride, padding, dilation, groups, output_mask):
+    def like(t):
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_suggested_format(t))
+
+    return (
+        like(input) if output_mask[0] else None,
+        like(weight) if output_mask[1] else None,
+        like(bias) if output_mask[2] else None,
+    )
+
+
+@torch.library.register_fake("fusedtie::transform")
+def _transform_fake(source, transform, alpha):
+    return torch.empty_like(source)
+
+
+@torch.library.register_fake("fusedtie::_transform_backward")
+def _transform_backward_fake(grad, source, transform, alpha):
+    return torch.empty_like(source)
+
+
+# --- autograd -------------------------------------------------------------------------------------
+
+
+def _tied_conv2d_setup_context(ctx, inputs, output):
+    input, weight, bias, *conv_args = inputs
+    # save_for_backward: an in-place change of the source between forward and backward raises
+    # autograd's version-counter error instead of giving a wrong gradient.
+    ctx.save_for_backward(input, weight, bias)
+    ctx.conv_args = conv_args
+
+
+def _tied_conv2d_backward(ctx, grad_output):
+    input, weight, bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    output_mask = [needs[0], needs[1], bias is not None and needs[2]]
+    grad_input, grad_weight, grad_bias = torch.ops.fusedtie._tied_conv2d_backward(
+        grad_output, input, weight, bias, *ctx.conv_args, output_mask
+    )
+    return (grad_input, grad_weight, grad_bias) + (None,) * len(ctx.conv_args)
+
+
+torch.library.register_autograd(
+    "fusedtie::tied_conv2d", _tied_conv2d_backward, setup_context=_tied_conv2d_setup_context
+)
+
+
+def _transform_setup_context(ctx, inputs, output):
+    source, name, alpha = inputs
+    ctx.save_for_backward(source)
+    ctx.transform_args = (name, alpha)
+
+
+def _transform_backward(ctx, grad):
+    (source,) = ctx.saved_tensors
+    return torch.ops.fusedtie._transform_backward(grad, source, *ctx.transform_args), None, None
+
+
+torch.library.register_autograd(
+    "fusedtie::transform", _transform_backward, setup_context=_transform_setup_context
+)
+
+
+def _no_double_backward(op_name):
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"fusedtie: double backward through {op_name} is not supported (the gradient of a "
+            "gradient, e.g. torch.autograd.grad(..., create_graph=True) followed by another "
+            "backward). Use F.conv2d(x, f(w)) for second-order gradients."
+        )
+
+    torch.library.register_autograd(f"fusedtie::{op_name}", backward, setup_context=setup_context)
+
+
+_no_double_backward("_tied_conv2d_backward")
+_no_double_backward("_transform_backward")
