@@ -31,6 +31,7 @@ extension = Extension(
     include_dirs=[os.path.join(ROOT, "csrc")],
     define_macros=[("FUSEDTIE_WITH_CUDA", None)] if use_cuda else [],
     extra_compile_args=flags if use_cuda else flags["cxx"],
+    extra_link_args=_build.openmp_flags(),
 )
 
 setup(

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <sstream>
@@ -23,6 +24,15 @@ inline TransformKind parse_transform(c10::string_view name) {
   for (int i = 0; i < kNumTransforms; ++i) valid << (i ? ", " : "") << kTransforms[i].name;
   TORCH_CHECK_VALUE(false, "unknown transform '", std::string(name), "'; valid transforms: ",
                     valid.str());
+  return TransformKind::kIdentity;  // not reached: the check above throws
+}
+
+// The dtypes with transform passes and a convolution on every backend.
+inline void check_supported_dtype(c10::ScalarType dtype, const char* op) {
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                       dtype == at::kHalf,
+                   "fusedtie::", op, " supports floating-point tensors (float32, float64, bfloat16, "
+                   "float16), got ", dtype);
 }
 
 struct TransformSpec {
@@ -86,9 +96,7 @@ struct TiedConv2dParams {
     TORCH_CHECK_VALUE(weight.dim() == 4,
                       "fusedtie::tied_conv2d expects a 4-D weight (out_channels, in_channels/groups, kH, "
                       "kW), got weight of size ", weight.sizes());
-    TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()),
-                     "fusedtie::tied_conv2d supports floating-point tensors (float32, float64, bfloat16, "
-                     "float16), got input of dtype ", input.scalar_type());
+    check_supported_dtype(input.scalar_type(), "tied_conv2d");
     TORCH_CHECK_TYPE(input.scalar_type() == weight.scalar_type(),
                      "expected input and weight to have the same dtype, got input ",
                      input.scalar_type(), " and weight ", weight.scalar_type());

@@ -3,6 +3,7 @@
 // transforms.h, so Python never keeps its own copy of that list). The only file with Python headers.
 #include <torch/extension.h>
 
+#include "cpu/transform_passes.h"
 #include "transforms.h"
 
 namespace {
@@ -25,6 +26,8 @@ pybind11::list transform_table() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedtie operator library (registers torch.ops.fusedtie.*)";
   m.def("transforms", &transform_table, "The transform table: name, f, f', whether it takes alpha");
+  m.def("cpu_transform_capability", [] { return std::string(fusedtie::cpu_transform_passes().capability); },
+        "The instruction set of the CPU transform passes in use (DEFAULT, AVX2, AVX512)");
 #ifdef FUSEDTIE_WITH_CUDA
   m.attr("cuda_compiled") = true;
 #else

@@ -44,8 +44,19 @@ def cuda_build_decision() -> tuple[bool, str]:
     return True, f"nvcc at {cpp_extension.CUDA_HOME}, torch CUDA {torch.version.cuda}"
 
 
+def openmp_flags() -> list[str]:
+    """-fopenmp when torch runs at::parallel_for on OpenMP: parallel_for is a header template, so
+    without it our passes would run on one thread. Linking libgomp is safe: torch ships its own
+    libgomp.so.1, and the loader reuses the copy already loaded under that name."""
+    import torch
+
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def compile_flags(debug: bool) -> dict[str, list[str]]:
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = (["-O0", "-g"] if debug else ["-O3"]) + openmp_flags()
     return {"cxx": cxx, "nvcc": ["-O0", "-G"] if debug else ["-O3"]}
 
 
@@ -84,6 +95,7 @@ def _jit_build() -> ModuleType:
         extra_cflags=flags["cxx"] + (["-DFUSEDTIE_WITH_CUDA"] if cuda else []),
         extra_cuda_cflags=flags["nvcc"] + ["-DFUSEDTIE_WITH_CUDA"],
         extra_include_paths=[SOURCE_DIR],
+        extra_ldflags=openmp_flags(),
         build_directory=build_dir,
         is_python_module=True,
         verbose=os.environ.get("FUSEDTIE_VERBOSE_BUILD", "0") == "1",

@@ -122,7 +122,23 @@ def _suggested_format(t: Tensor) -> torch.memory_format:
     return torch._prims_common.suggest_memory_format(t)
 
 
-def _check_same_dtype_device(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+def _check_tied_conv2d(input, weight, bias, stride, padding, dilation, groups) -> None:
+    """The fake kernel's argument checks: the rules and messages of TiedConv2dParams::check
+    (csrc/conv_params.h), which checks real tensors. Both are exercised by tests/test_bad_input.py."""
+    if len(stride) != 2 or len(dilation) != 2 or len(padding) != 4:
+        raise ValueError(f"expected stride and dilation pairs and 4 paddings, got {stride}, {dilation}, {padding}")
+    if min(stride) <= 0:
+        raise ValueError(f"stride must be positive, got {list(stride)}")
+    if min(dilation) <= 0:
+        raise ValueError(f"dilation must be positive, got {list(dilation)}")
+    if min(padding) < 0:
+        raise ValueError(f"negative padding is not supported, got {list(padding)}")
+    if groups <= 0:
+        raise ValueError(f"groups must be a positive integer, got {groups}")
+    if input.dim() != 4:
+        raise ValueError(f"fusedtie::tied_conv2d expects a 4-D input (N, C, H, W), got input of size {list(input.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"fusedtie::tied_conv2d expects a 4-D weight, got weight of size {list(weight.shape)}")
     if not input.dtype.is_floating_point:
         raise TypeError(
             "fusedtie::tied_conv2d supports floating-point tensors (float32, float64, bfloat16, "
@@ -141,13 +157,30 @@ def _check_same_dtype_device(input: Tensor, weight: Tensor, bias: Optional[Tenso
                 f"expected input and {name} on the same device, got input on {input.device} and "
                 f"{name} on {t.device}"
             )
+    out_channels = weight.shape[0]
+    if out_channels % groups != 0:
+        raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
+    if input.shape[1] != weight.shape[1] * groups:
+        raise ValueError(
+            f"Given groups={groups}, weight of size {list(weight.shape)}, expected input{list(input.shape)} "
+            f"to have {weight.shape[1] * groups} channels, but got {input.shape[1]} channels instead"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_channels):
+        raise ValueError(f"expected bias of size [{out_channels}] (out_channels), got {list(bias.shape)}")
+    padded = [input.shape[2] + padding[0] + padding[1], input.shape[3] + padding[2] + padding[3]]
+    extent = [dilation[d] * (weight.shape[2 + d] - 1) + 1 for d in range(2)]
+    if padded[0] < extent[0] or padded[1] < extent[1]:
+        raise ValueError(
+            f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
+            f"({extent[0]} x {extent[1]}). Kernel size can't be greater than actual input size"
+        )
 
 
 @torch.library.register_fake("fusedtie::tied_conv2d")
 def _tied_conv2d_fake(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride,
                       padding, dilation, groups):
-    _check_same_dtype_device(input, weight, bias)
-    # The shape rules and their checks are aten.convolution's own, run on the fake tensors.
+    _check_tied_conv2d(input, weight, bias, stride, padding, dilation, groups)
+    # The output's shape and memory format are aten.convolution's own, run on the fake tensors.
     top, bottom, left, right = padding
     sym_h, sym_w = min(top, bottom), min(left, right)
     if (top, left) != (bottom, right):

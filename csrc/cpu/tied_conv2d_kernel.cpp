@@ -2,15 +2,11 @@
 // convolution (oneDNN where available) for the convolution itself, and the chain rule
 // dL/dW_src = f'(W_src) * dL/dW as one parallel vectorised pass over the weight gradient.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include "../conv_params.h"
-#include "../transforms.h"
+#include "transform_passes.h"
 
 namespace fusedtie {
 namespace {
@@ -25,34 +21,6 @@ bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
          a.sizes() == b.sizes() && a.strides() == b.strides();
 }
 
-// out[i] = f(in[i]) over `numel` elements in memory order.
-template <typename Transform, typename scalar_t>
-void transform_pass(const scalar_t* in, scalar_t* out, int64_t numel, double alpha) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using Vec = at::vec::Vectorized<opmath_t>;
-  const Vec alpha_vec(static_cast<opmath_t>(alpha));
-  at::parallel_for(0, numel, kGrainSize, [&](int64_t begin, int64_t end) {
-    at::vec::map([&](Vec x) { return Transform::forward(x, alpha_vec); }, out + begin, in + begin,
-                 end - begin);
-  });
-}
-
-// out[i] = grad[i] * f'(source[i]); out may be grad.
-template <typename Transform, typename scalar_t>
-void chain_rule_pass(const scalar_t* grad, const scalar_t* source, scalar_t* out, int64_t numel,
-                     double alpha) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using Vec = at::vec::Vectorized<opmath_t>;
-  const Vec alpha_vec(static_cast<opmath_t>(alpha));
-  at::parallel_for(0, numel, kGrainSize, [&](int64_t begin, int64_t end) {
-    at::vec::map2([&](Vec g, Vec x) { return g * Transform::derivative(x, alpha_vec); },
-                  out + begin, grad + begin, source + begin, end - begin);
-  });
-}
-
-#define FUSEDTIE_DISPATCH_FLOATING(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
-
 // f(source) as a new tensor with source's layout (kept for dense tensors, contiguous otherwise).
 at::Tensor apply_transform(const at::Tensor& source, const TransformSpec& spec) {
   const at::Tensor src = source.is_non_overlapping_and_dense()
@@ -60,11 +28,13 @@ at::Tensor apply_transform(const at::Tensor& source, const TransformSpec& spec) 
                              : source.contiguous(source.suggest_memory_format());
   at::Tensor out = at::empty_like(src);
   if (src.numel() == 0) return out;
-  FUSEDTIE_DISPATCH_FLOATING(src.scalar_type(), "fusedtie_transform", [&] {
-    dispatch_transform(spec.kind, [&](auto transform) {
-      transform_pass<decltype(transform)>(src.const_data_ptr<scalar_t>(),
-                                          out.mutable_data_ptr<scalar_t>(), src.numel(), spec.alpha);
-    });
+  const auto& passes = cpu_transform_passes();
+  const auto* in_bytes = static_cast<const char*>(src.const_data_ptr());
+  auto* out_bytes = static_cast<char*>(out.mutable_data_ptr());
+  const int64_t item = src.element_size();
+  at::parallel_for(0, src.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
+    passes.forward(spec.kind, src.scalar_type(), in_bytes + begin * item, out_bytes + begin * item,
+                   end - begin, spec.alpha);
   });
   return out;
 }
@@ -82,22 +52,20 @@ at::Tensor apply_chain_rule(const at::Tensor& grad, const at::Tensor& source, co
   }
   at::Tensor out = grad_is_scratch ? g : at::empty_like(g);
   if (g.numel() == 0) return out;
-  FUSEDTIE_DISPATCH_FLOATING(g.scalar_type(), "fusedtie_chain_rule", [&] {
-    dispatch_transform(spec.kind, [&](auto transform) {
-      chain_rule_pass<decltype(transform)>(g.const_data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>(),
-                                           out.mutable_data_ptr<scalar_t>(), g.numel(), spec.alpha);
-    });
+  const auto& passes = cpu_transform_passes();
+  const auto* grad_bytes = static_cast<const char*>(g.const_data_ptr());
+  const auto* src_bytes = static_cast<const char*>(src.const_data_ptr());
+  auto* out_bytes = static_cast<char*>(out.mutable_data_ptr());
+  const int64_t item = g.element_size();
+  at::parallel_for(0, g.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
+    passes.chain_rule(spec.kind, g.scalar_type(), grad_bytes + begin * item, src_bytes + begin * item,
+                      out_bytes + begin * item, end - begin, spec.alpha);
   });
   return out;
 }
 
-void check_transform_args(const at::Tensor& source, const char* what) {
-  TORCH_CHECK_TYPE(at::isFloatingType(source.scalar_type()), "fusedtie::", what,
-                   " supports floating-point tensors, got ", source.scalar_type());
-}
-
 at::Tensor transform_cpu(const at::Tensor& source, c10::string_view transform, double alpha) {
-  check_transform_args(source, "transform");
+  check_supported_dtype(source.scalar_type(), "transform");
   const TransformSpec spec{parse_transform(transform), alpha};
   // An operator's output must not alias its input, so identity returns a copy.
   return spec.is_identity() ? source.clone() : apply_transform(source, spec);
@@ -105,7 +73,7 @@ at::Tensor transform_cpu(const at::Tensor& source, c10::string_view transform, d
 
 at::Tensor transform_backward_cpu(const at::Tensor& grad, const at::Tensor& source,
                                   c10::string_view transform, double alpha) {
-  check_transform_args(source, "_transform_backward");
+  check_supported_dtype(source.scalar_type(), "_transform_backward");
   TORCH_CHECK_VALUE(grad.sizes() == source.sizes(), "expected grad of size ", source.sizes(),
                     ", got ", grad.sizes());
   TORCH_CHECK_TYPE(grad.scalar_type() == source.scalar_type(), "expected grad of dtype ",
@@ -153,6 +121,10 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
   const auto out_size = p.output_size(input, weight);
   TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_size), "expected grad_output of size ",
                     at::IntArrayRef(out_size), ", got ", grad_output.sizes());
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "expected grad_output of dtype ",
+                   input.scalar_type(), ", got ", grad_output.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(), "expected grad_output on ", input.device(),
+              ", got ", grad_output.device());
   TORCH_CHECK_VALUE(!output_mask[2] || bias.has_value(),
                     "output_mask asks for a bias gradient, but bias is None");
 

@@ -1,0 +1,33 @@
+#pragma once
+// The two elementwise passes of the CPU path, over `numel` elements laid out identically:
+//   forward:    out = f(in)
+//   chain rule: out = grad * f'(source)       (out may alias grad)
+// They are compiled once per CPU capability (transform_passes_{default,avx2,avx512}.cpp, each
+// instantiating transform_passes_impl.h with that capability's at::vec::Vectorized), and the
+// widest one the machine supports is picked at run time, as ATen picks its own kernels (the
+// ATEN_CPU_CAPABILITY environment variable forces a narrower one, for tests).
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+#include "../transforms.h"
+
+namespace fusedtie {
+
+struct TransformPasses {
+  const char* capability;
+  void (*forward)(TransformKind kind, c10::ScalarType dtype, const void* in, void* out, int64_t numel,
+                  double alpha);
+  void (*chain_rule)(TransformKind kind, c10::ScalarType dtype, const void* grad, const void* source,
+                     void* out, int64_t numel, double alpha);
+};
+
+// Each returns nullptr when its translation unit was compiled without that instruction set.
+const TransformPasses* transform_passes_default();
+const TransformPasses* transform_passes_avx2();
+const TransformPasses* transform_passes_avx512();
+
+// The passes for this machine, chosen once.
+const TransformPasses& cpu_transform_passes();
+
+}  // namespace fusedtie

@@ -1,0 +1,74 @@
+// Included by exactly one translation unit per CPU capability, after that unit has set
+// CPU_CAPABILITY / CPU_CAPABILITY_<ISA> and FUSEDTIE_PASSES_FN (the accessor it defines).
+// Everything here has internal linkage except that accessor, so the capabilities never mix.
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include "../transforms.h"
+#include "transform_passes.h"
+
+namespace fusedtie {
+namespace {
+
+template <typename Transform, typename scalar_t>
+void forward_loop(const scalar_t* in, scalar_t* out, int64_t numel, double alpha) {
+  using Vec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
+  const Vec alpha_vec(static_cast<at::opmath_type<scalar_t>>(alpha));
+  at::vec::map([&](Vec x) { return Transform::forward(x, alpha_vec); }, out, in, numel);
+}
+
+template <typename Transform, typename scalar_t>
+void chain_rule_loop(const scalar_t* grad, const scalar_t* source, scalar_t* out, int64_t numel,
+                     double alpha) {
+  using Vec = at::vec::Vectorized<at::opmath_type<scalar_t>>;
+  const Vec alpha_vec(static_cast<at::opmath_type<scalar_t>>(alpha));
+  at::vec::map2([&](Vec g, Vec x) { return g * Transform::derivative(x, alpha_vec); }, out, grad,
+                source, numel);
+}
+
+template <typename Fn>
+void dispatch_dtype(c10::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return fn(float{});
+    case c10::ScalarType::Double: return fn(double{});
+    case c10::ScalarType::BFloat16: return fn(c10::BFloat16{});
+    case c10::ScalarType::Half: return fn(c10::Half{});
+    default: TORCH_CHECK_TYPE(false, "fusedtie: no CPU transform pass for dtype ", dtype);
+  }
+}
+
+void forward_pass(TransformKind kind, c10::ScalarType dtype, const void* in, void* out, int64_t numel,
+                  double alpha) {
+  dispatch_dtype(dtype, [&](auto type_tag) {
+    using scalar_t = decltype(type_tag);
+    dispatch_transform(kind, [&](auto transform) {
+      forward_loop<decltype(transform)>(static_cast<const scalar_t*>(in), static_cast<scalar_t*>(out),
+                                        numel, alpha);
+    });
+  });
+}
+
+void chain_rule_pass(TransformKind kind, c10::ScalarType dtype, const void* grad, const void* source,
+                     void* out, int64_t numel, double alpha) {
+  dispatch_dtype(dtype, [&](auto type_tag) {
+    using scalar_t = decltype(type_tag);
+    dispatch_transform(kind, [&](auto transform) {
+      chain_rule_loop<decltype(transform)>(static_cast<const scalar_t*>(grad),
+                                           static_cast<const scalar_t*>(source),
+                                           static_cast<scalar_t*>(out), numel, alpha);
+    });
+  });
+}
+
+}  // namespace
+
+const TransformPasses* FUSEDTIE_PASSES_FN() {
+  static const TransformPasses passes{FUSEDTIE_CAPABILITY_NAME, &forward_pass, &chain_rule_pass};
+  return &passes;
+}
+
+}  // namespace fusedtie

@@ -1,0 +1,59 @@
+"""The one reference oracle: F.conv2d(x, f(W), g(b), ...) in float64, with f written in torch ops.
+
+Independent of fusedtie's kernels: f here is PyTorch's own elementwise ops, gradients are autograd's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+REFERENCE_TRANSFORMS = {
+    "identity": lambda w, alpha: w,
+    "square": lambda w, alpha: w**2,
+    "abs": lambda w, alpha: torch.abs(w),
+    "neg": lambda w, alpha: -w,
+    "scale": lambda w, alpha: alpha * w,
+    "exp": lambda w, alpha: torch.exp(w),
+    "sigmoid": lambda w, alpha: torch.sigmoid(w),
+    "tanh": lambda w, alpha: torch.tanh(w),
+    "softplus": lambda w, alpha: F.softplus(w),
+}
+
+SCALE_ALPHA = 0.75
+
+
+def transform_arg(name: str):
+    """What tests pass to fusedtie for a transform name (scale needs its constant)."""
+    import fusedtie
+
+    return fusedtie.Transform("scale", alpha=SCALE_ALPHA) if name == "scale" else name
+
+
+def reference_f(name: str, w: torch.Tensor) -> torch.Tensor:
+    return REFERENCE_TRANSFORMS[name](w, SCALE_ALPHA)
+
+
+def reference_conv2d(x, w, b, transform, bias_transform="identity", stride=1, padding=0, dilation=1,
+                     groups=1, padding_mode="zeros"):
+    """Forward output and (grad_x, grad_w, grad_b) of sum(out * grad_out) in float64.
+
+    Returns (out, grads_fn) where grads_fn(grad_out) gives the source gradients.
+    """
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    b64 = None if b is None else b.detach().double().requires_grad_(True)
+    xin = x64
+    if padding_mode != "zeros":
+        ph, pw = (padding, padding) if isinstance(padding, int) else padding
+        xin = F.pad(x64, (pw, pw, ph, ph), mode=padding_mode)
+        padding = 0
+    out = F.conv2d(xin, reference_f(transform, w64), None if b64 is None else reference_f(bias_transform, b64),
+                   stride, padding, dilation, groups)
+
+    def grads(grad_out):
+        inputs = [x64, w64] + ([b64] if b64 is not None else [])
+        g = torch.autograd.grad(out, inputs, grad_out.double(), retain_graph=True)
+        return g[0], g[1], (g[2] if b64 is not None else None)
+
+    return out.detach(), grads

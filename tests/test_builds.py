@@ -1,0 +1,92 @@
+"""The loader: a prebuilt fusedtie._C wins; without it, import JIT-builds once and reuses the cache."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fusedtie
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHECK = textwrap.dedent(
+    """
+    import sys, torch, torch.nn.functional as F
+    import fusedtie
+    x, w = torch.randn(1, 3, 6, 6, dtype=torch.float64), torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    assert torch.allclose(fusedtie.tied_conv2d(x, w, transform="tanh"), F.conv2d(x, torch.tanh(w)))
+    print("library:", fusedtie._LIB.__name__, "prebuilt loaded:", "fusedtie._C" in sys.modules)
+    """
+)
+
+
+def _run(env_extra):
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, "-c", CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1200)
+
+
+def test_prebuilt_extension_is_used_when_installed():
+    if fusedtie._LIB.__name__ != "fusedtie._C":
+        pytest.skip("this session runs the JIT build (no prebuilt fusedtie._C installed)")
+    assert "fusedtie_jit" not in sys.modules
+
+
+def test_jit_build_compiles_once_then_reuses_the_cache(tmp_path):
+    env = {"FUSEDTIE_FORCE_JIT": "1", "FUSEDTIE_CACHE_DIR": str(tmp_path),
+           "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))}
+    first = _run(env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    notices = [line for line in first.stderr.splitlines() if line.startswith("fusedtie: compiling")]
+    assert len(notices) == 1, first.stderr[-3000:]
+    assert "library: fusedtie_jit prebuilt loaded: False" in first.stdout
+    second = _run(env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "fusedtie: compiling" not in second.stderr
+    assert "library: fusedtie_jit" in second.stdout
+
+
+def test_build_reports_whether_cuda_was_compiled():
+    assert fusedtie.cuda_compiled in (True, False)
+    if torch.version.cuda is None:
+        assert fusedtie.cuda_compiled is False
+
+
+CAPABILITY_CHECK = textwrap.dedent(
+    """
+    import torch, torch.nn.functional as F
+    import fusedtie
+    from reference import reference_f, transform_arg
+    used = fusedtie._LIB.cpu_transform_capability()
+    assert used == torch.backends.cpu.get_cpu_capability(), (used, torch.backends.cpu.get_cpu_capability())
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6), (torch.bfloat16, 1e-2)):
+        # 1000 elements: whole vectors and a ragged tail, values across every transform's branches
+        w = (torch.linspace(-25, 25, 1000, dtype=torch.float64) + 0.013).to(dtype)
+        g = torch.randn(1000, dtype=torch.float64).to(dtype)
+        for name in fusedtie.available_transforms():
+            w64 = w.double().requires_grad_(True)
+            ref = reference_f(name, w64)
+            (ref_grad,) = torch.autograd.grad(ref, w64, g.double())
+            wt = w.clone().requires_grad_(True)
+            out = fusedtie.apply_transform(wt, transform_arg(name))
+            (grad,) = torch.autograd.grad(out, wt, g)
+            scale = ref.abs().clamp_min(1.0)
+            assert ((out.double() - ref.detach()).abs() / scale).max() <= tol, (name, dtype)
+            gscale = ref_grad.abs().clamp_min(1.0)
+            assert ((grad.double() - ref_grad).abs() / gscale).max() <= 4 * tol, (name, dtype, "grad")
+    print("capability", used)
+    """
+)
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_every_cpu_capability_of_the_transform_passes(capability):
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability,
+               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", CAPABILITY_CHECK], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "capability" in result.stdout
