@@ -2,7 +2,9 @@
 
 A CppExtension, or a CUDAExtension when nvcc, a CUDA build of torch and CUDA kernels are present.
 FUSEDTIE_FORCE_CPU=1 forces the CPU build, FUSEDTIE_DEBUG=1 builds without optimisation, and
-TORCH_CUDA_ARCH_LIST picks the GPU architectures as for any torch extension.
+TORCH_CUDA_ARCH_LIST picks the GPU architectures as for any torch extension. FUSEDTIE_SKIP_EXT=1
+installs the Python package alone (the Makefile then builds the extension in place with
+`setup.py build_ext --inplace`, incrementally).
 """
 
 import importlib.util
@@ -34,6 +36,10 @@ extension = Extension(
     extra_link_args=_build.openmp_flags(),
 )
 
+skip_extension = os.environ.get("FUSEDTIE_SKIP_EXT", "0") == "1"
+if skip_extension:
+    print("fusedtie setup: FUSEDTIE_SKIP_EXT=1, installing the Python package without the extension")
+
 setup(
     name="fusedtie",
     version="0.1.0",
@@ -41,6 +47,6 @@ setup(
     packages=["fusedtie"],
     python_requires=">=3.10",
     install_requires=["torch>=2.13"],
-    ext_modules=[extension],
+    ext_modules=[] if skip_extension else [extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,0 +1,46 @@
+# Every target does its own set-up in .venv, so `make test` and `make bench` work on a fresh clone.
+#   make test        build the extension (incrementally, ninja) and run the whole pytest suite
+#   make bench       the same set-up, then the benchmark (quick run)
+#   make cmake-test  the Python-free CMake build of the operator library and its C++ test (ctest)
+#   make build       only (re)build fusedtie/_C in place
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
+CMAKE_BUILD := build/cmake
+export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: test bench build cmake-test clean
+
+# The venv with the pinned dependencies and fusedtie installed editable. FUSEDTIE_SKIP_EXT=1 makes
+# the editable install only register the package; the extension is built by the rule below, in
+# place and incrementally, so editing one kernel does not recompile everything.
+$(VENV)/.deps: requirements-dev.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	FUSEDTIE_SKIP_EXT=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(CSRC) setup.py fusedtie/_build.py
+	@echo "make: building fusedtie._C (MAX_JOBS=$(MAX_JOBS))"
+	@start=$$(date +%s); $(PY) setup.py --quiet build_ext --inplace; \
+	  echo "make: extension built in $$(( $$(date +%s) - start )) s"
+	touch $@
+
+build: $(VENV)/.built
+
+test: $(VENV)/.built
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.built
+	$(PY) benchmarks/bench.py --quick --json bench-results/quick.json
+
+cmake-test: $(VENV)/.deps
+	@start=$$(date +%s); \
+	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" && \
+	cmake --build $(CMAKE_BUILD) -j $(MAX_JOBS) && \
+	echo "make: CMake build took $$(( $$(date +%s) - start )) s" && \
+	cd $(CMAKE_BUILD) && ctest --output-on-failure
+
+clean:
+	rm -rf build fusedtie/_C*.so $(VENV)/.built
