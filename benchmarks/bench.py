@@ -208,7 +208,7 @@ class Settings:
 
 
 # --quick is sized to finish in about 2 minutes on a 2-core CPU machine, busy or not (the budget).
-QUICK = dict(shapes=QUICK_SHAPES, warmup=10, reps=150, case_budget_s=7.0)
+QUICK = dict(shapes=QUICK_SHAPES, warmup=10, reps=150, case_budget_s=6.0)
 FULL = dict(shapes=FULL_SHAPES, warmup=20, reps=400, case_budget_s=60.0)
 MIN_REPS = 12  # the budget never cuts a case below this many repetitions
 

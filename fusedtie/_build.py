@@ -56,7 +56,10 @@ def openmp_flags() -> list[str]:
 
 
 def compile_flags(debug: bool) -> dict[str, list[str]]:
-    cxx = (["-O0", "-g"] if debug else ["-O3"]) + openmp_flags()
+    # torch's vector headers use `#pragma unroll` (unknown to GCC) and pass 32/64-byte vectors by
+    # value (a GCC ABI note); both are noise about torch's headers, not our code.
+    quiet = ["-Wno-unknown-pragmas", "-Wno-psabi"]
+    cxx = (["-O0", "-g"] if debug else ["-O3"]) + openmp_flags() + quiet
     return {"cxx": cxx, "nvcc": ["-O0", "-G"] if debug else ["-O3"]}
 
 
