@@ -107,6 +107,10 @@ def _jit_build() -> ModuleType:
 
 def load_library() -> ModuleType:
     """Import the prebuilt ``fusedtie._C``, or JIT-build the extension when none is installed."""
+    # The extension links against libc10/libtorch_cpu, which the dynamic loader finds only once
+    # torch itself is loaded (torch puts them in the process; they are not on the library path).
+    import torch  # noqa: F401
+
     if os.environ.get("FUSEDTIE_FORCE_JIT", "0") != "1":
         spec = importlib.util.find_spec("fusedtie._C")
         if spec is not None:

@@ -35,6 +35,13 @@ def test_prebuilt_extension_is_used_when_installed():
     assert "fusedtie_jit" not in sys.modules
 
 
+def test_import_without_importing_torch_first():
+    result = subprocess.run([sys.executable, "-c", "import fusedtie; print(fusedtie.available_transforms())"],
+                            cwd="/", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "square" in result.stdout
+
+
 def test_jit_build_compiles_once_then_reuses_the_cache(tmp_path):
     env = {"FUSEDTIE_FORCE_JIT": "1", "FUSEDTIE_CACHE_DIR": str(tmp_path),
            "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))}
