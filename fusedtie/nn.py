@@ -307,7 +307,7 @@ class _LoadBook:
         self.missing_keys = missing_keys  # identifies the load_state_dict call
         self.placeholder_slots: set[str] = set()
         self.placeholders: dict[int, tuple[int, list[str]]] = {}
-        self.loaded: set[int] = set()
+        self.loaded: dict[int, tuple[str, dict]] = {}  # source id -> (prefix, the values it took)
         self.pending_missing: dict[int, list[str]] = {}
 
 
@@ -325,10 +325,27 @@ def _load_book(missing_keys: list) -> _LoadBook:
 def _source_loading(module, state_dict, prefix, local_metadata, strict, missing_keys,
                     unexpected_keys, error_msgs):
     book = _load_book(missing_keys)
-    if prefix in book.placeholder_slots or not any(k.startswith(prefix) for k in state_dict):
+    if prefix in book.placeholder_slots:
+        return
+    values = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not values:
         return
     sid = id(module)
-    book.loaded.add(sid)
+    if sid in book.loaded:
+        # The checkpoint holds the source twice (say "conv_1.weight" and "conv_2.source.weight").
+        # Equal copies are fine; unequal ones are an error, never "the last key wins".
+        first_prefix, first_values = book.loaded[sid]
+        for name, value in values.items():
+            other = first_values.get(name)
+            if isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor) and not (
+                value.shape == other.shape and torch.equal(value.detach().cpu(), other.detach().cpu())
+            ):
+                error_msgs.append(
+                    f"the checkpoint holds one tied source twice with different values: "
+                    f"'{first_prefix}{name}' and '{prefix}{name}' differ; keep one of the two keys"
+                )
+        return
+    book.loaded[sid] = (prefix, values)
     for key in book.pending_missing.pop(sid, []):
         if key in missing_keys:
             missing_keys.remove(key)

@@ -101,6 +101,17 @@ def test_load_state_dict_reports_really_missing_keys():
         net.load_state_dict({})
 
 
+def test_checkpoint_with_disagreeing_duplicate_keys_is_refused():
+    net = SeedNet()
+    state = net.state_dict()
+    same = dict(state, **{"conv_2.source.weight": state["conv_1.weight"].clone(),
+                          "conv_2.source.bias": state["conv_1.bias"].clone()})
+    net.load_state_dict(same)  # duplicates that agree (a parametrize-style checkpoint) load
+    differ = dict(same, **{"conv_2.source.weight": state["conv_1.weight"] + 1})
+    with pytest.raises(RuntimeError, match="'conv_1.weight' and 'conv_2.source.weight' differ"):
+        net.load_state_dict(differ)
+
+
 def test_deepcopy_follows_copied_source():
     net = SeedNet()
     clone = copy.deepcopy(net)

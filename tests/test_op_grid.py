@@ -17,8 +17,12 @@ def run_case(transform, bias_mode, kernel, batch=2, cin=4, cout=6, hw=(9, 8), st
              dilation=1, groups=1, dtype=torch.float64, layout="contiguous"):
     if layout == "unbatched":
         batch = 1
-    x = torch.randn(batch, cin, *hw, dtype=dtype)
-    w = torch.randn(cout, cin // groups, *kernel, dtype=dtype) * 0.5
+    if layout == "expanded":  # stride-0 dimensions: one image and one filter repeated
+        x = torch.randn(1, cin, *hw, dtype=dtype).expand(batch, cin, *hw)
+        w = (torch.randn(1, cin // groups, *kernel, dtype=dtype) * 0.5).expand(cout, cin // groups, *kernel)
+    else:
+        x = torch.randn(batch, cin, *hw, dtype=dtype)
+        w = torch.randn(cout, cin // groups, *kernel, dtype=dtype) * 0.5
     b = None if bias_mode == "none" else torch.randn(cout, dtype=dtype) * 0.5
     bias_transform = transform if bias_mode == "transform" else "identity"
     ref_out, ref_grads = reference_conv2d(x, w, b, transform, bias_transform, stride, padding, dilation,
@@ -85,7 +89,7 @@ def test_geometry(geometry, kernel, batch):
     run_case("tanh", "transform", kernel, batch=batch, hw=(11, 10), **geometry)
 
 
-@pytest.mark.parametrize("layout", ["unbatched", "channels_last", "non_contiguous"])
+@pytest.mark.parametrize("layout", ["unbatched", "channels_last", "non_contiguous", "expanded"])
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_layouts(transform, layout):
     run_case(transform, "transform", (3, 3), padding=1, layout=layout)
