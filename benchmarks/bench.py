@@ -208,7 +208,7 @@ class Settings:
 
 
 # --quick is sized to finish in about 2 minutes on a 2-core CPU machine, busy or not (the budget).
-QUICK = dict(shapes=QUICK_SHAPES, warmup=10, reps=150, case_budget_s=6.0)
+QUICK = dict(shapes=QUICK_SHAPES, warmup=10, reps=300, case_budget_s=6.0)
 FULL = dict(shapes=FULL_SHAPES, warmup=20, reps=400, case_budget_s=60.0)
 MIN_REPS = 12  # the budget never cuts a case below this many repetitions
 
@@ -399,7 +399,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="size", action="store_const", const="quick",
-                      help="the seed shape plus two ResNet-like shapes (default; about 2 minutes)")
+                      help="the seed shape plus two ResNet-like shapes (default; at most about 2 minutes)")
     size.add_argument("--full", dest="size", action="store_const", const="full",
                       help="more shapes and repetitions")
     parser.set_defaults(size="quick")
@@ -496,7 +496,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         out = {
             "environment": env,
             "settings": {"size": args.size, "warmup": settings.warmup, "reps": settings.reps,
-                         "transforms": settings.transforms,
+                         "case_budget_s": settings.case_budget_s, "transforms": settings.transforms,
                          "modes": [m.name for m in settings.modes],
                          "contenders": [c.name for c in CONTENDERS], "baseline": BASELINE,
                          "wall_seconds": wall},
