@@ -1,5 +1,6 @@
 // Every schema of the fusedtie namespace, and nothing else. Backends register implementations under
-// their dispatch keys (csrc/cpu, csrc/cuda); Python registers the fake kernels and autograd.
+// their dispatch keys (csrc/cpu, csrc/cuda), autograd under the Autograd key (csrc/autograd.cpp);
+// Python registers the fake kernels (fusedtie/ops.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY(fusedtie, m) {

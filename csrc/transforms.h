@@ -96,9 +96,9 @@ struct SquareTransform {
 };
 struct AbsTransform {
   template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) { return math::abs(x); }
-  // sign(x) with 0 at 0 (PyTorch's subgradient); x*0 keeps a NaN weight's gradient NaN.
+  // sign(x), and 0 at 0 and at NaN: PyTorch's abs backward (grad * sgn(x)) exactly.
   template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
-    return math::where(x > V(0), V(1), math::where(x < V(0), V(-1), x * V(0)));
+    return math::where(x > V(0), V(1), math::where(x < V(0), V(-1), V(0)));
   }
 };
 struct NegTransform {

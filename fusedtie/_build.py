@@ -22,7 +22,12 @@ JIT_NAME = "fusedtie_jit"
 def source_files(cuda: bool) -> list[str]:
     """The C++ (and, with ``cuda``, CUDA) sources of the extension; setup.py uses the same list."""
     sources = sorted(glob.glob(os.path.join(SOURCE_DIR, "*.cpp")))
-    sources += sorted(glob.glob(os.path.join(SOURCE_DIR, "cpu", "*.cpp")))
+    cpu = sorted(glob.glob(os.path.join(SOURCE_DIR, "cpu", "*.cpp")))
+    # The units compiled for one instruction set (transform_passes_avx*.cpp) link last: where a
+    # header's inline function is emitted by several units, the linker keeps the first copy, which
+    # must be a portable one.
+    is_isa_specific = lambda path: os.path.basename(path).startswith("transform_passes_avx")  # noqa: E731
+    sources += [f for f in cpu if not is_isa_specific(f)] + [f for f in cpu if is_isa_specific(f)]
     if cuda:
         sources += sorted(glob.glob(os.path.join(SOURCE_DIR, "cuda", "*.cu")))
     return sources

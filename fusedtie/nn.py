@@ -231,11 +231,12 @@ class FusedTiedConv2d(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         slot = prefix + _SLOT
+        book = _load_book(missing_keys)
+        book.slots.add(slot)
         if not any(key.startswith(slot) for key in state_dict):
             # The checkpoint stores the source under its own name (or nowhere). Let the source's
             # visit through this layer load its current values onto itself, and report the keys
             # missing only if no other visit loads the source in this call (see _derived_loaded).
-            book = _load_book(missing_keys)
             book.placeholder_slots.add(slot)
             own = self.source.state_dict(keep_vars=True)
             for key, value in own.items():
@@ -303,12 +304,24 @@ def _source_saved(module, destination, prefix, local_metadata):
 
 
 class _LoadBook:
+    """Per load_state_dict() call: which tied sources were loaded, and which keys were reported."""
+
     def __init__(self, missing_keys: list):
-        self.missing_keys = missing_keys  # identifies the load_state_dict call
-        self.placeholder_slots: set[str] = set()
-        self.placeholders: dict[int, tuple[int, list[str]]] = {}
-        self.loaded: dict[int, tuple[str, dict]] = {}  # source id -> (prefix, the values it took)
-        self.pending_missing: dict[int, list[str]] = {}
+        self.missing_keys = missing_keys  # identifies the call (the same list throughout it)
+        self.slots: set[str] = set()  # every tied layer's "source." prefix visited in this call
+        self.placeholder_slots: set[str] = set()  # ... of them, those absent from the checkpoint
+        self.placeholders: dict[int, tuple[int, list[str]]] = {}  # derived id -> (source id, slot keys)
+        self.loaded: dict[int, str] = {}  # source id -> the prefix it was first loaded from
+        # source id -> (the keys reported missing for it, whether under a tied layer's path)
+        self.reported: dict[int, tuple[list[str], bool]] = {}
+
+    def withdraw(self, sid: int, only_slot_reports: bool) -> None:
+        keys, from_slot = self.reported.get(sid, ([], False))
+        if from_slot or not only_slot_reports:
+            for key in keys:
+                if key in self.missing_keys:
+                    self.missing_keys.remove(key)
+            self.reported.pop(sid, None)
 
 
 _load_state = threading.local()
@@ -322,33 +335,49 @@ def _load_book(missing_keys: list) -> _LoadBook:
     return book
 
 
+def _same_values(a, b) -> bool:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return True
+    if a.is_meta or b.is_meta:
+        return True  # nothing to compare
+    a = a.detach().to(device=b.device, dtype=b.dtype)
+    return a.shape == b.shape and torch.allclose(a, b.detach(), rtol=0, atol=0, equal_nan=True)
+
+
 def _source_loading(module, state_dict, prefix, local_metadata, strict, missing_keys,
                     unexpected_keys, error_msgs):
+    """Every visit of a tied source during load_state_dict, except through a placeholder slot."""
     book = _load_book(missing_keys)
     if prefix in book.placeholder_slots:
         return
-    values = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    if not values:
-        return
     sid = id(module)
-    if sid in book.loaded:
-        # The checkpoint holds the source twice (say "conv_1.weight" and "conv_2.source.weight").
-        # Equal copies are fine; unequal ones are an error, never "the last key wins".
-        first_prefix, first_values = book.loaded[sid]
-        for name, value in values.items():
-            other = first_values.get(name)
-            if isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor) and not (
-                value.shape == other.shape and torch.equal(value.detach().cpu(), other.detach().cpu())
-            ):
-                error_msgs.append(
-                    f"the checkpoint holds one tied source twice with different values: "
-                    f"'{first_prefix}{name}' and '{prefix}{name}' differ; keep one of the two keys"
-                )
-        return
-    book.loaded[sid] = (prefix, values)
-    for key in book.pending_missing.pop(sid, []):
-        if key in missing_keys:
-            missing_keys.remove(key)
+    values = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if values:
+        if sid in book.loaded:
+            # The checkpoint holds the source twice (say "conv_1.weight" and "conv_2.source.weight").
+            # Equal copies are fine; unequal ones are an error, never "the last key wins".
+            current = module.state_dict(keep_vars=True)
+            for name, value in values.items():
+                if not _same_values(value, current.get(name)):
+                    error_msgs.append(
+                        f"the checkpoint holds one tied source twice with different values: "
+                        f"'{book.loaded[sid]}{name}' and '{prefix}{name}' differ; keep one of the two keys"
+                    )
+            return
+        book.loaded[sid] = prefix
+        # Reports of it as missing are now wrong; a report under its own name gives way only to a
+        # load through a tied layer's path (a source under two names of its own keeps PyTorch's rule).
+        book.withdraw(sid, only_slot_reports=prefix not in book.slots)
+    elif sid in book.loaded:
+        # Loaded already through a tied layer's "source." path: this path loads it onto itself.
+        for key, value in module.state_dict(keep_vars=True).items():
+            state_dict[prefix + key] = value
+    else:
+        # Missing under its own name, which the module reports itself; a report under a tied
+        # layer's path gives way to it.
+        book.withdraw(sid, only_slot_reports=True)
+        if sid not in book.reported:
+            book.reported[sid] = ([prefix + key for key in module.state_dict(keep_vars=True)], False)
 
 
 def _derived_loaded(module, incompatible_keys):
@@ -357,9 +386,9 @@ def _derived_loaded(module, incompatible_keys):
     if entry is None:
         return
     sid, keys = entry
-    if sid not in book.loaded:
+    if sid not in book.loaded and sid not in book.reported:
         incompatible_keys.missing_keys.extend(keys)
-        book.pending_missing.setdefault(sid, []).extend(keys)
+        book.reported[sid] = (list(keys), True)
 
 
 def _install_source_hooks(source: nn.Module) -> None:

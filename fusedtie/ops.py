@@ -1,4 +1,4 @@
-"""The Python face of the operators: argument normalisation, fake kernels and autograd.
+"""The Python face of the operators: argument normalisation and fake kernels (autograd is C++).
 
 ``torch.ops.fusedtie.tied_conv2d`` takes fully normalised arguments (4-D input, pairs, padding as
 (top, bottom, left, right)); ``tied_conv2d`` below accepts everything ``F.conv2d`` accepts.
@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .transforms import Transform
+from .transforms import Transform, available_transforms
 
 TransformLike = Union[str, Transform]
 IntOrPair = Union[int, Sequence[int]]
@@ -20,15 +22,22 @@ PaddingLike = Union[str, int, Sequence[int]]
 
 
 def _pair(value: IntOrPair, name: str) -> tuple[int, int]:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, (tuple, list, torch.Size)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        return (int(value[0]), int(value[1]))
-    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    """An int, or a sequence of one or two ints (as F.conv2d takes them), as a pair."""
+    def as_int(v):
+        if isinstance(v, bool):
+            raise TypeError
+        return operator.index(v)  # ints, numpy integers, 0-d integer tensors
+
+    try:
+        if isinstance(value, (tuple, list, torch.Size)):
+            if len(value) == 1:
+                return (as_int(value[0]),) * 2
+            if len(value) == 2:
+                return (as_int(value[0]), as_int(value[1]))
+            raise TypeError
+        return (as_int(value),) * 2
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
 
 
 def normalize_padding(
@@ -122,9 +131,20 @@ def _suggested_format(t: Tensor) -> torch.memory_format:
     return torch._prims_common.suggest_memory_format(t)
 
 
-def _check_tied_conv2d(input, weight, bias, stride, padding, dilation, groups) -> None:
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_transform_name(name: str) -> None:
+    if name not in available_transforms():
+        raise ValueError(f"unknown transform '{name}'; valid transforms: {', '.join(available_transforms())}")
+
+
+def _check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, padding, dilation,
+                       groups) -> None:
     """The fake kernel's argument checks: the rules and messages of TiedConv2dParams::check
     (csrc/conv_params.h), which checks real tensors. Both are exercised by tests/test_bad_input.py."""
+    _check_transform_name(transform)
+    _check_transform_name(bias_transform)
     if len(stride) != 2 or len(dilation) != 2 or len(padding) != 4:
         raise ValueError(f"expected stride and dilation pairs and 4 paddings, got {stride}, {dilation}, {padding}")
     if min(stride) <= 0:
@@ -139,7 +159,7 @@ def _check_tied_conv2d(input, weight, bias, stride, padding, dilation, groups) -
         raise ValueError(f"fusedtie::tied_conv2d expects a 4-D input (N, C, H, W), got input of size {list(input.shape)}")
     if weight.dim() != 4:
         raise ValueError(f"fusedtie::tied_conv2d expects a 4-D weight, got weight of size {list(weight.shape)}")
-    if not input.dtype.is_floating_point:
+    if input.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(
             "fusedtie::tied_conv2d supports floating-point tensors (float32, float64, bfloat16, "
             f"float16), got input of dtype {input.dtype}"
@@ -179,7 +199,7 @@ def _check_tied_conv2d(input, weight, bias, stride, padding, dilation, groups) -
 @torch.library.register_fake("fusedtie::tied_conv2d")
 def _tied_conv2d_fake(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride,
                       padding, dilation, groups):
-    _check_tied_conv2d(input, weight, bias, stride, padding, dilation, groups)
+    _check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, padding, dilation, groups)
     # The output's shape and memory format are aten.convolution's own, run on the fake tensors.
     top, bottom, left, right = padding
     sym_h, sym_w = min(top, bottom), min(left, right)
@@ -193,6 +213,15 @@ def _tied_conv2d_fake(input, weight, bias, transform, alpha, bias_transform, bia
 @torch.library.register_fake("fusedtie::_tied_conv2d_backward")
 def _tied_conv2d_backward_fake(grad_output, input, weight, bias, transform, alpha, bias_transform,
                                bias_alpha, stride, padding, dilation, groups, output_mask):
+    expected = _tied_conv2d_fake(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride,
+                                 padding, dilation, groups)
+    if grad_output.shape != expected.shape:
+        raise ValueError(f"expected grad_output of size {list(expected.shape)}, got {list(grad_output.shape)}")
+    if grad_output.dtype != input.dtype:
+        raise TypeError(f"expected grad_output of dtype {input.dtype}, got {grad_output.dtype}")
+    if output_mask[2] and bias is None:
+        raise ValueError("output_mask asks for a bias gradient, but bias is None")
+
     def like(t):
         return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_suggested_format(t))
 
@@ -203,13 +232,28 @@ def _tied_conv2d_backward_fake(grad_output, input, weight, bias, transform, alph
     )
 
 
+def _check_transform_args(source, transform, op):
+    _check_transform_name(transform)
+    if source.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(
+            f"fusedtie::{op} supports floating-point tensors (float32, float64, bfloat16, float16), got "
+            f"{source.dtype}"
+        )
+
+
 @torch.library.register_fake("fusedtie::transform")
 def _transform_fake(source, transform, alpha):
+    _check_transform_args(source, transform, "transform")
     return torch.empty_like(source)
 
 
 @torch.library.register_fake("fusedtie::_transform_backward")
 def _transform_backward_fake(grad, source, transform, alpha):
+    _check_transform_args(source, transform, "_transform_backward")
+    if grad.shape != source.shape:
+        raise ValueError(f"expected grad of size {list(source.shape)}, got {list(grad.shape)}")
+    if grad.dtype != source.dtype:
+        raise TypeError(f"expected grad of dtype {source.dtype}, got {grad.dtype}")
     return torch.empty_like(source)
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import fusedtie
-from reference import reference_conv2d, reference_f, transform_arg
+from reference import reference_f, transform_arg
 
 TRANSFORMS = fusedtie.available_transforms()
 
@@ -139,8 +139,37 @@ def test_torch_compile_fullgraph_matches_eager(transform):
     torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
-    # and both against the float64 oracle of the two-layer net
-    x64 = x.detach().double()
-    h = torch.relu(torch.nn.functional.conv2d(x64, net.conv_1.weight.double(), net.conv_1.bias.double(), padding=1))
-    ref, _ = reference_conv2d(h, net.conv_1.weight, net.conv_1.bias, transform, transform, padding=1)
+    # and the compiled results against the float64 oracle of the two-layer net
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = net.conv_1.weight.detach().double().requires_grad_(True)
+    b64 = net.conv_1.bias.detach().double().requires_grad_(True)
+    h = torch.relu(torch.nn.functional.conv2d(x64, w64, b64, padding=1))
+    ref = torch.nn.functional.conv2d(h, reference_f(transform, w64), reference_f(transform, b64), padding=1)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x64, w64, b64])
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-3, atol=1e-3)
+
+
+def test_opcheck_layout_edge_cases():
+    # _transform_backward with a gradient laid out differently from its source
+    src = torch.randn(6, 4, 3, 3).to(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.fusedtie._transform_backward.default, (torch.randn(6, 4, 3, 3), src, "tanh", 1.0),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fusedtie._transform_backward.default,
+                          (torch.randn(6, 4, 3, 3), src, "identity", 1.0), test_utils=("test_schema", "test_faketensor"))
+    # the backward of an empty batch with asymmetric padding
+    x, w = torch.randn(0, 4, 6, 6), torch.randn(6, 4, 2, 2)
+    torch.library.opcheck(
+        torch.ops.fusedtie._tied_conv2d_backward.default,
+        (torch.randn(0, 6, 6, 6), x, w, None, "square", 1.0, "identity", 1.0, [1, 1], [0, 1, 0, 1], [1, 1], 1,
+         [True, True, False]),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_abs_gradient_at_nan_and_zero_matches_pytorch():
+    w = torch.tensor([float("nan"), 0.0, -1.5, 2.0], dtype=torch.float64, requires_grad=True)
+    (ours,) = torch.autograd.grad(fusedtie.apply_transform(w, "abs"), w, torch.ones(4, dtype=torch.float64))
+    (ref,) = torch.autograd.grad(w.abs(), w, torch.ones(4, dtype=torch.float64))
+    assert torch.equal(ours, ref)  # [0, 0, -1, 1]

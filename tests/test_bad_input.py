@@ -71,6 +71,36 @@ def test_meta_and_cpu_mix_raises(weight_device, input_device):
         fusedtie.tied_conv2d(x, w)
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_the_direct_ops_check_names_masks_and_shapes(device):
+    x, w, b = _tensors(device)
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    with pytest.raises(ValueError, match="unknown transform 'cube'"):
+        torch.ops.fusedtie.tied_conv2d(x, w, b, "cube", 1.0, "identity", 1.0, *geometry)
+    grad = torch.randn(2, 6, 8, 8, device=device)
+    with pytest.raises(ValueError, match="bias gradient, but bias is None"):
+        torch.ops.fusedtie._tied_conv2d_backward(grad, x, w, None, "square", 1.0, "identity", 1.0, *geometry,
+                                                 [True, True, True])
+    with pytest.raises(ValueError, match="expected grad_output of size"):
+        torch.ops.fusedtie._tied_conv2d_backward(grad[:, :5], x, w, b, "square", 1.0, "identity", 1.0, *geometry,
+                                                 [True, True, True])
+    with pytest.raises(ValueError, match="unknown transform 'cube'"):
+        torch.ops.fusedtie.transform(w, "cube", 1.0)
+    with pytest.raises(TypeError, match="floating-point"):
+        torch.ops.fusedtie.transform(w.to(torch.int32), "square", 1.0)
+    with pytest.raises(ValueError, match="expected grad of size"):
+        torch.ops.fusedtie._transform_backward(w[:1], w, "square", 1.0)
+
+
+def test_geometry_accepts_what_conv2d_accepts():
+    import numpy as np
+
+    x, w, b = _tensors()
+    ref = torch.nn.functional.conv2d(x, w * w, b, stride=(2,), padding=(1,), dilation=np.int64(1))
+    ours = fusedtie.tied_conv2d(x, w, b, stride=(2,), padding=(1,), dilation=np.int64(1))
+    torch.testing.assert_close(ours, ref)
+
+
 def test_the_direct_op_checks_too():
     x, w, b = _tensors()
     with pytest.raises(ValueError, match="4-D input"):

@@ -57,9 +57,13 @@ def test_jit_build_compiles_once_then_reuses_the_cache(tmp_path):
 
 
 def test_build_reports_whether_cuda_was_compiled():
-    assert fusedtie.cuda_compiled in (True, False)
+    from fusedtie import _build
+
+    compile_cuda, reason = _build.cuda_build_decision()
     if torch.version.cuda is None:
-        assert fusedtie.cuda_compiled is False
+        assert compile_cuda is False and "CPU build" in reason
+    # What the loaded library says it is agrees with what a build would decide now.
+    assert fusedtie.cuda_compiled is compile_cuda
 
 
 CAPABILITY_CHECK = textwrap.dedent(

@@ -95,14 +95,51 @@ def test_load_state_dict_keeps_tie_and_accepts_forum_checkpoints():
     torch.testing.assert_close(b(x), forum(x), rtol=1e-5, atol=1e-5)
 
 
-def test_load_state_dict_reports_really_missing_keys():
+def test_load_state_dict_reports_really_missing_keys_under_the_saved_names():
     net = SeedNet()
     with pytest.raises(RuntimeError, match="Missing key.*conv_1.weight"):
         net.load_state_dict({})
+    result = net.load_state_dict({}, strict=False)
+    assert sorted(result.missing_keys) == ["conv_1.bias", "conv_1.weight"]  # what state_dict() writes
+    two = nn.ModuleDict({"a": FusedTiedConv2d(nn.Conv2d(2, 2, 1), "exp")})
+    two["b"] = FusedTiedConv2d(two["a"].source, "tanh")
+    assert sorted(two.load_state_dict({}, strict=False).missing_keys) == ["a.source.bias", "a.source.weight"]
+
+
+@pytest.mark.parametrize("derived_first", [False, True])
+def test_checkpoint_from_either_layout_loads_into_either_layout(derived_first):
+    def build(with_holder):
+        conv = nn.Conv2d(3, 3, 3)
+        net = nn.Module()
+        if derived_first:
+            net.derived = FusedTiedConv2d(conv, "square")
+            if with_holder:
+                net.holder = conv
+        else:
+            if with_holder:
+                net.holder = conv
+            net.derived = FusedTiedConv2d(conv, "square")
+        return net, conv
+
+    # (a checkpoint with the holder's keys cannot load into a net without that holder: PyTorch's
+    # ordinary unexpected-key error, so that combination is not among these)
+    for saved_with_holder, loaded_with_holder in ((True, True), (False, False), (False, True)):
+        if True:
+            saved, saved_conv = build(saved_with_holder)
+            loaded, loaded_conv = build(loaded_with_holder)
+            keys = list(saved.state_dict())
+            assert keys == (["holder.weight", "holder.bias"] if saved_with_holder else
+                            ["derived.source.weight", "derived.source.bias"])
+            result = loaded.load_state_dict(saved.state_dict())  # strict
+            assert not result.missing_keys and not result.unexpected_keys
+            torch.testing.assert_close(loaded_conv.weight, saved_conv.weight)
+            torch.testing.assert_close(loaded_conv.bias, saved_conv.bias)
 
 
 def test_checkpoint_with_disagreeing_duplicate_keys_is_refused():
     net = SeedNet()
+    with torch.no_grad():
+        net.conv_1.weight[0, 0, 0, 0] = float("nan")  # NaN equals NaN for this check
     state = net.state_dict()
     same = dict(state, **{"conv_2.source.weight": state["conv_1.weight"].clone(),
                           "conv_2.source.bias": state["conv_1.bias"].clone()})
@@ -277,6 +314,7 @@ def test_sgd_steps_match_reference_formula():
     ours = SeedNet().double()
     forum = ForumNet().double()
     forum.load_state_dict(ours.state_dict())
+    initial = ours.conv_1.weight.detach().clone()
     opt_ours = torch.optim.SGD(ours.parameters(), lr=1e-3, momentum=0.9)
     opt_forum = torch.optim.SGD(forum.parameters(), lr=1e-3, momentum=0.9)
     for step in range(5):
@@ -288,7 +326,7 @@ def test_sgd_steps_match_reference_formula():
             opt.step()
     for p, q in zip(ours.parameters(), forum.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
-    assert not torch.equal(ours.conv_1.weight, SeedNet().double().conv_1.weight)
+    assert not torch.equal(ours.conv_1.weight, initial)  # the steps did move the weights
 
 
 def test_parametrized_source_is_read_lazily():
@@ -296,5 +334,8 @@ def test_parametrized_source_is_read_lazily():
     torch.nn.utils.parametrizations.weight_norm(conv)
     layer = FusedTiedConv2d(conv, "square")
     x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
-    ref, _ = reference_conv2d(x, conv.weight, conv.bias, "square")
-    torch.testing.assert_close(layer(x), ref, rtol=1e-9, atol=1e-9)
+    for _ in range(2):
+        ref, _ = reference_conv2d(x, conv.weight, conv.bias, "square")
+        torch.testing.assert_close(layer(x), ref, rtol=1e-9, atol=1e-9)
+        with torch.no_grad():  # change what the parametrization computes: the next call must see it
+            conv.parametrizations.weight.original0.mul_(1.5)

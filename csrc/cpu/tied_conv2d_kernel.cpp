@@ -79,7 +79,11 @@ at::Tensor transform_backward_cpu(const at::Tensor& grad, const at::Tensor& sour
   TORCH_CHECK_TYPE(grad.scalar_type() == source.scalar_type(), "expected grad of dtype ",
                    source.scalar_type(), ", got ", grad.scalar_type());
   const TransformSpec spec{parse_transform(transform), alpha};
-  return spec.is_identity() ? grad.clone() : apply_chain_rule(grad, source, spec, false);
+  // The result takes the source's layout whatever the gradient's (the fake kernel's rule), so the
+  // gradient is copied once into that layout and the chain rule runs on the copy in place.
+  at::Tensor out = at::empty_like(source);
+  out.copy_(grad);
+  return spec.is_identity() ? out : apply_chain_rule(out, source, spec, true);
 }
 
 // The input as at::convolution sees it: padded explicitly only by the part of an asymmetric padding
@@ -146,7 +150,10 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
   if (output_mask[0]) {
     if (!p.symmetric_padding()) {
       const auto extra = p.asymmetric_remainder();
-      grad_input = grad_input.narrow(2, extra[2], input.size(2)).narrow(3, extra[0], input.size(3));
+      // A fresh tensor, not a view into the padded gradient (an empty view would keep its offset).
+      grad_input = grad_input.narrow(2, extra[2], input.size(2))
+                       .narrow(3, extra[0], input.size(3))
+                       .clone(input.suggest_memory_format());
     }
     // Gradients take their tensor's suggested memory format (the fake kernel states the same rule).
     grad_input_out = grad_input.contiguous(input.suggest_memory_format());

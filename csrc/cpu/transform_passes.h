@@ -30,4 +30,7 @@ const TransformPasses* transform_passes_avx512();
 // The passes for this machine, chosen once.
 const TransformPasses& cpu_transform_passes();
 
+// Raises the TypeError for a dtype without a pass (defined in the portable unit).
+[[noreturn]] void throw_unsupported_dtype(c10::ScalarType dtype);
+
 }  // namespace fusedtie

@@ -1,12 +1,20 @@
 // The portable build of the transform passes (no instruction set beyond the compiler's default),
 // and the run-time choice among the capabilities.
 #include <ATen/Version.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
 
 #define FUSEDTIE_PASSES_FN transform_passes_default
 #define FUSEDTIE_CAPABILITY_NAME "DEFAULT"
 #include "transform_passes_impl.h"
 
 namespace fusedtie {
+
+void throw_unsupported_dtype(c10::ScalarType dtype) {
+  TORCH_CHECK_TYPE(false, "fusedtie: no CPU transform pass for dtype ", dtype);
+  std::abort();  // not reached: the check above throws
+}
 
 const TransformPasses& cpu_transform_passes() {
   static const TransformPasses* chosen = [] {

@@ -1,11 +1,11 @@
 // Included by exactly one translation unit per CPU capability, after that unit has set
 // CPU_CAPABILITY / CPU_CAPABILITY_<ISA> and FUSEDTIE_PASSES_FN (the accessor it defines).
-// Everything here has internal linkage except that accessor, so the capabilities never mix.
+// Everything here has internal linkage except that accessor, so the capabilities never mix; errors
+// are raised by a function of the portable unit, so no error-formatting code is compiled for an ISA.
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include "../transforms.h"
@@ -37,7 +37,7 @@ void dispatch_dtype(c10::ScalarType dtype, Fn&& fn) {
     case c10::ScalarType::Double: return fn(double{});
     case c10::ScalarType::BFloat16: return fn(c10::BFloat16{});
     case c10::ScalarType::Half: return fn(c10::Half{});
-    default: TORCH_CHECK_TYPE(false, "fusedtie: no CPU transform pass for dtype ", dtype);
+    default: throw_unsupported_dtype(dtype);
   }
 }
 
