@@ -184,6 +184,11 @@ class FusedTiedConv2d(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         source = self.source
         if self.padding_mode != "zeros":
+            if input.dim() not in (3, 4):  # before F.pad, whose error for other ranks is unclear
+                raise ValueError(
+                    "Expected 3D (unbatched) or 4D (batched) input to FusedTiedConv2d, but got input of "
+                    f"size: {list(input.shape)}"
+                )
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
         bias = source.bias if self.bias_mode is not None else None
         return run_tied_conv2d(input, source.weight, bias, self._op_args)

@@ -183,6 +183,13 @@ def test_reflect_padding_larger_than_input_raises():
         layer(torch.randn(1, 2, 3, 3))
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_wrong_rank_through_module(padding_mode):
+    layer = FusedTiedConv2d(nn.Conv2d(2, 2, 3, padding=1, padding_mode=padding_mode))
+    with pytest.raises(ValueError, match="Expected 3D .unbatched. or 4D"):
+        layer(torch.randn(1, 1, 2, 5, 5))
+
+
 def test_wrong_channel_input_through_module_names_counts():
     layer = FusedTiedConv2d(nn.Conv2d(16, 16, 3))
     with pytest.raises(ValueError, match="expected input\\[1, 5, 8, 8\\] to have 16 channels, but got 5"):
