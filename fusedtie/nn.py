@@ -259,10 +259,12 @@ class FusedTiedConv2d(nn.Module):
 
 
 class _SaveBook:
+    """Per state_dict() call (one destination): where each tied source has been written."""
+
     def __init__(self):
-        self.slot_prefixes: set[str] = set()
-        self.canonical: dict[int, str] = {}
-        self.kept_slot: dict[int, str] = {}
+        self.slot_prefixes: set[str] = set()  # every tied layer's "source." prefix in this call
+        self.canonical: dict[int, str] = {}  # source id -> its first path of its own
+        self.kept_slot: dict[int, str] = {}  # source id -> the one slot kept while no own path is seen
 
 
 _save_books: dict[int, tuple[weakref.ref, _SaveBook]] = {}
