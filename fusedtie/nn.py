@@ -16,6 +16,10 @@ from .transforms import Transform
 _BIAS_MODES = ("same", "transform", None)
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _SLOT = "source."  # the state_dict prefix of the source inside a FusedTiedConv2d
+_FIXED_AT_CONSTRUCTION = frozenset({
+    "source", "transform", "bias_mode", "in_channels", "out_channels", "kernel_size", "stride", "padding",
+    "dilation", "groups", "padding_mode",
+})
 
 
 class FusedTiedConv2d(nn.Module):
@@ -171,8 +175,12 @@ class FusedTiedConv2d(nn.Module):
                 f"FusedTiedConv2d.{name} is derived from its source and cannot be assigned; "
                 f"assign the source's instead (layer.source.{name})"
             )
-        if getattr(self, "_frozen", False) and name == "source":
-            raise AttributeError("the source of a FusedTiedConv2d is fixed at construction; build a new layer")
+        if getattr(self, "_frozen", False) and name in _FIXED_AT_CONSTRUCTION:
+            # The operator's arguments are normalised once in __init__; a later change would be
+            # silently ignored, so it is refused.
+            raise AttributeError(
+                f"FusedTiedConv2d.{name} is fixed at construction; build a new FusedTiedConv2d instead"
+            )
         super().__setattr__(name, value)
 
     def reset_parameters(self) -> None:

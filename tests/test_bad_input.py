@@ -133,6 +133,9 @@ def test_no_chains_or_cycles():
         FusedTiedConv2d(layer)
     with pytest.raises(AttributeError, match="fixed at construction"):
         layer.source = nn.Conv2d(3, 3, 3)
+    for name, value in (("stride", (2, 2)), ("padding", 1), ("transform", "exp"), ("groups", 3)):
+        with pytest.raises(AttributeError, match=f"{name} is fixed at construction"):
+            setattr(layer, name, value)
 
 
 def test_seed_pair_cannot_tie():
