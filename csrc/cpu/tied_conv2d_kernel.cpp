@@ -39,29 +39,25 @@ at::Tensor apply_transform(const at::Tensor& source, const TransformSpec& spec) 
   return out;
 }
 
-// grad * f'(source). When `grad_is_scratch`, grad is a temporary of ours and is overwritten.
-at::Tensor apply_chain_rule(const at::Tensor& grad, const at::Tensor& source, const TransformSpec& spec,
-                            bool grad_is_scratch) {
-  at::Tensor g = grad;
+// grad * f'(source), computed in grad's memory when it is laid out like source. grad must be a
+// temporary of ours (both callers pass a freshly made gradient), since it is overwritten.
+at::Tensor apply_chain_rule_in_place(at::Tensor grad, const at::Tensor& source, const TransformSpec& spec) {
   at::Tensor src = source;
-  if (!same_dense_layout(g, src)) {
+  if (!same_dense_layout(grad, src)) {
     const auto format = source.suggest_memory_format();
     src = source.contiguous(format);
-    g = grad.contiguous(format);
-    grad_is_scratch = grad_is_scratch || !g.is_same(grad);
+    grad = grad.contiguous(format);
   }
-  at::Tensor out = grad_is_scratch ? g : at::empty_like(g);
-  if (g.numel() == 0) return out;
+  if (grad.numel() == 0) return grad;
   const auto& passes = cpu_transform_passes();
-  const auto* grad_bytes = static_cast<const char*>(g.const_data_ptr());
+  auto* grad_bytes = static_cast<char*>(grad.mutable_data_ptr());
   const auto* src_bytes = static_cast<const char*>(src.const_data_ptr());
-  auto* out_bytes = static_cast<char*>(out.mutable_data_ptr());
-  const int64_t item = g.element_size();
-  at::parallel_for(0, g.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
-    passes.chain_rule(spec.kind, g.scalar_type(), grad_bytes + begin * item, src_bytes + begin * item,
-                      out_bytes + begin * item, end - begin, spec.alpha);
+  const int64_t item = grad.element_size();
+  at::parallel_for(0, grad.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
+    passes.chain_rule(spec.kind, grad.scalar_type(), grad_bytes + begin * item, src_bytes + begin * item,
+                      grad_bytes + begin * item, end - begin, spec.alpha);
   });
-  return out;
+  return grad;
 }
 
 at::Tensor transform_cpu(const at::Tensor& source, c10::string_view transform, double alpha) {
@@ -83,7 +79,7 @@ at::Tensor transform_backward_cpu(const at::Tensor& grad, const at::Tensor& sour
   // gradient is copied once into that layout and the chain rule runs on the copy in place.
   at::Tensor out = at::empty_like(source);
   out.copy_(grad);
-  return spec.is_identity() ? out : apply_chain_rule(out, source, spec, true);
+  return spec.is_identity() ? out : apply_chain_rule_in_place(out, source, spec);
 }
 
 // The input as at::convolution sees it: padded explicitly only by the part of an asymmetric padding
@@ -162,13 +158,13 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
     // grad_weight is a fresh tensor from convolution_backward, so the chain rule runs in place.
     grad_weight_out = (p.weight_transform.is_identity()
                            ? grad_weight
-                           : apply_chain_rule(grad_weight, weight, p.weight_transform, true))
+                           : apply_chain_rule_in_place(grad_weight, weight, p.weight_transform))
                           .contiguous(weight.suggest_memory_format());
   }
   if (output_mask[2]) {
     grad_bias_out = (p.bias_transform.is_identity()
                          ? grad_bias
-                         : apply_chain_rule(grad_bias, *bias, p.bias_transform, true))
+                         : apply_chain_rule_in_place(grad_bias, *bias, p.bias_transform))
                         .contiguous();
   }
   return {grad_input_out, grad_weight_out, grad_bias_out};
