@@ -185,18 +185,16 @@ at::Tensor tied_conv2d_autograd(const at::Tensor& input, const at::Tensor& weigh
                                 c10::string_view transform, double alpha, c10::string_view bias_transform,
                                 double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef dilation, int64_t groups) {
+  const ConvArgs args =
+      make_args(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups);
   const bool records_graph = torch::autograd::GradMode::is_enabled() &&
                              (input.requires_grad() || weight.requires_grad() ||
                               (bias.has_value() && bias->requires_grad()));
   if (!records_graph) {  // inference: skip the autograd node, its context and the saved tensors
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return tied_conv2d_op(input, weight, bias,
-                          make_args(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation,
-                                    groups));
+    return tied_conv2d_op(input, weight, bias, args);
   }
-  return TiedConv2dFunction::apply(
-      input, weight, bias,
-      make_args(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups));
+  return TiedConv2dFunction::apply(input, weight, bias, args);
 }
 
 GradTriple tied_conv2d_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,

@@ -35,6 +35,15 @@ inline void check_supported_dtype(c10::ScalarType dtype, const char* op) {
                    "float16), got ", dtype);
 }
 
+// The arguments of _transform_backward: a gradient shaped and typed like its source.
+inline void check_transform_backward(const at::Tensor& grad, const at::Tensor& source) {
+  check_supported_dtype(source.scalar_type(), "_transform_backward");
+  TORCH_CHECK_VALUE(grad.sizes() == source.sizes(), "expected grad of size ", source.sizes(), ", got ",
+                    grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == source.scalar_type(), "expected grad of dtype ",
+                   source.scalar_type(), ", got ", grad.scalar_type());
+}
+
 struct TransformSpec {
   TransformKind kind = TransformKind::kIdentity;
   double alpha = 1.0;  // only read by transforms whose table row says uses_alpha
@@ -130,6 +139,22 @@ struct TiedConv2dParams {
                         dilation[1] * (weight.size(3) - 1) + 1,
                         "). Kernel size can't be greater than actual input size");
     }
+  }
+
+  // check() plus the backward's own arguments: grad_output shaped, typed and placed like the
+  // forward's output, and a bias gradient asked for only when there is a bias.
+  void check_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, std::array<bool, 3> output_mask) const {
+    check(input, weight, bias);
+    const auto out_size = output_size(input, weight);
+    TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_size), "expected grad_output of size ",
+                      at::IntArrayRef(out_size), ", got ", grad_output.sizes());
+    TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "expected grad_output of dtype ",
+                     input.scalar_type(), ", got ", grad_output.scalar_type());
+    TORCH_CHECK(grad_output.device() == input.device(), "expected grad_output on ", input.device(),
+                ", got ", grad_output.device());
+    TORCH_CHECK_VALUE(!output_mask[2] || bias.has_value(),
+                      "output_mask asks for a bias gradient, but bias is None");
   }
 
   std::array<int64_t, 4> output_size(const at::Tensor& input, const at::Tensor& weight) const {

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .transforms import Transform, available_transforms
+from .transforms import Transform, check_transform_name
 
 TransformLike = Union[str, Transform]
 IntOrPair = Union[int, Sequence[int]]
@@ -134,17 +134,20 @@ def _suggested_format(t: Tensor) -> torch.memory_format:
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _check_transform_name(name: str) -> None:
-    if name not in available_transforms():
-        raise ValueError(f"unknown transform '{name}'; valid transforms: {', '.join(available_transforms())}")
+def _check_supported_dtype(dtype: torch.dtype, op: str) -> None:
+    if dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(
+            f"fusedtie::{op} supports floating-point tensors (float32, float64, bfloat16, float16), got "
+            f"{dtype}"
+        )
 
 
 def _check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, padding, dilation,
                        groups) -> None:
     """The fake kernel's argument checks: the rules and messages of TiedConv2dParams::check
     (csrc/conv_params.h), which checks real tensors. Both are exercised by tests/test_bad_input.py."""
-    _check_transform_name(transform)
-    _check_transform_name(bias_transform)
+    check_transform_name(transform)
+    check_transform_name(bias_transform)
     if len(stride) != 2 or len(dilation) != 2 or len(padding) != 4:
         raise ValueError(f"expected stride and dilation pairs and 4 paddings, got {stride}, {dilation}, {padding}")
     if min(stride) <= 0:
@@ -159,11 +162,7 @@ def _check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, p
         raise ValueError(f"fusedtie::tied_conv2d expects a 4-D input (N, C, H, W), got input of size {list(input.shape)}")
     if weight.dim() != 4:
         raise ValueError(f"fusedtie::tied_conv2d expects a 4-D weight, got weight of size {list(weight.shape)}")
-    if input.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(
-            "fusedtie::tied_conv2d supports floating-point tensors (float32, float64, bfloat16, "
-            f"float16), got input of dtype {input.dtype}"
-        )
+    _check_supported_dtype(input.dtype, "tied_conv2d")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -233,12 +232,8 @@ def _tied_conv2d_backward_fake(grad_output, input, weight, bias, transform, alph
 
 
 def _check_transform_args(source, transform, op):
-    _check_transform_name(transform)
-    if source.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(
-            f"fusedtie::{op} supports floating-point tensors (float32, float64, bfloat16, float16), got "
-            f"{source.dtype}"
-        )
+    check_transform_name(transform)
+    _check_supported_dtype(source.dtype, op)
 
 
 @torch.library.register_fake("fusedtie::transform")

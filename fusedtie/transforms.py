@@ -15,6 +15,12 @@ def available_transforms() -> list[str]:
     return list(_TABLE)
 
 
+def check_transform_name(name: str) -> None:
+    """ValueError naming an unknown transform and listing the valid ones (the C++ message too)."""
+    if name not in _TABLE:
+        raise ValueError(f"unknown transform '{name}'; valid transforms: {', '.join(_TABLE)}")
+
+
 def transform_table() -> list[dict]:
     """One row per transform: ``name``, ``forward`` (f), ``derivative`` (f'), ``uses_alpha``."""
     return [dict(row) for row in _TABLE.values()]
@@ -37,11 +43,8 @@ class Transform:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
             raise TypeError(f"a transform is named by a string, got {type(self.name).__name__}")
-        row = _TABLE.get(self.name)
-        if row is None:
-            raise ValueError(
-                f"unknown transform '{self.name}'; valid transforms: {', '.join(_TABLE)}"
-            )
+        check_transform_name(self.name)
+        row = _TABLE[self.name]
         if row["uses_alpha"]:
             if self.alpha is None:
                 raise ValueError(

@@ -69,11 +69,7 @@ at::Tensor transform_cpu(const at::Tensor& source, c10::string_view transform, d
 
 at::Tensor transform_backward_cpu(const at::Tensor& grad, const at::Tensor& source,
                                   c10::string_view transform, double alpha) {
-  check_supported_dtype(source.scalar_type(), "_transform_backward");
-  TORCH_CHECK_VALUE(grad.sizes() == source.sizes(), "expected grad of size ", source.sizes(),
-                    ", got ", grad.sizes());
-  TORCH_CHECK_TYPE(grad.scalar_type() == source.scalar_type(), "expected grad of dtype ",
-                   source.scalar_type(), ", got ", grad.scalar_type());
+  check_transform_backward(grad, source);
   const TransformSpec spec{parse_transform(transform), alpha};
   // The result takes the source's layout whatever the gradient's (the fake kernel's rule), so the
   // gradient is copied once into that layout and the chain rule runs on the copy in place.
@@ -117,16 +113,7 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                          at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
   const auto p = TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride,
                                                padding, dilation, groups);
-  p.check(input, weight, bias);
-  const auto out_size = p.output_size(input, weight);
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_size), "expected grad_output of size ",
-                    at::IntArrayRef(out_size), ", got ", grad_output.sizes());
-  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "expected grad_output of dtype ",
-                   input.scalar_type(), ", got ", grad_output.scalar_type());
-  TORCH_CHECK(grad_output.device() == input.device(), "expected grad_output on ", input.device(),
-              ", got ", grad_output.device());
-  TORCH_CHECK_VALUE(!output_mask[2] || bias.has_value(),
-                    "output_mask asks for a bias gradient, but bias is None");
+  p.check_backward(grad_output, input, weight, bias, output_mask);
 
   // f(W) is recomputed rather than saved by the forward: one pass over W, no memory held between
   // forward and backward. It is needed only for the input gradient; the weight gradient reads W's

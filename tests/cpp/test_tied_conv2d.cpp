@@ -227,59 +227,35 @@ int main() {
     c.transform = name;
     check_forward(c);
   }
-  {
-    Case c;
-    c.name = "scale alpha=0.5";
-    c.transform = "scale";
-    c.alpha = 0.5;
-    check_forward(c);
-  }
-  {
-    Case c;
-    c.name = "tanh, bias exp";
-    c.transform = "tanh";
-    c.with_bias = true;
-    c.bias_transform = "exp";
-    check_forward(c);
-  }
-  {
-    Case c;
-    c.name = "scale alpha=0.5, bias scale bias_alpha=-2";
-    c.transform = "scale";
-    c.alpha = 0.5;
-    c.with_bias = true;
-    c.bias_transform = "scale";
-    c.bias_alpha = -2.0;
-    check_forward(c);
-  }
-  Case strided_grouped;
-  strided_grouped.name = "stride (2,1) dilation (1,2) groups 2, square, bias softplus";
-  strided_grouped.transform = "square";
-  strided_grouped.with_bias = true;
-  strided_grouped.bias_transform = "softplus";
-  strided_grouped.input_size = {2, 6, 11, 12};
-  strided_grouped.weight_size = {4, 3, 3, 2};
-  strided_grouped.stride = {2, 1};
-  strided_grouped.padding = {2, 2, 1, 1};
-  strided_grouped.dilation = {1, 2};
-  strided_grouped.groups = 2;
-  check_forward(strided_grouped);
-
-  Case asymmetric;
-  asymmetric.name = "asymmetric padding (0,1,2,0), exp, bias tanh";
-  asymmetric.transform = "exp";
-  asymmetric.with_bias = true;
-  asymmetric.bias_transform = "tanh";
-  asymmetric.weight_size = {5, 4, 2, 3};
-  asymmetric.padding = {0, 1, 2, 0};
-  check_forward(asymmetric);
-  {
-    Case c;
-    c.name = "channels_last, sigmoid";
-    c.transform = "sigmoid";
-    c.channels_last = true;
-    check_forward(c);
-  }
+  const Case strided_grouped{.name = "stride (2,1) dilation (1,2) groups 2, square, bias softplus",
+                             .transform = "square",
+                             .with_bias = true,
+                             .bias_transform = "softplus",
+                             .input_size = {2, 6, 11, 12},
+                             .weight_size = {4, 3, 3, 2},
+                             .stride = {2, 1},
+                             .padding = {2, 2, 1, 1},
+                             .dilation = {1, 2},
+                             .groups = 2};
+  const std::vector<Case> variants{
+      {.name = "scale alpha=0.5", .transform = "scale", .alpha = 0.5},
+      {.name = "tanh, bias exp", .transform = "tanh", .with_bias = true, .bias_transform = "exp"},
+      {.name = "scale alpha=0.5, bias scale bias_alpha=-2",
+       .transform = "scale",
+       .alpha = 0.5,
+       .with_bias = true,
+       .bias_transform = "scale",
+       .bias_alpha = -2.0},
+      strided_grouped,
+      {.name = "asymmetric padding (0,1,2,0), exp, bias tanh",
+       .transform = "exp",
+       .with_bias = true,
+       .bias_transform = "tanh",
+       .weight_size = {5, 4, 2, 3},
+       .padding = {0, 1, 2, 0}},
+      {.name = "channels_last, sigmoid", .transform = "sigmoid", .channels_last = true},
+  };
+  for (const Case& c : variants) check_forward(c);
 
   // Backward: every gradient against autograd on a case with everything at once (asymmetric padding,
   // stride, dilation, groups, both transforms), and the chain rule for the weight on its own.
