@@ -6,6 +6,7 @@ the transform inside the convolution and the chain rule inside its backward.
 """
 
 from ._library import LIB as _LIB
+from .cache import cached
 from .nn import FusedTiedConv2d
 from .ops import apply_transform, tied_conv2d
 from .transforms import Transform, available_transforms, transform_table
@@ -17,6 +18,7 @@ __all__ = [
     "FusedTiedConv2d",
     "Transform",
     "apply_transform",
+    "cached",
     "available_transforms",
     "cuda_compiled",
     "tied_conv2d",

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .cache import is_caching
+from .cache import lookup as cache_lookup
 from .ops import TransformLike, _pair, apply_transform, normalize_padding, run_tied_conv2d
 from .transforms import Transform
 
@@ -149,6 +151,8 @@ class FusedTiedConv2d(nn.Module):
             t.name, t.op_alpha, bias_transform.name, bias_transform.op_alpha,
             self.stride, op_padding, self.dilation, self.groups,
         )
+        # The same call on tensors that are already f(W) and g(b) (fusedtie.cached()'s path).
+        self._op_args_derived = ("identity", 1.0, "identity", 1.0) + self._op_args[4:]
         self.source = source
         _install_source_hooks(source)
         self.register_load_state_dict_post_hook(_derived_loaded)
@@ -199,7 +203,17 @@ class FusedTiedConv2d(nn.Module):
                 )
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
         bias = source.bias if self.bias_mode is not None else None
+        if is_caching():
+            derived = cache_lookup(self, source.weight, bias, self._derive)
+            if derived is not None:
+                return run_tied_conv2d(input, derived[0], derived[1], self._op_args_derived)
         return run_tied_conv2d(input, source.weight, bias, self._op_args)
+
+    def _derive(self, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """(f(W), g(b)) as tensors, for the cache of :func:`fusedtie.cached`."""
+        if self.bias_mode == "transform" and bias is not None:
+            bias = apply_transform(bias, self.transform)
+        return apply_transform(weight, self.transform), bias
 
     def to_conv2d(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` with f(W) and g(b) baked in (untied, for export and deployment)."""

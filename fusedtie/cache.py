@@ -1,0 +1,136 @@
+"""Opt-in reuse of the derived weight f(W) across calls: ``with fusedtie.cached(): ...``.
+
+Without the scope every call of a FusedTiedConv2d computes f(W) again (one pass over W), which is
+what keeps the tie exact while W trains. In inference the weights usually do not change between
+calls, and that pass is pure overhead on weight-heavy layers; inside ``cached()`` each layer computes
+f(W) (and g(b)) at its first call and reuses it until the scope ends.
+
+When a cached value is reused, and when it is not:
+- Reused only for calls that record no autograd graph (``torch.no_grad()``, ``inference_mode()``,
+  or a source whose parameters do not require grad). A call that must differentiate to W computes
+  f(W) inside the operator as usual, so training inside the scope is exact and gains nothing.
+- Recomputed whenever the source tensor is a different object, sits in different memory, or has a
+  different version counter: an optimizer step, any in-place op (also under ``no_grad``),
+  ``load_state_dict``, ``.to()``/``.half()``, assigning a new Parameter.
+- Dropped when the outermost scope exits, so a scope never sees values from before it began.
+- Never used while torch.compile or torch.export traces the layer (the graph keeps the operator).
+
+The one write PyTorch cannot see is an in-place write through ``.data`` (``w.data.normal_()``, as in
+the classic ``weights_init``): ``.data`` is a new tensor with its own version counter, so the
+parameter's counter does not move, and neither does its memory. Such writes must happen outside the
+scope; the scope's contract, like ``torch.nn.utils.parametrize.cached()``'s, is that nothing rewrites
+the weights behind autograd's back while it is open. Checking the contents on every call would cost
+a pass over W, which is what the cache exists to avoid.
+
+The scope is process-wide (like ``parametrize.cached()``) and re-entrant; it holds one derived
+weight per layer used inside it, released at exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+_lock = threading.Lock()
+_depth = 0
+# layer -> _Entry; weak, so a layer dropped inside a scope takes its cached tensors with it.
+_entries: "weakref.WeakKeyDictionary[nn.Module, _Entry]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def cached() -> Iterator[None]:
+    """Reuse each FusedTiedConv2d's f(W) across calls that need no gradient, until the scope exits.
+
+    Example::
+
+        model.eval()
+        with torch.inference_mode(), fusedtie.cached():
+            for batch in loader:
+                predictions = model(batch)   # f(W) computed once per layer, at its first call
+
+    See :mod:`fusedtie.cache` for exactly when a cached value is reused. Writes through ``.data``
+    are invisible to PyTorch's version counters: make them outside the scope.
+    """
+    global _depth
+    with _lock:
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                _entries.clear()
+
+
+def is_caching() -> bool:
+    """Whether a ``cached()`` scope is open."""
+    return _depth > 0
+
+
+class _Stamp:
+    """What identifies one state of a tensor as far as PyTorch can tell: object, memory, version."""
+
+    __slots__ = ("ref", "data_ptr", "version", "dtype", "device")
+
+    def __init__(self, t: Tensor) -> None:
+        self.ref = weakref.ref(t)
+        self.data_ptr = t.data_ptr()
+        self.version = t._version
+        self.dtype = t.dtype
+        self.device = t.device
+
+    def matches(self, t: Tensor) -> bool:
+        return (self.ref() is t and self.data_ptr == t.data_ptr() and self.version == t._version
+                and self.dtype == t.dtype and self.device == t.device)
+
+
+class _Entry:
+    __slots__ = ("weight_stamp", "bias_stamp", "weight", "bias")
+
+    def __init__(self, weight_stamp, bias_stamp, weight, bias) -> None:
+        self.weight_stamp = weight_stamp
+        self.bias_stamp = bias_stamp
+        self.weight = weight
+        self.bias = bias
+
+
+def _cacheable(t: Tensor) -> bool:
+    # Inference tensors have no version counter, fake/meta tensors no memory to identify them by,
+    # and tensor subclasses may not store what they report: none of them are cached.
+    return (type(t) in (Tensor, nn.Parameter) and not t.is_inference()
+            and t.device.type not in ("meta",))
+
+
+def lookup(
+    layer: nn.Module,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    derive: Callable[[Tensor, Optional[Tensor]], tuple[Tensor, Optional[Tensor]]],
+) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+    """(f(W), g(b)) for ``layer`` from the open scope, computed by ``derive`` when absent or stale.
+
+    None when the call must not use the cache: no open scope, a call that records a graph, tracing,
+    or tensors the cache cannot identify. The caller then takes the ordinary path.
+    """
+    if _depth == 0 or torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if not _cacheable(weight) or (bias is not None and not _cacheable(bias)):
+        return None
+    entry = _entries.get(layer)
+    if (entry is not None and entry.weight_stamp.matches(weight)
+            and (entry.bias_stamp is None if bias is None
+                 else entry.bias_stamp is not None and entry.bias_stamp.matches(bias))):
+        return entry.weight, entry.bias
+    with torch.no_grad():
+        derived_weight, derived_bias = derive(weight, bias)
+    _entries[layer] = _Entry(_Stamp(weight), None if bias is None else _Stamp(bias),
+                             derived_weight, derived_bias)
+    return derived_weight, derived_bias
