@@ -124,7 +124,8 @@ struct AbsTransform {
   }
 };
 struct NegTransform {
-  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) { return V(0) - x; }
+  // -1 * x rather than 0 - x, which would turn -0 into +0 (torch.neg flips the sign of zero too).
+  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) { return V(-1) * x; }
   template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V, V) { return V(-1); }
 };
 struct ScaleTransform {
