@@ -3,6 +3,7 @@
 // transforms.h, so Python never keeps its own copy of that list). The only file with Python headers.
 #include <torch/extension.h>
 
+#include "cpu/conv_algorithm.h"
 #include "cpu/transform_passes.h"
 #include "transforms.h"
 
@@ -28,6 +29,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transforms", &transform_table, "The transform table: name, f, f', whether it takes alpha");
   m.def("cpu_transform_capability", [] { return std::string(fusedtie::cpu_transform_passes().capability); },
         "The instruction set of the CPU transform passes in use (DEFAULT, AVX2, AVX512)");
+  m.def("set_cpu_conv_algorithm", &fusedtie::set_cpu_conv_algorithm, pybind11::arg("name"),
+        "Set the CPU convolution algorithm (auto, library, gemm); returns the previous one");
+  m.def("cpu_conv_algorithm", &fusedtie::cpu_conv_algorithm, "The CPU convolution algorithm setting");
 #ifdef FUSEDTIE_WITH_CUDA
   m.attr("cuda_compiled") = true;
 #else

@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
-
+import contextlib
 import operator
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +122,24 @@ def apply_transform(source: Tensor, transform: TransformLike) -> Tensor:
     """f(source) as a new tensor, differentiable: ``apply_transform(w, "square")`` is ``w * w``."""
     t = Transform.parse(transform)
     return torch.ops.fusedtie.transform(source, t.name, t.op_alpha)
+
+
+@contextlib.contextmanager
+def use_cpu_conv_algorithm(name: str) -> Iterator[None]:
+    """Run the CPU path's convolutions with ``name`` inside the block (process-wide), then restore.
+
+    ``"auto"`` (the default) picks per shape; ``"library"`` is ``at::convolution`` (oneDNN);
+    ``"gemm"`` is ATen's im2col + BLAS GEMM (``_slow_conv2d``), where it applies (no groups, no
+    dilation, float32/float64 NCHW; elsewhere the library runs). All compute the same convolution;
+    this is a knob for benchmarks and tests. See the README's Performance section.
+    """
+    from ._library import LIB
+
+    previous = LIB.set_cpu_conv_algorithm(name)
+    try:
+        yield
+    finally:
+        LIB.set_cpu_conv_algorithm(previous)
 
 
 # --- fake (meta) kernels --------------------------------------------------------------------------

@@ -5,10 +5,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <memory>
 
 #include "../conv_params.h"
+#include "conv_algorithm.h"
 #include "transform_passes.h"
 
 namespace fusedtie {
@@ -128,6 +130,34 @@ at::Tensor transform_backward_cpu(const at::Tensor& grad, const at::Tensor& sour
   return spec.is_identity() ? out : apply_chain_rule_in_place(out, source, spec);
 }
 
+std::atomic<CpuConvAlgorithm> g_conv_algorithm{CpuConvAlgorithm::kAuto};
+
+// Whether the GEMM path can run this convolution: ATen's slow_conv2d has no dilation and no
+// groups; it is taken for float32/float64 NCHW tensors only (the layouts and types it was measured on).
+bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
+  const auto dtype = input.scalar_type();
+  return p.groups == 1 && p.dilation[0] == 1 && p.dilation[1] == 1 &&
+         (dtype == at::kFloat || dtype == at::kDouble) && input.numel() > 0 && weight.numel() > 0 &&
+         input.is_contiguous() && weight.is_contiguous();
+}
+
+// auto's rule, from the CPU benchmark (Ice Lake Xeon, 2 threads, float32; README, Performance): at
+// batch 1 the GEMM path was faster than oneDNN on every 1x1 conv (forward 0.62-0.74x, backward
+// 0.64-0.99x) and on 3x3 convs with at most 14x14 outputs (0.37-0.87x), and slower on 3x3 convs
+// with large outputs (the seed's 300x300: 5x). At batch 8 the results were mixed, so batches above
+// 1 stay with the library.
+bool choose_gemm(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
+  switch (g_conv_algorithm.load(std::memory_order_relaxed)) {
+    case CpuConvAlgorithm::kLibrary: return false;
+    case CpuConvAlgorithm::kGemm: return gemm_applies(input, weight, p);
+    case CpuConvAlgorithm::kAuto: break;
+  }
+  if (!gemm_applies(input, weight, p) || input.size(0) != 1) return false;
+  const bool one_by_one = weight.size(2) == 1 && weight.size(3) == 1;
+  const auto out = p.output_size(input, weight);
+  return one_by_one || out[2] * out[3] <= 256;
+}
+
 // The input as at::convolution sees it: padded explicitly only by the part of an asymmetric padding
 // that at::convolution's symmetric padding cannot express.
 at::Tensor pad_asymmetric_remainder(const at::Tensor& input, const TiedConv2dParams& p) {
@@ -152,8 +182,13 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
     derived_bias = p.bias_transform.is_identity() ? *bias : apply_transform(*bias, p.bias_transform);
   }
   const auto sym = p.symmetric_part();
-  return at::convolution(pad_asymmetric_remainder(input, p), derived_weight, derived_bias, p.stride,
-                         sym, p.dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups);
+  const at::Tensor conv_input = pad_asymmetric_remainder(input, p);
+  if (choose_gemm(input, weight, p)) {
+    return at::_slow_conv2d_forward(conv_input, derived_weight, {weight.size(2), weight.size(3)},
+                                    derived_bias, p.stride, sym);
+  }
+  return at::convolution(conv_input, derived_weight, derived_bias, p.stride, sym, p.dilation,
+                         /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups);
 }
 
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
@@ -176,10 +211,14 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
   const at::Tensor conv_input = pad_asymmetric_remainder(input, p);
   const auto sym = p.symmetric_part();
   std::vector<int64_t> bias_sizes{weight.size(0)};
-  auto [grad_input, grad_weight, grad_bias] = at::convolution_backward(
-      grad_output, conv_input, weight_for_conv,
-      output_mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, p.stride, sym, p.dilation,
-      /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups, output_mask);
+  auto [grad_input, grad_weight, grad_bias] =
+      choose_gemm(input, weight, p)
+          ? at::_slow_conv2d_backward(grad_output, conv_input, weight_for_conv,
+                                      {weight.size(2), weight.size(3)}, p.stride, sym, output_mask)
+          : at::convolution_backward(grad_output, conv_input, weight_for_conv,
+                                     output_mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
+                                     p.stride, sym, p.dilation, /*transposed=*/false,
+                                     /*output_padding=*/{0, 0}, p.groups, output_mask);
 
   std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
   if (output_mask[0]) {
@@ -210,6 +249,32 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
 }
 
 }  // namespace
+
+std::string set_cpu_conv_algorithm(const std::string& name) {
+  CpuConvAlgorithm chosen;
+  if (name == "auto") {
+    chosen = CpuConvAlgorithm::kAuto;
+  } else if (name == "library") {
+    chosen = CpuConvAlgorithm::kLibrary;
+  } else if (name == "gemm") {
+    chosen = CpuConvAlgorithm::kGemm;
+  } else {
+    TORCH_CHECK_VALUE(false, "unknown CPU convolution algorithm '", name,
+                      "'; expected one of: auto, library, gemm");
+  }
+  const std::string previous = cpu_conv_algorithm();
+  g_conv_algorithm.store(chosen);
+  return previous;
+}
+
+std::string cpu_conv_algorithm() {
+  switch (g_conv_algorithm.load()) {
+    case CpuConvAlgorithm::kLibrary: return "library";
+    case CpuConvAlgorithm::kGemm: return "gemm";
+    case CpuConvAlgorithm::kAuto: break;
+  }
+  return "auto";
+}
 
 TORCH_LIBRARY_IMPL(fusedtie, CPU, m) {
   m.impl("tied_conv2d", &tied_conv2d_cpu);
