@@ -38,13 +38,19 @@ from torch import Tensor, nn
 
 _lock = threading.Lock()
 _depth = 0
+# One entry per open scope: None for a scope over every layer, else the ids of the FusedTiedConv2d
+# layers it was opened for (weakly: a set of ids would outlive and alias deleted layers).
+_scopes: list[Optional["weakref.WeakSet[nn.Module]"]] = []
 # layer -> _Entry; weak, so a layer dropped inside a scope takes its cached tensors with it.
 _entries: "weakref.WeakKeyDictionary[nn.Module, _Entry]" = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
-def cached() -> Iterator[None]:
+def cached(*modules: nn.Module) -> Iterator[None]:
     """Reuse each FusedTiedConv2d's f(W) across calls that need no gradient, until the scope exits.
+
+    With no arguments every FusedTiedConv2d is cached; ``cached(backbone, head)`` caches only the
+    fusedtie layers inside those modules (for example a frozen part of a model that also trains).
 
     Example::
 
@@ -57,15 +63,28 @@ def cached() -> Iterator[None]:
     are invisible to PyTorch's version counters: make them outside the scope.
     """
     global _depth
+    for m in modules:
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"fusedtie.cached() takes nn.Modules, got {type(m).__name__}")
+    layers = None
+    if modules:
+        layers = weakref.WeakSet(sub for m in modules for sub in m.modules())
     with _lock:
         _depth += 1
+        _scopes.append(layers)
     try:
         yield
     finally:
         with _lock:
             _depth -= 1
+            # by identity: two scopes over the same layers compare equal as sets
+            del _scopes[max(i for i, scope in enumerate(_scopes) if scope is layers)]
             if _depth == 0:
                 _entries.clear()
+
+
+def _in_scope(layer: nn.Module) -> bool:
+    return any(layers is None or layer in layers for layers in _scopes)
 
 
 def is_caching() -> bool:
@@ -118,7 +137,7 @@ def lookup(
     None when the call must not use the cache: no open scope, a call that records a graph, tracing,
     or tensors the cache cannot identify. The caller then takes the ordinary path.
     """
-    if _depth == 0 or torch.compiler.is_compiling():
+    if _depth == 0 or torch.compiler.is_compiling() or not _in_scope(layer):
         return None
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return None

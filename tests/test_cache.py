@@ -240,3 +240,24 @@ def test_torch_compile_inside_the_scope_keeps_the_operator():
     torch.testing.assert_close(out.double(), expected(layer, x.double()), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, out)
     assert len(fusedtie.cache._entries) == 0
+
+
+def test_scope_over_given_modules_caches_only_their_layers(derive_calls):
+    frozen = make_layer("square")
+    training = make_layer("tanh")
+    model = nn.Sequential(frozen, nn.Identity())
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad(), fusedtie.cached(model):
+        for _ in range(3):
+            out_frozen = frozen(x)
+            out_training = training(x)
+    assert derive_calls == [frozen]
+    torch.testing.assert_close(out_frozen, expected(frozen, x), **TOL)
+    torch.testing.assert_close(out_training, expected(training, x), **TOL)
+
+
+def test_scope_arguments_are_checked():
+    with pytest.raises(TypeError, match="takes nn.Modules, got Tensor"):
+        with fusedtie.cached(torch.zeros(1)):
+            pass
+    assert not fusedtie.cache.is_caching()
