@@ -1,4 +1,4 @@
-"""Both CPU convolution algorithms (library = at::convolution, gemm = im2col + BLAS) against the
+"""Both CPU convolution algorithms (library = at::convolution, gemm = gemm_conv2d.cpp) against the
 float64 reference, forward and every gradient, and the rules for when each may run.
 
 The default ("auto") picks per shape, so the main grid exercises whichever auto picks; here each
@@ -21,6 +21,7 @@ GEOMETRIES = [  # (kernel, batch, stride, padding, hw)
     ((3, 1), 1, (2, 1), (0, 2), (6, 5)),
     ((3, 3), 0, 1, 1, (5, 5)),  # empty batch
 ]
+DILATED = [((3, 3), 2, 1, 2, (9, 8)), ((2, 3), 1, 2, 1, (9, 8))]  # dilation 2
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -33,10 +34,19 @@ def test_forced_algorithm_matches_reference(algorithm, geometry, transform, bias
         run_case(transform, bias_mode, kernel, batch=batch, hw=hw, stride=stride, padding=padding)
 
 
-@pytest.mark.parametrize("case", [dict(groups=2), dict(dilation=2), dict(layout="channels_last"),
-                                  dict(layout="non_contiguous"), dict(dtype=torch.float32)], ids=str)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("geometry", DILATED, ids=str)
+def test_forced_algorithm_with_dilation(algorithm, geometry):
+    kernel, batch, stride, padding, hw = geometry
+    with fusedtie.use_cpu_conv_algorithm(algorithm):
+        run_case("sigmoid", "transform", kernel, batch=batch, hw=hw, stride=stride, padding=padding,
+                 dilation=2)
+
+
+@pytest.mark.parametrize("case", [dict(groups=2), dict(layout="channels_last"),
+                                  dict(layout="non_contiguous")], ids=str)
 def test_gemm_hands_unsupported_cases_to_the_library(case):
-    # groups, dilation and non-NCHW layouts are outside slow_conv2d; these must still be right.
+    # groups and non-NCHW layouts are outside the GEMM path; these must still be right.
     with fusedtie.use_cpu_conv_algorithm("gemm"):
         run_case("square", "identity", (3, 3), batch=1, padding=1, **case)
 
@@ -93,9 +103,8 @@ def train_step(x_shape, w_shape, padding):
 def test_which_algorithm_runs(algorithm, x_shape, w_shape, padding, expect_gemm):
     with fusedtie.use_cpu_conv_algorithm(algorithm):
         names = ops_run(train_step(x_shape, w_shape, padding))
-    # The GEMM path calls slow_conv2d directly; the library path goes through at::convolution (which
-    # may itself pick slow_conv2d for some shapes, so only the entry points tell the paths apart).
-    ran_gemm = {"aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward"} <= names
+    # The GEMM path calls BLAS (mm/addmm) itself; the library path goes through at::convolution.
+    ran_gemm = bool({"aten::mm", "aten::addmm"} & names)
     ran_library = {"aten::convolution", "aten::convolution_backward"} & names
     conv_ops = sorted(n for n in names if "conv" in n)
     if expect_gemm:

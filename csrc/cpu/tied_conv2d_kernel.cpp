@@ -11,6 +11,7 @@
 
 #include "../conv_params.h"
 #include "conv_algorithm.h"
+#include "gemm_conv2d.h"
 #include "transform_passes.h"
 
 namespace fusedtie {
@@ -132,13 +133,12 @@ at::Tensor transform_backward_cpu(const at::Tensor& grad, const at::Tensor& sour
 
 std::atomic<CpuConvAlgorithm> g_conv_algorithm{CpuConvAlgorithm::kAuto};
 
-// Whether the GEMM path can run this convolution: ATen's slow_conv2d has no dilation and no
-// groups; it is taken for float32/float64 NCHW tensors only (the layouts and types it was measured on).
+// Whether the GEMM path (gemm_conv2d.h) can run this convolution: groups 1, float32/float64 (BLAS
+// types), contiguous NCHW input and weight (the layouts it was measured on), nothing empty.
 bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
   const auto dtype = input.scalar_type();
-  return p.groups == 1 && p.dilation[0] == 1 && p.dilation[1] == 1 &&
-         (dtype == at::kFloat || dtype == at::kDouble) && input.numel() > 0 && weight.numel() > 0 &&
-         input.is_contiguous() && weight.is_contiguous();
+  return p.groups == 1 && (dtype == at::kFloat || dtype == at::kDouble) && input.numel() > 0 &&
+         weight.numel() > 0 && input.is_contiguous() && weight.is_contiguous();
 }
 
 // auto's rule, from the CPU benchmark (Ice Lake Xeon, 2 threads, float32; README, Performance): at
@@ -184,8 +184,7 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   const auto sym = p.symmetric_part();
   const at::Tensor conv_input = pad_asymmetric_remainder(input, p);
   if (choose_gemm(input, weight, p)) {
-    return at::_slow_conv2d_forward(conv_input, derived_weight, {weight.size(2), weight.size(3)},
-                                    derived_bias, p.stride, sym);
+    return gemm_conv2d_forward(conv_input, derived_weight, derived_bias, p.stride, sym, p.dilation);
   }
   return at::convolution(conv_input, derived_weight, derived_bias, p.stride, sym, p.dilation,
                          /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups);
@@ -213,8 +212,8 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
   std::vector<int64_t> bias_sizes{weight.size(0)};
   auto [grad_input, grad_weight, grad_bias] =
       choose_gemm(input, weight, p)
-          ? at::_slow_conv2d_backward(grad_output, conv_input, weight_for_conv,
-                                      {weight.size(2), weight.size(3)}, p.stride, sym, output_mask)
+          ? gemm_conv2d_backward(grad_output, conv_input, weight_for_conv, p.stride, sym, p.dilation,
+                                 output_mask)
           : at::convolution_backward(grad_output, conv_input, weight_for_conv,
                                      output_mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
                                      p.stride, sym, p.dilation, /*transposed=*/false,
