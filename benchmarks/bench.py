@@ -1,36 +1,137 @@
 """Benchmark: y = conv(x, f(W), g(b)) with W trainable, fusedtie against the alternatives.
 
-Contenders (all compute the same y; see CONTENDERS):
-  plain     nn.Conv2d holding f(W) precomputed once: the floor, what a conv costs with no tie at all.
-  fusedtie  fusedtie.FusedTiedConv2d: f applied inside the one fused operator.
-  forum     the forum recipe, F.conv2d(x, f(w), b, ...) recomputing f(W) on every call.
+Contenders (all compute the same y, with bias "same": g is the identity; see CONTENDERS):
+  plain           nn.Conv2d holding f(W) precomputed once: the floor, what a conv costs with no tie
+                  at all. It is the baseline of every ratio and is always run.
+  fusedtie        fusedtie.FusedTiedConv2d: f applied inside the one fused operator.
+  fusedtie+cache  a second FusedTiedConv2d on the same source, called inside
+                  `with fusedtie.cached(layer):`, a scope over that layer alone (inference only;
+                  skipped, with a note, while fusedtie has no `cached` that takes modules).
+  forum           the forum recipe, F.conv2d(x, f(w), b, ...) recomputing f(W) on every call.
+  parametrize     torch.nn.utils.parametrize: a second nn.Conv2d whose "weight" parametrization
+                  applies f, with its `original` and its bias set to the source's own tensors; in
+                  inference it is called inside `parametrize.cached()`.
+  compile         torch.compile of the forum module (mode "default" on CPU, "max-autotune" on CUDA).
+
+Scopes (fusedtie+cache, parametrize in inference) are entered ONCE per case, before the first call,
+and left after the case's last call (an ExitStack held by the contender's Runner): the numbers are
+the steady state of a server that keeps the scope open, not the cost of entering it, and the f(W)
+the scope caches is built on the case's first call, outside the timings and outside the memory
+step. Both scopes cache only while they are open (both drop their cache when the outermost scope
+exits). Neither changes another contender, so all contenders share the case's one round-robin:
+parametrize.cached() affects only parametrized modules, and fusedtie+cache's scope is limited to its
+own layer (fusedtie.cached(layer) caches only the FusedTiedConv2d layers inside the modules given),
+so the `fusedtie` contender's layer, another instance on the same source, still computes f(W) on
+every call. A check on every case, with the scopes open and outside the timings, makes sure of it
+(fusedtie.cache._in_scope must be True for fusedtie+cache's layer and False for fusedtie's) and
+aborts the run otherwise.
+
+compile: every case builds a new module, so a compilation per case is expected; torch._dynamo is
+reset before and after each case that compiles, so the recompile limit is never reached. The first
+call (dynamo tracing + inductor + C++ compilation) happens before the warm-up and its wall time is
+reported as the compile time (JSON "compile_s", and a summary line). Inductor's freezing stays off
+(the default): with it, f(W) would be folded into a constant, which is the plain floor, not a tie.
+Inductor's other defaults stay too: on CPU its layout optimisation runs the conv channels-last, so
+the compiled graph copies f(W) and x into channels-last buffers and the output back, every call
+(this, not f, is most of what compile costs over forum at batch 1). Each run compiles into a
+private, empty inductor cache directory (deleted afterwards), so the compile time is inductor's
+real cost every run, not a hit in /tmp/torchinductor_$USER left by an earlier run (which makes it
+0.1-0.3 s); set TORCHINDUCTOR_CACHE_DIR to use (and keep) a cache of your choosing. Measured on the
+2-core machine this was written on: 15-20 s for the run's first compilation (inductor's start-up,
+C++ headers), then 2-4 s a case. --compile all|some|none: "some" compiles only on
+COMPILE_SOME_SHAPES (conv5_x 3x3 b1) and is the default of --quick, where compiling all 24 cases
+would take about 100 s on its own; "all" is the default of --full.
+
+Modes: inference (eval, torch.no_grad) and train (forward, then torch.autograd.grad of y.sum() with
+respect to the contender's leaves: the source's W and b, or plain's own f(W) and b).
+
+Shapes (float32 on CPU; float32 and bfloat16 on CUDA, see --dtype):
+  seed        1x16x300x300, 16->16 3x3 pad 1 (the issue's example).
+  ResNet-50   one 3x3 (pad 1) and one 1x1 conv per stage: conv2_x 56x56 (64->64, 256->64),
+              conv3_x 28x28 (128->128, 512->128), conv4_x 14x14 (256->256, 1024->256), conv5_x 7x7
+              (512->512, 2048->512), each at batch 1, 8 and 32 (and 256 with --device cuda).
+  depthwise   256 channels at 28x28, 3x3, groups 256, pad 1, at batch 1 and 8.
+  Transforms: square and tanh. --full runs all of them (108 cases on CPU).
+  --quick (what `make bench` runs, about 2 minutes on a 2-core CPU) runs QUICK_SHAPE_NAMES: the seed,
+  conv5_x 3x3 and 1x1 at batch 1 (the weight-heaviest shapes, where a tie costs most), conv4_x 3x3
+  at batch 1, conv5_x 1x1 at batch 8 (the same weights as at batch 1, so the pair shows batch
+  amortising the tie), the depthwise at batch 1; both transforms, both modes (24 cases), with
+  `compile` on conv5_x 3x3 b1 only (--compile some). Its cases get at most 2.5 s of timed
+  repetitions each, less when the run falls behind its 110 s target (Pacer: a busy machine), never
+  fewer than MIN_REPS rotations; an explicit --case-budget turns the pacing off.
+  Filters: --shapes SUBSTRING (of a case's description, e.g. "b32", "conv5_x", "1x1 b8"),
+  --transforms, --contenders, --modes (comma-separated); plain is always run.
+
+--cpu-algorithm auto|library|gemm (default auto): fusedtie's CPU path chooses per shape between
+at::convolution (oneDNN, "library") and ATen's im2col + BLAS GEMM (_slow_conv2d, "gemm"); the run
+is wrapped in fusedtie.use_cpu_conv_algorithm(choice), which forces one for fusedtie's operator
+(process-wide) and changes no other contender: plain, forum, parametrize and compile run
+nn.Conv2d / F.conv2d, i.e. oneDNN. So on shapes where auto picks the GEMM, the fusedtie/plain ratio
+mixes the tie's cost with a convolution algorithm that is faster there than plain's; a run with
+--cpu-algorithm library measures the tie's own cost, on the same algorithm as plain. The choice is
+in the table's header line and the JSON settings ("cpu_algorithm"). It has no effect on CUDA.
+
+Method: per case: build every contender on one source conv; open the scopes and check
+fusedtie+cache's (above); the first call of each contender (timed: for compile, the compilation); a
+correctness guard; warm-up; then many repetitions in which every contender runs once, round-robin,
+with the order rotated each repetition; each call is timed on its own with time.perf_counter (CUDA:
+synchronised before and after). A case stops early, at a whole rotation but never under MIN_REPS
+repetitions, once its timed repetitions exceed the case budget. Reported: the median, the
+interquartile range as a percentage of the median, median(contender) / median(plain) from the same
+run, and the peak memory of one step.
+
+Guard: every contender's output, and in training the gradients with respect to the source's W and b
+of every contender whose leaves are the source's (all but plain), must equal a freshly built forum
+module's in the same case (rtol 1e-4, atol 1e-5 x the reference's largest magnitude for float32;
+every contender, compile included, stays within it on CPU, so it was not loosened; bfloat16's is
+a guess, untested). Any mismatch aborts the run: timings of a wrong result mean nothing.
+
+Memory (peak of one step, after the timed repetitions, outside the timings, in MiB):
+  CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus
+        memory_allocated() before the step.
+  CPU:  there is no allocator statistic. torch.profiler (profile_memory=True) records every
+        allocation and free made through PyTorch's CPU allocator during the step; the peak of their
+        running sum, in time order, is what the step allocated beyond what existed before it
+        (output included, since it is freed after the step). This covers oneDNN's work buffers as
+        PyTorch runs it: ideep allocates its reordered (blocked) copies of the weight and the input
+        through PyTorch's allocator (they show up inside aten::mkldnn_convolution in the trace, and
+        are why even plain's peak is at least one weight's size). Memory a library takes with its
+        own malloc (oneDNN's JIT code and primitive cache, for instance) is not counted, and neither is
+        memory a contender keeps from one call to the next: the f(W) a scope caches, or
+        fusedtie's per-thread f(W) scratch buffer (allocated once, reused by every call).
+
+Output: a Markdown table on stdout, one row per (shape, transform, mode): plain's median and IQR, and
+each contender's ratio to plain (blank where it does not apply); a second table of peak memory;
+compile times. --json PATH adds raw samples, full per-contender statistics, first-call times,
+compile times, memory, settings and the environment; --plot PATH draws the ratios (matplotlib).
+Progress, with an ETA, goes to stderr.
 
 Usage (from the repository root; `make bench` runs the quick set):
   python benchmarks/bench.py [--quick | --full] [--threads N] [--device cpu|cuda] [--json PATH]
+      [--plot PNG] [--shapes SUBSTRING] [--contenders a,b] [--compile all|some|none]
+      [--cpu-algorithm auto|library|gemm] ...
 
-Method: per case, a correctness guard, then warm-up, then many repetitions in which every contender
-runs once, round-robin, with the order rotated each repetition; each call is timed on its own with
-time.perf_counter. The table gives the median, the interquartile range as a percentage of the
-median, and median(contender) / median(plain) from the same run.
-
-To extend: add a ShapeCase to the shape lists, a Contender to CONTENDERS, a Mode to MODES, or a
+To extend: add a ShapeCase to full_shapes, a Contender to CONTENDERS, a Mode to MODES, or a
 transform to FORUM_TRANSFORMS (the reference f written with plain torch ops).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
+import inspect
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Iterator, Optional
 
 # Benchmark the working tree this file lives in, not whatever `fusedtie` happens to be installed:
 # `python benchmarks/bench.py` puts benchmarks/ on sys.path, not the repository root.
@@ -41,6 +142,7 @@ if REPO_ROOT not in sys.path:
 import torch  # noqa: E402  (torch first: the extension needs torch's shared libraries loaded)
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
+from torch.nn.utils import parametrize  # noqa: E402
 
 import fusedtie  # noqa: E402
 
@@ -52,6 +154,7 @@ FORUM_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
     "square": lambda w: w**2,
     "tanh": torch.tanh,
 }
+TRANSFORMS = ["square", "tanh"]
 
 
 @dataclass(frozen=True)
@@ -69,100 +172,69 @@ class ShapeCase:
     padding: int = 0
     groups: int = 1
 
+    @property
+    def name(self) -> str:
+        return f"{self.label} b{self.batch}"
+
     def describe(self) -> str:
         extra = ""
         if self.stride != 1:
             extra += f" s{self.stride}"
         if self.groups != 1:
             extra += f" g{self.groups}"
-        return (f"{self.label}: {self.batch}x{self.in_channels}x{self.height}x{self.width} "
+        return (f"{self.name}: {self.batch}x{self.in_channels}x{self.height}x{self.width} "
                 f"{self.in_channels}->{self.out_channels} {self.kernel}x{self.kernel}{extra}")
 
-    def source_conv(self, device: torch.device) -> nn.Conv2d:
+    def source_conv(self, device: torch.device, dtype: torch.dtype) -> nn.Conv2d:
         return nn.Conv2d(self.in_channels, self.out_channels, self.kernel, stride=self.stride,
-                         padding=self.padding, groups=self.groups, device=device)
+                         padding=self.padding, groups=self.groups, device=device, dtype=dtype)
 
-    def input(self, device: torch.device) -> Tensor:
-        return torch.randn(self.batch, self.in_channels, self.height, self.width, device=device)
-
-
-SEED_CASE = ShapeCase("seed", 1, 16, 16, 300, 300, 3, padding=1)
-
-QUICK_SHAPES = [
-    SEED_CASE,
-    ShapeCase("resnet 3x3", 1, 256, 256, 14, 14, 3, padding=1),
-    ShapeCase("resnet 1x1", 1, 1024, 256, 14, 14, 1),
-]
-
-FULL_SHAPES = QUICK_SHAPES + [
-    ShapeCase("seed b8", 8, 16, 16, 300, 300, 3, padding=1),
-    ShapeCase("resnet 3x3", 1, 64, 64, 56, 56, 3, padding=1),
-    ShapeCase("resnet 3x3", 1, 128, 128, 28, 28, 3, padding=1),
-    ShapeCase("resnet 3x3", 1, 512, 512, 7, 7, 3, padding=1),
-    ShapeCase("resnet 3x3 down", 1, 128, 128, 56, 56, 3, stride=2, padding=1),
-    ShapeCase("resnet 1x1", 1, 256, 1024, 14, 14, 1),
-    ShapeCase("resnet 3x3 b32", 32, 256, 256, 14, 14, 3, padding=1),
-    ShapeCase("depthwise 3x3", 1, 256, 256, 28, 28, 3, padding=1, groups=256),
-]
+    def input(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        return torch.randn(self.batch, self.in_channels, self.height, self.width, device=device,
+                           dtype=dtype)
 
 
-@dataclass
-class Runner:
-    """A contender built for one case: the module to call and the leaves a training step needs."""
-
-    module: nn.Module
-    params: list[Tensor]
-    # Whether `params` are the source's W and b (so their gradients must equal the reference's).
-    # The plain floor differentiates with respect to its own f(W), which is not comparable.
-    grads_wrt_source: bool = True
+def seed_shape() -> ShapeCase:
+    return ShapeCase("seed", 1, 16, 16, 300, 300, 3, padding=1)
 
 
-@dataclass(frozen=True)
-class Contender:
-    name: str
-    build: Callable[[nn.Conv2d, str], Runner]
+# ResNet-50's bottleneck stages: (name, spatial size, width, expanded width). Each stage has a 3x3
+# width->width conv and a 1x1 expanded->width conv (the block's reducing 1x1).
+RESNET50_STAGES = [("conv2_x", 56, 64, 256), ("conv3_x", 28, 128, 512),
+                   ("conv4_x", 14, 256, 1024), ("conv5_x", 7, 512, 2048)]
 
 
-class ForumConv2d(nn.Module):
-    """The forum recipe, in a module so its call overhead matches the other contenders'."""
-
-    def __init__(self, source: nn.Conv2d, transform: str) -> None:
-        super().__init__()
-        self.source = source
-        self.f = FORUM_TRANSFORMS[transform]
-
-    def forward(self, x: Tensor) -> Tensor:
-        s = self.source
-        return F.conv2d(x, self.f(s.weight), s.bias, s.stride, s.padding, s.dilation, s.groups)
+def resnet50_shapes(batch: int) -> list[ShapeCase]:
+    shapes = []
+    for stage, size, width, expanded in RESNET50_STAGES:
+        shapes.append(ShapeCase(f"{stage} 3x3", batch, width, width, size, size, 3, padding=1))
+        shapes.append(ShapeCase(f"{stage} 1x1", batch, expanded, width, size, size, 1))
+    return shapes
 
 
-def build_plain(source: nn.Conv2d, transform: str) -> Runner:
-    conv = nn.Conv2d(source.in_channels, source.out_channels, source.kernel_size,
-                     stride=source.stride, padding=source.padding, dilation=source.dilation,
-                     groups=source.groups, device=source.weight.device)
-    with torch.no_grad():
-        conv.weight.copy_(FORUM_TRANSFORMS[transform](source.weight))
-        conv.bias.copy_(source.bias)  # bias="same": g is the identity
-    return Runner(conv, [conv.weight, conv.bias], grads_wrt_source=False)
+def depthwise_shape(batch: int) -> ShapeCase:
+    return ShapeCase("depthwise 3x3", batch, 256, 256, 28, 28, 3, padding=1, groups=256)
 
 
-def build_fusedtie(source: nn.Conv2d, transform: str) -> Runner:
-    layer = fusedtie.FusedTiedConv2d(source, transform, bias="same")
-    return Runner(layer, [source.weight, source.bias])
+def full_shapes(device: torch.device) -> list[ShapeCase]:
+    batches = [1, 8, 32] + ([256] if device.type == "cuda" else [])
+    shapes = [seed_shape()]
+    for batch in batches:
+        shapes += resnet50_shapes(batch)
+    return shapes + [depthwise_shape(1), depthwise_shape(8)]
 
 
-def build_forum(source: nn.Conv2d, transform: str) -> Runner:
-    return Runner(ForumConv2d(source, transform), [source.weight, source.bias])
+# --quick: see the module docstring for why these.
+QUICK_SHAPE_NAMES = ["seed b1", "conv5_x 3x3 b1", "conv5_x 1x1 b1", "conv4_x 3x3 b1",
+                     "conv5_x 1x1 b8", "depthwise 3x3 b1"]
+# --compile some: the weight-heaviest 3x3, where recomputing f(W) costs most (the seed's f(W) is
+# negligible next to its conv, so compile can only match forum there).
+COMPILE_SOME_SHAPES = ("conv5_x 3x3 b1",)
 
 
-# The first entry is the baseline of the ratio column; the guard's reference is "forum".
-CONTENDERS = [
-    Contender("plain", build_plain),
-    Contender("fusedtie", build_fusedtie),
-    Contender("forum", build_forum),
-]
-BASELINE = "plain"
-REFERENCE = "forum"
+def quick_shapes(device: torch.device) -> list[ShapeCase]:
+    by_name = {s.name: s for s in full_shapes(device)}
+    return [by_name[name] for name in QUICK_SHAPE_NAMES]
 
 
 @dataclass(frozen=True)
@@ -171,8 +243,8 @@ class Mode:
 
     name: str
     trains: bool  # whether the step differentiates (the guard then checks gradients too)
-    prepare: Callable[[Runner], None]
-    step: Callable[[Runner, Tensor], object]
+    prepare: Callable[["Runner"], None]
+    step: Callable[["Runner", Tensor], object]
 
 
 def _inference_step(runner: Runner, x: Tensor) -> Tensor:
@@ -192,7 +264,141 @@ MODES = [
     Mode("train", True, lambda r: r.module.train(), _train_step),
 ]
 
-TRANSFORMS = ["square", "tanh"]
+# --- the contenders ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Runner:
+    """A contender built for one case: the module to call and the leaves a training step needs."""
+
+    module: nn.Module
+    params: list[Tensor]
+    # Whether `params` are the source's W and b (so their gradients must equal the reference's).
+    # The plain floor differentiates with respect to its own f(W), which is not comparable.
+    grads_wrt_source: bool = True
+    # A context the calls must run in, entered once for the whole case (see the module docstring).
+    scope: Optional[Callable[[], ContextManager]] = None
+    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    def open_scope(self) -> None:
+        if self.scope is not None:
+            self._stack.enter_context(self.scope())
+
+    def close_scope(self) -> None:
+        self._stack.close()
+        self._stack = contextlib.ExitStack()
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    build: Callable[[nn.Conv2d, str, bool], Runner]  # (source, transform, trains)
+    modes: tuple[str, ...] = ("inference", "train")
+    # Why the contender cannot run in this process (None: it can).
+    unavailable: Callable[[], Optional[str]] = lambda: None
+
+
+class ForumConv2d(nn.Module):
+    """The forum recipe, in a module so its call overhead matches the other contenders'."""
+
+    def __init__(self, source: nn.Conv2d, transform: str) -> None:
+        super().__init__()
+        self.source = source
+        self.f = FORUM_TRANSFORMS[transform]
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.source
+        return F.conv2d(x, self.f(s.weight), s.bias, s.stride, s.padding, s.dilation, s.groups)
+
+
+class TransformParametrization(nn.Module):
+    """f as a torch.nn.utils.parametrize parametrization (no right_inverse: f is not invertible)."""
+
+    def __init__(self, transform: str) -> None:
+        super().__init__()
+        self.f = FORUM_TRANSFORMS[transform]
+
+    def forward(self, w: Tensor) -> Tensor:
+        return self.f(w)
+
+
+def _conv_like(source: nn.Conv2d) -> nn.Conv2d:
+    return nn.Conv2d(source.in_channels, source.out_channels, source.kernel_size,
+                     stride=source.stride, padding=source.padding, dilation=source.dilation,
+                     groups=source.groups, device=source.weight.device, dtype=source.weight.dtype)
+
+
+def build_plain(source: nn.Conv2d, transform: str, trains: bool) -> Runner:
+    conv = _conv_like(source)
+    with torch.no_grad():
+        conv.weight.copy_(FORUM_TRANSFORMS[transform](source.weight))
+        conv.bias.copy_(source.bias)  # bias="same": g is the identity
+    return Runner(conv, [conv.weight, conv.bias], grads_wrt_source=False)
+
+
+def build_fusedtie(source: nn.Conv2d, transform: str, trains: bool) -> Runner:
+    layer = fusedtie.FusedTiedConv2d(source, transform, bias="same")
+    return Runner(layer, [source.weight, source.bias])
+
+
+def build_fusedtie_cached(source: nn.Conv2d, transform: str, trains: bool) -> Runner:
+    # Its own layer (not the `fusedtie` contender's), and a scope over that layer alone: the other
+    # FusedTiedConv2d keeps computing f(W) on every call (check_cache_scope makes sure of it).
+    layer = fusedtie.FusedTiedConv2d(source, transform, bias="same")
+    return Runner(layer, [source.weight, source.bias], scope=lambda: fusedtie.cached(layer))
+
+
+def fusedtie_cached_unavailable() -> Optional[str]:
+    cached = getattr(fusedtie, "cached", None)
+    if not callable(cached):
+        return "fusedtie.cached does not exist in this build of fusedtie"
+    try:
+        inspect.signature(cached).bind(nn.Identity())
+    except TypeError:
+        return "fusedtie.cached takes no modules in this build (its scope would be process-wide)"
+    if not callable(getattr(getattr(fusedtie, "cache", None), "_in_scope", None)):
+        return "fusedtie.cache._in_scope, which the scope check needs, does not exist in this build"
+    return None
+
+
+def build_forum(source: nn.Conv2d, transform: str, trains: bool) -> Runner:
+    return Runner(ForumConv2d(source, transform), [source.weight, source.bias])
+
+
+def build_parametrize(source: nn.Conv2d, transform: str, trains: bool) -> Runner:
+    conv = _conv_like(source)
+    parametrize.register_parametrization(conv, "weight", TransformParametrization(transform))
+    # The tie: the parametrization's input and the bias become the source's own Parameters.
+    conv.parametrizations.weight.original = source.weight
+    conv.bias = source.bias
+    # parametrize.cached() keeps f(W) only inside the scope; in training it cannot be used (the
+    # cached f(W) would carry one autograd graph across steps).
+    scope = None if trains else parametrize.cached
+    return Runner(conv, [source.weight, source.bias], scope=scope)
+
+
+def build_compile(source: nn.Conv2d, transform: str, trains: bool) -> Runner:
+    mode = "max-autotune" if source.weight.device.type == "cuda" else "default"
+    module = torch.compile(ForumConv2d(source, transform), mode=mode)
+    return Runner(module, [source.weight, source.bias])
+
+
+# The first entry is the baseline of the ratio column; the guard's reference is a fresh forum module.
+CACHED = "fusedtie+cache"
+CONTENDERS = [
+    Contender("plain", build_plain),
+    Contender("fusedtie", build_fusedtie),
+    Contender(CACHED, build_fusedtie_cached, modes=("inference",),
+              unavailable=fusedtie_cached_unavailable),
+    Contender("forum", build_forum),
+    Contender("parametrize", build_parametrize),
+    Contender("compile", build_compile),
+]
+BASELINE = "plain"
+COMPILED = "compile"
+CONTENDER_NAMES = [c.name for c in CONTENDERS]
+
+# --- settings ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -200,22 +406,45 @@ class Settings:
     shapes: list[ShapeCase]
     transforms: list[str]
     modes: list[Mode]
+    contenders: list[Contender]
+    dtypes: list[torch.dtype]
+    compile_on: str  # "all", "some" (COMPILE_SOME_SHAPES) or "none"
     warmup: int
     reps: int
     # Wall-clock cap per case (seconds, timed repetitions only): on a busy shared machine a case
     # stops early, at a whole rotation, rather than blowing the run's time budget. None: no cap.
     case_budget_s: Optional[float]
+    # Target for the whole run (seconds), or None: each case's budget shrinks below the cap when the
+    # run is behind schedule (see Pacer).
+    run_target_s: Optional[float] = None
+
+    def contenders_for(self, shape: ShapeCase, mode: Mode) -> list[Contender]:
+        chosen = []
+        for c in self.contenders:
+            if mode.name not in c.modes:
+                continue
+            if c.name == COMPILED and not compiles_on(self.compile_on, shape):
+                continue
+            chosen.append(c)
+        return chosen
+
+
+def compiles_on(compile_on: str, shape: ShapeCase) -> bool:
+    return compile_on == "all" or (compile_on == "some" and shape.name in COMPILE_SOME_SHAPES)
 
 
 # --quick is sized to finish in about 2 minutes on a 2-core CPU machine, busy or not (the budget).
-QUICK = dict(shapes=QUICK_SHAPES, warmup=10, reps=300, case_budget_s=6.0)
-FULL = dict(shapes=FULL_SHAPES, warmup=20, reps=400, case_budget_s=60.0)
+QUICK = dict(shapes=quick_shapes, warmup=2, reps=300, case_budget_s=2.5, compile_on="some",
+             run_target_s=110.0)
+FULL = dict(shapes=full_shapes, warmup=10, reps=400, case_budget_s=30.0, compile_on="all",
+            run_target_s=None)
 MIN_REPS = 12  # the budget never cuts a case below this many repetitions
 
 # --- the correctness guard --------------------------------------------------------------------------
 
-RTOL = 1e-4
-ATOL = 1e-5  # relative to the reference's largest magnitude: sums over many terms scale with it
+# (rtol, atol relative to the reference's largest magnitude: sums over many terms scale with it).
+# bfloat16 (CUDA only, not exercised on the CPU machine this was written on): about 2 bfloat16 ulps.
+TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 1e-2)}
 
 
 class GuardError(RuntimeError):
@@ -223,28 +452,29 @@ class GuardError(RuntimeError):
 
 
 def _check_close(what: str, got: Tensor, ref: Tensor) -> None:
-    atol = ATOL * max(1.0, ref.abs().max().item())
-    if got.shape != ref.shape or not torch.allclose(got, ref, rtol=RTOL, atol=atol):
+    rtol, atol_rel = TOLERANCES[ref.dtype]
+    atol = atol_rel * max(1.0, ref.abs().max().item())
+    if got.shape != ref.shape or not torch.allclose(got, ref, rtol=rtol, atol=atol):
         err = (got - ref).abs().max().item() if got.shape == ref.shape else float("nan")
         raise GuardError(
             f"{what} does not match the reference (shape {list(got.shape)} vs {list(ref.shape)}, "
-            f"max abs error {err:.3g}, rtol={RTOL:g}, atol={atol:.3g})"
+            f"max abs error {err:.3g}, rtol={rtol:g}, atol={atol:.3g})"
         )
 
 
-def guard(runners: dict[str, Runner], x: Tensor, mode: Mode) -> None:
+def guard(runners: dict[str, Runner], source: nn.Conv2d, transform: str, x: Tensor,
+          mode: Mode) -> None:
     """Every contender's output, and when training the source's gradients, must equal forum's.
 
-    Each contender runs as the mode runs it (under no_grad for inference), since that is the path
-    being timed and an operator may take another path with autograd off.
+    The reference is a forum module built here, so the check does not depend on which contenders
+    were selected. Each contender runs as the mode runs it (under no_grad for inference, inside its
+    scope), since that is the path being timed and an operator may take another path with autograd
+    off.
     """
-    ref = runners[REFERENCE]
-    ref.module.train()
-    ref_y = ref.module(x)
-    ref_grads = torch.autograd.grad(ref_y.sum(), ref.params)
+    ref = ForumConv2d(source, transform).train()
+    ref_y = ref(x)
+    ref_grads = torch.autograd.grad(ref_y.sum(), [source.weight, source.bias])
     for name, runner in runners.items():
-        if name == REFERENCE:
-            continue
         mode.prepare(runner)
         with torch.set_grad_enabled(mode.trains):
             y = runner.module(x)
@@ -255,7 +485,29 @@ def guard(runners: dict[str, Runner], x: Tensor, mode: Mode) -> None:
                 _check_close(f"{name} gradient {label}", g, rg)
 
 
-# --- timing -----------------------------------------------------------------------------------------
+class ScopeError(RuntimeError):
+    pass
+
+
+def check_cache_scope(runners: dict[str, Runner]) -> None:
+    """With the scopes open: fusedtie+cache's FusedTiedConv2d, and no other, must be in its scope.
+
+    A cached `fusedtie` contender would be timed as something it is not (see the module docstring).
+    """
+    for name, runner in runners.items():
+        for layer in runner.module.modules():
+            if not isinstance(layer, fusedtie.FusedTiedConv2d):
+                continue
+            expected = name == CACHED
+            if fusedtie.cache._in_scope(layer) != expected:
+                raise ScopeError(
+                    f"{name}'s FusedTiedConv2d is {'not' if expected else 'also'} cached while "
+                    f"{CACHED}'s scope, fusedtie.cached(its own layer), is open "
+                    f"(fusedtie.cache._in_scope returned {not expected}), so {name} would not be "
+                    "timed as what it claims to be")
+
+
+# --- timing and memory ------------------------------------------------------------------------------
 
 
 def make_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -277,17 +529,114 @@ def make_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return timed
 
 
-def run_case(shape: ShapeCase, transform: str, mode: Mode, settings: Settings,
-             device: torch.device) -> dict[str, list[float]]:
-    """Times every contender on one case; returns the per-call durations in milliseconds."""
-    torch.manual_seed(0)
-    source = shape.source_conv(device)
-    x = shape.input(device)
-    runners = {c.name: c.build(source, transform) for c in CONTENDERS}
-    guard(runners, x, mode)
-    for runner in runners.values():
-        mode.prepare(runner)
+@contextlib.contextmanager
+def _fd2_silenced() -> Iterator[None]:
+    """Silences file descriptor 2 (the profiler's C++ start/stop lines would break the progress bar)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
+
+def _tree_nodes(nodes) -> Iterator:
+    for node in nodes:
+        yield node
+        yield from _tree_nodes(node.children)
+
+
+def cpu_step_peak_bytes(call: Callable[[], object]) -> int:
+    """Peak of the running sum of CPU-allocator allocations and frees during one call (bytes)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with _fd2_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()  # its result is dropped at once, inside the profile: the output's free is recorded
+    tree = prof.profiler.kineto_results.experimental_event_tree()
+    events = sorted((n for n in _tree_nodes(tree) if n.tag == _EventType.Allocation),
+                    key=lambda n: n.start_time_ns)
+    running = peak = 0
+    for event in events:
+        if event.extra_fields.device.type != "cpu":
+            continue
+        running += event.extra_fields.alloc_size  # negative for a free
+        peak = max(peak, running)
+    return peak
+
+
+def cuda_step_peak_bytes(call: Callable[[], object], device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    call()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def step_peak_mib(call: Callable[[], object], device: torch.device) -> Optional[float]:
+    """The step's peak memory in MiB; None where this torch lacks the profiler API used on CPU."""
+    if device.type == "cuda":
+        return cuda_step_peak_bytes(call, device) / 2**20
+    try:
+        return cpu_step_peak_bytes(call) / 2**20
+    except (AttributeError, ImportError) as error:  # private profiler API: may move in a later torch
+        _warn_once(f"no CPU memory figures: torch.profiler's event tree is unavailable ({error})")
+        return None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        sys.stderr.write(f"\nbench: warning: {message}\n")
+
+
+# --- one case ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: ShapeCase
+    transform: str
+    dtype: torch.dtype
+    mode: Mode
+
+    def describe(self, with_dtype: bool) -> str:
+        dtype = f" | {dtype_name(self.dtype)}" if with_dtype else ""
+        return f"{self.shape.describe()} | {self.transform}{dtype} | {self.mode.name}"
+
+
+@dataclass
+class CaseResult:
+    """Per contender: timed samples, first-call time and peak step memory."""
+
+    samples_ms: dict[str, list[float]] = field(default_factory=dict)
+    first_call_ms: dict[str, float] = field(default_factory=dict)
+    peak_mib: dict[str, Optional[float]] = field(default_factory=dict)
+
+    @property
+    def baseline_ms(self) -> float:
+        """plain's median: the denominator of every ratio."""
+        return statistics.median(self.samples_ms[BASELINE])
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def build_runners(case: Case, contenders: list[Contender], source: nn.Conv2d) -> dict[str, Runner]:
+    return {c.name: c.build(source, case.transform, case.mode.trains) for c in contenders}
+
+
+def time_round_robin(runners: dict[str, Runner], x: Tensor, mode: Mode, settings: Settings,
+                     budget_s: Optional[float], device: torch.device) -> dict[str, list[float]]:
+    """Warm-up, then the interleaved, rotated repetitions; per-call durations in milliseconds."""
     timed = make_timer(device)
     names = list(runners)
     samples: dict[str, list[float]] = {name: [] for name in names}
@@ -298,8 +647,8 @@ def run_case(shape: ShapeCase, transform: str, mode: Mode, settings: Settings,
     try:
         for rep in range(settings.warmup + settings.reps):
             timed_reps = rep - settings.warmup
-            if timed_reps == 0 and settings.case_budget_s is not None:
-                deadline = time.perf_counter() + settings.case_budget_s
+            if timed_reps == 0 and budget_s is not None:
+                deadline = time.perf_counter() + budget_s
             if (deadline is not None and timed_reps >= MIN_REPS and timed_reps % len(names) == 0
                     and time.perf_counter() > deadline):
                 break  # at a whole rotation, so every contender ran equally often in each slot
@@ -316,9 +665,73 @@ def run_case(shape: ShapeCase, transform: str, mode: Mode, settings: Settings,
     return samples
 
 
+def run_case(case: Case, settings: Settings, budget_s: Optional[float],
+             device: torch.device) -> CaseResult:
+    """Scopes, first calls, guard, timings and memory of every contender on one case."""
+    mode = case.mode
+    contenders = settings.contenders_for(case.shape, mode)
+    compiles = any(c.name == COMPILED for c in contenders)
+    if compiles:
+        torch._dynamo.reset()  # a new module per case: start each compilation from a clean slate
+    torch.manual_seed(0)
+    source = case.shape.source_conv(device, case.dtype)
+    x = case.shape.input(device, case.dtype)
+    runners = build_runners(case, contenders, source)
+    timed = make_timer(device)
+    result = CaseResult()
+    try:
+        for runner in runners.values():
+            mode.prepare(runner)
+            runner.open_scope()
+        if CACHED in runners:
+            check_cache_scope(runners)
+        result.first_call_ms = {name: 1e3 * timed(lambda: mode.step(r, x))
+                                for name, r in runners.items()}
+        guard(runners, source, case.transform, x, mode)
+        for runner in runners.values():
+            mode.prepare(runner)
+        result.samples_ms = time_round_robin(runners, x, mode, settings, budget_s, device)
+        result.peak_mib = {name: step_peak_mib(lambda: mode.step(r, x), device)
+                           for name, r in runners.items()}
+    finally:
+        for runner in runners.values():
+            runner.close_scope()
+        if compiles:
+            torch._dynamo.reset()
+    return result
+
+
 def summarise(samples: list[float]) -> dict[str, float]:
     q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive")
     return {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "iqr_pct": 100.0 * (q3 - q1) / median}
+
+
+def case_records(case: Case, result: CaseResult) -> list[dict]:
+    """One JSON record per contender of a case."""
+    records = []
+    base = result.baseline_ms
+    for name, values in result.samples_ms.items():
+        stats = summarise(values)
+        record = {
+            "shape": case.shape.describe(),
+            "shape_name": case.shape.name,
+            "shape_params": dataclasses.asdict(case.shape),
+            "transform": case.transform,
+            "dtype": dtype_name(case.dtype),
+            "mode": case.mode.name,
+            "contender": name,
+            **stats,
+            "n": len(values),
+            "ratio_to_plain": stats["median_ms"] / base,
+            "first_call_ms": result.first_call_ms[name],
+            "peak_mib": result.peak_mib[name],
+            "loadavg_after": os.getloadavg()[0],
+            "samples_ms": values,
+        }
+        if name == COMPILED:
+            record["compile_s"] = result.first_call_ms[name] / 1e3
+        records.append(record)
+    return records
 
 
 # --- reporting --------------------------------------------------------------------------------------
@@ -342,6 +755,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "fusedtie": getattr(fusedtie, "__version__", "unknown"),
         "fusedtie_cuda_compiled": bool(getattr(fusedtie, "cuda_compiled", False)),
+        "fusedtie_has_cached": callable(getattr(fusedtie, "cached", None)),
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -355,20 +769,86 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def markdown_table(results: list[dict]) -> str:
-    header = ["shape", "transform", "mode", "contender", "median ms", "IQR %", "ratio to plain"]
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(["---"] * 4 + ["---:"] * 3) + "|"]
+def _row_key(r: dict) -> tuple:
+    return (r["shape"], r["transform"], r["dtype"], r["mode"])
+
+
+def group_by_case(results: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """{(shape, transform, dtype, mode): {contender: record}}, in run order."""
+    cases: dict[tuple, dict[str, dict]] = {}
     for r in results:
-        lines.append(
-            f"| {r['shape']} | {r['transform']} | {r['mode']} | {r['contender']} | "
-            f"{r['median_ms']:.3f} | {r['iqr_pct']:.1f} | {r['ratio_to_plain']:.2f} |"
-        )
+        cases.setdefault(_row_key(r), {})[r["contender"]] = r
+    return cases
+
+
+def _table(header: list[str], align: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
+def _case_cells(key: tuple, with_dtype: bool) -> list[str]:
+    shape, transform, dtype, mode = key
+    return [shape, transform] + ([dtype] if with_dtype else []) + [mode]
+
+
+def ratio_table(results: list[dict], contenders: list[str]) -> str:
+    """plain's median and IQR, then every other contender's ratio to plain, one row per case."""
+    cases = group_by_case(results)
+    with_dtype = len({k[2] for k in cases}) > 1
+    others = [c for c in contenders if c != BASELINE]
+    header = (["shape", "f"] + (["dtype"] if with_dtype else []) + ["mode", "plain ms", "IQR %"]
+              + others)
+    align = ["---"] * (3 + with_dtype) + ["---:"] * (2 + len(others))
+    rows = []
+    for key, by_name in cases.items():
+        base = by_name[BASELINE]
+        cells = _case_cells(key, with_dtype) + [f"{base['median_ms']:.3f}", f"{base['iqr_pct']:.0f}"]
+        cells += [f"{by_name[c]['ratio_to_plain']:.2f}" if c in by_name else "" for c in others]
+        rows.append(cells)
+    return _table(header, align, rows)
+
+
+def _mib(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def memory_table(results: list[dict], contenders: list[str]) -> str:
+    cases = group_by_case(results)
+    with_dtype = len({k[2] for k in cases}) > 1
+    header = ["shape", "f"] + (["dtype"] if with_dtype else []) + ["mode"] + contenders
+    align = ["---"] * (3 + with_dtype) + ["---:"] * len(contenders)
+    rows = []
+    for key, by_name in cases.items():
+        cells = _case_cells(key, with_dtype)
+        cells += [_mib(by_name[c]["peak_mib"]) if c in by_name else "" for c in contenders]
+        rows.append(cells)
+    return _table(header, align, rows)
+
+
+def compile_times(results: list[dict]) -> list[dict]:
+    return [{"shape": r["shape"], "transform": r["transform"], "dtype": r["dtype"],
+             "mode": r["mode"], "compile_s": r["compile_s"]}
+            for r in results if r["contender"] == COMPILED]
+
+
+def compile_summary(times: list[dict], compile_on: str) -> str:
+    if not times:
+        return f"compile: not run (--compile {compile_on})"
+    where = "" if compile_on == "all" else f" (--compile some: only {', '.join(COMPILE_SOME_SHAPES)})"
+    first = times[0]["compile_s"]
+    text = (f"compile: first call (dynamo + inductor), {len(times)} cases{where}, "
+            f"{sum(t['compile_s'] for t in times):.0f} s in all: the run's first compilation "
+            f"{first:.1f} s (includes inductor's start-up)")
+    later = sorted(t["compile_s"] for t in times[1:])
+    if later:
+        text += (f", the others {statistics.median(later):.1f} s median "
+                 f"({later[0]:.1f}-{later[-1]:.1f} s)")
+    return text
+
+
 class Progress:
-    """One line per case on stderr; redrawn in place when stderr is a terminal."""
+    """One line per case on stderr, with an ETA; redrawn in place when stderr is a terminal."""
 
     def __init__(self, total: int) -> None:
         self.total = total
@@ -379,7 +859,9 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         width = 20
         filled = width * done // self.total
-        text = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {elapsed:5.1f}s {label}"
+        eta = f" ETA {elapsed / done * (self.total - done):4.0f}s" if done else ""
+        text = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
+                f"{elapsed:5.1f}s{eta} {label}")
         if self.tty:
             sys.stderr.write("\r\033[K" + text)
         else:
@@ -392,25 +874,116 @@ class Progress:
         return elapsed
 
 
+# Ratio ticks for the log axis: readable values, whichever range the data spans.
+_RATIO_TICKS = [0.1, 0.2, 0.25, 0.33, 0.5, 0.67, 0.8, 0.9, 1, 1.1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8,
+                10, 15, 20, 30, 50, 100]
+
+
+def _ratio_ticks(low: float, high: float) -> list[float]:
+    inside = [t for t in _RATIO_TICKS if low <= t <= high]
+    step = max(1, len(inside) // 9)  # at most about 9 labels a panel
+    ticks = inside[::step]
+    return sorted(set(ticks) | {1})
+
+
+def _plot_panel(ax, keys: list[tuple], cases: dict, names: list[str], colors: dict[str, str],
+                with_dtype: bool) -> None:
+    """Grouped bars of one mode, each rising or falling from the 1.0 line (plain)."""
+    present = [n for n in names if any(n in cases[k] for k in keys)]
+    width = 0.8 / max(1, len(present))
+    ratios = [cases[k][n]["ratio_to_plain"] for k in keys for n in present if n in cases[k]]
+    for j, name in enumerate(present):
+        offset = (j - (len(present) - 1) / 2) * width
+        points = [(i + offset, cases[k][name]["ratio_to_plain"]) for i, k in enumerate(keys)
+                  if name in cases[k]]
+        ax.bar([p[0] for p in points], [p[1] - 1 for p in points], bottom=1, width=width,
+               label=name, color=colors[name])
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    low, high = min(ratios + [1]) / 1.08, max(ratios + [1]) * 1.08
+    ax.set_ylim(low, high)
+    ax.set_yticks(_ratio_ticks(low, high))
+    ax.set_yticklabels([f"{t:g}" for t in _ratio_ticks(low, high)])
+    ax.minorticks_off()
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{k[0].split(':')[0]}\n{k[1]}" + (f" {k[2]}" if with_dtype else "")
+                        for k in keys], rotation=90 if len(keys) > 16 else 0, fontsize=8)
+    ax.set_xlim(-0.6, len(keys) - 0.4)
+    ax.set_ylabel("median time / plain's (log)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(ncol=len(present), fontsize=8, loc="best")
+
+
+def plot_ratios(results: list[dict], contenders: list[str], env: dict, path: str) -> None:
+    """A PNG: per mode a panel of grouped bars (one per contender) of the ratio to plain per case."""
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("bench: --plot needs matplotlib, which is not installed (pip install matplotlib)")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [c for c in contenders if c != BASELINE]
+    colors = {name: f"C{i}" for i, name in enumerate(others)}  # the same colour in every panel
+    modes = list(dict.fromkeys(r["mode"] for r in results))
+    cases = group_by_case(results)
+    groups = {mode: [k for k in cases if k[3] == mode] for mode in modes}
+    most = max(len(g) for g in groups.values())
+    fig, axes = plt.subplots(len(modes), 1, squeeze=False,
+                             figsize=(max(8.0, 0.2 * most * len(others) + 2), 4.2 * len(modes)))
+    with_dtype = len({k[2] for k in cases}) > 1
+    for ax, mode in zip(axes[:, 0], modes):
+        _plot_panel(ax, groups[mode], cases, others, colors, with_dtype)
+        ax.set_title(f"{mode} (below 1: faster than plain)", fontsize=10)
+    where = env.get("gpu") or env["cpu"]
+    fig.suptitle(f"fusedtie benchmark: median time relative to plain (f(W) precomputed), lower is "
+                 f"better\n{env['device']} ({where}), torch {env['torch']}, {env['threads']} threads, "
+                 f"{env['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # --- main -------------------------------------------------------------------------------------------
+
+
+def _split(value: Optional[str]) -> Optional[list[str]]:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="size", action="store_const", const="quick",
-                      help="the seed shape plus two ResNet-like shapes (default; at most about 2 minutes)")
+                      help="representative subset, about 2 minutes on 2 CPU cores (default)")
     size.add_argument("--full", dest="size", action="store_const", const="full",
-                      help="more shapes and repetitions")
+                      help="every shape, more repetitions")
     parser.set_defaults(size="quick")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads value (default: torch's own default)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "both"), default="auto",
+                        help="auto: float32 on CPU, float32 and bfloat16 on CUDA")
     parser.add_argument("--json", metavar="PATH", help="also write results and environment here")
+    parser.add_argument("--plot", metavar="PNG", help="also draw the ratios to plain here (matplotlib)")
     parser.add_argument("--reps", type=int, help="override the number of timed repetitions")
     parser.add_argument("--warmup", type=int, help="override the number of warm-up repetitions")
     parser.add_argument("--case-budget", type=float, metavar="SECONDS",
                         help="cap on the timed repetitions of one case (0: no cap)")
+    parser.add_argument("--compile", dest="compile_on", choices=("all", "some", "none"),
+                        help="cases on which torch.compile runs (default: some for --quick, all "
+                             f"for --full; some = {', '.join(COMPILE_SOME_SHAPES)})")
+    parser.add_argument("--cpu-algorithm", choices=("auto", "library", "gemm"), default="auto",
+                        help="force fusedtie's CPU convolution algorithm (fusedtie."
+                             "use_cpu_conv_algorithm): library = oneDNN, the one plain runs; "
+                             "gemm = im2col + BLAS; auto (default) = fusedtie's per-shape choice")
+    parser.add_argument("--shapes", metavar="SUBSTRING",
+                        help="only cases whose shape description contains this (e.g. b32, conv5_x)")
+    parser.add_argument("--transforms", metavar="LIST", help=f"comma-separated, of {','.join(TRANSFORMS)}")
+    parser.add_argument("--contenders", metavar="LIST",
+                        help=f"comma-separated, of {','.join(CONTENDER_NAMES)} (plain always runs)")
+    parser.add_argument("--modes", metavar="LIST",
+                        help=f"comma-separated, of {','.join(m.name for m in MODES)}")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
@@ -418,7 +991,243 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error("--reps must be at least 4 (the quartiles need a few samples)")
     if args.warmup is not None and args.warmup < 0:
         parser.error("--warmup must be non-negative")
+    for option, known in (("transforms", TRANSFORMS), ("contenders", CONTENDER_NAMES),
+                          ("modes", [m.name for m in MODES])):
+        chosen = _split(getattr(args, option))
+        unknown = [v for v in chosen or [] if v not in known]
+        if unknown:
+            parser.error(f"--{option}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+        setattr(args, option, chosen)
     return args
+
+
+def select_contenders(wanted: Optional[list[str]]) -> tuple[list[Contender], dict[str, str]]:
+    """The contenders to run (plain always) and the reasons of those that cannot run here."""
+    skipped = {}
+    chosen = []
+    for c in CONTENDERS:
+        if c.name != BASELINE and wanted is not None and c.name not in wanted:
+            continue
+        reason = c.unavailable()
+        if reason:
+            skipped[c.name] = reason
+            continue
+        chosen.append(c)
+    return chosen, skipped
+
+
+def select_dtypes(choice: str, device: torch.device) -> list[torch.dtype]:
+    if choice == "auto":
+        choice = "both" if device.type == "cuda" else "float32"
+    return {"float32": [torch.float32], "bfloat16": [torch.bfloat16],
+            "both": [torch.float32, torch.bfloat16]}[choice]
+
+
+def make_settings(args: argparse.Namespace, device: torch.device) -> tuple[Settings, dict[str, str]]:
+    preset = QUICK if args.size == "quick" else FULL
+    shapes = preset["shapes"](device)
+    if args.shapes:
+        shapes = [s for s in shapes if args.shapes in s.describe()]
+        if not shapes:
+            sys.exit(f"bench: --shapes {args.shapes!r} matches no shape of --{args.size}")
+    contenders, skipped = select_contenders(args.contenders)
+    settings = Settings(
+        shapes=shapes,
+        transforms=[t for t in (args.transforms or TRANSFORMS) if t in FORUM_TRANSFORMS],
+        modes=[m for m in MODES if args.modes is None or m.name in args.modes],
+        contenders=contenders,
+        dtypes=select_dtypes(args.dtype, device),
+        compile_on=args.compile_on or preset["compile_on"],
+        warmup=preset["warmup"] if args.warmup is None else args.warmup,
+        reps=preset["reps"] if args.reps is None else args.reps,
+        case_budget_s=preset["case_budget_s"] if args.case_budget is None else (args.case_budget or None),
+        # An explicit --case-budget is taken as it is.
+        run_target_s=preset["run_target_s"] if args.case_budget is None else None,
+    )
+    return settings, skipped
+
+
+def check_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("bench: --device cuda, but torch sees no CUDA device")
+        if not getattr(fusedtie, "cuda_compiled", False):
+            sys.exit("bench: --device cuda, but the fusedtie extension was built without CUDA")
+
+
+def announce(args: argparse.Namespace, settings: Settings, cases: list[Case], env: dict,
+             skipped: dict[str, str]) -> None:
+    sys.stderr.write(f"bench ({args.size}): {len(cases)} cases, contenders "
+                     f"{', '.join(c.name for c in settings.contenders)}; {settings.warmup} warm-up + "
+                     f"{settings.reps} timed repetitions, {env['threads']} threads on {env['device']}; "
+                     f"--compile {settings.compile_on}; --cpu-algorithm {args.cpu_algorithm}\n")
+    for name, reason in skipped.items():
+        sys.stderr.write(f"bench: note: skipping {name}: {reason}\n")
+    # Other work on the machine shows up as noise and as a bias against whichever contender happens
+    # to be running; say so up front, and keep the load per case in the JSON for the reader.
+    if env["loadavg_at_start"] > 0.5 * (os.cpu_count() or 1):
+        sys.stderr.write(f"bench: warning: load average {env['loadavg_at_start']:.2f} on "
+                         f"{os.cpu_count()} CPUs before starting; timings will be noisy\n")
+
+
+class Pacer:
+    """Each case's timed budget: the cap, or less when the run is behind its target.
+
+    The time left is shared out equally among the cases left, after reserving for each its
+    untimed work (first calls, guard, memory: the median so far, since the first case also
+    pays one-off start-up costs) and for each compilation still to come (the median of those after
+    the first, which includes inductor's start-up; priors below). A budget of 0 still runs
+    MIN_REPS rotations, so a very busy machine overruns the target rather than measuring nothing.
+    """
+
+    FIRST_COMPILE_S = 15.0  # priors, measured on the 2-core CPU machine
+    COMPILE_S = 4.0
+    UNTIMED_S = 0.5
+
+    def __init__(self, cap_s: Optional[float], target_s: Optional[float], compiles: list[bool]):
+        self.cap_s = cap_s
+        self.target_s = target_s
+        self.compiles = compiles
+        self.start = time.perf_counter()
+        self.untimed_s: list[float] = []
+        self.compile_s: list[float] = []
+
+    def budget(self, i: int) -> Optional[float]:
+        if self.target_s is None:
+            return self.cap_s
+        left = self.target_s - (time.perf_counter() - self.start)
+        to_compile = sum(self.compiles[i:])
+        if to_compile and not self.compile_s:
+            left -= self.FIRST_COMPILE_S - self.COMPILE_S
+        later = self.compile_s[1:]
+        left -= to_compile * (statistics.median(later) if later else self.COMPILE_S)
+        untimed_each = statistics.median(self.untimed_s) if self.untimed_s else self.UNTIMED_S
+        share = left / (len(self.compiles) - i) - untimed_each
+        share = max(0.0, share)
+        return share if self.cap_s is None else min(self.cap_s, share)
+
+    def record(self, wall_s: float, result: CaseResult) -> None:
+        timed_s = sum(sum(v) for v in result.samples_ms.values()) / 1e3
+        compile_s = result.first_call_ms.get(COMPILED, 0.0) / 1e3
+        if COMPILED in result.first_call_ms:
+            self.compile_s.append(compile_s)
+        self.untimed_s.append(max(0.0, wall_s - timed_s - compile_s))
+
+
+def run_all(cases: list[Case], settings: Settings, device: torch.device) -> tuple[list[dict], float]:
+    progress = Progress(len(cases))
+    pacer = Pacer(settings.case_budget_s, settings.run_target_s,
+                  [any(c.name == COMPILED for c in settings.contenders_for(case.shape, case.mode))
+                   for case in cases])
+    with_dtype = len(settings.dtypes) > 1
+    results = []
+    for i, case in enumerate(cases):
+        label = case.describe(with_dtype)
+        progress.update(i, label)
+        started = time.perf_counter()
+        budget = pacer.budget(i)
+        try:
+            result = run_case(case, settings, budget, device)
+        except GuardError as error:
+            sys.stderr.write("\n")
+            sys.exit(f"bench: ABORTED, wrong result in case [{label}]: {error}. "
+                     "Timings of a kernel that computes the wrong thing mean nothing; fix it first.")
+        except ScopeError as error:
+            sys.stderr.write("\n")
+            sys.exit(f"bench: ABORTED in case [{label}]: {error}.")
+        pacer.record(time.perf_counter() - started, result)
+        for record in case_records(case, result):
+            record["case_budget_s"] = budget
+            results.append(record)
+    return results, progress.finish()
+
+
+def print_report(args: argparse.Namespace, settings: Settings, env: dict, results: list[dict],
+                 skipped: dict[str, str]) -> None:
+    ran = [c.name for c in settings.contenders if any(r["contender"] == c.name for r in results)]
+    budget = "" if settings.case_budget_s is None else f" (at most {settings.case_budget_s:g}s a case"
+    if settings.run_target_s is not None:
+        budget += f", less when behind the run's {settings.run_target_s:g}s target"
+    budget += ")" if budget else ""
+    print(f"fusedtie benchmark ({args.size}): torch {env['torch']}, {env['device']}, "
+          f"{env['threads']} threads, {env.get('gpu') or env['cpu']}; {settings.warmup} warm-up + "
+          f"{settings.reps} timed repetitions{budget}, contenders interleaved; fusedtie CPU conv "
+          f"algorithm: {args.cpu_algorithm}\n")
+    print("Time: plain's median (ms) and IQR, and every contender's median / plain's median:\n")
+    print(ratio_table(results, ran))
+    for name, reason in skipped.items():
+        print(f"\nSkipped {name}: {reason}.")
+    print("\nPeak memory of one step (MiB allocated beyond what existed before it):\n")
+    print(memory_table(results, ran))
+    print("\n" + compile_summary(compile_times(results), settings.compile_on))
+    # plain runs in every case: its n is the case's repetitions.
+    reps = sorted(r["n"] for r in results if r["contender"] == BASELINE)
+    cut = sum(n < settings.reps for n in reps)
+    if cut:
+        print(f"Timed repetitions per case: {reps[0]}-{reps[-1]}, median {statistics.median(reps):g}; "
+              f"{cut} of {len(reps)} cases cut short by the time budget (each case's n and budget "
+              "are in the JSON)")
+
+
+def write_json(path: str, args: argparse.Namespace, settings: Settings, env: dict,
+               results: list[dict], skipped: dict[str, str], wall: float) -> None:
+    out = {
+        "environment": env,
+        "settings": {
+            "size": args.size, "warmup": settings.warmup, "reps": settings.reps,
+            "min_reps": MIN_REPS, "case_budget_s": settings.case_budget_s,
+            "run_target_s": settings.run_target_s,
+            "shapes": [s.describe() for s in settings.shapes], "shapes_filter": args.shapes,
+            "transforms": settings.transforms, "modes": [m.name for m in settings.modes],
+            "dtypes": [dtype_name(d) for d in settings.dtypes],
+            "contenders": [c.name for c in settings.contenders], "baseline": BASELINE,
+            "skipped_contenders": skipped, "compile_on": settings.compile_on,
+            "cpu_algorithm": args.cpu_algorithm,
+            "compile_some_shapes": list(COMPILE_SOME_SHAPES),
+            "tolerances": {dtype_name(d): {"rtol": t[0], "atol_relative": t[1]}
+                           for d, t in TOLERANCES.items()},
+            "memory": ("cuda max_memory_allocated - memory_allocated before the step"
+                       if env["device"].startswith("cuda") else
+                       "CPU: peak running sum of torch.profiler allocation events during one step"),
+            "wall_seconds": wall,
+        },
+        "compile_times": compile_times(results),
+        "results": results,
+    }
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    sys.stderr.write(f"wrote {path}\n")
+
+
+@contextlib.contextmanager
+def private_inductor_cache(compiles: bool) -> Iterator[str]:
+    """An empty inductor cache directory for this run, unless the user chose one (or none compiles).
+
+    Yields the directory used, for the JSON.
+    """
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not compiles or chosen is not None:
+        yield chosen or "(not used)"
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-inductor-", ignore_cleanup_errors=True) as path:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+        try:
+            yield f"private, fresh: {path}"
+        finally:
+            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def cpu_algorithm(name: str) -> ContextManager:
+    """fusedtie.use_cpu_conv_algorithm(name) for the whole run (auto: fusedtie's own default)."""
+    use = getattr(fusedtie, "use_cpu_conv_algorithm", None)
+    if use is None:
+        if name != "auto":
+            sys.exit(f"bench: --cpu-algorithm {name}, but this build of fusedtie has no "
+                     "use_cpu_conv_algorithm")
+        return contextlib.nullcontext()
+    return use(name)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -426,87 +1235,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("bench: --device cuda, but torch sees no CUDA device")
-        if not getattr(fusedtie, "cuda_compiled", False):
-            sys.exit("bench: --device cuda, but the fusedtie extension was built without CUDA")
-
-    preset = QUICK if args.size == "quick" else FULL
-    settings = Settings(
-        shapes=preset["shapes"],
-        transforms=[t for t in TRANSFORMS if t in FORUM_TRANSFORMS],
-        modes=MODES,
-        warmup=preset["warmup"] if args.warmup is None else args.warmup,
-        reps=preset["reps"] if args.reps is None else args.reps,
-        case_budget_s=preset["case_budget_s"] if args.case_budget is None else (args.case_budget or None),
-    )
+    check_device(device)
+    settings, skipped = make_settings(args, device)
     env = environment(device)
-    cases = [(s, t, m) for s in settings.shapes for t in settings.transforms for m in settings.modes]
-
-    sys.stderr.write(f"bench ({args.size}): {len(cases)} cases x {len(CONTENDERS)} contenders, "
-                     f"{settings.warmup} warm-up + {settings.reps} timed repetitions, "
-                     f"{env['threads']} threads on {env['device']}\n")
-    # Other work on the machine shows up as noise and as a bias against whichever contender happens
-    # to be running; say so up front, and keep the load per case in the JSON for the reader.
-    if env["loadavg_at_start"] > 0.5 * (os.cpu_count() or 1):
-        sys.stderr.write(f"bench: warning: load average {env['loadavg_at_start']:.2f} on "
-                         f"{os.cpu_count()} CPUs before starting; timings will be noisy\n")
-    progress = Progress(len(cases))
-    results = []
-    for i, (shape, transform, mode) in enumerate(cases):
-        label = f"{shape.describe()} | {transform} | {mode.name}"
-        progress.update(i, label)
-        try:
-            samples = run_case(shape, transform, mode, settings, device)
-        except GuardError as error:
-            sys.stderr.write("\n")
-            sys.exit(f"bench: ABORTED, wrong result in case [{label}]: {error}. "
-                     "Timings of a kernel that computes the wrong thing mean nothing; fix it first.")
-        base = statistics.median(samples[BASELINE])
-        for name, values in samples.items():
-            stats = summarise(values)
-            results.append({
-                "shape": shape.describe(),
-                "shape_params": dataclasses.asdict(shape),
-                "transform": transform,
-                "mode": mode.name,
-                "contender": name,
-                **stats,
-                "n": len(values),
-                "loadavg_after": os.getloadavg()[0],
-                "ratio_to_plain": stats["median_ms"] / base,
-                "samples_ms": values,
-            })
-    wall = progress.finish()
-
-    budget = "" if settings.case_budget_s is None else f" (at most {settings.case_budget_s:g}s a case)"
-    print(f"fusedtie benchmark ({args.size}): torch {env['torch']}, {env['device']}, "
-          f"{env['threads']} threads, {env['cpu']}; {settings.warmup} warm-up + "
-          f"{settings.reps} timed repetitions{budget}, contenders interleaved\n")
-    print(markdown_table(results))
-    # dict.fromkeys: unique cases in table order (every contender of a case has the same n)
-    cut = list(dict.fromkeys((r["shape"], r["transform"], r["mode"], r["n"]) for r in results
-                             if r["n"] < settings.reps))
-    if cut:
-        print("\nCut short by the time budget (repetitions done): "
-              + "; ".join(f"{s} {t} {m}: {n}" for s, t, m, n in cut))
-
+    cases = [Case(s, t, d, m) for s in settings.shapes for t in settings.transforms
+             for d in settings.dtypes for m in settings.modes]
+    announce(args, settings, cases, env, skipped)
+    compiles = any(c.name == COMPILED for c in settings.contenders) and settings.compile_on != "none"
+    with private_inductor_cache(compiles) as inductor_cache, cpu_algorithm(args.cpu_algorithm):
+        env["inductor_cache_dir"] = inductor_cache
+        results, wall = run_all(cases, settings, device)
+    print_report(args, settings, env, results, skipped)
     if args.json:
-        out = {
-            "environment": env,
-            "settings": {"size": args.size, "warmup": settings.warmup, "reps": settings.reps,
-                         "case_budget_s": settings.case_budget_s, "transforms": settings.transforms,
-                         "modes": [m.name for m in settings.modes],
-                         "contenders": [c.name for c in CONTENDERS], "baseline": BASELINE,
-                         "wall_seconds": wall},
-            "results": results,
-        }
-        parent = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(parent, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-        sys.stderr.write(f"wrote {args.json}\n")
+        write_json(args.json, args, settings, env, results, skipped, wall)
+    if args.plot:
+        plot_ratios(results, [c.name for c in settings.contenders], env, args.plot)
+        sys.stderr.write(f"wrote {args.plot}\n")
     return 0
 
 
