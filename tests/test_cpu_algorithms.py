@@ -76,38 +76,37 @@ def test_setting_is_restored_and_validated():
 
 def ops_run(fn):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.name for e in prof.events()}
+        result = fn()
+    return {e.name for e in prof.events()}, result
 
 
-def train_step(x_shape, w_shape, padding):
-    x = torch.randn(x_shape, requires_grad=True)
+def algorithm_used(names):
+    """"gemm" when BLAS was called directly, "library" when at::convolution(_backward) ran."""
+    library = {"aten::convolution", "aten::convolution_backward"} & names
+    gemm = {"aten::mm", "aten::addmm"} & names
+    assert bool(library) != bool(gemm), sorted(n for n in names if "conv" in n or "mm" in n)
+    return "gemm" if gemm else "library"
+
+
+@pytest.mark.parametrize("algorithm,x_shape,w_shape,padding,input_grad,expected", [
+    ("gemm", (2, 8, 30, 30), (8, 8, 3, 3), 1, True, ("gemm", "gemm")),
+    ("library", (1, 64, 7, 7), (64, 64, 1, 1), 0, True, ("library", "library")),
+    # auto: batch 1 with a 1x1 kernel or at most 16x16 outputs runs the GEMM, the rest the library
+    ("auto", (1, 64, 7, 7), (64, 64, 1, 1), 0, True, ("gemm", "gemm")),
+    ("auto", (1, 64, 14, 14), (64, 64, 3, 3), 1, True, ("gemm", "gemm")),
+    ("auto", (1, 16, 40, 40), (16, 16, 3, 3), 1, True, ("library", "library")),
+    ("auto", (2, 64, 7, 7), (64, 64, 1, 1), 0, True, ("library", "library")),
+    # ... and up to batch 8 for a backward that needs only the weight's and bias's gradients
+    ("auto", (4, 64, 7, 7), (64, 64, 1, 1), 0, False, ("library", "gemm")),
+    ("auto", (9, 64, 7, 7), (64, 64, 1, 1), 0, False, ("library", "library")),
+    ("auto", (4, 16, 40, 40), (16, 16, 3, 3), 1, False, ("library", "library")),
+])
+def test_which_algorithm_runs(algorithm, x_shape, w_shape, padding, input_grad, expected):
+    x = torch.randn(x_shape, requires_grad=input_grad)
     w = torch.randn(w_shape, requires_grad=True)
     b = torch.randn(w_shape[0], requires_grad=True)
-
-    def step():
-        out = fusedtie.tied_conv2d(x, w, b, "square", padding=padding)
-        torch.autograd.grad(out.sum(), [x, w, b])
-    return step
-
-
-@pytest.mark.parametrize("algorithm,x_shape,w_shape,padding,expect_gemm", [
-    ("gemm", (2, 8, 30, 30), (8, 8, 3, 3), 1, True),
-    ("library", (1, 64, 7, 7), (64, 64, 1, 1), 0, False),
-    # auto: batch 1 with a 1x1 kernel or at most 16x16 outputs runs the GEMM, the rest the library
-    ("auto", (1, 64, 7, 7), (64, 64, 1, 1), 0, True),
-    ("auto", (1, 64, 14, 14), (64, 64, 3, 3), 1, True),
-    ("auto", (1, 16, 40, 40), (16, 16, 3, 3), 1, False),
-    ("auto", (2, 64, 7, 7), (64, 64, 1, 1), 0, False),
-])
-def test_which_algorithm_runs(algorithm, x_shape, w_shape, padding, expect_gemm):
     with fusedtie.use_cpu_conv_algorithm(algorithm):
-        names = ops_run(train_step(x_shape, w_shape, padding))
-    # The GEMM path calls BLAS (mm/addmm) itself; the library path goes through at::convolution.
-    ran_gemm = bool({"aten::mm", "aten::addmm"} & names)
-    ran_library = {"aten::convolution", "aten::convolution_backward"} & names
-    conv_ops = sorted(n for n in names if "conv" in n)
-    if expect_gemm:
-        assert ran_gemm and not ran_library, conv_ops
-    else:
-        assert ran_library == {"aten::convolution", "aten::convolution_backward"}, conv_ops
+        forward_ops, out = ops_run(lambda: fusedtie.tied_conv2d(x, w, b, "square", padding=padding))
+        inputs = [x, w, b] if input_grad else [w, b]
+        backward_ops, _ = ops_run(lambda: torch.autograd.grad(out.sum(), inputs))
+    assert (algorithm_used(forward_ops), algorithm_used(backward_ops)) == expected

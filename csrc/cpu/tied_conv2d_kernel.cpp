@@ -141,18 +141,22 @@ bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedC
          weight.numel() > 0 && input.is_contiguous() && weight.is_contiguous();
 }
 
-// auto's rule, from the CPU benchmark (Ice Lake Xeon, 2 threads, float32; README, Performance): at
-// batch 1 the GEMM path was faster than oneDNN on every 1x1 conv (forward 0.62-0.74x, backward
-// 0.64-0.99x) and on 3x3 convs with at most 14x14 outputs (0.37-0.87x), and slower on 3x3 convs
-// with large outputs (the seed's 300x300: 5x). At batch 8 the results were mixed, so batches above
-// 1 stay with the library.
-bool choose_gemm(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
+// auto's rule, measured on the benchmark's ResNet-50 shapes (Ice Lake Xeon, 2 threads, float32,
+// identity transform, GEMM time / library time; README, Performance):
+//   batch 1, forward and full backward: every 1x1 conv 0.52-0.84; 3x3 convs with 7x7 and 14x14
+//     outputs 0.54-0.91; 3x3 convs with 28x28 and 56x56 outputs 1.11-1.53 (the seed's 300x300: 5x).
+//   batch 8, weight-and-bias-only backward: the same split (0.70-0.94 against 1.39-1.66); forward
+//     and input gradient are one small GEMM per image there and lost on the 7x7 shapes (1.1-1.6).
+// Larger batches were not measured and stay with the library.
+bool choose_gemm(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p,
+                 bool weight_gradient_only) {
   switch (g_conv_algorithm.load(std::memory_order_relaxed)) {
     case CpuConvAlgorithm::kLibrary: return false;
     case CpuConvAlgorithm::kGemm: return gemm_applies(input, weight, p);
     case CpuConvAlgorithm::kAuto: break;
   }
-  if (!gemm_applies(input, weight, p) || input.size(0) != 1) return false;
+  const int64_t max_batch = weight_gradient_only ? 8 : 1;
+  if (!gemm_applies(input, weight, p) || input.size(0) > max_batch) return false;
   const bool one_by_one = weight.size(2) == 1 && weight.size(3) == 1;
   const auto out = p.output_size(input, weight);
   return one_by_one || out[2] * out[3] <= 256;
@@ -183,7 +187,7 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   }
   const auto sym = p.symmetric_part();
   const at::Tensor conv_input = pad_asymmetric_remainder(input, p);
-  if (choose_gemm(input, weight, p)) {
+  if (choose_gemm(input, weight, p, /*weight_gradient_only=*/false)) {
     return gemm_conv2d_forward(conv_input, derived_weight, derived_bias, p.stride, sym, p.dilation);
   }
   return at::convolution(conv_input, derived_weight, derived_bias, p.stride, sym, p.dilation,
@@ -211,7 +215,7 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
   const auto sym = p.symmetric_part();
   std::vector<int64_t> bias_sizes{weight.size(0)};
   auto [grad_input, grad_weight, grad_bias] =
-      choose_gemm(input, weight, p)
+      choose_gemm(input, weight, p, /*weight_gradient_only=*/!output_mask[0])
           ? gemm_conv2d_backward(grad_output, conv_input, weight_for_conv, p.stride, sym, p.dilation,
                                  output_mask)
           : at::convolution_backward(grad_output, conv_input, weight_for_conv,
