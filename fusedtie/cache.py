@@ -84,7 +84,10 @@ def cached(*modules: nn.Module) -> Iterator[None]:
 
 
 def _in_scope(layer: nn.Module) -> bool:
-    return any(layers is None or layer in layers for layers in _scopes)
+    for layers in _scopes:
+        if layers is None or layer in layers:
+            return True
+    return False
 
 
 def is_caching() -> bool:
@@ -141,13 +144,13 @@ def lookup(
         return None
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return None
-    if not _cacheable(weight) or (bias is not None and not _cacheable(bias)):
-        return None
     entry = _entries.get(layer)
     if (entry is not None and entry.weight_stamp.matches(weight)
             and (entry.bias_stamp is None if bias is None
                  else entry.bias_stamp is not None and entry.bias_stamp.matches(bias))):
-        return entry.weight, entry.bias
+        return entry.weight, entry.bias  # a stamp matches only tensors that passed _cacheable
+    if not _cacheable(weight) or (bias is not None and not _cacheable(bias)):
+        return None
     with torch.no_grad():
         derived_weight, derived_bias = derive(weight, bias)
     _entries[layer] = _Entry(_Stamp(weight), None if bias is None else _Stamp(bias),
