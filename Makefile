@@ -1,6 +1,6 @@
 # Every target does its own set-up in .venv, so `make test` and `make bench` work on a fresh clone.
 #   make test        build the extension (incrementally, ninja) and run the whole pytest suite
-#   make bench       the same set-up, then the benchmark (quick run)
+#   make bench       the same set-up, then the benchmark (quick run; table on stdout, JSON and PNG in bench-results/)
 #   make cmake-test  the Python-free CMake build of the operator library and its C++ test (ctest)
 #   make build       only (re)build fusedtie/_C in place
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -33,7 +33,7 @@ test: $(VENV)/.built
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.built
-	$(PY) benchmarks/bench.py --quick --json bench-results/quick.json
+	$(PY) benchmarks/bench.py --quick --json bench-results/quick.json --plot bench-results/quick.png
 
 cmake-test: $(VENV)/.deps
 	@start=$$(date +%s); \

@@ -63,7 +63,7 @@ Shapes (float32 on CPU; float32 and bfloat16 on CUDA, see --dtype):
   --transforms, --contenders, --modes (comma-separated); plain is always run.
 
 --cpu-algorithm auto|library|gemm (default auto): fusedtie's CPU path chooses per shape between
-at::convolution (oneDNN, "library") and ATen's im2col + BLAS GEMM (_slow_conv2d, "gemm"); the run
+at::convolution (oneDNN, "library") and its own im2col + BLAS GEMM (csrc/cpu/gemm_conv2d.cpp, "gemm"); the run
 is wrapped in fusedtie.use_cpu_conv_algorithm(choice), which forces one for fusedtie's operator
 (process-wide) and changes no other contender: plain, forum, parametrize and compile run
 nn.Conv2d / F.conv2d, i.e. oneDNN. So on shapes where auto picks the GEMM, the fusedtie/plain ratio

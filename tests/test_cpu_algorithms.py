@@ -20,6 +20,9 @@ GEOMETRIES = [  # (kernel, batch, stride, padding, hw)
     ((5, 4), 1, 1, "same", (9, 8)),  # asymmetric padding: padded explicitly, then the GEMM
     ((3, 1), 1, (2, 1), (0, 2), (6, 5)),
     ((3, 3), 0, 1, 1, (5, 5)),  # empty batch
+    ((1, 1), 3, 1, 0, (5, 4)),  # pointwise, batch in one GEMM (the images' columns side by side)
+    ((1, 1), 2, 1, 0, (33, 32)),  # pointwise, >= 1024 outputs: one GEMM per image, read in place
+    ((3, 3), 2, 1, 1, (32, 32)),  # im2col, >= 1024 outputs: one GEMM per image
 ]
 DILATED = [((3, 3), 2, 1, 2, (9, 8)), ((2, 3), 1, 2, 1, (9, 8))]  # dilation 2
 
@@ -91,15 +94,15 @@ def algorithm_used(names):
 @pytest.mark.parametrize("algorithm,x_shape,w_shape,padding,input_grad,expected", [
     ("gemm", (2, 8, 30, 30), (8, 8, 3, 3), 1, True, ("gemm", "gemm")),
     ("library", (1, 64, 7, 7), (64, 64, 1, 1), 0, True, ("library", "library")),
-    # auto: batch 1 with a 1x1 kernel or at most 16x16 outputs runs the GEMM, the rest the library
+    # auto, up to batch 8: pointwise convs, and others whose weight has >= 1000x more elements
+    # than batch * output positions, run the GEMM; the rest the library
     ("auto", (1, 64, 7, 7), (64, 64, 1, 1), 0, True, ("gemm", "gemm")),
-    ("auto", (1, 64, 14, 14), (64, 64, 3, 3), 1, True, ("gemm", "gemm")),
+    ("auto", (8, 64, 7, 7), (64, 64, 1, 1), 0, False, ("gemm", "gemm")),
+    ("auto", (9, 64, 7, 7), (64, 64, 1, 1), 0, True, ("library", "library")),
+    ("auto", (1, 128, 7, 7), (128, 128, 3, 3), 1, True, ("gemm", "gemm")),  # 147456 / 49
+    ("auto", (2, 128, 7, 7), (128, 128, 3, 3), 1, True, ("gemm", "gemm")),  # / 98
+    ("auto", (4, 128, 7, 7), (128, 128, 3, 3), 1, True, ("library", "library")),  # / 196 < 1000
     ("auto", (1, 16, 40, 40), (16, 16, 3, 3), 1, True, ("library", "library")),
-    ("auto", (2, 64, 7, 7), (64, 64, 1, 1), 0, True, ("library", "library")),
-    # ... and up to batch 8 for a backward that needs only the weight's and bias's gradients
-    ("auto", (4, 64, 7, 7), (64, 64, 1, 1), 0, False, ("library", "gemm")),
-    ("auto", (9, 64, 7, 7), (64, 64, 1, 1), 0, False, ("library", "library")),
-    ("auto", (4, 16, 40, 40), (16, 16, 3, 3), 1, False, ("library", "library")),
 ])
 def test_which_algorithm_runs(algorithm, x_shape, w_shape, padding, input_grad, expected):
     x = torch.randn(x_shape, requires_grad=input_grad)

@@ -142,24 +142,30 @@ bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedC
 }
 
 // auto's rule, measured on the benchmark's ResNet-50 shapes (Ice Lake Xeon, 2 threads, float32,
-// identity transform, GEMM time / library time; README, Performance):
-//   batch 1, forward and full backward: every 1x1 conv 0.52-0.84; 3x3 convs with 7x7 and 14x14
-//     outputs 0.54-0.91; 3x3 convs with 28x28 and 56x56 outputs 1.11-1.53 (the seed's 300x300: 5x).
-//   batch 8, weight-and-bias-only backward: the same split (0.70-0.94 against 1.39-1.66); forward
-//     and input gradient are one small GEMM per image there and lost on the 7x7 shapes (1.1-1.6).
-// Larger batches were not measured and stay with the library.
-bool choose_gemm(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p,
-                 bool weight_gradient_only) {
+// identity transform; GEMM time / library time for forward, weight-only backward, full backward;
+// README, Performance):
+// - pointwise (1x1, stride 1, no padding) at batch 1: 0.60-0.84 / 0.32-0.67 / 0.52-0.66 on all
+//   four stages; at batch 8: 0.71-0.99 / 0.70-0.96 / 0.82-1.06.
+// - im2col convolutions: the GEMM wins where the weight is large next to the GEMM's other side,
+//   weight elements / (batch * output positions) >= 1000: batch 1 on 7x7 and 14x14 outputs (ratio
+//   48000 and 3000: 0.87-0.91 / 0.54-0.83 / 0.76-0.78), batch 8 on 7x7 (6000: 0.88 / 0.67 / 0.75);
+//   it loses below (batch 8 on 14x14, ratio 376: 1.09 / 0.96 / 1.18; batch 1 on 28x28, ratio 188:
+//   1.21 / 1.14 / 1.11; the seed's 300x300 by 5x).
+// Batches above 8 were not measured and stay with the library.
+bool choose_gemm(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
   switch (g_conv_algorithm.load(std::memory_order_relaxed)) {
     case CpuConvAlgorithm::kLibrary: return false;
     case CpuConvAlgorithm::kGemm: return gemm_applies(input, weight, p);
     case CpuConvAlgorithm::kAuto: break;
   }
-  const int64_t max_batch = weight_gradient_only ? 8 : 1;
-  if (!gemm_applies(input, weight, p) || input.size(0) > max_batch) return false;
-  const bool one_by_one = weight.size(2) == 1 && weight.size(3) == 1;
+  const int64_t batch = input.size(0);
+  if (!gemm_applies(input, weight, p) || batch > 8) return false;
+  const bool pointwise = weight.size(2) == 1 && weight.size(3) == 1 && p.stride[0] == 1 &&
+                         p.stride[1] == 1 && p.symmetric_padding() && p.padding[0] == 0 &&
+                         p.padding[2] == 0;
+  if (pointwise) return true;
   const auto out = p.output_size(input, weight);
-  return one_by_one || out[2] * out[3] <= 256;
+  return weight.numel() >= 1000 * batch * out[2] * out[3];
 }
 
 // The input as at::convolution sees it: padded explicitly only by the part of an asymmetric padding
@@ -187,7 +193,7 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   }
   const auto sym = p.symmetric_part();
   const at::Tensor conv_input = pad_asymmetric_remainder(input, p);
-  if (choose_gemm(input, weight, p, /*weight_gradient_only=*/false)) {
+  if (choose_gemm(input, weight, p)) {
     return gemm_conv2d_forward(conv_input, derived_weight, derived_bias, p.stride, sym, p.dilation);
   }
   return at::convolution(conv_input, derived_weight, derived_bias, p.stride, sym, p.dilation,
@@ -215,7 +221,7 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
   const auto sym = p.symmetric_part();
   std::vector<int64_t> bias_sizes{weight.size(0)};
   auto [grad_input, grad_weight, grad_bias] =
-      choose_gemm(input, weight, p, /*weight_gradient_only=*/!output_mask[0])
+      choose_gemm(input, weight, p)
           ? gemm_conv2d_backward(grad_output, conv_input, weight_for_conv, p.stride, sym, p.dilation,
                                  output_mask)
           : at::convolution_backward(grad_output, conv_input, weight_for_conv,
