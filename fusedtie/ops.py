@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._library import LIB
 from .transforms import Transform, check_transform_name
 
 TransformLike = Union[str, Transform]
@@ -112,12 +113,13 @@ _tied_conv2d_op = torch.ops.fusedtie.tied_conv2d.default
 _has_torch_function = torch._C._has_torch_function
 
 
+_tied_conv2d_eager = LIB.tied_conv2d_eager
+
+
 def _call_tied_conv2d(input, weight, bias, op_args):
     if torch.compiler.is_compiling() or _has_torch_function((input, weight, bias)):
         return _tied_conv2d_op(input, weight, bias, *op_args)
-    from ._library import LIB
-
-    return LIB.tied_conv2d_eager(input, weight, bias, *op_args)
+    return _tied_conv2d_eager(input, weight, bias, *op_args)
 
 
 def run_tied_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], op_args: tuple) -> Tensor:
@@ -152,8 +154,6 @@ def use_cpu_conv_algorithm(name: str) -> Iterator[None]:
     dilation, float32/float64 NCHW; elsewhere the library runs). All compute the same convolution;
     this is a knob for benchmarks and tests. See the README's Performance section.
     """
-    from ._library import LIB
-
     previous = LIB.set_cpu_conv_algorithm(name)
     try:
         yield
