@@ -16,6 +16,8 @@
 #include <tuple>
 #include <vector>
 
+#include "op_calls.h"
+
 namespace fusedtie {
 namespace {
 
@@ -54,13 +56,8 @@ struct ConvArgs {
 
 at::Tensor tied_conv2d_op(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
                           const ConvArgs& a) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fusedtie::tied_conv2d", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-                                         c10::string_view, double, c10::string_view, double,
-                                         at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t)>();
-  return op.call(input, weight, bias, a.transform, a.alpha, a.bias_transform, a.bias_alpha, a.stride,
-                 a.padding, a.dilation, a.groups);
+  return call_tied_conv2d(input, weight, bias, a.transform, a.alpha, a.bias_transform, a.bias_alpha,
+                          a.stride, a.padding, a.dilation, a.groups);
 }
 
 GradTriple tied_conv2d_backward_op(const at::Tensor& grad_output, const at::Tensor& input,
@@ -92,6 +89,17 @@ at::Tensor transform_backward_op(const at::Tensor& grad, const at::Tensor& sourc
 }
 
 Variable or_undefined(const OptionalTensor& t) { return t.has_value() ? *t : Variable(); }
+
+bool requires_grad(const at::Tensor& t) { return t.requires_grad(); }
+bool requires_grad(const OptionalTensor& t) { return t.has_value() && t->requires_grad(); }
+
+// Whether a call with these tensor arguments records an autograd node. When it does not (inference,
+// or a backward pass without create_graph), the kernels below skip Function::apply altogether: it
+// allocates a node and a context and wraps the outputs even when nothing is recorded.
+template <typename... Tensors>
+bool records_graph(const Tensors&... tensors) {
+  return torch::autograd::GradMode::is_enabled() && (requires_grad(tensors) || ...);
+}
 
 class TiedConv2dFunction : public torch::autograd::Function<TiedConv2dFunction> {
  public:
@@ -187,10 +195,7 @@ at::Tensor tied_conv2d_autograd(const at::Tensor& input, const at::Tensor& weigh
                                 at::IntArrayRef dilation, int64_t groups) {
   const ConvArgs args =
       make_args(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups);
-  const bool records_graph = torch::autograd::GradMode::is_enabled() &&
-                             (input.requires_grad() || weight.requires_grad() ||
-                              (bias.has_value() && bias->requires_grad()));
-  if (!records_graph) {  // inference: skip the autograd node, its context and the saved tensors
+  if (!records_graph(input, weight, bias)) {  // inference: no node, no context, no saved tensors
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return tied_conv2d_op(input, weight, bias, args);
   }
@@ -204,13 +209,9 @@ GradTriple tied_conv2d_backward_autograd(const at::Tensor& grad_output, const at
                                          at::IntArrayRef stride, at::IntArrayRef padding,
                                          at::IntArrayRef dilation, int64_t groups,
                                          std::array<bool, 3> output_mask) {
-  const bool records_graph = torch::autograd::GradMode::is_enabled() &&
-                             (grad_output.requires_grad() || input.requires_grad() ||
-                              weight.requires_grad() || (bias.has_value() && bias->requires_grad()));
-  if (!records_graph) {
-    // The usual case, a backward pass without create_graph: nothing to refuse later, so no
-    // autograd node (Function::apply allocates one and wraps the outputs even when nothing is
-    // recorded; that was measurable on the 0.3 ms depthwise convolutions of the benchmark).
+  if (!records_graph(grad_output, input, weight, bias)) {
+    // The usual case, a backward pass without create_graph: nothing to refuse later (the saved
+    // node was measurable on the 0.3 ms depthwise convolutions of the benchmark).
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return tied_conv2d_backward_op(
         grad_output, input, weight, bias,
@@ -235,8 +236,8 @@ at::Tensor transform_autograd(const at::Tensor& source, c10::string_view name, d
 
 at::Tensor transform_backward_autograd(const at::Tensor& grad, const at::Tensor& source,
                                        c10::string_view name, double alpha) {
-  if (!torch::autograd::GradMode::is_enabled() || !(grad.requires_grad() || source.requires_grad())) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // no node, as for tied_conv2d's backward
+  if (!records_graph(grad, source)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     return transform_backward_op(grad, source, name, alpha);
   }
   return TransformBackwardFunction::apply(grad, source, std::string(name), alpha);

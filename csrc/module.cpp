@@ -5,6 +5,7 @@
 
 #include "cpu/conv_algorithm.h"
 #include "cpu/transform_passes.h"
+#include "op_calls.h"
 #include "transforms.h"
 
 namespace {
@@ -32,15 +33,9 @@ at::Tensor tied_conv2d_eager(const at::Tensor& input, const at::Tensor& weight,
                              double alpha, c10::string_view bias_transform, double bias_alpha,
                              std::vector<int64_t> stride, std::vector<int64_t> padding,
                              std::vector<int64_t> dilation, int64_t groups) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fusedtie::tied_conv2d", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                               const std::optional<at::Tensor>&, c10::string_view,
-                                               double, c10::string_view, double, at::IntArrayRef,
-                                               at::IntArrayRef, at::IntArrayRef, int64_t)>();
   pybind11::gil_scoped_release no_gil;
-  return op.call(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding,
-                 dilation, groups);
+  return fusedtie::call_tied_conv2d(input, weight, bias, transform, alpha, bias_transform, bias_alpha,
+                                    stride, padding, dilation, groups);
 }
 
 }  // namespace

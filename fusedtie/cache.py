@@ -37,9 +37,9 @@ import torch
 from torch import Tensor, nn
 
 _lock = threading.Lock()
-_depth = 0
-# One entry per open scope: None for a scope over every layer, else the ids of the FusedTiedConv2d
-# layers it was opened for (weakly: a set of ids would outlive and alias deleted layers).
+# One entry per open scope, innermost last: None for a scope over every layer, else the modules it
+# was opened for and all their submodules (weakly: a set of ids would outlive and alias deleted
+# layers). A scope is open while this list is not empty.
 _scopes: list[Optional["weakref.WeakSet[nn.Module]"]] = []
 # layer -> _Entry; weak, so a layer dropped inside a scope takes its cached tensors with it.
 _entries: "weakref.WeakKeyDictionary[nn.Module, _Entry]" = weakref.WeakKeyDictionary()
@@ -62,7 +62,6 @@ def cached(*modules: nn.Module) -> Iterator[None]:
     See :mod:`fusedtie.cache` for exactly when a cached value is reused. Writes through ``.data``
     are invisible to PyTorch's version counters: make them outside the scope.
     """
-    global _depth
     for m in modules:
         if not isinstance(m, nn.Module):
             raise TypeError(f"fusedtie.cached() takes nn.Modules, got {type(m).__name__}")
@@ -70,16 +69,14 @@ def cached(*modules: nn.Module) -> Iterator[None]:
     if modules:
         layers = weakref.WeakSet(sub for m in modules for sub in m.modules())
     with _lock:
-        _depth += 1
         _scopes.append(layers)
     try:
         yield
     finally:
         with _lock:
-            _depth -= 1
             # by identity: two scopes over the same layers compare equal as sets
             del _scopes[max(i for i, scope in enumerate(_scopes) if scope is layers)]
-            if _depth == 0:
+            if not _scopes:
                 _entries.clear()
 
 
@@ -92,7 +89,7 @@ def _in_scope(layer: nn.Module) -> bool:
 
 def is_caching() -> bool:
     """Whether a ``cached()`` scope is open."""
-    return _depth > 0
+    return bool(_scopes)
 
 
 class _Stamp:
@@ -110,6 +107,15 @@ class _Stamp:
     def matches(self, t: Tensor) -> bool:
         return (self.ref() is t and self.data_ptr == t.data_ptr() and self.version == t._version
                 and self.dtype == t.dtype and self.device == t.device)
+
+
+def _stamp(t: Optional[Tensor]) -> Optional[_Stamp]:
+    return None if t is None else _Stamp(t)
+
+
+def _still(stamp: Optional[_Stamp], t: Optional[Tensor]) -> bool:
+    """Whether ``t`` is the tensor, in the state, that ``stamp`` recorded (None for None)."""
+    return stamp is None if t is None else stamp is not None and stamp.matches(t)
 
 
 class _Entry:
@@ -140,19 +146,16 @@ def lookup(
     None when the call must not use the cache: no open scope, a call that records a graph, tracing,
     or tensors the cache cannot identify. The caller then takes the ordinary path.
     """
-    if _depth == 0 or torch.compiler.is_compiling() or not _in_scope(layer):
+    if not _scopes or torch.compiler.is_compiling() or not _in_scope(layer):
         return None
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return None
     entry = _entries.get(layer)
-    if (entry is not None and entry.weight_stamp.matches(weight)
-            and (entry.bias_stamp is None if bias is None
-                 else entry.bias_stamp is not None and entry.bias_stamp.matches(bias))):
+    if entry is not None and _still(entry.weight_stamp, weight) and _still(entry.bias_stamp, bias):
         return entry.weight, entry.bias  # a stamp matches only tensors that passed _cacheable
     if not _cacheable(weight) or (bias is not None and not _cacheable(bias)):
         return None
     with torch.no_grad():
         derived_weight, derived_bias = derive(weight, bias)
-    _entries[layer] = _Entry(_Stamp(weight), None if bias is None else _Stamp(bias),
-                             derived_weight, derived_bias)
+    _entries[layer] = _Entry(_Stamp(weight), _stamp(bias), derived_weight, derived_bias)
     return derived_weight, derived_bias

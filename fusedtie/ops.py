@@ -111,8 +111,6 @@ def tied_conv2d(
 # Both run the same dispatcher entry (autograd, dispatch modes, the profiler all see the call).
 _tied_conv2d_op = torch.ops.fusedtie.tied_conv2d.default
 _has_torch_function = torch._C._has_torch_function
-
-
 _tied_conv2d_eager = LIB.tied_conv2d_eager
 
 
@@ -150,8 +148,8 @@ def use_cpu_conv_algorithm(name: str) -> Iterator[None]:
     """Run the CPU path's convolutions with ``name`` inside the block (process-wide), then restore.
 
     ``"auto"`` (the default) picks per shape; ``"library"`` is ``at::convolution`` (oneDNN);
-    ``"gemm"`` is ATen's im2col + BLAS GEMM (``_slow_conv2d``), where it applies (no groups, no
-    dilation, float32/float64 NCHW; elsewhere the library runs). All compute the same convolution;
+    ``"gemm"`` is fusedtie's im2col + BLAS GEMM (``csrc/cpu/gemm_conv2d.cpp``), where it applies
+    (groups 1, float32/float64, contiguous NCHW; elsewhere the library runs). All compute the same convolution;
     this is a knob for benchmarks and tests. See the README's Performance section.
     """
     previous = LIB.set_cpu_conv_algorithm(name)

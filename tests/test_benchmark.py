@@ -17,7 +17,7 @@ def test_quick_case_runs_and_reports(tmp_path):
            "--compile", "none", "--json", str(out)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| plain ms |" in result.stdout or "plain" in result.stdout
+    assert "| plain ms |" in result.stdout  # the ratio table was printed
     report = json.loads(out.read_text())
     assert report["environment"]["torch"]
     rows = {(r["mode"], r["contender"]) for r in report["results"]}

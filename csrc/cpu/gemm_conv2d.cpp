@@ -15,22 +15,20 @@ namespace {
 struct Geometry {
   int64_t channels, height, width, kernel_h, kernel_w, out_h, out_w;
   int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  bool pointwise;  // the image is already the column matrix
 
   Geometry(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
            at::IntArrayRef padding, at::IntArrayRef dilation)
       : channels(input.size(1)), height(input.size(2)), width(input.size(3)),
         kernel_h(weight.size(2)), kernel_w(weight.size(3)),
         stride_h(stride[0]), stride_w(stride[1]), pad_h(padding[0]), pad_w(padding[1]),
-        dilation_h(dilation[0]), dilation_w(dilation[1]) {
+        dilation_h(dilation[0]), dilation_w(dilation[1]),
+        pointwise(is_pointwise(kernel_h, kernel_w, stride, padding)) {
     out_h = (height + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) / stride_h + 1;
     out_w = (width + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) / stride_w + 1;
   }
   int64_t rows() const { return channels * kernel_h * kernel_w; }
   int64_t positions() const { return out_h * out_w; }
-  // The image is already the column matrix.
-  bool pointwise() const {
-    return kernel_h == 1 && kernel_w == 1 && stride_h == 1 && stride_w == 1 && pad_h == 0 && pad_w == 0;
-  }
 };
 
 // Row r = (c, ki, kj) of the column matrix holds input[c, y*sh - ph + ki*dh, x*sw - pw + kj*dw] for
@@ -96,13 +94,15 @@ bool batched(const at::Tensor& input, const Geometry& g) {
 }
 
 // Images [n0, n0 + count) as columns: [C*kh*kw, count*L], image n0 + i in columns [i*L, (i+1)*L).
-at::Tensor columns(const at::Tensor& input, int64_t n0, int64_t count, const Geometry& g) {
+// im2col writes into `cols`, allocated at the first call and reused by the next groups of images.
+at::Tensor columns(const at::Tensor& input, int64_t n0, int64_t count, const Geometry& g,
+                   at::Tensor& cols) {
   const int64_t L = g.positions();
-  if (g.pointwise()) {
+  if (g.pointwise) {
     const at::Tensor images = input.narrow(0, n0, count).view({count, g.channels, L});
     return count == 1 ? images[0] : images.permute({1, 0, 2}).reshape({g.channels, count * L});
   }
-  at::Tensor cols = at::empty({g.rows(), count * L}, input.options());
+  if (!cols.defined()) cols = at::empty({g.rows(), count * L}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fusedtie_im2col", [&] {
     for (int64_t i = 0; i < count; ++i) {
       im2col(input[n0 + i].const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>() + i * L,
@@ -130,8 +130,9 @@ at::Tensor gemm_conv2d_forward(const at::Tensor& input, const at::Tensor& weight
   // One GEMM for the whole batch, or one per image (each a group of one).
   const int64_t group = batched(input, g) ? batch : 1;
   at::Tensor out = at::empty({batch, out_channels, L}, input.options());
+  at::Tensor cols_buffer;
   for (int64_t n0 = 0; n0 < batch; n0 += group) {
-    const at::Tensor cols = columns(input, n0, group, g);
+    const at::Tensor cols = columns(input, n0, group, g, cols_buffer);
     at::Tensor result = group == 1 ? out[n0] : at::empty({out_channels, group * L}, input.options());
     if (bias.has_value()) {
       at::addmm_out(result, bias->view({out_channels, 1}), weight_matrix, cols);
@@ -160,9 +161,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_conv2d_backward(
     // d columns = W^T . grad, folded back onto the image (summing overlapping windows).
     const at::Tensor weight_t = weight.view({out_channels, g.rows()}).t();
     grad_input = at::empty_like(input);
+    at::Tensor grad_cols;  // [C*kh*kw, group*L], reused by every group
     for (int64_t n0 = 0; n0 < batch; n0 += group) {
-      const at::Tensor grad_cols = at::mm(weight_t, grad_columns(n0));  // [C*kh*kw, group*L]
-      if (g.pointwise()) {
+      if (g.pointwise && group == 1) {  // the image's gradient is the GEMM's result: write it there
+        at::Tensor target = grad_input[n0].view({g.channels, L});
+        at::mm_out(target, weight_t, grad_columns(n0));
+        continue;
+      }
+      if (!grad_cols.defined()) grad_cols = at::empty({g.rows(), group * L}, grad.options());
+      at::mm_out(grad_cols, weight_t, grad_columns(n0));
+      if (g.pointwise) {
         grad_input.narrow(0, n0, group).view({group, g.channels, L}).copy_(images_first(grad_cols, group, L));
         continue;
       }
@@ -177,8 +185,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_conv2d_backward(
   if (output_mask[1]) {
     // dW = sum over images of grad . columns^T: written by the first GEMM, accumulated after.
     grad_weight = at::empty({out_channels, g.rows()}, grad.options());
+    at::Tensor cols_buffer;
     for (int64_t n0 = 0; n0 < batch; n0 += group) {
-      const at::Tensor cols_t = columns(input, n0, group, g).t();
+      const at::Tensor cols_t = columns(input, n0, group, g, cols_buffer).t();
       if (n0 == 0) {
         at::mm_out(grad_weight, grad_columns(0), cols_t);
       } else {

@@ -6,11 +6,21 @@
 // (top = bottom, left = right), as at::convolution takes it.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <tuple>
 
 namespace fusedtie {
+
+// A 1x1 kernel with stride 1 and no padding (padding of any length: the operator's four sides or
+// at::convolution's two): the image is already the GEMM's column matrix, with no im2col.
+inline bool is_pointwise(int64_t kernel_h, int64_t kernel_w, at::IntArrayRef stride,
+                         at::IntArrayRef padding) {
+  return kernel_h == 1 && kernel_w == 1 &&
+         std::all_of(stride.begin(), stride.end(), [](int64_t s) { return s == 1; }) &&
+         std::all_of(padding.begin(), padding.end(), [](int64_t p) { return p == 0; });
+}
 
 at::Tensor gemm_conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,

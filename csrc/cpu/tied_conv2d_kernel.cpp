@@ -1,6 +1,7 @@
-// CPU implementation of the fusedtie operators: f(W) in one parallel vectorised pass, ATen's
-// convolution (oneDNN where available) for the convolution itself, and the chain rule
-// dL/dW_src = f'(W_src) * dL/dW as one parallel vectorised pass over the weight gradient.
+// CPU implementation of the fusedtie operators: f(W) in one parallel vectorised pass, the
+// convolution itself by ATen's at::convolution (oneDNN) or fusedtie's GEMM path (gemm_conv2d.h),
+// chosen per shape, and the chain rule dL/dW_src = f'(W_src) * dL/dW as one parallel vectorised
+// pass over the weight gradient.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -160,10 +161,7 @@ bool choose_gemm(const at::Tensor& input, const at::Tensor& weight, const TiedCo
   }
   const int64_t batch = input.size(0);
   if (!gemm_applies(input, weight, p) || batch > 8) return false;
-  const bool pointwise = weight.size(2) == 1 && weight.size(3) == 1 && p.stride[0] == 1 &&
-                         p.stride[1] == 1 && p.symmetric_padding() && p.padding[0] == 0 &&
-                         p.padding[2] == 0;
-  if (pointwise) return true;
+  if (is_pointwise(weight.size(2), weight.size(3), p.stride, p.padding)) return true;
   const auto out = p.output_size(input, weight);
   return weight.numel() >= 1000 * batch * out[2] * out[3];
 }
