@@ -62,12 +62,14 @@ Shapes (float32 on CPU; float32 and bfloat16 on CUDA, see --dtype):
   Filters: --shapes SUBSTRING (of a case's description, e.g. "b32", "conv5_x", "1x1 b8"),
   --transforms, --contenders, --modes (comma-separated); plain is always run.
 
---cpu-algorithm auto|library|gemm (default auto): fusedtie's CPU path chooses per shape between
-at::convolution (oneDNN, "library") and its own im2col + BLAS GEMM (csrc/cpu/gemm_conv2d.cpp, "gemm"); the run
+--cpu-algorithm auto|library|gemm|depthwise (default auto): fusedtie's CPU path chooses per shape
+between at::convolution (oneDNN, "library"), its own im2col + BLAS GEMM (csrc/cpu/gemm_conv2d.cpp,
+"gemm") and its own depthwise kernel with f fused in (csrc/cpu/depthwise_conv2d.cpp, "depthwise"); the run
 is wrapped in fusedtie.use_cpu_conv_algorithm(choice), which forces one for fusedtie's operator
 (process-wide) and changes no other contender: plain, forum, parametrize and compile run
 nn.Conv2d / F.conv2d, i.e. oneDNN. So on shapes where auto picks the GEMM, the fusedtie/plain ratio
-mixes the tie's cost with a convolution algorithm that is faster there than plain's; a run with
+mixes the tie's cost with a convolution algorithm that is faster there than plain's (the same for
+the depthwise kernel); a run with
 --cpu-algorithm library measures the tie's own cost, on the same algorithm as plain. The choice is
 in the table's header line and the JSON settings ("cpu_algorithm"). It has no effect on CUDA.
 
@@ -109,7 +111,7 @@ Progress, with an ETA, goes to stderr.
 Usage (from the repository root; `make bench` runs the quick set):
   python benchmarks/bench.py [--quick | --full] [--threads N] [--device cpu|cuda] [--json PATH]
       [--plot PNG] [--shapes SUBSTRING] [--contenders a,b] [--compile all|some|none]
-      [--cpu-algorithm auto|library|gemm] ...
+      [--cpu-algorithm auto|library|gemm|depthwise] ...
 
 To extend: add a ShapeCase to full_shapes, a Contender to CONTENDERS, a Mode to MODES, or a
 transform to FORUM_TRANSFORMS (the reference f written with plain torch ops).
@@ -973,10 +975,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--compile", dest="compile_on", choices=("all", "some", "none"),
                         help="cases on which torch.compile runs (default: some for --quick, all "
                              f"for --full; some = {', '.join(COMPILE_SOME_SHAPES)})")
-    parser.add_argument("--cpu-algorithm", choices=("auto", "library", "gemm"), default="auto",
+    parser.add_argument("--cpu-algorithm", choices=("auto", "library", "gemm", "depthwise"), default="auto",
                         help="force fusedtie's CPU convolution algorithm (fusedtie."
                              "use_cpu_conv_algorithm): library = oneDNN, the one plain runs; "
-                             "gemm = im2col + BLAS; auto (default) = fusedtie's per-shape choice")
+                             "gemm = im2col + BLAS; depthwise = fusedtie's fused depthwise kernel; "
+                             "auto (default) = fusedtie's per-shape choice")
     parser.add_argument("--shapes", metavar="SUBSTRING",
                         help="only cases whose shape description contains this (e.g. b32, conv5_x)")
     parser.add_argument("--transforms", metavar="LIST", help=f"comma-separated, of {','.join(TRANSFORMS)}")

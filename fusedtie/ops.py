@@ -149,8 +149,11 @@ def use_cpu_conv_algorithm(name: str) -> Iterator[None]:
 
     ``"auto"`` (the default) picks per shape; ``"library"`` is ``at::convolution`` (oneDNN);
     ``"gemm"`` is fusedtie's im2col + BLAS GEMM (``csrc/cpu/gemm_conv2d.cpp``), where it applies
-    (groups 1, float32/float64, contiguous NCHW; elsewhere the library runs). All compute the same convolution;
-    this is a knob for benchmarks and tests. See the README's Performance section.
+    (groups 1, float32/float64, contiguous NCHW); ``"depthwise"`` is fusedtie's depthwise kernel with
+    f and f' fused into it (``csrc/cpu/depthwise_conv2d.cpp``), where it applies (groups ==
+    in_channels, float32/float64, contiguous NCHW). Where the forced one does not apply, the library
+    runs. All compute the same convolution; this is a knob for benchmarks and tests. See the
+    README's Performance section.
     """
     previous = LIB.set_cpu_conv_algorithm(name)
     try:

@@ -1,5 +1,6 @@
-"""Both CPU convolution algorithms (library = at::convolution, gemm = gemm_conv2d.cpp) against the
-float64 reference, forward and every gradient, and the rules for when each may run.
+"""The CPU convolution algorithms (library = at::convolution, gemm = gemm_conv2d.cpp, depthwise =
+depthwise_conv2d.cpp) against the float64 reference, forward and every gradient, and the rules for
+when each may run.
 
 The default ("auto") picks per shape, so the main grid exercises whichever auto picks; here each
 algorithm is forced over geometries it accepts and ones it must hand back to the library.
@@ -71,7 +72,8 @@ def test_setting_is_restored_and_validated():
     assert lib.cpu_conv_algorithm() == "auto"
     with fusedtie.use_cpu_conv_algorithm("gemm"):
         assert lib.cpu_conv_algorithm() == "gemm"
-        with pytest.raises(ValueError, match="unknown CPU convolution algorithm 'fast'.*auto, library, gemm"):
+        with pytest.raises(ValueError,
+                           match="unknown CPU convolution algorithm 'fast'.*auto, library, gemm, depthwise"):
             with fusedtie.use_cpu_conv_algorithm("fast"):
                 pass
         assert lib.cpu_conv_algorithm() == "gemm"
@@ -85,32 +87,116 @@ def ops_run(fn):
 
 
 def algorithm_used(names):
-    """"gemm" when BLAS was called directly, "library" when at::convolution(_backward) ran."""
+    """"gemm" when BLAS was called directly, "library" when at::convolution(_backward) ran, and
+    "depthwise" when neither did (the depthwise kernel calls no ATen convolution or GEMM)."""
     library = {"aten::convolution", "aten::convolution_backward"} & names
     gemm = {"aten::mm", "aten::addmm"} & names
-    assert bool(library) != bool(gemm), sorted(n for n in names if "conv" in n or "mm" in n)
-    return "gemm" if gemm else "library"
+    assert not (library and gemm), sorted(n for n in names if "conv" in n or "mm" in n)
+    return "gemm" if gemm else "library" if library else "depthwise"
 
 
-@pytest.mark.parametrize("algorithm,x_shape,w_shape,padding,input_grad,expected", [
-    ("gemm", (2, 8, 30, 30), (8, 8, 3, 3), 1, True, ("gemm", "gemm")),
-    ("library", (1, 64, 7, 7), (64, 64, 1, 1), 0, True, ("library", "library")),
+@pytest.mark.parametrize("algorithm,x_shape,w_shape,padding,stride,input_grad,expected", [
+    ("gemm", (2, 8, 30, 30), (8, 8, 3, 3), 1, 1, True, ("gemm", "gemm")),
+    ("library", (1, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, ("library", "library")),
     # auto, up to batch 8: pointwise convs, and others whose weight has >= 1000x more elements
     # than batch * output positions, run the GEMM; the rest the library
-    ("auto", (1, 64, 7, 7), (64, 64, 1, 1), 0, True, ("gemm", "gemm")),
-    ("auto", (8, 64, 7, 7), (64, 64, 1, 1), 0, False, ("gemm", "gemm")),
-    ("auto", (9, 64, 7, 7), (64, 64, 1, 1), 0, True, ("library", "library")),
-    ("auto", (1, 128, 7, 7), (128, 128, 3, 3), 1, True, ("gemm", "gemm")),  # 147456 / 49
-    ("auto", (2, 128, 7, 7), (128, 128, 3, 3), 1, True, ("gemm", "gemm")),  # / 98
-    ("auto", (4, 128, 7, 7), (128, 128, 3, 3), 1, True, ("library", "library")),  # / 196 < 1000
-    ("auto", (1, 16, 40, 40), (16, 16, 3, 3), 1, True, ("library", "library")),
+    ("auto", (1, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, ("gemm", "gemm")),
+    ("auto", (8, 64, 7, 7), (64, 64, 1, 1), 0, 1, False, ("gemm", "gemm")),
+    ("auto", (9, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, ("library", "library")),
+    ("auto", (1, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, ("gemm", "gemm")),  # 147456 / 49
+    ("auto", (2, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, ("gemm", "gemm")),  # / 98
+    ("auto", (4, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, ("library", "library")),  # / 196 < 1000
+    ("auto", (1, 16, 40, 40), (16, 16, 3, 3), 1, 1, True, ("library", "library")),
+    # depthwise convs: auto takes the fused depthwise kernel for stride 1 and >= 10x10 outputs
+    ("auto", (1, 32, 10, 10), (32, 1, 3, 3), 1, 1, True, ("depthwise", "depthwise")),
+    ("auto", (2, 16, 28, 28), (32, 1, 5, 5), 2, 1, False, ("depthwise", "depthwise")),  # multiplier 2
+    ("auto", (8, 32, 7, 7), (32, 1, 3, 3), 1, 1, True, ("library", "library")),  # 7x7 outputs
+    ("auto", (1, 32, 28, 28), (32, 1, 3, 3), 1, 2, True, ("library", "library")),  # stride 2
+    ("depthwise", (1, 32, 28, 28), (32, 1, 3, 3), 1, 2, True, ("depthwise", "depthwise")),
+    ("depthwise", (1, 8, 9, 9), (8, 4, 3, 3), 1, 1, True, ("library", "library")),  # groups 2
+    ("library", (1, 32, 10, 10), (32, 1, 3, 3), 1, 1, True, ("library", "library")),
 ])
-def test_which_algorithm_runs(algorithm, x_shape, w_shape, padding, input_grad, expected):
+def test_which_algorithm_runs(algorithm, x_shape, w_shape, padding, stride, input_grad, expected):
+    groups = x_shape[1] // w_shape[1]
     x = torch.randn(x_shape, requires_grad=input_grad)
     w = torch.randn(w_shape, requires_grad=True)
     b = torch.randn(w_shape[0], requires_grad=True)
     with fusedtie.use_cpu_conv_algorithm(algorithm):
-        forward_ops, out = ops_run(lambda: fusedtie.tied_conv2d(x, w, b, "square", padding=padding))
+        forward_ops, out = ops_run(lambda: fusedtie.tied_conv2d(x, w, b, "square", padding=padding,
+                                                                stride=stride, groups=groups))
         inputs = [x, w, b] if input_grad else [w, b]
         backward_ops, _ = ops_run(lambda: torch.autograd.grad(out.sum(), inputs))
     assert (algorithm_used(forward_ops), algorithm_used(backward_ops)) == expected
+
+
+# Depthwise geometries: (kernel, batch, in_channels, multiplier, stride, padding, dilation, hw).
+DEPTHWISE_GEOMETRIES = [
+    ((3, 3), 2, 4, 1, 1, 1, 1, (9, 8)),
+    ((3, 3), 1, 3, 2, 1, 1, 1, (7, 7)),  # two output channels per input channel
+    ((5, 5), 2, 2, 3, 1, "same", 1, (6, 9)),
+    ((7, 7), 1, 2, 1, 1, 3, 1, (8, 7)),
+    ((2, 3), 1, 3, 1, 1, "same", 1, (6, 5)),  # asymmetric padding
+    ((4, 4), 2, 2, 1, 1, 0, 1, (9, 9)),  # a tap count without an unrolled variant
+    ((3, 3), 2, 3, 1, 1, 2, 2, (9, 10)),  # dilation 2
+    ((1, 1), 2, 3, 1, 1, 0, 1, (4, 5)),
+    ((3, 3), 1, 2, 1, 1, 0, 1, (3, 3)),  # the kernel covers the whole input: 1x1 output
+    ((3, 3), 2, 3, 1, 2, 1, 1, (9, 8)),  # stride 2
+    ((3, 3), 1, 2, 2, (1, 2), (0, 1), 1, (7, 9)),  # strides differ by dimension
+    ((5, 3), 1, 2, 1, (2, 1), 2, (1, 2), (11, 9)),
+    ((3, 3), 0, 3, 1, 1, 1, 1, (5, 5)),  # empty batch: the library's
+]
+
+
+@pytest.mark.parametrize("geometry", DEPTHWISE_GEOMETRIES, ids=str)
+@pytest.mark.parametrize("transform,bias_mode", [("square", "identity"), ("tanh", "transform"),
+                                                 ("exp", "none"), ("abs", "identity")])
+def test_depthwise_kernel_matches_reference(geometry, transform, bias_mode):
+    kernel, batch, cin, multiplier, stride, padding, dilation, hw = geometry
+    with fusedtie.use_cpu_conv_algorithm("depthwise"):
+        run_case(transform, bias_mode, kernel, batch=batch, cin=cin, cout=cin * multiplier, hw=hw,
+                 stride=stride, padding=padding, dilation=dilation, groups=cin)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous", "unbatched"])
+def test_depthwise_kernel_hands_other_layouts_to_the_library(layout):
+    with fusedtie.use_cpu_conv_algorithm("depthwise"):
+        run_case("square", "identity", (3, 3), batch=2, cin=4, cout=4, padding=1, groups=4, layout=layout)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_kernel_matches_the_reference_in_float32(stride):
+    x = torch.randn(2, 32, 20, 20)
+    w = torch.randn(32, 1, 3, 3)
+    b = torch.randn(32)
+    ref, ref_grads = reference_conv2d(x, w, b, "tanh", stride=stride, padding=1, groups=32)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    with fusedtie.use_cpu_conv_algorithm("depthwise"):
+        out = fusedtie.tied_conv2d(x, w, b, "tanh", stride=stride, padding=1, groups=32)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn(ref.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (x, w, b), grad_out.float())
+    for got, want in zip(grads, ref_grads(grad_out)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_kernel_is_bitwise_independent_of_the_thread_count():
+    # Each sum runs in one task in a fixed order, so the thread count cannot change any bit.
+    x = torch.randn(3, 16, 15, 14, requires_grad=True)
+    w = torch.randn(32, 1, 3, 3, requires_grad=True)
+    b = torch.randn(32, requires_grad=True)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            with fusedtie.use_cpu_conv_algorithm("depthwise"):
+                out = fusedtie.tied_conv2d(x, w, b, "sigmoid", padding=1, groups=16)
+                grads = torch.autograd.grad(out, (x, w, b), torch.ones_like(out))
+            results.append((out, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for later in results[1:]:
+        for a, b_ in zip(results[0], later):
+            assert torch.equal(a, b_)

@@ -1,21 +1,25 @@
 #pragma once
-// Which convolution the CPU path runs on the derived weight f(W):
+// Which convolution the CPU path runs (on the derived weight f(W), or fused with f):
 //   library: at::convolution, which on x86 is oneDNN. For NCHW float tensors it re-packs the weight
 //            into its blocked layout on every call: one more pass over W.
 //   gemm:    gemm_conv2d.h: our im2col (skipped for pointwise convs) and BLAS GEMMs that read f(W)
 //            exactly as the transform pass wrote it, so the transform pass is the only pass over W.
 //            It wins where the weight is large next to the activations; groups 1, float32/float64,
 //            NCHW only (elsewhere the library runs).
-//   auto:    gemm where it measurably won on the benchmark's shapes (see choose_gemm in
-//            tied_conv2d_kernel.cpp and the README's Performance section), library elsewhere.
-// The setting is process-wide, for benchmarks and tests; both paths compute the same convolution.
+//   depthwise: depthwise_conv2d.h: a direct depthwise convolution (groups == in_channels) that
+//            applies f to each channel's weights as it loads them and f' to each channel's weight
+//            gradient before it writes it, so there is no separate pass over W at all; float32/
+//            float64, NCHW only (elsewhere the library runs).
+//   auto:    depthwise and gemm where they measurably won (gemm_wins and depthwise_wins in
+//            tied_conv2d_kernel.cpp; the README's Performance section), library elsewhere.
+// The setting is process-wide, for benchmarks and tests; every path computes the same convolution.
 #include <string>
 
 namespace fusedtie {
 
-enum class CpuConvAlgorithm : int { kAuto = 0, kLibrary = 1, kGemm = 2 };
+enum class CpuConvAlgorithm : int { kAuto = 0, kLibrary = 1, kGemm = 2, kDepthwise = 3 };
 
-// Takes "auto", "library" or "gemm" (ValueError otherwise); returns the previous setting's name.
+// Takes "auto", "library", "gemm" or "depthwise" (ValueError otherwise); returns the previous setting's name.
 std::string set_cpu_conv_algorithm(const std::string& name);
 std::string cpu_conv_algorithm();
 

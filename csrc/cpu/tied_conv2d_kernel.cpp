@@ -1,7 +1,8 @@
 // CPU implementation of the fusedtie operators: f(W) in one parallel vectorised pass, the
 // convolution itself by ATen's at::convolution (oneDNN) or fusedtie's GEMM path (gemm_conv2d.h),
 // chosen per shape, and the chain rule dL/dW_src = f'(W_src) * dL/dW as one parallel vectorised
-// pass over the weight gradient.
+// pass over the weight gradient. Depthwise convolutions may instead run the fused depthwise kernel
+// (depthwise_conv2d.h), which applies f and f' inside the convolution, with no pass over W.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,6 +13,7 @@
 
 #include "../conv_params.h"
 #include "conv_algorithm.h"
+#include "depthwise_conv2d.h"
 #include "gemm_conv2d.h"
 #include "transform_passes.h"
 
@@ -142,9 +144,9 @@ bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedC
          weight.numel() > 0 && input.is_contiguous() && weight.is_contiguous();
 }
 
-// auto's rule, measured on the benchmark's ResNet-50 shapes (Ice Lake Xeon, 2 threads, float32,
-// identity transform; GEMM time / library time for forward, weight-only backward, full backward;
-// README, Performance):
+// auto's rule for groups-1 convolutions, measured on the benchmark's ResNet-50 shapes (Ice Lake
+// Xeon, 2 threads, float32, identity transform; GEMM time / library time for forward, weight-only
+// backward, full backward; README, Performance):
 // - pointwise (1x1, stride 1, no padding) at batch 1: 0.60-0.84 / 0.32-0.67 / 0.52-0.66 on all
 //   four stages; at batch 8: 0.71-0.99 / 0.70-0.96 / 0.82-1.06.
 // - im2col convolutions: the GEMM wins where the weight is large next to the GEMM's other side,
@@ -153,17 +155,43 @@ bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedC
 //   it loses below (batch 8 on 14x14, ratio 376: 1.09 / 0.96 / 1.18; batch 1 on 28x28, ratio 188:
 //   1.21 / 1.14 / 1.11; the seed's 300x300 by 5x).
 // Batches above 8 were not measured and stay with the library.
-bool choose_gemm(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
-  switch (g_conv_algorithm.load(std::memory_order_relaxed)) {
-    case CpuConvAlgorithm::kLibrary: return false;
-    case CpuConvAlgorithm::kGemm: return gemm_applies(input, weight, p);
-    case CpuConvAlgorithm::kAuto: break;
-  }
+bool gemm_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
   const int64_t batch = input.size(0);
-  if (!gemm_applies(input, weight, p) || batch > 8) return false;
+  if (batch > 8) return false;
   if (is_pointwise(weight.size(2), weight.size(3), p.stride, p.padding)) return true;
   const auto out = p.output_size(input, weight);
   return weight.numel() >= 1000 * batch * out[2] * out[3];
+}
+
+// auto's rule for depthwise convolutions: the fused depthwise kernel for stride 1 and outputs of at
+// least 10x10, where it measured faster than oneDNN (3x3, float32, 2 threads, fusedtie/plain with
+// each kernel: 28x28 at batch 1 and 8 and 14x14 at batch 1: inference 0.66-0.90 against 1.16-1.17,
+// training step 0.85-0.88 against 1.06-1.13; 10x10: 0.80 / 1.11 against 1.18 / 1.13). It loses on
+// 7x7 outputs (1.65 / 1.79 against 1.12 / 1.15: per-plane overhead) and with stride 2 (1.05-1.84
+// against 1.00-1.22), which stay with the library.
+bool depthwise_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
+  const auto out = p.output_size(input, weight);
+  return p.stride[0] == 1 && p.stride[1] == 1 && out[2] * out[3] >= 100;
+}
+
+// The convolution this call runs: the forced setting where it applies, else auto's choice (never
+// kAuto).
+CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& weight,
+                                  const TiedConv2dParams& p) {
+  switch (g_conv_algorithm.load(std::memory_order_relaxed)) {
+    case CpuConvAlgorithm::kLibrary: return CpuConvAlgorithm::kLibrary;
+    case CpuConvAlgorithm::kGemm:
+      return gemm_applies(input, weight, p) ? CpuConvAlgorithm::kGemm : CpuConvAlgorithm::kLibrary;
+    case CpuConvAlgorithm::kDepthwise:
+      return depthwise_applies(input, weight, p) ? CpuConvAlgorithm::kDepthwise
+                                                 : CpuConvAlgorithm::kLibrary;
+    case CpuConvAlgorithm::kAuto: break;
+  }
+  if (depthwise_applies(input, weight, p) && depthwise_wins(input, weight, p)) {
+    return CpuConvAlgorithm::kDepthwise;
+  }
+  if (gemm_applies(input, weight, p) && gemm_wins(input, weight, p)) return CpuConvAlgorithm::kGemm;
+  return CpuConvAlgorithm::kLibrary;
 }
 
 // The input as at::convolution sees it: padded explicitly only by the part of an asymmetric padding
@@ -182,20 +210,32 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   const auto p = TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride,
                                                padding, dilation, groups);
   p.check(input, weight, bias);
-  const at::Tensor derived_weight = p.weight_transform.is_identity()
-                                        ? weight
-                                        : apply_transform_to_scratch(weight, p.weight_transform);
   std::optional<at::Tensor> derived_bias;
   if (bias.has_value()) {
     derived_bias = p.bias_transform.is_identity() ? *bias : apply_transform(*bias, p.bias_transform);
   }
+  const CpuConvAlgorithm algorithm = choose_algorithm(input, weight, p);
+  // The depthwise kernel applies f itself, as it loads each channel's weights.
+  if (algorithm == CpuConvAlgorithm::kDepthwise) {
+    return depthwise_conv2d_forward(input, weight, derived_bias, p);
+  }
+  const at::Tensor derived_weight = p.weight_transform.is_identity()
+                                        ? weight
+                                        : apply_transform_to_scratch(weight, p.weight_transform);
   const auto sym = p.symmetric_part();
   const at::Tensor conv_input = pad_asymmetric_remainder(input, p);
-  if (choose_gemm(input, weight, p)) {
+  if (algorithm == CpuConvAlgorithm::kGemm) {
     return gemm_conv2d_forward(conv_input, derived_weight, derived_bias, p.stride, sym, p.dilation);
   }
   return at::convolution(conv_input, derived_weight, derived_bias, p.stride, sym, p.dilation,
                          /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups);
+}
+
+// dL/db_src from dL/d g(b), a fresh tensor of the convolution's (so the chain rule runs in place).
+at::Tensor bias_chain_rule(const at::Tensor& grad_bias, const at::Tensor& bias, const TiedConv2dParams& p) {
+  return (p.bias_transform.is_identity() ? grad_bias
+                                         : apply_chain_rule_in_place(grad_bias, bias, p.bias_transform))
+      .contiguous();
 }
 
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
@@ -207,6 +247,18 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
   const auto p = TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride,
                                                padding, dilation, groups);
   p.check_backward(grad_output, input, weight, bias, output_mask);
+  const CpuConvAlgorithm algorithm = choose_algorithm(input, weight, p);
+  std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
+  if (algorithm == CpuConvAlgorithm::kDepthwise) {
+    // The depthwise kernel applies f to the weights it reads and the chain rule to the weight
+    // gradient it writes, and handles every padding itself.
+    auto [grad_input, grad_weight, grad_bias] =
+        depthwise_conv2d_backward(grad_output, input, weight, p, output_mask);
+    if (output_mask[0]) grad_input_out = grad_input;
+    if (output_mask[1]) grad_weight_out = grad_weight;
+    if (output_mask[2]) grad_bias_out = bias_chain_rule(grad_bias, *bias, p);
+    return {grad_input_out, grad_weight_out, grad_bias_out};
+  }
 
   // f(W) is recomputed rather than saved by the forward: one pass over W, no memory held between
   // forward and backward. It is needed only for the input gradient; the weight gradient reads W's
@@ -219,7 +271,7 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
   const auto sym = p.symmetric_part();
   std::vector<int64_t> bias_sizes{weight.size(0)};
   auto [grad_input, grad_weight, grad_bias] =
-      choose_gemm(input, weight, p)
+      algorithm == CpuConvAlgorithm::kGemm
           ? gemm_conv2d_backward(grad_output, conv_input, weight_for_conv, p.stride, sym, p.dilation,
                                  output_mask)
           : at::convolution_backward(grad_output, conv_input, weight_for_conv,
@@ -227,7 +279,6 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                                      p.stride, sym, p.dilation, /*transposed=*/false,
                                      /*output_padding=*/{0, 0}, p.groups, output_mask);
 
-  std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
   if (output_mask[0]) {
     if (!p.symmetric_padding()) {
       const auto extra = p.asymmetric_remainder();
@@ -246,12 +297,7 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                            : apply_chain_rule_in_place(grad_weight, weight, p.weight_transform))
                           .contiguous(weight.suggest_memory_format());
   }
-  if (output_mask[2]) {
-    grad_bias_out = (p.bias_transform.is_identity()
-                         ? grad_bias
-                         : apply_chain_rule_in_place(grad_bias, *bias, p.bias_transform))
-                        .contiguous();
-  }
+  if (output_mask[2]) grad_bias_out = bias_chain_rule(grad_bias, *bias, p);
   return {grad_input_out, grad_weight_out, grad_bias_out};
 }
 
@@ -265,9 +311,11 @@ std::string set_cpu_conv_algorithm(const std::string& name) {
     chosen = CpuConvAlgorithm::kLibrary;
   } else if (name == "gemm") {
     chosen = CpuConvAlgorithm::kGemm;
+  } else if (name == "depthwise") {
+    chosen = CpuConvAlgorithm::kDepthwise;
   } else {
     TORCH_CHECK_VALUE(false, "unknown CPU convolution algorithm '", name,
-                      "'; expected one of: auto, library, gemm");
+                      "'; expected one of: auto, library, gemm, depthwise");
   }
   const std::string previous = cpu_conv_algorithm();
   g_conv_algorithm.store(chosen);
@@ -278,6 +326,7 @@ std::string cpu_conv_algorithm() {
   switch (g_conv_algorithm.load()) {
     case CpuConvAlgorithm::kLibrary: return "library";
     case CpuConvAlgorithm::kGemm: return "gemm";
+    case CpuConvAlgorithm::kDepthwise: return "depthwise";
     case CpuConvAlgorithm::kAuto: break;
   }
   return "auto";
