@@ -5,6 +5,7 @@
 
 #include "cpu/conv_algorithm.h"
 #include "cpu/transform_passes.h"
+#include "cuda_settings.h"
 #include "op_calls.h"
 #include "transforms.h"
 
@@ -48,8 +49,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tied_conv2d_eager", &tied_conv2d_eager,
         "fusedtie::tied_conv2d through the dispatcher with the GIL released (eager calls only)");
   m.def("set_cpu_conv_algorithm", &fusedtie::set_cpu_conv_algorithm, pybind11::arg("name"),
-        "Set the CPU convolution algorithm (auto, library, gemm); returns the previous one");
+        "Set the CPU convolution algorithm (auto, library, gemm, depthwise); returns the previous one");
   m.def("cpu_conv_algorithm", &fusedtie::cpu_conv_algorithm, "The CPU convolution algorithm setting");
+  m.def("set_cuda_conv_algorithm", &fusedtie::set_cuda_conv_algorithm, pybind11::arg("name"),
+        "Set the CUDA convolution algorithm (auto, autotune, fused, library); returns the previous one");
+  m.def("cuda_conv_algorithm", &fusedtie::cuda_conv_algorithm, "The CUDA convolution algorithm setting");
+  m.def("clear_cuda_autotune_cache", &fusedtie::clear_autotune_cache,
+        "Forget every choice the CUDA autotune mode has made");
+  m.def("cuda_autotune_cache_size", &fusedtie::autotune_cache_size,
+        "How many (convolution, pass) choices the CUDA autotune mode has cached");
 #ifdef FUSEDTIE_WITH_CUDA
   m.attr("cuda_compiled") = true;
 #else

@@ -8,7 +8,7 @@ the transform inside the convolution and the chain rule inside its backward.
 from ._library import LIB as _LIB
 from .cache import cached
 from .nn import FusedTiedConv2d
-from .ops import apply_transform, tied_conv2d, use_cpu_conv_algorithm
+from .ops import apply_transform, tied_conv2d, use_cpu_conv_algorithm, use_cuda_conv_algorithm
 from .transforms import Transform, available_transforms, transform_table
 
 __version__ = "0.1.0"
@@ -24,4 +24,5 @@ __all__ = [
     "tied_conv2d",
     "transform_table",
     "use_cpu_conv_algorithm",
+    "use_cuda_conv_algorithm",
 ]

@@ -162,6 +162,25 @@ def use_cpu_conv_algorithm(name: str) -> Iterator[None]:
         LIB.set_cpu_conv_algorithm(previous)
 
 
+@contextlib.contextmanager
+def use_cuda_conv_algorithm(name: str) -> Iterator[None]:
+    """Run the CUDA path's convolutions with ``name`` inside the block (process-wide), then restore.
+
+    ``"auto"`` (the default) picks per shape by a heuristic; ``"autotune"`` times both choices once
+    per (device, shape, dtype, layout, transform) and keeps the faster for the process, like
+    ``torch.backends.cudnn.benchmark``; ``"fused"`` runs fusedtie's implicit-GEMM kernels, which
+    apply f while loading the weight tiles and f' in the weight gradient's epilogue, wherever they
+    support the call; ``"library"`` runs one elementwise kernel for f(W), then cuDNN
+    (``at::convolution``), then one for f'(W) * dL/dW. All compute the same convolution. In a build
+    without CUDA the setting is kept and has nothing to act on.
+    """
+    previous = LIB.set_cuda_conv_algorithm(name)
+    try:
+        yield
+    finally:
+        LIB.set_cuda_conv_algorithm(previous)
+
+
 # --- fake (meta) kernels --------------------------------------------------------------------------
 
 
