@@ -12,6 +12,7 @@
 #include <memory>
 
 #include "../conv_params.h"
+#include "../library_conv.h"
 #include "conv_algorithm.h"
 #include "depthwise_conv2d.h"
 #include "gemm_conv2d.h"
@@ -194,14 +195,6 @@ CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& wei
   return CpuConvAlgorithm::kLibrary;
 }
 
-// The input as at::convolution sees it: padded explicitly only by the part of an asymmetric padding
-// that at::convolution's symmetric padding cannot express.
-at::Tensor pad_asymmetric_remainder(const at::Tensor& input, const TiedConv2dParams& p) {
-  if (p.symmetric_padding()) return input;
-  const auto extra = p.asymmetric_remainder();
-  return at::constant_pad_nd(input, {extra[0], extra[1], extra[2], extra[3]}, 0);
-}
-
 at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, c10::string_view transform,
                            double alpha, c10::string_view bias_transform, double bias_alpha,
@@ -222,13 +215,11 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor derived_weight = p.weight_transform.is_identity()
                                         ? weight
                                         : apply_transform_to_scratch(weight, p.weight_transform);
-  const auto sym = p.symmetric_part();
-  const at::Tensor conv_input = pad_asymmetric_remainder(input, p);
   if (algorithm == CpuConvAlgorithm::kGemm) {
-    return gemm_conv2d_forward(conv_input, derived_weight, derived_bias, p.stride, sym, p.dilation);
+    return gemm_conv2d_forward(pad_asymmetric_remainder(input, p), derived_weight, derived_bias, p.stride,
+                               p.symmetric_part(), p.dilation);
   }
-  return at::convolution(conv_input, derived_weight, derived_bias, p.stride, sym, p.dilation,
-                         /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups);
+  return library_conv2d_forward(input, derived_weight, derived_bias, p);
 }
 
 // dL/db_src from dL/d g(b), a fresh tensor of the convolution's (so the chain rule runs in place).
@@ -267,28 +258,13 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
       (output_mask[0] && !p.weight_transform.is_identity())
           ? apply_transform_to_scratch(weight, p.weight_transform)
           : weight;
-  const at::Tensor conv_input = pad_asymmetric_remainder(input, p);
-  const auto sym = p.symmetric_part();
-  std::vector<int64_t> bias_sizes{weight.size(0)};
   auto [grad_input, grad_weight, grad_bias] =
       algorithm == CpuConvAlgorithm::kGemm
-          ? gemm_conv2d_backward(grad_output, conv_input, weight_for_conv, p.stride, sym, p.dilation,
-                                 output_mask)
-          : at::convolution_backward(grad_output, conv_input, weight_for_conv,
-                                     output_mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
-                                     p.stride, sym, p.dilation, /*transposed=*/false,
-                                     /*output_padding=*/{0, 0}, p.groups, output_mask);
-
+          ? gemm_conv2d_backward(grad_output, pad_asymmetric_remainder(input, p), weight_for_conv, p.stride,
+                                 p.symmetric_part(), p.dilation, output_mask)
+          : library_conv2d_backward(grad_output, input, weight_for_conv, p, output_mask);
   if (output_mask[0]) {
-    if (!p.symmetric_padding()) {
-      const auto extra = p.asymmetric_remainder();
-      // A fresh tensor, not a view into the padded gradient (an empty view would keep its offset).
-      grad_input = grad_input.narrow(2, extra[2], input.size(2))
-                       .narrow(3, extra[0], input.size(3))
-                       .clone(input.suggest_memory_format());
-    }
-    // Gradients take their tensor's suggested memory format (the fake kernel states the same rule).
-    grad_input_out = grad_input.contiguous(input.suggest_memory_format());
+    grad_input_out = algorithm == CpuConvAlgorithm::kGemm ? crop_input_gradient(grad_input, input, p) : grad_input;
   }
   if (output_mask[1]) {
     // grad_weight is a fresh tensor from convolution_backward, so the chain rule runs in place.

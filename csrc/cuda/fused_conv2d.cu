@@ -1,0 +1,124 @@
+// See fused_conv2d.h: the host side of the fused kernels (which kernel runs, layouts, geometry).
+#include "fused_conv2d.h"
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/native/ConvUtils.h>
+
+#include <climits>
+#include <cstdint>
+
+namespace fusedtie {
+namespace cuda {
+namespace {
+
+constexpr int64_t kMaxGridYZ = 65535;
+
+bool aligned_16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+
+// A channels-last, 16-byte aligned copy of t (t itself when it already is one).
+at::Tensor channels_last_aligned(const at::Tensor& t) {
+  at::Tensor out = t.contiguous(at::MemoryFormat::ChannelsLast);
+  return aligned_16(out) ? out : out.clone(at::MemoryFormat::ChannelsLast);
+}
+
+DeviceTransform device_transform(const TransformSpec& spec) { return {spec.kind, spec.alpha}; }
+
+}  // namespace
+
+ConvGeometry make_geometry(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p,
+                           at::IntArrayRef x_strides, at::IntArrayRef y_strides) {
+  const auto out = p.output_size(input, weight);
+  ConvGeometry g{};
+  g.batch = input.size(0);
+  g.in_channels = input.size(1);
+  g.in_h = input.size(2);
+  g.in_w = input.size(3);
+  g.out_channels = weight.size(0);
+  g.out_h = out[2];
+  g.out_w = out[3];
+  g.in_per_group = weight.size(1);
+  g.out_per_group = weight.size(0) / p.groups;
+  g.kernel_h = static_cast<int>(weight.size(2));
+  g.kernel_w = static_cast<int>(weight.size(3));
+  g.stride_h = static_cast<int>(p.stride[0]);
+  g.stride_w = static_cast<int>(p.stride[1]);
+  g.pad_top = static_cast<int>(p.padding[0]);
+  g.pad_left = static_cast<int>(p.padding[2]);
+  g.dilation_h = static_cast<int>(p.dilation[0]);
+  g.dilation_w = static_cast<int>(p.dilation[1]);
+  g.groups = static_cast<int>(p.groups);
+  for (int d = 0; d < 4; ++d) {
+    g.x_stride[d] = x_strides[d];
+    g.y_stride[d] = y_strides[d];
+    g.w_stride[d] = weight.stride(d);
+  }
+  return g;
+}
+
+bool fused_supports(const at::Tensor& input, const at::Tensor& weight) {
+  const auto dtype = input.scalar_type();
+  if (!(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16)) return false;
+  if (input.numel() == 0 || weight.numel() == 0) return false;
+  // The kernels keep geometry in 32-bit ints and groups (and channel tiles) in grid dimensions.
+  for (int d = 2; d < 4; ++d) {
+    if (weight.size(d) > INT_MAX / 4) return false;
+  }
+  const int64_t groups = input.size(1) / weight.size(1);
+  return groups <= kMaxGridYZ && weight.size(0) / groups <= 64 * kMaxGridYZ &&
+         input.size(1) <= 64 * kMaxGridYZ;
+}
+
+bool mma_supports(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p, bool input_grad) {
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;  // mma.sync bf16 and cp.async: sm_80
+  const auto dtype = input.scalar_type();
+  int64_t vector = 0;  // elements per 16-byte load
+  if (dtype == at::kHalf || dtype == at::kBFloat16) {
+    vector = 8;
+  } else if (dtype == at::kFloat && at::globalContext().allowTF32CuDNN()) {
+    vector = 4;  // TF32 only where cuDNN itself would use it
+  } else {
+    return false;
+  }
+  if (input_grad && (p.stride[0] != 1 || p.stride[1] != 1)) return false;
+  const int64_t gathered = input_grad ? weight.size(0) / p.groups : weight.size(1);
+  return gathered % vector == 0;
+}
+
+at::Tensor fused_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const TiedConv2dParams& p) {
+  const auto out_size = p.output_size(input, weight);
+  at::Tensor out = at::empty(out_size, input.options().memory_format(
+                                           at::native::cudnn_conv_suggest_memory_format(input, weight)));
+  std::optional<at::Tensor> bias_values;
+  if (bias.has_value()) bias_values = bias->contiguous();
+  const DeviceTransform wt = device_transform(p.weight_transform), bt = device_transform(p.bias_transform);
+  if (mma_supports(input, weight, p, /*input_grad=*/false)) {
+    const at::Tensor src = channels_last_aligned(input);
+    launch_mma_conv(src, weight, bias_values, out, make_geometry(input, weight, p, src.strides(), out.strides()), wt,
+                    bt, /*input_grad=*/false);
+  } else {
+    launch_simt_conv(input, weight, bias_values, out, make_geometry(input, weight, p, input.strides(), out.strides()),
+                     wt, bt, /*input_grad=*/false);
+  }
+  return out;
+}
+
+at::Tensor fused_input_grad(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                            const TiedConv2dParams& p) {
+  at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(input.suggest_memory_format()));
+  const DeviceTransform wt = device_transform(p.weight_transform);
+  if (mma_supports(input, weight, p, /*input_grad=*/true)) {
+    const at::Tensor src = channels_last_aligned(grad_output);
+    launch_mma_conv(src, weight, std::nullopt, grad_input,
+                    make_geometry(input, weight, p, grad_input.strides(), src.strides()), wt, wt, /*input_grad=*/true);
+  } else {
+    launch_simt_conv(grad_output, weight, std::nullopt, grad_input,
+                     make_geometry(input, weight, p, grad_input.strides(), grad_output.strides()), wt, wt,
+                     /*input_grad=*/true);
+  }
+  return grad_input;
+}
+
+}  // namespace cuda
+}  // namespace fusedtie

@@ -1,0 +1,66 @@
+#pragma once
+// fusedtie's fused convolution kernels on CUDA: implicit GEMMs that read the source weight and apply
+// f to each weight element as it is loaded into shared memory (f(W) never exists in global memory),
+// and whose weight-gradient epilogue multiplies by f'(W_src) before writing dL/dW_src.
+//   forward:          out = conv(x, f(W)) + g(b), g applied in the epilogue;
+//   input gradient:   dx = conv^T(dy, f(W)), the same kernel gathering dy instead of x;
+//   weight gradient:  dW_src = f'(W) * (dy (x) x), split over N*OH*OW into partial sums reduced in a
+//                     fixed order (no atomics: bitwise repeatable, so deterministic mode needs no
+//                     other path); the bias gradient by a fixed-order reduction per channel.
+// Two implementations: tensor cores (mma.sync; fused_conv2d_mma.cu) for float16/bfloat16, and for
+// float32 when TF32 is allowed, where the layout and channel counts allow 16-byte loads; and a CUDA-core
+// kernel (fused_conv2d_simt.cu) for every other case, float64 and exact float32 included.
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../conv_params.h"
+
+namespace fusedtie {
+namespace cuda {
+
+// Everything a kernel needs of one call, in elements. The strides of x, y (the output, or dy) and w
+// are the tensors' own, so any layout is read and written in place.
+struct ConvGeometry {
+  int64_t batch, in_channels, in_h, in_w, out_channels, out_h, out_w;
+  int64_t in_per_group, out_per_group;
+  int kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w, groups;
+  int64_t x_stride[4], y_stride[4], w_stride[4];
+};
+
+struct DeviceTransform {
+  TransformKind kind;
+  double alpha;
+};
+
+// The geometry of conv(input, weight) under p, reading/writing x (input-shaped) and y
+// (output-shaped) through the given strides.
+ConvGeometry make_geometry(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p,
+                           at::IntArrayRef x_strides, at::IntArrayRef y_strides);
+
+// The fused kernels handle every call the operator accepts on CUDA tensors except empty ones.
+bool fused_supports(const at::Tensor& input, const at::Tensor& weight);
+
+// Whether the tensor-core kernels run this call's forward / input gradient (else the CUDA-core one).
+bool mma_supports(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p, bool input_grad);
+
+at::Tensor fused_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const TiedConv2dParams& p);
+at::Tensor fused_input_grad(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                            const TiedConv2dParams& p);
+// (dL/dW_src with the chain rule applied, dL/d g(b) without it); each undefined when not asked for.
+std::tuple<at::Tensor, at::Tensor> fused_weight_and_bias_grad(const at::Tensor& grad_output, const at::Tensor& input,
+                                                              const at::Tensor& weight, const TiedConv2dParams& p,
+                                                              bool weight_grad, bool bias_grad);
+
+// The CUDA-core and tensor-core launchers behind fused_forward / fused_input_grad (internal).
+void launch_simt_conv(const at::Tensor& src, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const at::Tensor& dst, const ConvGeometry& g, DeviceTransform weight_transform,
+                      DeviceTransform bias_transform, bool input_grad);
+void launch_mma_conv(const at::Tensor& src, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     const at::Tensor& dst, const ConvGeometry& g, DeviceTransform weight_transform,
+                     DeviceTransform bias_transform, bool input_grad);
+
+}  // namespace cuda
+}  // namespace fusedtie
