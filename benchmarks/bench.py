@@ -73,6 +73,12 @@ the depthwise kernel); a run with
 --cpu-algorithm library measures the tie's own cost, on the same algorithm as plain. The choice is
 in the table's header line and the JSON settings ("cpu_algorithm"). It has no effect on CUDA.
 
+--cuda-algorithm auto|autotune|fused|library (default auto): the same for the CUDA path
+(fusedtie.use_cuda_conv_algorithm): fused = fusedtie's kernels that apply f on weight-tile load and
+f' in the weight-gradient epilogue, library = one transform kernel + cuDNN + one chain-rule kernel,
+autotune = both timed once per shape, auto = fusedtie's heuristic. In the JSON settings
+("cuda_algorithm"). It has no effect on the CPU.
+
 Method: per case: build every contender on one source conv; open the scopes and check
 fusedtie+cache's (above); the first call of each contender (timed: for compile, the compilation); a
 correctness guard; warm-up; then many repetitions in which every contender runs once, round-robin,
@@ -111,7 +117,7 @@ Progress, with an ETA, goes to stderr.
 Usage (from the repository root; `make bench` runs the quick set):
   python benchmarks/bench.py [--quick | --full] [--threads N] [--device cpu|cuda] [--json PATH]
       [--plot PNG] [--shapes SUBSTRING] [--contenders a,b] [--compile all|some|none]
-      [--cpu-algorithm auto|library|gemm|depthwise] ...
+      [--cpu-algorithm auto|library|gemm|depthwise] [--cuda-algorithm auto|autotune|fused|library] ...
 
 To extend: add a ShapeCase to full_shapes, a Contender to CONTENDERS, a Mode to MODES, or a
 transform to FORUM_TRANSFORMS (the reference f written with plain torch ops).
@@ -980,6 +986,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "use_cpu_conv_algorithm): library = oneDNN, the one plain runs; "
                              "gemm = im2col + BLAS; depthwise = fusedtie's fused depthwise kernel; "
                              "auto (default) = fusedtie's per-shape choice")
+    parser.add_argument("--cuda-algorithm", choices=("auto", "autotune", "fused", "library"), default="auto",
+                        help="force fusedtie's CUDA convolution algorithm (fusedtie.use_cuda_conv_algorithm): "
+                             "fused = fusedtie's fused kernels; library = transform kernel + cuDNN; "
+                             "autotune = both timed once per shape; auto (default) = the heuristic")
     parser.add_argument("--shapes", metavar="SUBSTRING",
                         help="only cases whose shape description contains this (e.g. b32, conv5_x)")
     parser.add_argument("--transforms", metavar="LIST", help=f"comma-separated, of {','.join(TRANSFORMS)}")
@@ -1063,7 +1073,8 @@ def announce(args: argparse.Namespace, settings: Settings, cases: list[Case], en
     sys.stderr.write(f"bench ({args.size}): {len(cases)} cases, contenders "
                      f"{', '.join(c.name for c in settings.contenders)}; {settings.warmup} warm-up + "
                      f"{settings.reps} timed repetitions, {env['threads']} threads on {env['device']}; "
-                     f"--compile {settings.compile_on}; --cpu-algorithm {args.cpu_algorithm}\n")
+                     f"--compile {settings.compile_on}; --cpu-algorithm {args.cpu_algorithm}; "
+                     f"--cuda-algorithm {args.cuda_algorithm}\n")
     for name, reason in skipped.items():
         sys.stderr.write(f"bench: note: skipping {name}: {reason}\n")
     # Other work on the machine shows up as noise and as a bias against whichever contender happens
@@ -1155,7 +1166,7 @@ def print_report(args: argparse.Namespace, settings: Settings, env: dict, result
     print(f"fusedtie benchmark ({args.size}): torch {env['torch']}, {env['device']}, "
           f"{env['threads']} threads, {env.get('gpu') or env['cpu']}; {settings.warmup} warm-up + "
           f"{settings.reps} timed repetitions{budget}, contenders interleaved; fusedtie CPU conv "
-          f"algorithm: {args.cpu_algorithm}\n")
+          f"algorithm: {args.cpu_algorithm}; CUDA conv algorithm: {args.cuda_algorithm}\n")
     print("Time: plain's median (ms) and IQR, and every contender's median / plain's median:\n")
     print(ratio_table(results, ran))
     for name, reason in skipped.items():
@@ -1185,7 +1196,7 @@ def write_json(path: str, args: argparse.Namespace, settings: Settings, env: dic
             "dtypes": [dtype_name(d) for d in settings.dtypes],
             "contenders": [c.name for c in settings.contenders], "baseline": BASELINE,
             "skipped_contenders": skipped, "compile_on": settings.compile_on,
-            "cpu_algorithm": args.cpu_algorithm,
+            "cpu_algorithm": args.cpu_algorithm, "cuda_algorithm": args.cuda_algorithm,
             "compile_some_shapes": list(COMPILE_SOME_SHAPES),
             "tolerances": {dtype_name(d): {"rtol": t[0], "atol_relative": t[1]}
                            for d, t in TOLERANCES.items()},
@@ -1222,6 +1233,17 @@ def private_inductor_cache(compiles: bool) -> Iterator[str]:
             del os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
+def cuda_algorithm(name: str) -> ContextManager:
+    """fusedtie.use_cuda_conv_algorithm(name) for the whole run (auto: fusedtie's own default)."""
+    use = getattr(fusedtie, "use_cuda_conv_algorithm", None)
+    if use is None:
+        if name != "auto":
+            sys.exit(f"bench: --cuda-algorithm {name}, but this build of fusedtie has no "
+                     "use_cuda_conv_algorithm")
+        return contextlib.nullcontext()
+    return use(name)
+
+
 def cpu_algorithm(name: str) -> ContextManager:
     """fusedtie.use_cpu_conv_algorithm(name) for the whole run (auto: fusedtie's own default)."""
     use = getattr(fusedtie, "use_cpu_conv_algorithm", None)
@@ -1245,7 +1267,8 @@ def main(argv: Optional[list[str]] = None) -> int:
              for d in settings.dtypes for m in settings.modes]
     announce(args, settings, cases, env, skipped)
     compiles = any(c.name == COMPILED for c in settings.contenders) and settings.compile_on != "none"
-    with private_inductor_cache(compiles) as inductor_cache, cpu_algorithm(args.cpu_algorithm):
+    with private_inductor_cache(compiles) as inductor_cache, cpu_algorithm(args.cpu_algorithm), \
+            cuda_algorithm(args.cuda_algorithm):
         env["inductor_cache_dir"] = inductor_cache
         results, wall = run_all(cases, settings, device)
     print_report(args, settings, env, results, skipped)
