@@ -5,6 +5,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/native/ConvUtils.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 
@@ -56,26 +57,34 @@ ConvGeometry make_geometry(const at::Tensor& input, const at::Tensor& weight, co
   return g;
 }
 
-bool fused_supports(const at::Tensor& input, const at::Tensor& weight) {
+bool allow_tf32() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
+
+bool fused_supports(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
   const auto dtype = input.scalar_type();
   if (!(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16)) return false;
   if (input.numel() == 0 || weight.numel() == 0) return false;
-  // The kernels keep geometry in 32-bit ints and groups (and channel tiles) in grid dimensions.
-  for (int d = 2; d < 4; ++d) {
-    if (weight.size(d) > INT_MAX / 4) return false;
+  // The kernels keep geometry and the GEMM's K index in 32-bit ints, and groups and channel tiles
+  // in grid dimensions (at most 65535 in y and z).
+  const int64_t taps = weight.size(2) * weight.size(3);
+  const int64_t groups = p.groups, in_per_group = weight.size(1), out_per_group = weight.size(0) / groups;
+  for (int d = 0; d < 2; ++d) {
+    if (p.stride[d] > INT_MAX || p.dilation[d] > INT_MAX || weight.size(2 + d) > INT_MAX) return false;
   }
-  const int64_t groups = input.size(1) / weight.size(1);
-  return groups <= kMaxGridYZ && weight.size(0) / groups <= 64 * kMaxGridYZ &&
-         input.size(1) <= 64 * kMaxGridYZ;
+  for (int64_t pad : p.padding) {
+    if (pad > INT_MAX / 2) return false;
+  }
+  const int64_t depth = std::max(in_per_group, out_per_group) * taps;
+  return groups <= kMaxGridYZ && depth <= INT_MAX && out_per_group <= 64 * kMaxGridYZ &&
+         in_per_group <= 64 * kMaxGridYZ && in_per_group * taps <= 64 * kMaxGridYZ;
 }
 
 bool mma_supports(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p, bool input_grad) {
-  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;  // mma.sync bf16 and cp.async: sm_80
+  if (!mma_kernels_available()) return false;
   const auto dtype = input.scalar_type();
   int64_t vector = 0;  // elements per 16-byte load
   if (dtype == at::kHalf || dtype == at::kBFloat16) {
     vector = 8;
-  } else if (dtype == at::kFloat && at::globalContext().allowTF32CuDNN()) {
+  } else if (dtype == at::kFloat && allow_tf32()) {
     vector = 4;  // TF32 only where cuDNN itself would use it
   } else {
     return false;

@@ -39,8 +39,17 @@ struct DeviceTransform {
 ConvGeometry make_geometry(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p,
                            at::IntArrayRef x_strides, at::IntArrayRef y_strides);
 
-// The fused kernels handle every call the operator accepts on CUDA tensors except empty ones.
-bool fused_supports(const at::Tensor& input, const at::Tensor& weight);
+// The fused kernels handle every call the operator accepts on CUDA tensors except empty ones and
+// sizes past their 32-bit geometry and grid limits.
+bool fused_supports(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p);
+
+// Whether cuDNN may use TF32 for float32 convolutions (torch.backends.cudnn.conv's setting), the
+// rule the tensor-core kernels follow for float32.
+bool allow_tf32();
+
+// Whether the tensor-core kernels were compiled for this device (sm_80 or newer code in the
+// binary, and a device of compute capability 8.0 or newer).
+bool mma_kernels_available();
 
 // Whether the tensor-core kernels run this call's forward / input gradient (else the CUDA-core one).
 bool mma_supports(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p, bool input_grad);

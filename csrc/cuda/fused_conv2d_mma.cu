@@ -171,6 +171,7 @@ __device__ __forceinline__ void conv_mma_body(const scalar_t* __restrict__ src, 
   const int64_t cols = kInputGrad ? g.in_per_group : g.out_per_group;
   const int64_t channels = kInputGrad ? g.out_per_group : g.in_per_group;  // gathered channels per group
   const int64_t depth = int64_t(g.kernel_h) * g.kernel_w * channels;
+  const int channels32 = static_cast<int>(channels);
   const int64_t* src_stride = kInputGrad ? g.y_stride : g.x_stride;        // channels-last: stride[1] == 1
   const int64_t src_h = kInputGrad ? g.out_h : g.in_h, src_w = kInputGrad ? g.out_w : g.in_w;
   const int64_t channel0 = group_index * channels;
@@ -211,8 +212,9 @@ __device__ __forceinline__ void conv_mma_body(const scalar_t* __restrict__ src, 
       bool valid = origin.valid && k < depth;
       const scalar_t* from = src;
       if (valid) {
-        const int64_t c = k % channels, tap = k / channels;
-        const int r = static_cast<int>(tap / g.kernel_w), s = static_cast<int>(tap % g.kernel_w);
+        // 32-bit division: the host admits only depth <= INT_MAX.
+        const int c = static_cast<int>(k) % channels32, tap = static_cast<int>(k) / channels32;
+        const int r = tap / g.kernel_w, s = tap % g.kernel_w;
         const int64_t iy = origin.y0 + int64_t(r) * step_h, ix = origin.x0 + int64_t(s) * step_w;
         valid = iy >= 0 && iy < src_h && ix >= 0 && ix < src_w;
         if (valid) from = src + origin.image_offset + iy * src_stride[2] + ix * src_stride[3] + channel0 + c;
@@ -227,8 +229,8 @@ __device__ __forceinline__ void conv_mma_body(const scalar_t* __restrict__ src, 
       const int64_t k = k0 + kk;
       float value = 0.0f;
       if (b_channel < cols && k < depth) {
-        const int64_t c = k % channels, tap = k / channels;
-        const int r = static_cast<int>(tap / g.kernel_w), s = static_cast<int>(tap % g.kernel_w);
+        const int c = static_cast<int>(k) % channels32, tap = static_cast<int>(k) / channels32;
+        const int r = tap / g.kernel_w, s = tap % g.kernel_w;
         const int64_t co = group_index * g.out_per_group + (kInputGrad ? c : b_channel);
         const int64_t ci = kInputGrad ? b_channel : c;
         const scalar_t w = weight[co * g.w_stride[0] + ci * g.w_stride[1] + r * g.w_stride[2] + s * g.w_stride[3]];
@@ -332,6 +334,19 @@ __global__ void __launch_bounds__(kThreads)
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
+
+bool mma_kernels_available() {
+  const auto* properties = at::cuda::getCurrentDeviceProperties();
+  if (properties->major < 8) return false;  // mma.sync bf16 and cp.async need sm_80
+  // The code in this binary must be sm_80 or newer too: a build for older architectures only
+  // (TORCH_CUDA_ARCH_LIST without 8.0+) compiles the kernels to a trap.
+  static const bool compiled_for_sm80 = [] {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fusedtie_conv2d_fprop_mma_kernel<c10::Half>));
+    return attributes.ptxVersion >= 80 && attributes.binaryVersion >= 80;
+  }();
+  return compiled_for_sm80;
+}
 
 void launch_mma_conv(const at::Tensor& src, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      const at::Tensor& dst, const ConvGeometry& g, DeviceTransform weight_transform,

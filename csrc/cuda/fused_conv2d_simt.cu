@@ -39,6 +39,7 @@ __device__ __forceinline__ void implicit_gemm_tile(const scalar_t* __restrict__ 
   const int64_t rows = g.batch * rows_h * rows_w;
   const int64_t cols = kInputGrad ? g.in_per_group : g.out_per_group;
   const int64_t taps = int64_t(g.kernel_h) * g.kernel_w;
+  const int taps32 = static_cast<int>(taps);
   const int64_t depth = (kInputGrad ? g.out_per_group : g.in_per_group) * taps;
   const int64_t* src_stride = kInputGrad ? g.y_stride : g.x_stride;
   const int64_t src_channel0 = group * (kInputGrad ? g.out_per_group : g.in_per_group);
@@ -70,8 +71,9 @@ __device__ __forceinline__ void implicit_gemm_tile(const scalar_t* __restrict__ 
       const int64_t k = k0 + kk;
       acc_t value = acc_t(0);
       if (row_valid && k < depth) {
-        const int64_t channel = k / taps;
-        const int tap = static_cast<int>(k % taps), r = tap / g.kernel_w, s = tap % g.kernel_w;
+        // 32-bit division: the host admits only depth <= INT_MAX.
+        const int channel = static_cast<int>(k) / taps32;
+        const int tap = static_cast<int>(k) % taps32, r = tap / g.kernel_w, s = tap % g.kernel_w;
         if (!kInputGrad) {
           const int64_t ih = row_y * g.stride_h - g.pad_top + int64_t(r) * g.dilation_h;
           const int64_t iw = row_x * g.stride_w - g.pad_left + int64_t(s) * g.dilation_w;
@@ -99,8 +101,8 @@ __device__ __forceinline__ void implicit_gemm_tile(const scalar_t* __restrict__ 
       const int64_t col = col0 + cc, k = k0 + b_k;
       acc_t value = acc_t(0);
       if (col < cols && k < depth) {
-        const int64_t channel = k / taps;
-        const int tap = static_cast<int>(k % taps), r = tap / g.kernel_w, s = tap % g.kernel_w;
+        const int channel = static_cast<int>(k) / taps32;
+        const int tap = static_cast<int>(k) % taps32, r = tap / g.kernel_w, s = tap % g.kernel_w;
         const int64_t co = group * g.out_per_group + (kInputGrad ? channel : col);
         const int64_t ci = kInputGrad ? col : channel;
         const scalar_t w = weight[co * g.w_stride[0] + ci * g.w_stride[1] + r * g.w_stride[2] + s * g.w_stride[3]];

@@ -34,8 +34,10 @@ int64_t multiply_adds(const at::Tensor& input, const at::Tensor& weight, const T
 // are slower per multiply-add than cuDNN's, so they should win where the convolution itself takes
 // a few microseconds: up to 2^30 multiply-adds for the tensor-core forward (a few us on an
 // H100/H200 in bf16), up to 2^24 where a CUDA-core kernel would run (float64, exact float32, and the
-// weight gradient, which has no tensor-core kernel yet).
+// weight gradient, which has no tensor-core kernel yet). Fewer than 16 channels per group on either
+// side (depthwise convolutions, say) leave most of a 64-wide tile idle: library.
 bool fused_wins(Pass pass, const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
+  if (weight.size(1) < 16 || weight.size(0) / p.groups < 16) return false;
   const int64_t work = multiply_adds(input, weight, p);
   if (pass == Pass::kForward && cuda::mma_supports(input, weight, p, /*input_grad=*/false)) {
     return work <= (int64_t(1) << 30);
@@ -43,37 +45,45 @@ bool fused_wins(Pass pass, const at::Tensor& input, const at::Tensor& weight, co
   return work <= (int64_t(1) << 24);
 }
 
+// grad_strides: the output gradient's strides in the backward (they decide layout copies), empty
+// in the forward.
 std::string autotune_key(Pass pass, const at::Tensor& input, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, const TiedConv2dParams& p,
-                         std::array<bool, 3> output_mask) {
+                         std::array<bool, 3> output_mask, at::IntArrayRef grad_strides) {
   std::ostringstream key;
   key << (pass == Pass::kForward ? "fwd" : "bwd") << '|' << input.device() << '|' << input.scalar_type() << '|'
-      << input.sizes() << input.strides() << '|' << weight.sizes() << weight.strides() << '|' << bias.has_value()
+      << input.sizes() << input.strides() << grad_strides << '|' << weight.sizes() << weight.strides() << '|'
+      << bias.has_value()
       << '|' << at::IntArrayRef(p.stride) << at::IntArrayRef(p.padding) << at::IntArrayRef(p.dilation) << p.groups
       << '|' << int(p.weight_transform.kind) << '|' << int(p.bias_transform.kind) << '|' << output_mask[0]
-      << output_mask[1] << output_mask[2] << '|' << at::globalContext().allowTF32CuDNN();
+      << output_mask[1] << output_mask[2] << '|' << cuda::allow_tf32();
   return key.str();
 }
 
-// Median-free but warm: one untimed call of each, then the faster of three timed calls each, on
-// the current stream.
+// One warm-up call of each, then five timed calls of each, interleaved, each starting on an idle
+// stream (so every one includes its launches); the medians decide.
 bool measure_fused_wins(const std::function<void()>& fused, const std::function<void()>& library) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   auto time_ms = [&](const std::function<void()>& run) {
+    stream.synchronize();
+    at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
+    start.record(stream);
     run();
-    float best = 0.0f;
-    for (int rep = 0; rep < 3; ++rep) {
-      at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
-      start.record(stream);
-      run();
-      stop.record(stream);
-      stop.synchronize();
-      const float ms = start.elapsed_time(stop);
-      best = rep == 0 ? ms : std::min(best, ms);
-    }
-    return best;
+    stop.record(stream);
+    stop.synchronize();
+    return start.elapsed_time(stop);
   };
-  return time_ms(fused) < time_ms(library);
+  fused();
+  library();
+  constexpr int kReps = 5;
+  std::array<float, kReps> fused_ms{}, library_ms{};
+  for (int rep = 0; rep < kReps; ++rep) {
+    fused_ms[rep] = time_ms(fused);
+    library_ms[rep] = time_ms(library);
+  }
+  std::sort(fused_ms.begin(), fused_ms.end());
+  std::sort(library_ms.begin(), library_ms.end());
+  return fused_ms[kReps / 2] < library_ms[kReps / 2];
 }
 
 at::Tensor library_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -117,9 +127,9 @@ Gradients fused_backward(const at::Tensor& grad_output, const at::Tensor& input,
 
 // Whether this pass runs the fused kernels. `measure` runs both choices once (autotune only).
 bool use_fused(Pass pass, const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-               const TiedConv2dParams& p, std::array<bool, 3> output_mask,
+               const TiedConv2dParams& p, std::array<bool, 3> output_mask, at::IntArrayRef grad_strides,
                const std::function<bool()>& measure) {
-  if (!cuda::fused_supports(input, weight)) return false;
+  if (!cuda::fused_supports(input, weight, p)) return false;
   switch (cuda_conv_algorithm_setting()) {
     case CudaConvAlgorithm::kLibrary: return false;
     case CudaConvAlgorithm::kFused: return true;
@@ -130,7 +140,7 @@ bool use_fused(Pass pass, const at::Tensor& input, const at::Tensor& weight, con
   if (at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None) {
     return fused_wins(pass, input, weight, p);
   }
-  const std::string key = autotune_key(pass, input, weight, bias, p, output_mask);
+  const std::string key = autotune_key(pass, input, weight, bias, p, output_mask, grad_strides);
   if (const auto cached = autotune_lookup(key)) return *cached;
   const bool fused = measure();
   autotune_store(key, fused);
@@ -145,7 +155,7 @@ at::Tensor tied_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, c
                                                dilation, groups);
   p.check(input, weight, bias);
   const c10::cuda::CUDAGuard guard(input.device());
-  const bool fused = use_fused(Pass::kForward, input, weight, bias, p, {true, true, true}, [&] {
+  const bool fused = use_fused(Pass::kForward, input, weight, bias, p, {true, true, true}, {}, [&] {
     return measure_fused_wins([&] { cuda::fused_forward(input, weight, bias, p); },
                               [&] { library_forward(input, weight, bias, p); });
   });
@@ -162,7 +172,7 @@ tied_conv2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input
                                                dilation, groups);
   p.check_backward(grad_output, input, weight, bias, output_mask);
   const c10::cuda::CUDAGuard guard(input.device());
-  const bool fused = use_fused(Pass::kBackward, input, weight, bias, p, output_mask, [&] {
+  const bool fused = use_fused(Pass::kBackward, input, weight, bias, p, output_mask, grad_output.strides(), [&] {
     return measure_fused_wins([&] { fused_backward(grad_output, input, weight, p, output_mask); },
                               [&] { library_backward(grad_output, input, weight, p, output_mask); });
   });
