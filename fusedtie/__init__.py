@@ -6,6 +6,7 @@ the transform inside the convolution and the chain rule inside its backward.
 """
 
 from ._library import LIB as _LIB
+from .bake import bake
 from .cache import cached
 from .nn import FusedTiedConv2d
 from .ops import apply_transform, tied_conv2d, use_cpu_conv_algorithm, use_cuda_conv_algorithm
@@ -18,6 +19,7 @@ __all__ = [
     "FusedTiedConv2d",
     "Transform",
     "apply_transform",
+    "bake",
     "cached",
     "available_transforms",
     "cuda_compiled",

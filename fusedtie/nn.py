@@ -232,9 +232,15 @@ class FusedTiedConv2d(nn.Module):
         return apply_transform(weight, self.transform), bias
 
     def to_conv2d(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` with f(W) and g(b) baked in (untied, for export and deployment)."""
-        weight = self.source.weight
-        bias = self.bias
+        """A plain ``nn.Conv2d`` with f(W) and g(b) baked in (untied, for export and deployment).
+
+        The conv has this layer's geometry (``padding_mode`` included) and training flag, the
+        source's dtype and device, and its parameters require grad as the source's do. The values
+        are a snapshot of f(W) and g(b) now. :func:`fusedtie.bake` does this for a whole model.
+        """
+        with torch.no_grad():
+            source_weight, source_bias = self._source_tensors()
+            weight, bias = self._derive(source_weight, source_bias)
         conv = nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
             padding=self.padding, dilation=self.dilation, groups=self.groups,
@@ -242,10 +248,12 @@ class FusedTiedConv2d(nn.Module):
             device=weight.device, dtype=weight.dtype,
         )
         with torch.no_grad():
-            conv.weight.copy_(self.weight)
+            conv.weight.copy_(weight)
+            conv.weight.requires_grad_(source_weight.requires_grad)
             if bias is not None:
                 conv.bias.copy_(bias)
-        return conv
+                conv.bias.requires_grad_(source_bias.requires_grad)
+        return conv.train(self.training)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -260,9 +268,54 @@ class FusedTiedConv2d(nn.Module):
             s += f", padding_mode={self.padding_mode!r}"
         return s
 
+    # --- a source that holds its own tied layer ------------------------------------------------------
+    #
+    # A conv that registers a tie to itself as its submodule (``self.mirror = FusedTiedConv2d(self)``
+    # in a Conv2d subclass) makes the module tree a cycle: source -> mirror -> source. nn.Module's
+    # recursive methods would recurse until Python's limit; the entry points below, which nn.Module
+    # reaches on this layer before it recurses into the source, say so instead.
+
+    def _name_inside_source(self) -> Optional[str]:
+        """The path of this layer inside its own source, if the source holds it (a cycle)."""
+        for name, module in self._modules["source"].named_modules():
+            if module is self:
+                return name
+        return None
+
+    def _check_no_cycle(self, action: str) -> None:
+        name = self._name_inside_source()
+        if name is not None:
+            source = self._modules["source"]
+            raise RuntimeError(
+                f"cannot {action}: this FusedTiedConv2d is registered inside its own source "
+                f"({type(source).__name__}, as its submodule '{name}'), so the module tree is a cycle "
+                f"(source -> {name} -> source) that nn.Module's recursive methods cannot walk; "
+                f"register the tied layer beside its source (on a common parent), not inside it"
+            )
+
+    def train(self, mode: bool = True):
+        self._check_no_cycle("train()/eval()")
+        return super().train(mode)
+
+    def apply(self, fn):
+        self._check_no_cycle("apply()")
+        return super().apply(fn)
+
+    def _apply(self, fn, recurse=True):
+        self._check_no_cycle("convert or move the module (to(), double(), to_empty(), ...)")
+        return super()._apply(fn, recurse)
+
+    def __repr__(self) -> str:
+        name = self._name_inside_source()
+        if name is not None:  # repr should describe, not raise
+            return (f"{self._get_name()}({self.extra_repr()}, source=<the "
+                    f"{type(self._modules['source']).__name__} that holds this layer as '{name}': a cycle>)")
+        return super().__repr__()
+
     # --- state_dict without duplicate keys ----------------------------------------------------------
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        self._check_no_cycle("state_dict()")
         # Called by a parent, the source may also be saved under its own name elsewhere in the same
         # state_dict; the source's hook then keeps that entry and drops ours (see _source_saved).
         if destination is not None:
@@ -273,6 +326,7 @@ class FusedTiedConv2d(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        self._check_no_cycle("load_state_dict()")
         slot = prefix + _SLOT
         book = _load_book(missing_keys)
         book.slots.add(slot)
@@ -380,18 +434,32 @@ def _load_book(missing_keys: list) -> _LoadBook:
     return book
 
 
-def _same_values(a, b) -> bool:
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-        return True
-    if a.is_meta or b.is_meta:
-        return True  # nothing to compare
-    a = a.detach().to(device=b.device, dtype=b.dtype)
-    return a.shape == b.shape and torch.allclose(a, b.detach(), rtol=0, atol=0, equal_nan=True)
+def _difference(first, second) -> Optional[str]:
+    """None if two copies of one tensor agree (NaN equals NaN), else how they differ, with values."""
+    if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)):
+        return None
+    if first.is_meta or second.is_meta:
+        return None  # nothing to compare
+    if first.shape != second.shape:
+        return f"shapes {list(first.shape)} and {list(second.shape)}"
+    first = first.detach()
+    second = second.detach().to(device=first.device, dtype=first.dtype)
+    unequal = (first != second) & ~(first.isnan() & second.isnan())
+    count = int(unequal.sum())
+    if count == 0:
+        return None
+    index = tuple(int(i) for i in unequal.nonzero()[0])
+    at = f"[{', '.join(map(str, index))}]"
+    return (f"{count} of {first.numel()} elements, first at {at}: {first[index].item()!r} and "
+            f"{second[index].item()!r}")
 
 
 def _source_loading(module, state_dict, prefix, local_metadata, strict, missing_keys,
                     unexpected_keys, error_msgs):
     """Every visit of a tied source during load_state_dict, except through a placeholder slot."""
+    for inner in module.modules():  # a source holding its own tied layer: say so before recursing
+        if isinstance(inner, FusedTiedConv2d):
+            inner._check_no_cycle("load_state_dict()")
     book = _load_book(missing_keys)
     if prefix in book.placeholder_slots:
         return
@@ -403,10 +471,12 @@ def _source_loading(module, state_dict, prefix, local_metadata, strict, missing_
             # Equal copies are fine; unequal ones are an error, never "the last key wins".
             current = module.state_dict(keep_vars=True)
             for name, value in values.items():
-                if not _same_values(value, current.get(name)):
+                difference = _difference(current.get(name), value)
+                if difference is not None:
                     error_msgs.append(
                         f"the checkpoint holds one tied source twice with different values: "
-                        f"'{book.loaded[sid]}{name}' and '{prefix}{name}' differ; keep one of the two keys"
+                        f"'{book.loaded[sid]}{name}' and '{prefix}{name}' differ ({difference}); keep one "
+                        f"of the two keys"
                     )
             return
         book.loaded[sid] = prefix
@@ -442,3 +512,15 @@ def _install_source_hooks(source: nn.Module) -> None:
     source.register_state_dict_post_hook(_source_saved)
     source.register_load_state_dict_pre_hook(_source_loading)
     source._fusedtie_hooks = True
+
+
+def _remove_source_hooks(module: nn.Module) -> None:
+    """Undo :func:`_install_source_hooks` (on a module no tied layer uses any more, as in bake)."""
+    if not module.__dict__.pop("_fusedtie_hooks", False):
+        return
+    for key, hook in list(module._state_dict_hooks.items()):
+        if hook is _source_saved:
+            del module._state_dict_hooks[key]
+    for key, hook in list(module._load_state_dict_pre_hooks.items()):
+        if getattr(hook, "hook", None) is _source_loading:
+            del module._load_state_dict_pre_hooks[key]

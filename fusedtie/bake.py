@@ -1,0 +1,71 @@
+"""fusedtie.bake(model): a deployable copy with every tie replaced by a plain nn.Conv2d holding f(W)."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from .nn import FusedTiedConv2d, _remove_source_hooks
+
+# The hooks a user may have registered on a tied layer that run around its forward or backward;
+# the baked conv takes them over, so a model with, say, a feature-extraction hook behaves the same.
+_CALL_HOOK_ATTRIBUTES = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
+)
+
+
+def bake(model: nn.Module) -> nn.Module:
+    r"""A deep copy of ``model`` in which every :class:`FusedTiedConv2d` is a plain ``nn.Conv2d``.
+
+    Each tied layer becomes the ``nn.Conv2d`` of :meth:`FusedTiedConv2d.to_conv2d`: f(W) and g(b)
+    computed once from the source's current values and stored as that conv's own parameters, with
+    the layer's geometry (``padding_mode`` included), dtype, device, training flag, ``requires_grad``
+    and forward/backward hooks. Everything else is the deep copy: the sources stay (with their own
+    parameters), so do submodules of every kind (``nn.Sequential``, ``nn.ModuleDict``, custom
+    modules); a tied layer registered under two names becomes one conv registered under both. The
+    result computes what ``model`` computes and has no tie left: it needs nothing from fusedtie to
+    run or to be saved and loaded, so conv-BN folding (``torch.ao.quantization.fuse_modules``,
+    ``torch.nn.utils.fusion.fuse_conv_bn_eval``), TorchScript, ONNX and other tools that expect
+    ``nn.Conv2d`` take it as they take any network. ``model`` itself is not modified.
+
+    The baked weights are a snapshot: training the baked model trains the copies independently (the
+    source and the baked conv are no longer tied), so bake for deployment, after training.
+
+    ``model`` may itself be a :class:`FusedTiedConv2d`; the result is then an ``nn.Conv2d``.
+
+    Example::
+
+        >>> deployable = fusedtie.bake(net).eval()
+        >>> deployable = torch.ao.quantization.fuse_modules(deployable, [["conv_2", "bn"]])
+        >>> torch.jit.script(deployable).save("net.pt")
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fusedtie.bake takes an nn.Module, got {type(model).__name__}")
+    copied = copy.deepcopy(model)
+    if isinstance(copied, FusedTiedConv2d):
+        root = _baked(copied)
+        _remove_source_hooks(root)
+        return root
+    baked: dict[int, nn.Conv2d] = {}  # one conv per tied layer, however many names it has
+    # remove_duplicate=False: a layer registered under two names is replaced under both.
+    for parent in list(copied.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, FusedTiedConv2d):
+                if id(child) not in baked:
+                    baked[id(child)] = _baked(child)
+                parent._modules[name] = baked[id(child)]
+    for module in copied.modules():
+        _remove_source_hooks(module)
+    return copied
+
+
+def _baked(layer: FusedTiedConv2d) -> nn.Conv2d:
+    """``layer.to_conv2d()`` with the layer's call hooks moved onto the conv."""
+    conv = layer.to_conv2d()
+    for name in _CALL_HOOK_ATTRIBUTES:
+        hooks = layer.__dict__.get(name)
+        if hooks:
+            conv.__dict__[name] = hooks
+    return conv
