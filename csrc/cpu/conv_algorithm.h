@@ -13,9 +13,24 @@
 //   auto:    depthwise and gemm where they measurably won (gemm_wins and depthwise_wins in
 //            tied_conv2d_kernel.cpp; the README's Performance section), library elsewhere.
 // The setting is process-wide, for benchmarks and tests; every path computes the same convolution.
+#include <ATen/core/Tensor.h>
+
 #include <string>
 
 namespace fusedtie {
+
+// Whether input and weight are both NCHW in the sense at::convolution decides its output layout by
+// (suggest_memory_format, not is_contiguous): the gemm and depthwise paths write NCHW results, so
+// they may run only where F.conv2d (and the fake kernel) would give NCHW too. is_contiguous() alone
+// is not enough: a 1x1 or depthwise (C, 1, kH, kW) weight converted to channels_last (as
+// module.to(memory_format=torch.channels_last) does) is "contiguous" too, since strides of size-1
+// dimensions do not count, yet at::convolution treats it as channels_last and returns a
+// channels_last output.
+inline bool is_nchw_call(const at::Tensor& input, const at::Tensor& weight) {
+  return input.is_contiguous() && weight.is_contiguous() &&
+         input.suggest_memory_format() == at::MemoryFormat::Contiguous &&
+         weight.suggest_memory_format() == at::MemoryFormat::Contiguous;
+}
 
 enum class CpuConvAlgorithm : int { kAuto = 0, kLibrary = 1, kGemm = 2, kDepthwise = 3 };
 

@@ -12,6 +12,7 @@
 #include <numeric>
 #include <vector>
 
+#include "conv_algorithm.h"
 #include "transform_passes.h"
 
 // The row loops below are plain loops that the compiler vectorises. Where GCC can, every plane
@@ -388,7 +389,7 @@ bool depthwise_applies(const at::Tensor& input, const at::Tensor& weight, const 
   const auto dtype = input.scalar_type();
   return input.dim() == 4 && p.groups == input.size(1) && weight.size(1) == 1 &&
          (dtype == at::kFloat || dtype == at::kDouble) && input.numel() > 0 && weight.numel() > 0 &&
-         input.is_contiguous() && weight.is_contiguous();
+         is_nchw_call(input, weight);
 }
 
 at::Tensor depthwise_conv2d_forward(const at::Tensor& input, const at::Tensor& source_weight,

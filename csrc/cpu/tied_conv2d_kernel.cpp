@@ -142,7 +142,7 @@ std::atomic<CpuConvAlgorithm> g_conv_algorithm{CpuConvAlgorithm::kAuto};
 bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
   const auto dtype = input.scalar_type();
   return p.groups == 1 && (dtype == at::kFloat || dtype == at::kDouble) && input.numel() > 0 &&
-         weight.numel() > 0 && input.is_contiguous() && weight.is_contiguous();
+         weight.numel() > 0 && is_nchw_call(input, weight);
 }
 
 // auto's rule for groups-1 convolutions, measured on the benchmark's ResNet-50 shapes (Ice Lake
