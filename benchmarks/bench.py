@@ -1233,24 +1233,13 @@ def private_inductor_cache(compiles: bool) -> Iterator[str]:
             del os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
-def cuda_algorithm(name: str) -> ContextManager:
-    """fusedtie.use_cuda_conv_algorithm(name) for the whole run (auto: fusedtie's own default)."""
-    use = getattr(fusedtie, "use_cuda_conv_algorithm", None)
+def forced_algorithm(device: str, name: str) -> ContextManager:
+    """fusedtie.use_{device}_conv_algorithm(name) for the whole run (auto: fusedtie's own default)."""
+    use = getattr(fusedtie, f"use_{device}_conv_algorithm", None)
     if use is None:
         if name != "auto":
-            sys.exit(f"bench: --cuda-algorithm {name}, but this build of fusedtie has no "
-                     "use_cuda_conv_algorithm")
-        return contextlib.nullcontext()
-    return use(name)
-
-
-def cpu_algorithm(name: str) -> ContextManager:
-    """fusedtie.use_cpu_conv_algorithm(name) for the whole run (auto: fusedtie's own default)."""
-    use = getattr(fusedtie, "use_cpu_conv_algorithm", None)
-    if use is None:
-        if name != "auto":
-            sys.exit(f"bench: --cpu-algorithm {name}, but this build of fusedtie has no "
-                     "use_cpu_conv_algorithm")
+            sys.exit(f"bench: --{device}-algorithm {name}, but this build of fusedtie has no "
+                     f"use_{device}_conv_algorithm")
         return contextlib.nullcontext()
     return use(name)
 
@@ -1267,8 +1256,8 @@ def main(argv: Optional[list[str]] = None) -> int:
              for d in settings.dtypes for m in settings.modes]
     announce(args, settings, cases, env, skipped)
     compiles = any(c.name == COMPILED for c in settings.contenders) and settings.compile_on != "none"
-    with private_inductor_cache(compiles) as inductor_cache, cpu_algorithm(args.cpu_algorithm), \
-            cuda_algorithm(args.cuda_algorithm):
+    with private_inductor_cache(compiles) as inductor_cache, forced_algorithm("cpu", args.cpu_algorithm), \
+            forced_algorithm("cuda", args.cuda_algorithm):
         env["inductor_cache_dir"] = inductor_cache
         results, wall = run_all(cases, settings, device)
     print_report(args, settings, env, results, skipped)

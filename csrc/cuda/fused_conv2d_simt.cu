@@ -17,6 +17,26 @@ namespace {
 // A 64x64 output tile per block of 256 threads, each thread a 4x4 block of it; K in steps of 16.
 constexpr int kTileM = 64, kTileN = 64, kTileK = 16, kThreads = 256;
 
+// acc (this thread's 4x4 block at rows ty*4.., columns tx*4..) += a_tile^T . b_tile over one K-step.
+template <typename acc_t>
+__device__ __forceinline__ void multiply_tiles(const acc_t (&a_tile)[kTileK][kTileM + 4],
+                                               const acc_t (&b_tile)[kTileK][kTileN + 4], acc_t (&acc)[4][4],
+                                               int tx, int ty) {
+#pragma unroll
+  for (int kk = 0; kk < kTileK; ++kk) {
+    acc_t a[4], b[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = a_tile[kk][ty * 4 + i];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) b[j] = b_tile[kk][tx * 4 + j];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+    }
+  }
+}
+
 // The implicit GEMM of the forward (kInputGrad false) and of the input gradient (true), for one
 // group (blockIdx.z):
 //   forward:        rows (n, oh, ow) of y, columns the group's output channels, K = (ci, r, s);
@@ -111,19 +131,7 @@ __device__ __forceinline__ void implicit_gemm_tile(const scalar_t* __restrict__ 
       b_tile[b_k][cc] = value;
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kTileK; ++kk) {
-      acc_t a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = a_tile[kk][ty * 4 + i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = b_tile[kk][tx * 4 + j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-      }
-    }
+    multiply_tiles(a_tile, b_tile, acc, tx, ty);
     __syncthreads();
   }
 
@@ -236,19 +244,7 @@ __global__ void __launch_bounds__(kThreads)
       b_tile[kk][b_col] = value;
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kTileK; ++kk) {
-      acc_t a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = a_tile[kk][ty * 4 + i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = b_tile[kk][tx * 4 + j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-      }
-    }
+    multiply_tiles(a_tile, b_tile, acc, tx, ty);
     __syncthreads();
   }
 
