@@ -3,6 +3,9 @@
 #   make bench       the same set-up, then the benchmark (quick run; table on stdout, JSON and PNG in bench-results/)
 #   make cmake-test  the Python-free CMake build of the operator library and its C++ test (ctest)
 #   make build       only (re)build fusedtie/_C in place
+#   make cuda-build  the CUDA extension, no GPU needed: .venv-cuda (torch 2.14.1, CUDA 13.0), an
+#                    out-of-place build in build-cuda/ (sm_80, sm_90 + PTX), the suite against it,
+#                    ptxas registers/spills per kernel (scripts/cuda_build.sh); make cuda-clean
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +13,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 CMAKE_BUILD := build/cmake
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: test bench build cmake-test clean
+.PHONY: test bench build cmake-test clean cuda-build cuda-clean
 
 # The venv with the pinned dependencies and fusedtie installed editable. FUSEDTIE_SKIP_EXT=1 makes
 # the editable install only register the package; the extension is built by the rule below, in
@@ -42,5 +45,12 @@ cmake-test: $(VENV)/.deps
 	echo "make: CMake build took $$(( $$(date +%s) - start )) s" && \
 	cd $(CMAKE_BUILD) && ctest --output-on-failure
 
+# Its own venv (.venv-cuda) and build folder (build-cuda/): never .venv, build/ or fusedtie/_C*.so.
+cuda-build:
+	PYTHON="$(PYTHON)" scripts/cuda_build.sh
+
 clean:
 	rm -rf build fusedtie/_C*.so $(VENV)/.built
+
+cuda-clean:
+	rm -rf build-cuda

@@ -2,9 +2,11 @@
 
 A CppExtension, or a CUDAExtension when nvcc, a CUDA build of torch and CUDA kernels are present.
 FUSEDTIE_FORCE_CPU=1 forces the CPU build, FUSEDTIE_DEBUG=1 builds without optimisation, and
-TORCH_CUDA_ARCH_LIST picks the GPU architectures as for any torch extension. FUSEDTIE_SKIP_EXT=1
+TORCH_CUDA_ARCH_LIST picks the GPU architectures as for any torch extension, and
+FUSEDTIE_PTXAS_VERBOSE=1 has ptxas report each kernel's registers and spills. FUSEDTIE_SKIP_EXT=1
 installs the Python package alone (the Makefile then builds the extension in place with
-`setup.py build_ext --inplace`, incrementally).
+`setup.py build_ext --inplace`, incrementally). `make cuda-build` builds out of place
+(`setup.py build --build-base build-cuda`) with a CUDA torch in .venv-cuda: scripts/cuda_build.sh.
 """
 
 import importlib.util
@@ -22,9 +24,10 @@ _spec.loader.exec_module(_build)
 
 use_cuda, reason = _build.cuda_build_decision()
 debug = os.environ.get("FUSEDTIE_DEBUG", "0") == "1"
-flags = _build.compile_flags(debug)
+flags = _build.compile_flags(debug, cuda=use_cuda)
 print(f"fusedtie setup: {'CUDAExtension' if use_cuda else 'CppExtension'} ({reason}); "
-      f"{'debug' if debug else 'release'} build", flush=True)
+      f"{'debug' if debug else 'release'} build"
+      f"{'; ptxas -v' if use_cuda and '-Xptxas=-v' in flags['nvcc'] else ''}", flush=True)
 
 Extension = CUDAExtension if use_cuda else CppExtension
 extension = Extension(

@@ -11,6 +11,8 @@ import importlib
 import importlib.util
 import os
 import re
+import shutil
+import subprocess
 import sys
 from types import ModuleType
 
@@ -44,9 +46,42 @@ def cuda_build_decision() -> tuple[bool, str]:
         return False, "torch is a CPU build"
     if cpp_extension.CUDA_HOME is None:
         return False, "nvcc not found (set CUDA_HOME)"
+    note = ""
+    chosen = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if not _is_toolkit(cpp_extension.CUDA_HOME) and not chosen:
+        # Without CUDA_HOME set, torch takes the parent of the folder of the nvcc on PATH, which may
+        # be a wrapper script outside the toolkit (/usr/local/bin/nvcc gives /usr/local, whose
+        # include/ has no CUDA headers and whose lib64/ no libcudart). nvcc knows its own toolkit.
+        toolkit = _nvcc_toolkit()
+        if _is_toolkit(toolkit):
+            note = f" (nvcc's own toolkit; torch had guessed CUDA_HOME={cpp_extension.CUDA_HOME})"
+            cpp_extension.CUDA_HOME = toolkit  # what the build reads (include, lib64, bin/nvcc)
+    if not _is_toolkit(cpp_extension.CUDA_HOME):
+        return False, (f"CUDA_HOME={cpp_extension.CUDA_HOME} has no include/cuda_runtime.h "
+                       "(set CUDA_HOME to the CUDA toolkit, e.g. /usr/local/cuda)")
     if not glob.glob(os.path.join(SOURCE_DIR, "cuda", "*.cu")):
         return False, "no CUDA kernels in csrc/cuda yet"
-    return True, f"nvcc at {cpp_extension.CUDA_HOME}, torch CUDA {torch.version.cuda}"
+    return True, f"nvcc at {cpp_extension.CUDA_HOME}{note}, torch CUDA {torch.version.cuda}"
+
+
+def _is_toolkit(path: str | None) -> bool:
+    return path is not None and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+
+
+def _nvcc_toolkit() -> str | None:
+    """The CUDA toolkit of the nvcc on PATH, as nvcc reports it (the TOP of `nvcc -dryrun`)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        run = subprocess.run([nvcc, "-dryrun", "-E", "-x", "cu", os.devnull], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (run.stdout + run.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            return os.path.realpath(line[len("#$ TOP="):].strip())
+    return None
 
 
 def openmp_flags() -> list[str]:
@@ -60,12 +95,38 @@ def openmp_flags() -> list[str]:
     return []
 
 
-def compile_flags(debug: bool) -> dict[str, list[str]]:
+def cuda_header_dirs() -> list[str]:
+    """The include folders of the CUDA libraries that pip installed with a CUDA torch
+    (site-packages/nvidia/*/include: cuBLAS, cuSPARSE, cuSOLVER, cuDNN, ...).
+
+    ATen/cuda/CUDAContext.h includes cublas_v2.h and cusparse.h, which a CUDA toolkit installed
+    without its math libraries lacks. They are added with -isystem, which the compilers search after
+    every -I folder, so the toolkit's own headers (CUDA_HOME/include, an -I) still win wherever both
+    have a header."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return [d for root in spec.submodule_search_locations
+            for d in sorted(glob.glob(os.path.join(root, "*", "include"))) if os.path.isdir(d)]
+
+
+def compile_flags(debug: bool, cuda: bool = False) -> dict[str, list[str]]:
+    """Compiler flags: "cxx" for the C++ units, "nvcc" for the CUDA ones (used when ``cuda``).
+
+    FUSEDTIE_PTXAS_VERBOSE=1 adds -Xptxas=-v, so that ptxas prints each kernel's registers, spills,
+    stack and shared memory per architecture (`make cuda-build` summarises them)."""
     # torch's vector headers use `#pragma unroll` (unknown to GCC) and pass 32/64-byte vectors by
     # value (a GCC ABI note); both are noise about torch's headers, not our code.
     quiet = ["-Wno-unknown-pragmas", "-Wno-psabi"]
     cxx = (["-O0", "-g"] if debug else ["-O3"]) + openmp_flags() + quiet
-    return {"cxx": cxx, "nvcc": ["-O0", "-G"] if debug else ["-O3"]}
+    nvcc = ["-O0", "-G"] if debug else ["-O3"]
+    if cuda:
+        system_includes = [flag for d in cuda_header_dirs() for flag in ("-isystem", d)]
+        cxx += system_includes
+        nvcc += system_includes
+        if os.environ.get("FUSEDTIE_PTXAS_VERBOSE", "0") == "1":
+            nvcc.append("-Xptxas=-v")
+    return {"cxx": cxx, "nvcc": nvcc}
 
 
 def _cache_dir(cuda: bool) -> str:
@@ -96,7 +157,7 @@ def _jit_build() -> ModuleType:
             flush=True,
         )
     debug = os.environ.get("FUSEDTIE_DEBUG", "0") == "1"
-    flags = compile_flags(debug)
+    flags = compile_flags(debug, cuda)
     return cpp_extension.load(
         name=JIT_NAME,
         sources=sources,
