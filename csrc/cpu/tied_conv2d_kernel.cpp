@@ -12,6 +12,7 @@
 #include <memory>
 
 #include "../conv_params.h"
+#include "../dense_layout.h"
 #include "../library_conv.h"
 #include "conv_algorithm.h"
 #include "depthwise_conv2d.h"
@@ -24,12 +25,6 @@ namespace {
 // Elements per task: large enough that a task outweighs the scheduling, small enough that a 3x3
 // 64->64 weight (37k elements) still splits across two threads for the transcendental transforms.
 constexpr int64_t kGrainSize = 16384;
-
-// Two tensors whose elements are laid out identically and densely, so one flat loop covers both.
-bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
-  return a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense() &&
-         a.sizes() == b.sizes() && a.strides() == b.strides();
-}
 
 // out = f(src) in one parallel vectorised pass; out is laid out like src, which is dense.
 void transform_into(const at::Tensor& src, at::Tensor& out, const TransformSpec& spec) {
@@ -99,12 +94,8 @@ at::Tensor apply_transform_to_scratch(const at::Tensor& source, const TransformS
 // grad * f'(source), computed in grad's memory when it is laid out like source. grad must be a
 // temporary of ours (both callers pass a freshly made gradient), since it is overwritten.
 at::Tensor apply_chain_rule_in_place(at::Tensor grad, const at::Tensor& source, const TransformSpec& spec) {
-  at::Tensor src = source;
-  if (!same_dense_layout(grad, src)) {
-    const auto format = source.suggest_memory_format();
-    src = source.contiguous(format);
-    grad = grad.contiguous(format);
-  }
+  at::Tensor src;
+  std::tie(grad, src) = in_one_dense_layout(std::move(grad), source);
   if (grad.numel() == 0) return grad;
   const auto& passes = cpu_transform_passes();
   auto* grad_bytes = static_cast<char*>(grad.mutable_data_ptr());

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 
+#include "../dense_layout.h"
 #include "device_transforms.cuh"
 
 namespace fusedtie {
@@ -41,11 +42,6 @@ int blocks_for(int64_t n) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks)));
 }
 
-bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
-  return a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense() && a.sizes() == b.sizes() &&
-         a.strides() == b.strides();
-}
-
 }  // namespace
 
 at::Tensor apply_transform(const at::Tensor& source, const TransformSpec& spec) {
@@ -65,12 +61,8 @@ at::Tensor apply_transform(const at::Tensor& source, const TransformSpec& spec) 
 }
 
 at::Tensor apply_chain_rule_in_place(at::Tensor grad, const at::Tensor& source, const TransformSpec& spec) {
-  at::Tensor src = source;
-  if (!same_dense_layout(grad, src)) {
-    const auto format = source.suggest_memory_format();
-    src = source.contiguous(format);
-    grad = grad.contiguous(format);
-  }
+  at::Tensor src;
+  std::tie(grad, src) = in_one_dense_layout(std::move(grad), source);
   const int64_t n = grad.numel();
   if (n == 0) return grad;
   const c10::cuda::CUDAGuard guard(grad.device());

@@ -76,12 +76,7 @@ __device__ __forceinline__ void implicit_gemm_tile(const scalar_t* __restrict__ 
   const int64_t row_x = row_valid ? row % rows_w : 0;
   const int b_k = tid % kTileK, b_col0 = tid / kTileK;  // b_col0 in [0, 16)
 
-  acc_t acc[4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = acc_t(0);
-  }
+  acc_t acc[4][4] = {};
   const int tx = tid % 16, ty = tid / 16;
 
   for (int64_t k0 = 0; k0 < depth; k0 += kTileK) {
@@ -206,12 +201,7 @@ __global__ void __launch_bounds__(kThreads)
   const int b_tap = b_valid ? static_cast<int>(b_c % taps) : 0;
   const int b_r = b_tap / g.kernel_w, b_s = b_tap % g.kernel_w;
 
-  acc_t acc[4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = acc_t(0);
-  }
+  acc_t acc[4][4] = {};
   const int tx = tid % 16, ty = tid / 16;
 
   for (int64_t k0 = p_begin; k0 < p_end; k0 += kTileK) {
