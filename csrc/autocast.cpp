@@ -1,4 +1,6 @@
-// Autocast for fusedtie::tied_conv2d, registered under the AutocastCPU and AutocastCUDA keys.
+// Autocast for fusedtie::tied_conv2d and fusedtie::tied_conv_transpose2d, registered under the
+// AutocastCPU and AutocastCUDA keys. Both follow the design below for the source weight; the
+// transposed op's bias is its own parameter and is cast as it is.
 //
 // Under torch.autocast the built-in convolution is a "lower precision" op: every eligible floating
 // argument (on the autocast device, not float64) is cast to the autocast dtype, leaf weights through
@@ -75,33 +77,65 @@ Operand autocast_operand(const at::Tensor& source, c10::string_view transform, d
   return {transform_op(source, transform, alpha).to(dtype), "identity", 1.0};
 }
 
+// What every autocast kernel here does first: leave autocast for the calls it makes, read the
+// autocast dtype, and cast the operands as the built-in convolution casts its own.
+template <c10::DeviceType device_type>
+struct AutocastRegion {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{
+      at::autocast::get_autocast_dispatch_key_from_device_type(device_type)};
+  at::ScalarType dtype = at::autocast::get_lower_precision_fp_from_device_type(device_type);
+
+  // An activation, or a tensor the operator takes as it is (the transposed op's own bias).
+  at::Tensor cast(const at::Tensor& t) const { return at::autocast::cached_cast(dtype, t, device_type); }
+  // A source tensor with its transform f: round(f(W)), fused where f commutes with rounding.
+  Operand operand(const at::Tensor& source, c10::string_view transform, double alpha) const {
+    return autocast_operand(source, transform, alpha, dtype, device_type);
+  }
+};
+
 template <c10::DeviceType device_type>
 at::Tensor tied_conv2d_autocast(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
                                 c10::string_view transform, double alpha, c10::string_view bias_transform,
                                 double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef dilation, int64_t groups) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(
-      at::autocast::get_autocast_dispatch_key_from_device_type(device_type));
-  const at::ScalarType dtype = at::autocast::get_lower_precision_fp_from_device_type(device_type);
-  const at::Tensor x = at::autocast::cached_cast(dtype, input, device_type);
-  const Operand w = autocast_operand(weight, transform, alpha, dtype, device_type);
+  const AutocastRegion<device_type> region;
+  const at::Tensor x = region.cast(input);
+  const Operand w = region.operand(weight, transform, alpha);
   if (!bias.has_value()) {
     return call_tied_conv2d(x, w.tensor, std::nullopt, w.transform, w.alpha, bias_transform, bias_alpha,
                             stride, padding, dilation, groups);
   }
-  const Operand b = autocast_operand(*bias, bias_transform, bias_alpha, dtype, device_type);
+  const Operand b = region.operand(*bias, bias_transform, bias_alpha);
   return call_tied_conv2d(x, w.tensor, b.tensor, w.transform, w.alpha, b.transform, b.alpha, stride,
                           padding, dilation, groups);
+}
+
+// The transposed op's bias is the decoder's own parameter (no transform): it is cast like the
+// built-in transposed convolution's bias.
+template <c10::DeviceType device_type>
+at::Tensor tied_conv_transpose2d_autocast(const at::Tensor& input, const at::Tensor& weight,
+                                          const OptionalTensor& bias, c10::string_view transform, double alpha,
+                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                          at::IntArrayRef output_padding, at::IntArrayRef dilation,
+                                          int64_t groups) {
+  const AutocastRegion<device_type> region;
+  const at::Tensor x = region.cast(input);
+  const Operand w = region.operand(weight, transform, alpha);
+  const OptionalTensor b = bias.has_value() ? OptionalTensor(region.cast(*bias)) : std::nullopt;
+  return call_tied_conv_transpose2d(x, w.tensor, b, w.transform, w.alpha, stride, padding, output_padding,
+                                    dilation, groups);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtie, AutocastCPU, m) {
   m.impl("tied_conv2d", &tied_conv2d_autocast<c10::DeviceType::CPU>);
+  m.impl("tied_conv_transpose2d", &tied_conv_transpose2d_autocast<c10::DeviceType::CPU>);
 }
 
 TORCH_LIBRARY_IMPL(fusedtie, AutocastCUDA, m) {
   m.impl("tied_conv2d", &tied_conv2d_autocast<c10::DeviceType::CUDA>);
+  m.impl("tied_conv_transpose2d", &tied_conv_transpose2d_autocast<c10::DeviceType::CUDA>);
 }
 
 }  // namespace fusedtie

@@ -1,4 +1,5 @@
-// Autograd for the fusedtie operators, registered under the Autograd key for every backend.
+// Autograd for the fusedtie operators, registered under the Autograd key for every backend: one
+// pair of autograd functions for both convolution operators (tied_conv2d, tied_conv_transpose2d).
 //
 // It lives in C++ rather than in Python (torch.library.register_autograd) because the Python
 // wrapper costs about 140 us per forward call in grad mode on the project's CPU machine (measured:
@@ -27,8 +28,13 @@ using torch::autograd::variable_list;
 using OptionalTensor = std::optional<at::Tensor>;
 using GradTriple = std::tuple<OptionalTensor, OptionalTensor, OptionalTensor>;
 
-// The non-tensor arguments of tied_conv2d and its backward, carried between them as one value.
-struct ConvArgs {
+// The non-tensor arguments of one convolution operator and its backward, carried between them as
+// one value, with the two operator calls they complete. Each provides save/load (the autograd
+// context), forward(input, weight, bias), backward(grad_output, input, weight, bias, output_mask),
+// kOpName and kUnfusedRecipe (named in the double-backward error); the autograd functions below are written once for both operators.
+struct Conv2dArgs {
+  static constexpr const char* kOpName = "fusedtie::tied_conv2d";
+  static constexpr const char* kUnfusedRecipe = "F.conv2d(x, f(w))";
   std::string transform;
   double alpha;
   std::string bias_transform;
@@ -46,31 +52,159 @@ struct ConvArgs {
     ctx->saved_data["dilation"] = dilation;
     ctx->saved_data["groups"] = groups;
   }
-  static ConvArgs load(AutogradContext* ctx) {
+  static Conv2dArgs load(AutogradContext* ctx) {
     auto& d = ctx->saved_data;
     return {d["transform"].toStringRef(), d["alpha"].toDouble(), d["bias_transform"].toStringRef(),
             d["bias_alpha"].toDouble(),   d["stride"].toIntVector(), d["padding"].toIntVector(),
             d["dilation"].toIntVector(),  d["groups"].toInt()};
   }
+  at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias) const {
+    return call_tied_conv2d(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding,
+                            dilation, groups);
+  }
+  GradTriple backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                      const OptionalTensor& bias, std::array<bool, 3> output_mask) const {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fusedtie::_tied_conv2d_backward", "")
+                         .typed<GradTriple(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const OptionalTensor&, c10::string_view, double,
+                                           c10::string_view, double, at::IntArrayRef, at::IntArrayRef,
+                                           at::IntArrayRef, int64_t, std::array<bool, 3>)>();
+    return op.call(grad_output, input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride,
+                   padding, dilation, groups, output_mask);
+  }
 };
 
-at::Tensor tied_conv2d_op(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
-                          const ConvArgs& a) {
-  return call_tied_conv2d(input, weight, bias, a.transform, a.alpha, a.bias_transform, a.bias_alpha,
-                          a.stride, a.padding, a.dilation, a.groups);
+// tied_conv_transpose2d's: the bias is the decoder's own, so no bias transform.
+struct ConvTranspose2dArgs {
+  static constexpr const char* kOpName = "fusedtie::tied_conv_transpose2d";
+  static constexpr const char* kUnfusedRecipe = "F.conv_transpose2d(x, f(w))";
+  std::string transform;
+  double alpha;
+  std::vector<int64_t> stride, padding, output_padding, dilation;
+  int64_t groups;
+
+  void save(AutogradContext* ctx) const {
+    ctx->saved_data["transform"] = transform;
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["output_padding"] = output_padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+  }
+  static ConvTranspose2dArgs load(AutogradContext* ctx) {
+    auto& d = ctx->saved_data;
+    return {d["transform"].toStringRef(),     d["alpha"].toDouble(),      d["stride"].toIntVector(),
+            d["padding"].toIntVector(),       d["output_padding"].toIntVector(), d["dilation"].toIntVector(),
+            d["groups"].toInt()};
+  }
+  at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias) const {
+    return call_tied_conv_transpose2d(input, weight, bias, transform, alpha, stride, padding, output_padding,
+                                      dilation, groups);
+  }
+  GradTriple backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                      const OptionalTensor& bias, std::array<bool, 3> output_mask) const {
+    return call_tied_conv_transpose2d_backward(grad_output, input, weight, bias, transform, alpha, stride, padding,
+                                               output_padding, dilation, groups, output_mask);
+  }
+};
+
+Variable or_undefined(const OptionalTensor& t) { return t.has_value() ? *t : Variable(); }
+
+bool requires_grad(const at::Tensor& t) { return t.requires_grad(); }
+bool requires_grad(const OptionalTensor& t) { return t.has_value() && t->requires_grad(); }
+
+// Whether a call with these tensor arguments records an autograd node. When it does not (inference,
+// or a backward pass without create_graph), the kernels below skip Function::apply altogether: it
+// allocates a node and a context and wraps the outputs even when nothing is recorded.
+template <typename... Tensors>
+bool records_graph(const Tensors&... tensors) {
+  return torch::autograd::GradMode::is_enabled() && (requires_grad(tensors) || ...);
 }
 
-GradTriple tied_conv2d_backward_op(const at::Tensor& grad_output, const at::Tensor& input,
-                                   const at::Tensor& weight, const OptionalTensor& bias,
-                                   const ConvArgs& a, std::array<bool, 3> output_mask) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fusedtie::_tied_conv2d_backward", "")
-                       .typed<GradTriple(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const OptionalTensor&, c10::string_view, double,
-                                         c10::string_view, double, at::IntArrayRef, at::IntArrayRef,
-                                         at::IntArrayRef, int64_t, std::array<bool, 3>)>();
-  return op.call(grad_output, input, weight, bias, a.transform, a.alpha, a.bias_transform, a.bias_alpha,
-                 a.stride, a.padding, a.dilation, a.groups, output_mask);
+template <typename Args>
+class TiedConvFunction : public torch::autograd::Function<TiedConvFunction<Args>> {
+ public:
+  static Variable forward(AutogradContext* ctx, const Variable& input, const Variable& weight,
+                          const OptionalTensor& bias, const Args& args) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->save_for_backward({input, weight, or_undefined(bias)});
+    args.save(ctx);
+    return args.forward(input, weight, bias);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const OptionalTensor bias = saved[2].defined() ? OptionalTensor(saved[2]) : std::nullopt;
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                   bias.has_value() && ctx->needs_input_grad(2)};
+    // Through the dispatcher with autograd, so that a create_graph=True backward records the
+    // backward operator's own (refusing) autograd node instead of silently detached gradients.
+    auto [grad_input, grad_weight, grad_bias] =
+        Args::load(ctx).backward(grad_outputs[0], saved[0], saved[1], bias, mask);
+    return {or_undefined(grad_input), or_undefined(grad_weight), or_undefined(grad_bias), Variable()};
+  }
+};
+
+// Marks the results of a backward operator as not differentiable again: a second backward through
+// them raises instead of returning silent zeros.
+[[noreturn]] void refuse_double_backward(const char* op, const char* unfused_recipe = "F.conv2d(x, f(w))") {
+  TORCH_CHECK(false, "fusedtie: double backward through ", op,
+              " is not supported (a gradient of a gradient, e.g. torch.autograd.grad(..., "
+              "create_graph=True) followed by another backward). Use ", unfused_recipe, " for "
+              "second-order gradients.");
+}
+
+template <typename Args>
+class TiedConvBackwardFunction : public torch::autograd::Function<TiedConvBackwardFunction<Args>> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Variable& grad_output, const Variable& input,
+                               const Variable& weight, const OptionalTensor& bias, const Args& args,
+                               std::array<bool, 3> mask) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [gi, gw, gb] = args.backward(grad_output, input, weight, bias, mask);
+    // A custom function's outputs must be defined: return the requested gradients only, in order.
+    variable_list requested;
+    for (const OptionalTensor& g : {gi, gw, gb}) {
+      if (g.has_value()) requested.push_back(*g);
+    }
+    return requested;
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    refuse_double_backward(Args::kOpName, Args::kUnfusedRecipe);
+  }
+};
+
+// The Autograd kernel of a convolution operator, given its arguments.
+template <typename Args>
+at::Tensor tied_conv_autograd(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
+                              const Args& args) {
+  if (!records_graph(input, weight, bias)) {  // inference: no node, no context, no saved tensors
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return args.forward(input, weight, bias);
+  }
+  return TiedConvFunction<Args>::apply(input, weight, bias, args);
+}
+
+// The Autograd kernel of its backward operator.
+template <typename Args>
+GradTriple tied_conv_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,
+                                       const at::Tensor& weight, const OptionalTensor& bias, const Args& args,
+                                       std::array<bool, 3> output_mask) {
+  if (!records_graph(grad_output, input, weight, bias)) {
+    // The usual case, a backward pass without create_graph: nothing to refuse later (the saved
+    // node was measurable on the 0.3 ms depthwise convolutions of the benchmark).
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return args.backward(grad_output, input, weight, bias, output_mask);
+  }
+  auto grads = TiedConvBackwardFunction<Args>::apply(grad_output, input, weight, bias, args, output_mask);
+  size_t next = 0;
+  auto take = [&](int i) { return output_mask[i] ? OptionalTensor(grads.at(next++)) : std::nullopt; };
+  auto grad_input = take(0);
+  auto grad_weight = take(1);
+  auto grad_bias = take(2);
+  return {grad_input, grad_weight, grad_bias};
 }
 
 at::Tensor transform_op(const at::Tensor& source, c10::string_view name, double alpha) {
@@ -87,70 +221,6 @@ at::Tensor transform_backward_op(const at::Tensor& grad, const at::Tensor& sourc
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, double)>();
   return op.call(grad, source, name, alpha);
 }
-
-Variable or_undefined(const OptionalTensor& t) { return t.has_value() ? *t : Variable(); }
-
-bool requires_grad(const at::Tensor& t) { return t.requires_grad(); }
-bool requires_grad(const OptionalTensor& t) { return t.has_value() && t->requires_grad(); }
-
-// Whether a call with these tensor arguments records an autograd node. When it does not (inference,
-// or a backward pass without create_graph), the kernels below skip Function::apply altogether: it
-// allocates a node and a context and wraps the outputs even when nothing is recorded.
-template <typename... Tensors>
-bool records_graph(const Tensors&... tensors) {
-  return torch::autograd::GradMode::is_enabled() && (requires_grad(tensors) || ...);
-}
-
-class TiedConv2dFunction : public torch::autograd::Function<TiedConv2dFunction> {
- public:
-  static Variable forward(AutogradContext* ctx, const Variable& input, const Variable& weight,
-                          const OptionalTensor& bias, const ConvArgs& args) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    ctx->save_for_backward({input, weight, or_undefined(bias)});
-    args.save(ctx);
-    return tied_conv2d_op(input, weight, bias, args);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const OptionalTensor bias = saved[2].defined() ? OptionalTensor(saved[2]) : std::nullopt;
-    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                   bias.has_value() && ctx->needs_input_grad(2)};
-    // Through the dispatcher with autograd, so that a create_graph=True backward records the
-    // backward operator's own (refusing) autograd node instead of silently detached gradients.
-    auto [grad_input, grad_weight, grad_bias] =
-        tied_conv2d_backward_op(grad_outputs[0], saved[0], saved[1], bias, ConvArgs::load(ctx), mask);
-    return {or_undefined(grad_input), or_undefined(grad_weight), or_undefined(grad_bias), Variable()};
-  }
-};
-
-// Marks the results of a backward operator as not differentiable again: a second backward through
-// them raises instead of returning silent zeros.
-[[noreturn]] void refuse_double_backward(const char* op) {
-  TORCH_CHECK(false, "fusedtie: double backward through ", op,
-              " is not supported (a gradient of a gradient, e.g. torch.autograd.grad(..., "
-              "create_graph=True) followed by another backward). Use F.conv2d(x, f(w)) for "
-              "second-order gradients.");
-}
-
-class TiedConv2dBackwardFunction : public torch::autograd::Function<TiedConv2dBackwardFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Variable& grad_output, const Variable& input,
-                               const Variable& weight, const OptionalTensor& bias, const ConvArgs& args,
-                               std::array<bool, 3> mask) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [gi, gw, gb] = tied_conv2d_backward_op(grad_output, input, weight, bias, args, mask);
-    // A custom function's outputs must be defined: return the requested gradients only, in order.
-    variable_list requested;
-    for (const OptionalTensor& g : {gi, gw, gb}) {
-      if (g.has_value()) requested.push_back(*g);
-    }
-    return requested;
-  }
-  static variable_list backward(AutogradContext*, variable_list) {
-    refuse_double_backward("fusedtie::tied_conv2d");
-  }
-};
 
 class TransformFunction : public torch::autograd::Function<TransformFunction> {
  public:
@@ -182,24 +252,27 @@ class TransformBackwardFunction : public torch::autograd::Function<TransformBack
   }
 };
 
-ConvArgs make_args(c10::string_view transform, double alpha, c10::string_view bias_transform,
-                   double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
-                   at::IntArrayRef dilation, int64_t groups) {
+Conv2dArgs conv2d_args(c10::string_view transform, double alpha, c10::string_view bias_transform,
+                       double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups) {
   return {std::string(transform), alpha, std::string(bias_transform), bias_alpha, stride.vec(),
           padding.vec(), dilation.vec(), groups};
+}
+
+ConvTranspose2dArgs conv_transpose2d_args(c10::string_view transform, double alpha, at::IntArrayRef stride,
+                                          at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                          at::IntArrayRef dilation, int64_t groups) {
+  return {std::string(transform), alpha, stride.vec(), padding.vec(), output_padding.vec(), dilation.vec(),
+          groups};
 }
 
 at::Tensor tied_conv2d_autograd(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
                                 c10::string_view transform, double alpha, c10::string_view bias_transform,
                                 double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef dilation, int64_t groups) {
-  const ConvArgs args =
-      make_args(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups);
-  if (!records_graph(input, weight, bias)) {  // inference: no node, no context, no saved tensors
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return tied_conv2d_op(input, weight, bias, args);
-  }
-  return TiedConv2dFunction::apply(input, weight, bias, args);
+  return tied_conv_autograd(
+      input, weight, bias,
+      conv2d_args(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups));
 }
 
 GradTriple tied_conv2d_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,
@@ -209,25 +282,30 @@ GradTriple tied_conv2d_backward_autograd(const at::Tensor& grad_output, const at
                                          at::IntArrayRef stride, at::IntArrayRef padding,
                                          at::IntArrayRef dilation, int64_t groups,
                                          std::array<bool, 3> output_mask) {
-  if (!records_graph(grad_output, input, weight, bias)) {
-    // The usual case, a backward pass without create_graph: nothing to refuse later (the saved
-    // node was measurable on the 0.3 ms depthwise convolutions of the benchmark).
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return tied_conv2d_backward_op(
-        grad_output, input, weight, bias,
-        make_args(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups),
-        output_mask);
-  }
-  auto grads = TiedConv2dBackwardFunction::apply(
+  return tied_conv_backward_autograd(
       grad_output, input, weight, bias,
-      make_args(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups),
-      output_mask);
-  size_t next = 0;
-  auto take = [&](int i) { return output_mask[i] ? OptionalTensor(grads.at(next++)) : std::nullopt; };
-  auto grad_input = take(0);
-  auto grad_weight = take(1);
-  auto grad_bias = take(2);
-  return {grad_input, grad_weight, grad_bias};
+      conv2d_args(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups), output_mask);
+}
+
+at::Tensor tied_conv_transpose2d_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                          const OptionalTensor& bias, c10::string_view transform, double alpha,
+                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                          at::IntArrayRef output_padding, at::IntArrayRef dilation,
+                                          int64_t groups) {
+  return tied_conv_autograd(
+      input, weight, bias,
+      conv_transpose2d_args(transform, alpha, stride, padding, output_padding, dilation, groups));
+}
+
+GradTriple tied_conv_transpose2d_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,
+                                                   const at::Tensor& weight, const OptionalTensor& bias,
+                                                   c10::string_view transform, double alpha,
+                                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                                   at::IntArrayRef output_padding, at::IntArrayRef dilation,
+                                                   int64_t groups, std::array<bool, 3> output_mask) {
+  return tied_conv_backward_autograd(
+      grad_output, input, weight, bias,
+      conv_transpose2d_args(transform, alpha, stride, padding, output_padding, dilation, groups), output_mask);
 }
 
 at::Tensor transform_autograd(const at::Tensor& source, c10::string_view name, double alpha) {
@@ -248,6 +326,8 @@ at::Tensor transform_backward_autograd(const at::Tensor& grad, const at::Tensor&
 TORCH_LIBRARY_IMPL(fusedtie, Autograd, m) {
   m.impl("tied_conv2d", &tied_conv2d_autograd);
   m.impl("_tied_conv2d_backward", &tied_conv2d_backward_autograd);
+  m.impl("tied_conv_transpose2d", &tied_conv_transpose2d_autograd);
+  m.impl("_tied_conv_transpose2d_backward", &tied_conv_transpose2d_backward_autograd);
   m.impl("transform", &transform_autograd);
   m.impl("_transform_backward", &transform_backward_autograd);
 }

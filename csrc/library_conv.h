@@ -2,7 +2,9 @@
 // The convolution on the derived weight through ATen (at::convolution and
 // at::convolution_backward: oneDNN on the CPU, cuDNN on CUDA), shared by every backend's "library"
 // algorithm: at::convolution pads symmetrically, so an asymmetric padding (padding="same" with even
-// kernels) is padded explicitly by its remainder, and the input gradient cropped back.
+// kernels) is padded explicitly by its remainder, and the input gradient cropped back. The
+// transposed convolution (tied_conv_transpose2d) has only symmetric padding and takes this path on
+// every backend, with the backend's elementwise passes for f(W) and the chain rule (TransformPasses).
 #include <ATen/ATen.h>
 
 #include <array>
@@ -11,6 +13,7 @@
 #include <vector>
 
 #include "conv_params.h"
+#include "conv_transpose_params.h"
 
 namespace fusedtie {
 
@@ -35,6 +38,18 @@ inline at::Tensor crop_input_gradient(at::Tensor grad_input, const at::Tensor& i
   return grad_input.contiguous(input.suggest_memory_format());
 }
 
+// at::convolution_backward, given the bias's channel count rather than its sizes (it wants them only
+// when the bias gradient is asked for).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward_with_bias_channels(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, int64_t bias_channels,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+    at::IntArrayRef output_padding, int64_t groups, std::array<bool, 3> output_mask) {
+  const std::vector<int64_t> bias_sizes{bias_channels};
+  return at::convolution_backward(grad_output, input, weight,
+                                  output_mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride,
+                                  padding, dilation, transposed, output_padding, groups, output_mask);
+}
+
 inline at::Tensor library_conv2d_forward(const at::Tensor& input, const at::Tensor& derived_weight,
                                          const std::optional<at::Tensor>& derived_bias, const TiedConv2dParams& p) {
   return at::convolution(pad_asymmetric_remainder(input, p), derived_weight, derived_bias, p.stride,
@@ -47,13 +62,65 @@ inline at::Tensor library_conv2d_forward(const at::Tensor& input, const at::Tens
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> library_conv2d_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p,
     std::array<bool, 3> output_mask) {
-  const std::vector<int64_t> bias_sizes{weight.size(0)};
-  auto [grad_input, grad_weight, grad_bias] = at::convolution_backward(
-      grad_output, pad_asymmetric_remainder(input, p), weight,
-      output_mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, p.stride, p.symmetric_part(),
-      p.dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups, output_mask);
+  auto [grad_input, grad_weight, grad_bias] = convolution_backward_with_bias_channels(
+      grad_output, pad_asymmetric_remainder(input, p), weight, /*bias_channels=*/weight.size(0), p.stride,
+      p.symmetric_part(), p.dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups, output_mask);
   if (output_mask[0]) grad_input = crop_input_gradient(grad_input, input, p);
   return {grad_input, grad_weight, grad_bias};
+}
+
+// --- tied_conv_transpose2d ---------------------------------------------------------------------
+//
+// Fused CUDA kernels for the transposed convolution are out of scope (the input gradient of a
+// convolution is a transposed convolution, so fused_conv2d's input-gradient kernel could serve its
+// forward one day); every backend runs this library path: one f(W) pass, the library's transposed
+// convolution, one chain-rule pass.
+
+// A backend's elementwise passes: f(source) for a weight that the convolution consumes before the
+// call returns (so the CPU may use its scratch buffer), and grad * f'(source) in grad's memory.
+struct TransformPasses {
+  at::Tensor (*transform_for_conv)(const at::Tensor& source, const TransformSpec& spec);
+  at::Tensor (*chain_rule_in_place)(at::Tensor grad, const at::Tensor& source, const TransformSpec& spec);
+};
+
+// dL/dW_src = f'(W_src) * dL/df(W), laid out like the source weight. grad_weight must be a fresh
+// tensor of the caller's (a convolution's gradient): the chain rule overwrites it.
+inline at::Tensor weight_gradient_through_transform(const at::Tensor& grad_weight, const at::Tensor& weight,
+                                                    const TransformSpec& spec, const TransformPasses& passes) {
+  return (spec.is_identity() ? grad_weight : passes.chain_rule_in_place(grad_weight, weight, spec))
+      .contiguous(weight.suggest_memory_format());
+}
+
+inline at::Tensor tied_conv_transpose2d_library(const at::Tensor& input, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias,
+                                                const TiedConvTranspose2dParams& p, const TransformPasses& passes) {
+  const at::Tensor derived_weight =
+      p.weight_transform.is_identity() ? weight : passes.transform_for_conv(weight, p.weight_transform);
+  return at::convolution(input, derived_weight, bias, p.stride, p.padding, p.dilation, /*transposed=*/true,
+                         p.output_padding, p.groups);
+}
+
+// (dL/dx, dL/dW_src, dL/db) for the entries of output_mask that are true, None elsewhere; each
+// laid out in its tensor's suggested memory format (the fake kernel's rule).
+inline std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
+tied_conv_transpose2d_backward_library(const at::Tensor& grad_output, const at::Tensor& input,
+                                       const at::Tensor& weight, const TiedConvTranspose2dParams& p,
+                                       std::array<bool, 3> output_mask, const TransformPasses& passes) {
+  // f(W) is recomputed rather than saved, and only for the input gradient: the weight gradient
+  // reads W's shape alone, so the source weight stands in when the input gradient is not wanted.
+  const at::Tensor weight_for_conv = (output_mask[0] && !p.weight_transform.is_identity())
+                                         ? passes.transform_for_conv(weight, p.weight_transform)
+                                         : weight;
+  auto [grad_input, grad_weight, grad_bias] = convolution_backward_with_bias_channels(
+      grad_output, input, weight_for_conv, /*bias_channels=*/weight.size(1) * p.groups, p.stride, p.padding,
+      p.dilation, /*transposed=*/true, p.output_padding, p.groups, output_mask);
+  std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
+  if (output_mask[0]) grad_input_out = grad_input.contiguous(input.suggest_memory_format());
+  if (output_mask[1]) {
+    grad_weight_out = weight_gradient_through_transform(grad_weight, weight, p.weight_transform, passes);
+  }
+  if (output_mask[2]) grad_bias_out = grad_bias.contiguous();
+  return {grad_input_out, grad_weight_out, grad_bias_out};
 }
 
 }  // namespace fusedtie

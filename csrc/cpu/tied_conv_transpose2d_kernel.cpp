@@ -1,0 +1,48 @@
+// CPU implementation of fusedtie::tied_conv_transpose2d (the decoder of a tied autoencoder):
+// f(W) in one parallel vectorised pass into this thread's scratch buffer, the transposed
+// convolution by ATen (at::convolution with transposed=true: oneDNN), and the chain rule
+// dL/dW_src = f'(W_src) * dL/df(W) as one pass over the weight gradient. The library path itself is
+// shared with the CUDA backend (library_conv.h); fusedtie's GEMM and depthwise kernels are for the
+// forward convolution only.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../conv_transpose_params.h"
+#include "../library_conv.h"
+#include "transform_tensors.h"
+
+namespace fusedtie {
+namespace {
+
+// f(W) lives in the scratch buffer: the convolution consumes it before the operator returns.
+constexpr TransformPasses kCpuPasses{&apply_transform_to_scratch, &apply_chain_rule_in_place};
+
+at::Tensor tied_conv_transpose2d_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, c10::string_view transform, double alpha,
+                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                     at::IntArrayRef dilation, int64_t groups) {
+  const auto p =
+      TiedConvTranspose2dParams::from_schema(transform, alpha, stride, padding, output_padding, dilation, groups);
+  p.check(input, weight, bias);
+  return tied_conv_transpose2d_library(input, weight, bias, p, kCpuPasses);
+}
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
+tied_conv_transpose2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, c10::string_view transform, double alpha,
+                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                   at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+  const auto p =
+      TiedConvTranspose2dParams::from_schema(transform, alpha, stride, padding, output_padding, dilation, groups);
+  p.check_backward(grad_output, input, weight, bias, output_mask);
+  return tied_conv_transpose2d_backward_library(grad_output, input, weight, p, output_mask, kCpuPasses);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedtie, CPU, m) {
+  m.impl("tied_conv_transpose2d", &tied_conv_transpose2d_cpu);
+  m.impl("_tied_conv_transpose2d_backward", &tied_conv_transpose2d_backward_cpu);
+}
+
+}  // namespace fusedtie
