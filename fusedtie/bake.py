@@ -1,4 +1,5 @@
-"""fusedtie.bake(model): a deployable copy with every tie replaced by a plain nn.Conv2d holding f(W)."""
+"""fusedtie.bake(model): a deployable copy with every tie replaced by a plain nn.Conv2d (or
+nn.ConvTranspose2d) holding f(W)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import copy
 
 from torch import nn
 
-from .nn import FusedTiedConv2d, _remove_source_hooks
+from .nn import _remove_source_hooks, _TiedLayer
 
 # The hooks a user may have registered on a tied layer that run around its forward or backward;
 # the baked conv takes them over, so a model with, say, a feature-extraction hook behaves the same.
@@ -17,9 +18,12 @@ _CALL_HOOK_ATTRIBUTES = (
 
 
 def bake(model: nn.Module) -> nn.Module:
-    r"""A deep copy of ``model`` in which every :class:`FusedTiedConv2d` is a plain ``nn.Conv2d``.
+    r"""A deep copy of ``model`` in which every :class:`FusedTiedConv2d` is a plain ``nn.Conv2d``
+    and every :class:`FusedTiedConvTranspose2d` a plain ``nn.ConvTranspose2d``.
 
-    Each tied layer becomes the ``nn.Conv2d`` of :meth:`FusedTiedConv2d.to_conv2d`: f(W) and g(b)
+    Each tied layer becomes the ``nn.Conv2d`` of :meth:`FusedTiedConv2d.to_conv2d` (the
+    ``nn.ConvTranspose2d`` of :meth:`FusedTiedConvTranspose2d.to_conv_transpose2d`, with a copy of
+    that layer's own bias): f(W) and g(b)
     computed once from the source's current values and stored as that conv's own parameters, with
     the layer's geometry (``padding_mode`` included), dtype, device, training flag, ``requires_grad``
     and forward/backward hooks. Everything else is the deep copy: the sources stay (with their own
@@ -33,7 +37,7 @@ def bake(model: nn.Module) -> nn.Module:
     The baked weights are a snapshot: training the baked model trains the copies independently (the
     source and the baked conv are no longer tied), so bake for deployment, after training.
 
-    ``model`` may itself be a :class:`FusedTiedConv2d`; the result is then an ``nn.Conv2d``.
+    ``model`` may itself be a tied layer; the result is then its plain counterpart.
 
     Example::
 
@@ -44,15 +48,15 @@ def bake(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedtie.bake takes an nn.Module, got {type(model).__name__}")
     copied = copy.deepcopy(model)
-    if isinstance(copied, FusedTiedConv2d):
+    if isinstance(copied, _TiedLayer):
         root = _baked(copied)
         _remove_source_hooks(root)
         return root
-    baked: dict[int, nn.Conv2d] = {}  # one conv per tied layer, however many names it has
+    baked: dict[int, nn.Module] = {}  # one conv per tied layer, however many names it has
     # remove_duplicate=False: a layer registered under two names is replaced under both.
     for parent in list(copied.modules()):
         for name, child in list(parent._modules.items()):
-            if isinstance(child, FusedTiedConv2d):
+            if isinstance(child, _TiedLayer):
                 if id(child) not in baked:
                     baked[id(child)] = _baked(child)
                 parent._modules[name] = baked[id(child)]
@@ -61,9 +65,10 @@ def bake(model: nn.Module) -> nn.Module:
     return copied
 
 
-def _baked(layer: FusedTiedConv2d) -> nn.Conv2d:
-    """``layer.to_conv2d()`` with the layer's call hooks moved onto the conv."""
-    conv = layer.to_conv2d()
+def _baked(layer: _TiedLayer) -> nn.Module:
+    """The layer's plain counterpart (``to_conv2d()``, ``to_conv_transpose2d()``) with the layer's
+    call hooks moved onto it."""
+    conv = layer._untied()
     for name in _CALL_HOOK_ATTRIBUTES:
         hooks = layer.__dict__.get(name)
         if hooks:

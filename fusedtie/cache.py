@@ -1,6 +1,6 @@
 """Opt-in reuse of the derived weight f(W) across calls: ``with fusedtie.cached(): ...``.
 
-Without the scope every call of a FusedTiedConv2d computes f(W) again (one pass over W), which is
+Without the scope every call of a FusedTiedConv2d (or FusedTiedConvTranspose2d) computes f(W) again (one pass over W), which is
 what keeps the tie exact while W trains. In inference the weights usually do not change between
 calls, and that pass is pure overhead on weight-heavy layers; inside ``cached()`` each layer computes
 f(W) (and g(b)) at its first call and reuses it until the scope ends.
@@ -47,7 +47,10 @@ _entries: "weakref.WeakKeyDictionary[nn.Module, _Entry]" = weakref.WeakKeyDictio
 
 @contextlib.contextmanager
 def cached(*modules: nn.Module) -> Iterator[None]:
-    """Reuse each FusedTiedConv2d's f(W) across calls that need no gradient, until the scope exits.
+    """Reuse each fusedtie layer's f(W) across calls that need no gradient, until the scope exits.
+
+    The layers are FusedTiedConv2d (f(W) and g(b)) and FusedTiedConvTranspose2d (f(W); its bias is
+    its own parameter and needs no derivation).
 
     With no arguments every FusedTiedConv2d is cached; ``cached(backbone, head)`` caches only the
     fusedtie layers inside those modules (for example a frozen part of a model that also trains).

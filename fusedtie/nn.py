@@ -1,4 +1,8 @@
-"""FusedTiedConv2d: a conv layer whose weight is f(source.weight), owning no parameters."""
+"""Layers tied to an nn.Conv2d source: FusedTiedConv2d (weight f(source.weight), owning no
+parameters) and FusedTiedConvTranspose2d (the decoder of a tied autoencoder: conv_transpose2d with
+f(source.weight), owning only its bias). The tie machinery they share (the source as submodule,
+state_dict without duplicate keys, checkpoints of either layout, cycle checks, geometry fixed at
+construction) is _TiedLayer's."""
 
 from __future__ import annotations
 
@@ -12,19 +16,162 @@ from torch import Tensor, nn
 
 from .cache import is_caching
 from .cache import lookup as cache_lookup
-from .ops import TransformLike, _pair, apply_transform, normalize_padding, run_tied_conv2d
+from .ops import (
+    TransformLike,
+    _check_output_padding,
+    _pair,
+    apply_transform,
+    normalize_padding,
+    run_tied_conv2d,
+    run_tied_conv_transpose2d,
+)
 from .transforms import Transform
 
 _BIAS_MODES = ("same", "transform", None)
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-_SLOT = "source."  # the state_dict prefix of the source inside a FusedTiedConv2d
-_FIXED_AT_CONSTRUCTION = frozenset({
-    "source", "transform", "bias_mode", "in_channels", "out_channels", "kernel_size", "stride", "padding",
-    "dilation", "groups", "padding_mode",
-})
+_SLOT = "source."  # the state_dict prefix of the source inside a tied layer
 
 
-class FusedTiedConv2d(nn.Module):
+class _TiedLayer(nn.Module):
+    """What every layer tied to an ``nn.Conv2d`` source shares.
+
+    The source is the registered submodule ``source`` (so ``.to()``, deepcopy, ``torch.save`` and
+    ``parameters()`` see one set of tensors); ``state_dict()`` writes it once (see the bookkeeping
+    below); the attributes in ``_DERIVED_ATTRIBUTES`` read from the source and cannot be assigned;
+    those in ``_FIXED_AT_CONSTRUCTION`` are normalised once in ``__init__`` and cannot change.
+    A subclass calls ``_check_source`` before ``nn.Module.__init__`` and ``_attach_source`` last.
+    """
+
+    _DERIVED_ATTRIBUTES: frozenset = frozenset()
+    _FIXED_AT_CONSTRUCTION: frozenset = frozenset()
+
+    @classmethod
+    def _check_source(cls, source) -> None:
+        if isinstance(source, _TiedLayer):
+            article = "another" if type(source) is cls else "a"
+            raise TypeError(
+                f"the source of a {cls.__name__} must be an nn.Conv2d that owns its parameters, got "
+                f"{article} {type(source).__name__}; tie to its source instead (ties cannot chain or form cycles)"
+            )
+        if not isinstance(source, nn.Conv2d):
+            hint = ""
+            if isinstance(source, nn.modules.conv._ConvTransposeNd):
+                hint = " (the forward convolution whose weight is tied, not a transposed one)"
+            raise TypeError(f"{cls.__name__} ties to an nn.Conv2d source{hint}, got {type(source).__name__}")
+        if isinstance(source.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                "the source is a lazy conv whose weight is not initialised yet; run one forward "
+                "pass through it before tying"
+            )
+
+    def _attach_source(self, source: nn.Conv2d) -> None:
+        """Registers the source and the state_dict hooks, and fixes the geometry (call it last)."""
+        self.source = source
+        _install_source_hooks(source)
+        self.register_load_state_dict_post_hook(_derived_loaded)
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name, value):
+        cls = type(self).__name__
+        if name in self._DERIVED_ATTRIBUTES:
+            raise AttributeError(
+                f"{cls}.{name} is derived from its source and cannot be assigned; "
+                f"assign the source's instead (layer.source.{name})"
+            )
+        if getattr(self, "_frozen", False) and name in self._FIXED_AT_CONSTRUCTION:
+            # The operator's arguments are normalised once in __init__; a later change would be
+            # silently ignored, so it is refused.
+            raise AttributeError(f"{cls}.{name} is fixed at construction; build a new {cls} instead")
+        super().__setattr__(name, value)
+
+    def _source_weight(self) -> Tensor:
+        """The source's weight as it is now: read from the module's dictionary when it is a plain
+        parameter (nn.Module attribute access costs 1-2 us), else by attribute (a parametrized one)."""
+        weight = self._modules["source"]._parameters.get("weight")
+        return self._modules["source"].weight if weight is None else weight
+
+    def _untied(self) -> nn.Module:
+        """The plain PyTorch layer with f(W) baked in (what :func:`fusedtie.bake` puts in its place)."""
+        raise NotImplementedError
+
+    # --- a source that holds its own tied layer ------------------------------------------------------
+    #
+    # A conv that registers a tie to itself as its submodule (``self.mirror = FusedTiedConv2d(self)``
+    # in a Conv2d subclass) makes the module tree a cycle: source -> mirror -> source. nn.Module's
+    # recursive methods would recurse until Python's limit; the entry points below, which nn.Module
+    # reaches on this layer before it recurses into the source, say so instead.
+
+    def _name_inside_source(self) -> Optional[str]:
+        """The path of this layer inside its own source, if the source holds it (a cycle)."""
+        for name, module in self._modules["source"].named_modules():
+            if module is self:
+                return name
+        return None
+
+    def _check_no_cycle(self, action: str) -> None:
+        name = self._name_inside_source()
+        if name is not None:
+            source = self._modules["source"]
+            raise RuntimeError(
+                f"cannot {action}: this {type(self).__name__} is registered inside its own source "
+                f"({type(source).__name__}, as its submodule '{name}'), so the module tree is a cycle "
+                f"(source -> {name} -> source) that nn.Module's recursive methods cannot walk; "
+                f"register the tied layer beside its source (on a common parent), not inside it"
+            )
+
+    def train(self, mode: bool = True):
+        self._check_no_cycle("train()/eval()")
+        return super().train(mode)
+
+    def apply(self, fn):
+        self._check_no_cycle("apply()")
+        return super().apply(fn)
+
+    def _apply(self, fn, recurse=True):
+        self._check_no_cycle("convert or move the module (to(), double(), to_empty(), ...)")
+        return super()._apply(fn, recurse)
+
+    def __repr__(self) -> str:
+        name = self._name_inside_source()
+        if name is not None:  # repr should describe, not raise
+            return (f"{self._get_name()}({self.extra_repr()}, source=<the "
+                    f"{type(self._modules['source']).__name__} that holds this layer as '{name}': a cycle>)")
+        return super().__repr__()
+
+    # --- state_dict without duplicate keys ----------------------------------------------------------
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        self._check_no_cycle("state_dict()")
+        # Called by a parent, the source may also be saved under its own name elsewhere in the same
+        # state_dict; the source's hook then keeps that entry and drops ours (see _source_saved).
+        if destination is not None:
+            book = _save_book(destination)
+            if book is not None:
+                book.slot_prefixes.add(prefix + _SLOT)
+        return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        self._check_no_cycle("load_state_dict()")
+        slot = prefix + _SLOT
+        book = _load_book(missing_keys)
+        book.slots.add(slot)
+        if not any(key.startswith(slot) for key in state_dict):
+            # The checkpoint stores the source under its own name (or nowhere). Let the source's
+            # visit through this layer load its current values onto itself, and report the keys
+            # missing only if no other visit loads the source in this call (see _derived_loaded).
+            book.placeholder_slots.add(slot)
+            own = self.source.state_dict(keep_vars=True)
+            for key, value in own.items():
+                state_dict[slot + key] = value
+            book.placeholders[id(self)] = (id(self.source), [slot + key for key in own])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+
+
+class FusedTiedConv2d(_TiedLayer):
     r"""A 2-D convolution whose weight is ``f(source.weight)``: the tie as one fused operator.
 
     Args:
@@ -49,6 +196,12 @@ class FusedTiedConv2d(nn.Module):
         >>> y = conv_2(conv_1(torch.randn(1, 16, 300, 300)))
     """
 
+    _DERIVED_ATTRIBUTES = frozenset({"weight", "bias"})
+    _FIXED_AT_CONSTRUCTION = frozenset({
+        "source", "transform", "bias_mode", "in_channels", "out_channels", "kernel_size", "stride", "padding",
+        "dilation", "groups", "padding_mode",
+    })
+
     def __init__(
         self,
         source: nn.Conv2d,
@@ -64,20 +217,7 @@ class FusedTiedConv2d(nn.Module):
         out_channels: Optional[int] = None,
         kernel_size=None,
     ) -> None:
-        if isinstance(source, FusedTiedConv2d):
-            raise TypeError(
-                "the source of a FusedTiedConv2d must be an nn.Conv2d that owns its parameters, got "
-                "another FusedTiedConv2d; tie to its source instead (ties cannot chain or form cycles)"
-            )
-        if not isinstance(source, nn.Conv2d):
-            raise TypeError(
-                f"FusedTiedConv2d ties to an nn.Conv2d source, got {type(source).__name__}"
-            )
-        if isinstance(source.weight, nn.parameter.UninitializedParameter):
-            raise ValueError(
-                "the source is a lazy conv whose weight is not initialised yet; run one forward "
-                "pass through it before tying"
-            )
+        self._check_source(source)
         super().__init__()
         t = Transform.parse(transform)
         if bias is False:
@@ -153,10 +293,7 @@ class FusedTiedConv2d(nn.Module):
         )
         # The same call on tensors that are already f(W) and g(b) (fusedtie.cached()'s path).
         self._op_args_derived = ("identity", 1.0, "identity", 1.0) + self._op_args[4:]
-        self.source = source
-        _install_source_hooks(source)
-        self.register_load_state_dict_post_hook(_derived_loaded)
-        object.__setattr__(self, "_frozen", True)
+        self._attach_source(source)
 
     # --- the derived tensors ----------------------------------------------------------------------
 
@@ -173,20 +310,6 @@ class FusedTiedConv2d(nn.Module):
             return None
         return source_bias if self.bias_mode == "same" else apply_transform(source_bias, self.transform)
 
-    def __setattr__(self, name, value):
-        if name in ("weight", "bias"):
-            raise AttributeError(
-                f"FusedTiedConv2d.{name} is derived from its source and cannot be assigned; "
-                f"assign the source's instead (layer.source.{name})"
-            )
-        if getattr(self, "_frozen", False) and name in _FIXED_AT_CONSTRUCTION:
-            # The operator's arguments are normalised once in __init__; a later change would be
-            # silently ignored, so it is refused.
-            raise AttributeError(
-                f"FusedTiedConv2d.{name} is fixed at construction; build a new FusedTiedConv2d instead"
-            )
-        super().__setattr__(name, value)
-
     def reset_parameters(self) -> None:
         raise RuntimeError(
             "FusedTiedConv2d owns no parameters: its weight is f(source.weight). Reset the source "
@@ -200,14 +323,11 @@ class FusedTiedConv2d(nn.Module):
         access costs about 1-2 us a lookup, three of them a call, which is a tenth of the layer's
         fixed cost. A parametrized (or otherwise computed) weight falls back to attribute access.
         """
-        source = self._modules["source"]
-        params = source._parameters
-        weight = params.get("weight")
-        if weight is None:
-            weight = source.weight
+        weight = self._source_weight()
         if self.bias_mode is None:
             return weight, None
-        bias = params["bias"] if "bias" in params else source.bias
+        source = self._modules["source"]
+        bias = source._parameters["bias"] if "bias" in source._parameters else source.bias
         return weight, bias
 
     def forward(self, input: Tensor) -> Tensor:
@@ -255,6 +375,9 @@ class FusedTiedConv2d(nn.Module):
                 conv.bias.requires_grad_(source_bias.requires_grad)
         return conv.train(self.training)
 
+    def _untied(self) -> nn.Conv2d:
+        return self.to_conv2d()
+
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
              f"stride={self.stride}, transform={self.transform}, bias={self.bias_mode!r}")
@@ -268,79 +391,214 @@ class FusedTiedConv2d(nn.Module):
             s += f", padding_mode={self.padding_mode!r}"
         return s
 
-    # --- a source that holds its own tied layer ------------------------------------------------------
-    #
-    # A conv that registers a tie to itself as its submodule (``self.mirror = FusedTiedConv2d(self)``
-    # in a Conv2d subclass) makes the module tree a cycle: source -> mirror -> source. nn.Module's
-    # recursive methods would recurse until Python's limit; the entry points below, which nn.Module
-    # reaches on this layer before it recurses into the source, say so instead.
 
-    def _name_inside_source(self) -> Optional[str]:
-        """The path of this layer inside its own source, if the source holds it (a cycle)."""
-        for name, module in self._modules["source"].named_modules():
-            if module is self:
-                return name
-        return None
+class FusedTiedConvTranspose2d(_TiedLayer):
+    r"""A transposed 2-D convolution whose weight is ``f(source.weight)``: a tied decoder.
 
-    def _check_no_cycle(self, action: str) -> None:
-        name = self._name_inside_source()
-        if name is not None:
-            source = self._modules["source"]
-            raise RuntimeError(
-                f"cannot {action}: this FusedTiedConv2d is registered inside its own source "
-                f"({type(source).__name__}, as its submodule '{name}'), so the module tree is a cycle "
-                f"(source -> {name} -> source) that nn.Module's recursive methods cannot walk; "
-                f"register the tied layer beside its source (on a common parent), not inside it"
+    Computes ``F.conv_transpose2d(x, f(W), b, stride, padding, output_padding, groups, dilation)``
+    with W the weight of an encoder ``nn.Conv2d`` (``source``), so that ``decoder(encoder(x))`` has
+    x's shape for matching geometry: it maps the source's ``out_channels`` back to its
+    ``in_channels``.
+
+    Args:
+        source: the ``nn.Conv2d`` (the encoder layer) that owns the weight.
+        transform: f, a name from :func:`fusedtie.available_transforms` or a
+            :class:`fusedtie.Transform`; ``"identity"`` (the default) is the classic tied
+            autoencoder, W^T as the decoder.
+        bias: whether the layer has a bias of its own (``out_channels`` values, initialised as
+            ``nn.ConvTranspose2d``'s). It is this layer's parameter, not derived from the source.
+        stride, padding, dilation, groups: default to the source's (``padding="same"`` of an odd
+            kernel becomes its symmetric padding, ``"valid"`` 0).
+        output_padding: the extra rows/columns on the bottom/right, as ``nn.ConvTranspose2d``'s (for
+            a stride-2 encoder with an even input size, ``output_padding=1`` restores the size), or
+            give ``output_size`` to ``forward``.
+        padding_mode: only ``"zeros"``, as ``nn.ConvTranspose2d`` (the source's is not inherited).
+
+    The tie is FusedTiedConv2d's: the layer owns no weight, ``parameters()`` of a network holding
+    both layers yields the source's weight once (plus this layer's bias), ``state_dict()`` has the
+    source's keys only under the source's own name (``source.*`` when the layer is used alone),
+    and deepcopy, ``torch.save``/``load`` and ``.to()`` keep the tie.
+
+    Example::
+
+        >>> encoder = nn.Conv2d(3, 16, 4, stride=2, padding=1)
+        >>> decoder = fusedtie.FusedTiedConvTranspose2d(encoder)         # weight = encoder.weight
+        >>> x = torch.randn(8, 3, 32, 32)
+        >>> decoder(torch.relu(encoder(x))).shape                        # torch.Size([8, 3, 32, 32])
+    """
+
+    _DERIVED_ATTRIBUTES = frozenset({"weight"})
+    _FIXED_AT_CONSTRUCTION = frozenset({
+        "source", "transform", "in_channels", "out_channels", "kernel_size", "stride", "padding",
+        "output_padding", "dilation", "groups", "padding_mode",
+    })
+
+    def __init__(
+        self,
+        source: nn.Conv2d,
+        transform: TransformLike = "identity",
+        bias: bool = True,
+        *,
+        stride=None,
+        padding=None,
+        output_padding=0,
+        dilation=None,
+        groups: Optional[int] = None,
+        padding_mode: str = "zeros",
+    ) -> None:
+        self._check_source(source)
+        super().__init__()
+        t = Transform.parse(transform)
+        if not isinstance(bias, bool):
+            raise TypeError(
+                f"bias must be True or False (whether the layer has a bias of its own), got {bias!r}"
             )
+        if padding_mode != "zeros":
+            raise ValueError(
+                f'Only "zeros" padding mode is supported for FusedTiedConvTranspose2d (as for '
+                f"nn.ConvTranspose2d), got {padding_mode!r}"
+            )
+        groups = source.groups if groups is None else groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+            raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        # The source's (out_channels, in_channels/groups, kH, kW) is a transposed convolution's
+        # (in_channels, out_channels/groups, kH, kW).
+        w_in, w_out_per_group, kh, kw = source.weight.shape
+        if w_in % groups != 0:
+            raise ValueError(
+                f"cannot use groups={groups}: the source weight {list(source.weight.shape)} gives "
+                f"{w_in} input channels, and in_channels must be divisible by groups"
+            )
+        stride = _pair(source.stride if stride is None else stride, "stride")
+        dilation = _pair(source.dilation if dilation is None else dilation, "dilation")
+        for name, value in (("stride", stride), ("dilation", dilation)):
+            if min(value) <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        padding = _symmetric_padding(source.padding if padding is None else padding, (kh, kw), dilation)
+        output_padding = _pair(output_padding, "output_padding")
+        _check_output_padding(output_padding, stride, dilation)
 
-    def train(self, mode: bool = True):
-        self._check_no_cycle("train()/eval()")
-        return super().train(mode)
+        object.__setattr__(self, "_frozen", False)
+        self.transform = t
+        self.in_channels = w_in
+        self.out_channels = w_out_per_group * groups
+        self.kernel_size = (kh, kw)
+        self.stride = stride
+        self.padding = padding
+        self.output_padding = output_padding
+        self.dilation = dilation
+        self.groups = groups
+        self.padding_mode = padding_mode
+        if bias:
+            self.bias = nn.Parameter(
+                torch.empty(self.out_channels, dtype=source.weight.dtype, device=source.weight.device)
+            )
+            self._init_bias()
+        else:
+            self.register_parameter("bias", None)
+        self._attach_source(source)
 
-    def apply(self, fn):
-        self._check_no_cycle("apply()")
-        return super().apply(fn)
+    @property
+    def weight(self) -> Tensor:
+        """f(source.weight), differentiable with respect to the source."""
+        return apply_transform(self.source.weight, self.transform)
 
-    def _apply(self, fn, recurse=True):
-        self._check_no_cycle("convert or move the module (to(), double(), to_empty(), ...)")
-        return super()._apply(fn, recurse)
+    def _init_bias(self) -> None:
+        # nn.ConvTranspose2d's rule: uniform in +-1/sqrt(fan_in), fan_in = weight.size(1) * kH * kW.
+        fan_in = (self.out_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
+        bound = 1 / fan_in**0.5 if fan_in > 0 else 0.0
+        with torch.no_grad():
+            self.bias.uniform_(-bound, bound)
 
-    def __repr__(self) -> str:
-        name = self._name_inside_source()
-        if name is not None:  # repr should describe, not raise
-            return (f"{self._get_name()}({self.extra_repr()}, source=<the "
-                    f"{type(self._modules['source']).__name__} that holds this layer as '{name}': a cycle>)")
-        return super().__repr__()
+    def reset_parameters(self) -> None:
+        """Re-initialises the layer's own bias (as ``nn.ConvTranspose2d`` does); the weight is the
+        source's, reset through the source (``layer.source.reset_parameters()``)."""
+        if self.bias is not None:
+            self._init_bias()
 
-    # --- state_dict without duplicate keys ----------------------------------------------------------
+    def _op_args(self, output_padding: tuple[int, int], transform: Transform) -> tuple:
+        return (transform.name, transform.op_alpha, self.stride, self.padding, output_padding, self.dilation,
+                self.groups)
 
-    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        self._check_no_cycle("state_dict()")
-        # Called by a parent, the source may also be saved under its own name elsewhere in the same
-        # state_dict; the source's hook then keeps that entry and drops ours (see _source_saved).
-        if destination is not None:
-            book = _save_book(destination)
-            if book is not None:
-                book.slot_prefixes.add(prefix + _SLOT)
-        return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+    def forward(self, input: Tensor, output_size: Optional[list[int]] = None) -> Tensor:
+        """``output_size`` picks the output padding that gives that size, as ``nn.ConvTranspose2d``."""
+        if output_size is None:
+            output_padding = self.output_padding
+        else:
+            # nn.ConvTranspose2d's own computation (and messages), on this layer's geometry.
+            output_padding = tuple(nn.modules.conv._ConvTransposeNd._output_padding(
+                self, input, output_size, list(self.stride), list(self.padding), list(self.kernel_size),
+                2, list(self.dilation)))
+        weight = self._source_weight()
+        bias = self._parameters["bias"]
+        if is_caching():
+            derived = cache_lookup(self, weight, bias, self._derive)
+            if derived is not None:
+                return run_tied_conv_transpose2d(input, derived[0], derived[1],
+                                                 self._op_args(output_padding, _IDENTITY))
+        return run_tied_conv_transpose2d(input, weight, bias, self._op_args(output_padding, self.transform))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        self._check_no_cycle("load_state_dict()")
-        slot = prefix + _SLOT
-        book = _load_book(missing_keys)
-        book.slots.add(slot)
-        if not any(key.startswith(slot) for key in state_dict):
-            # The checkpoint stores the source under its own name (or nowhere). Let the source's
-            # visit through this layer load its current values onto itself, and report the keys
-            # missing only if no other visit loads the source in this call (see _derived_loaded).
-            book.placeholder_slots.add(slot)
-            own = self.source.state_dict(keep_vars=True)
-            for key, value in own.items():
-                state_dict[slot + key] = value
-            book.placeholders[id(self)] = (id(self.source), [slot + key for key in own])
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+    def _derive(self, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """(f(W), b) for the cache of :func:`fusedtie.cached`; the bias is the layer's own."""
+        return apply_transform(weight, self.transform), bias
+
+    def to_conv_transpose2d(self) -> nn.ConvTranspose2d:
+        """A plain ``nn.ConvTranspose2d`` with f(W) baked in and a copy of this layer's bias
+        (untied, for export and deployment): this layer's geometry and training flag, the source's
+        dtype and device, ``requires_grad`` as the source weight's and the bias's. A snapshot now;
+        :func:`fusedtie.bake` does this for a whole model."""
+        with torch.no_grad():
+            source_weight = self._source_weight()
+            weight = apply_transform(source_weight, self.transform)
+        bias = self.bias
+        conv = nn.ConvTranspose2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+            output_padding=self.output_padding, groups=self.groups, bias=bias is not None,
+            dilation=self.dilation, device=weight.device, dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            conv.weight.requires_grad_(source_weight.requires_grad)
+            if bias is not None:
+                conv.bias.copy_(bias)
+                conv.bias.requires_grad_(bias.requires_grad)
+        return conv.train(self.training)
+
+    def _untied(self) -> nn.ConvTranspose2d:
+        return self.to_conv_transpose2d()
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, transform={self.transform}, bias={self.bias is not None}")
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.output_padding != (0, 0):
+            s += f", output_padding={self.output_padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s
+
+
+_IDENTITY = Transform("identity")
+
+
+def _symmetric_padding(padding, kernel_size: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:
+    """A transposed convolution's (symmetric) padding from an int, a pair, or a source's string."""
+    if isinstance(padding, str):
+        top, bottom, left, right = normalize_padding(padding, kernel_size, (1, 1), dilation)
+        if (top, left) != (bottom, right):
+            raise ValueError(
+                f"padding={padding!r} pads the {kernel_size[0]}x{kernel_size[1]} kernel asymmetrically "
+                f"(top, bottom, left, right = {top}, {bottom}, {left}, {right}), which a transposed "
+                "convolution cannot express; give padding= explicitly"
+            )
+        return (top, left)
+    pair = _pair(padding, "padding")
+    if min(pair) < 0:
+        raise ValueError(f"negative padding is not supported, got {padding!r}")
+    return pair
 
 
 # --- bookkeeping for state_dict() and load_state_dict() across a whole module tree -----------------
@@ -458,7 +716,7 @@ def _source_loading(module, state_dict, prefix, local_metadata, strict, missing_
                     unexpected_keys, error_msgs):
     """Every visit of a tied source during load_state_dict, except through a placeholder slot."""
     for inner in module.modules():  # a source holding its own tied layer: say so before recursing
-        if isinstance(inner, FusedTiedConv2d):
+        if isinstance(inner, _TiedLayer):
             inner._check_no_cycle("load_state_dict()")
     book = _load_book(missing_keys)
     if prefix in book.placeholder_slots:
