@@ -31,7 +31,8 @@ using GradTriple = std::tuple<OptionalTensor, OptionalTensor, OptionalTensor>;
 // The non-tensor arguments of one convolution operator and its backward, carried between them as
 // one value, with the two operator calls they complete. Each provides save/load (the autograd
 // context), forward(input, weight, bias), backward(grad_output, input, weight, bias, output_mask),
-// kOpName and kUnfusedRecipe (named in the double-backward error); the autograd functions below are written once for both operators.
+// kOpName and kUnfusedRecipe (named in the double-backward error); the autograd functions below
+// are written once for both operators.
 struct Conv2dArgs {
   static constexpr const char* kOpName = "fusedtie::tied_conv2d";
   static constexpr const char* kUnfusedRecipe = "F.conv2d(x, f(w))";

@@ -1,9 +1,9 @@
 """Opt-in reuse of the derived weight f(W) across calls: ``with fusedtie.cached(): ...``.
 
-Without the scope every call of a FusedTiedConv2d (or FusedTiedConvTranspose2d) computes f(W) again (one pass over W), which is
-what keeps the tie exact while W trains. In inference the weights usually do not change between
-calls, and that pass is pure overhead on weight-heavy layers; inside ``cached()`` each layer computes
-f(W) (and g(b)) at its first call and reuses it until the scope ends.
+Without the scope every call of a FusedTiedConv2d (or FusedTiedConvTranspose2d) computes f(W) again
+(one pass over W), which is what keeps the tie exact while W trains. In inference the weights usually
+do not change between calls, and that pass is pure overhead on weight-heavy layers; inside
+``cached()`` each layer computes f(W) (and g(b)) at its first call and reuses it until the scope ends.
 
 When a cached value is reused, and when it is not:
 - Reused only for calls that record no autograd graph (``torch.no_grad()``, ``inference_mode()``,

@@ -169,8 +169,6 @@ class _TiedLayer(nn.Module):
                                       unexpected_keys, error_msgs)
 
 
-
-
 class FusedTiedConv2d(_TiedLayer):
     r"""A 2-D convolution whose weight is ``f(source.weight)``: the tie as one fused operator.
 
