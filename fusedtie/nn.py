@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._fsdp import check_source_not_sharded
 from .cache import is_caching
 from .cache import lookup as cache_lookup
 from .ops import (
@@ -89,6 +90,11 @@ class _TiedLayer(nn.Module):
         parameter (nn.Module attribute access costs 1-2 us), else by attribute (a parametrized one)."""
         weight = self._modules["source"]._parameters.get("weight")
         return self._modules["source"].weight if weight is None else weight
+
+    def _check_not_sharded(self, weight: Tensor, input: Tensor) -> None:
+        """A clear error when FSDP2 hands this layer a shard of its source's weight (fusedtie/_fsdp.py)."""
+        if type(weight) is not nn.Parameter:  # plain parameters (the common case) cannot be shards
+            check_source_not_sharded(self, self._modules["source"], weight, input)
 
     def _untied(self) -> nn.Module:
         """The plain PyTorch layer with f(W) baked in (what :func:`fusedtie.bake` puts in its place)."""
@@ -337,6 +343,7 @@ class FusedTiedConv2d(_TiedLayer):
                 )
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
         weight, bias = self._source_tensors()
+        self._check_not_sharded(weight, input)
         if is_caching():
             derived = cache_lookup(self, weight, bias, self._derive)
             if derived is not None:
@@ -528,6 +535,7 @@ class FusedTiedConvTranspose2d(_TiedLayer):
                 self, input, output_size, list(self.stride), list(self.padding), list(self.kernel_size),
                 2, list(self.dilation)))
         weight = self._source_weight()
+        self._check_not_sharded(weight, input)
         bias = self._parameters["bias"]
         if is_caching():
             derived = cache_lookup(self, weight, bias, self._derive)

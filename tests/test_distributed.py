@@ -297,12 +297,14 @@ def test_fsdp2_tie_within_one_group_matches_one_process(distributed, layout):
 def test_fsdp2_tie_across_groups_raises(distributed):
     """The tied layer and its source sharded as separate groups (FSDP2 defaults): after the source's
     forward its group reshards, so the tied layer would read a shard (a DTensor) of the source weight.
-    It must raise, never compute with the shard. Today the error is DTensor's ("got mixed
-    torch.Tensor and DTensor"), which does not name the two modules."""
+    It must raise, never compute with the shard, and say which tie broke (both modules by their
+    path in the model) and how to fix it."""
     for rank, result in enumerate(distributed["_fsdp_split"]):
         assert "error" not in result, f"rank {rank} failed:\n{result.get('traceback', result.get('error'))}"
-        assert result["raised"] is not None, f"rank {rank}: a tie across FSDP groups ran without an error"
-        assert "DTensor" in result["message"], result["message"]
+        assert result["raised"] == "RuntimeError", f"rank {rank}: {result}"
+        message = result["message"]
+        assert "'block1.tied'" in message and "'block1.conv'" in message, message
+        assert "reshard_after_forward=False" in message and "one group" in message, message
 
 
 def test_fsdp2_tie_across_groups_without_reshard_is_correct(distributed):
