@@ -8,8 +8,14 @@ the transform inside the convolution and the chain rule inside its backward.
 from ._library import LIB as _LIB
 from .bake import bake
 from .cache import cached
-from .nn import FusedTiedConv2d
-from .ops import apply_transform, tied_conv2d, use_cpu_conv_algorithm, use_cuda_conv_algorithm
+from .nn import FusedTiedConv2d, FusedTiedConvTranspose2d
+from .ops import (
+    apply_transform,
+    tied_conv2d,
+    tied_conv_transpose2d,
+    use_cpu_conv_algorithm,
+    use_cuda_conv_algorithm,
+)
 from .transforms import Transform, available_transforms, transform_table
 
 __version__ = "0.1.0"
@@ -17,6 +23,7 @@ cuda_compiled: bool = bool(_LIB.cuda_compiled)
 
 __all__ = [
     "FusedTiedConv2d",
+    "FusedTiedConvTranspose2d",
     "Transform",
     "apply_transform",
     "bake",
@@ -24,6 +31,7 @@ __all__ = [
     "available_transforms",
     "cuda_compiled",
     "tied_conv2d",
+    "tied_conv_transpose2d",
     "transform_table",
     "use_cpu_conv_algorithm",
     "use_cuda_conv_algorithm",
