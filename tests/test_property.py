@@ -374,38 +374,13 @@ def _masks(t):
     return {"nan": torch.isnan(t), "+inf": torch.isposinf(t), "-inf": torch.isneginf(t)}
 
 
-def _known_nonfinite_divergence(algorithm, dtype, where):
-    """Where fusedtie's NaN/Inf pattern is known to differ from F.conv2d's here (torch 2.13, these
-    shapes): the reason, for a strict xfail, or None. Only a non-finite *weight* is affected."""
-    if where != "weight":
-        return None
-    # On the test's geometry "auto" picks the depthwise kernel.
-    padding_forward = (
-        "forward: fusedtie's gemm and depthwise kernels multiply the zero padding by the weight, so a "
-        "non-finite tap gives NaN (0 * Inf, 0 * NaN) in border outputs, as PyTorch's own im2col path "
-        "does (float64, and float32 for some shapes); for this float32 shape PyTorch picks oneDNN, "
-        "which skips the padding, and those outputs stay finite")
-    depthwise_input_grad = (
-        "input gradient: the depthwise kernel multiplies the weight by the zero-padded grad_output, so "
-        "a non-finite tap gives NaN at input pixels that no output reads through that tap (the last "
-        "row/column for the top-left tap); every PyTorch path leaves those finite")
-    reasons = []
-    if algorithm in ("gemm", "depthwise", "auto") and dtype == torch.float32:
-        reasons.append(padding_forward)
-    if algorithm in ("depthwise", "auto"):
-        reasons.append(depthwise_input_grad)
-    return "; ".join(reasons) or None
-
-
 def _nonfinite_params():
     params = []
     for algorithm in ALGORITHMS:
         for dtype in (torch.float32, torch.float64):
             for where, value in (("weight", "nan"), ("weight", "inf"), ("weight", "-inf"), ("input", "nan"),
                                  ("input", "inf"), ("input", "-inf"), ("bias", "nan"), ("bias", "-inf")):
-                reason = _known_nonfinite_divergence(algorithm, dtype, where)
-                marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-                params.append(pytest.param(algorithm, dtype, where, value, marks=marks,
+                params.append(pytest.param(algorithm, dtype, where, value,
                                            id=f"{algorithm}-{str(dtype)[6:]}-{where}-{value}"))
     return params
 

@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <numeric>
 #include <vector>
 
@@ -272,22 +274,32 @@ struct TaskBuffers {
   // The input plane padded; the output gradient padded by the kernel's extent (input gradient);
   // the output gradient at the padded input's row width (weight gradient).
   PaddedPlane<T> input, grad, grad_rows;
-  int64_t taps_channel = -1, flipped_channel = -1;  // whose taps `taps` and `flipped` hold
+  int64_t taps_channel = -1, flipped_channel = -1;  // whose taps current_taps and `flipped` hold
+  const T* current_taps = nullptr;  // channel taps_channel's taps: in `taps`, or the source (identity)
+  bool taps_finite = true;          // whether every tap this task loaded was finite (depthwise_conv2d.h)
 };
 
 // Output channel c's kh*kw weights as the convolution uses them: f(W) computed by the shared
 // transform pass as the task loads them (once per channel and task), or the source for identity.
+// Loading a channel also notes whether its taps are finite: kh*kw compares per channel and task, the
+// whole cost of the rule for non-finite values (tied_conv2d_kernel.cpp) in the forward and the input
+// gradient.
 template <typename T>
 const T* channel_taps(const T* weight, int64_t c, int64_t num_taps, const TransformSpec& spec,
                       TaskBuffers<T>& buffers) {
-  const T* source = weight + c * num_taps;
-  if (spec.is_identity()) return source;
   if (buffers.taps_channel != c) {
-    cpu_transform_passes().forward(spec.kind, c10::CppTypeToScalarType<T>::value, source, buffers.taps.data(),
-                                   num_taps, spec.alpha);
+    const T* source = weight + c * num_taps;
+    if (!spec.is_identity()) {
+      cpu_transform_passes().forward(spec.kind, c10::CppTypeToScalarType<T>::value, source, buffers.taps.data(),
+                                     num_taps, spec.alpha);
+    }
+    const T* taps = spec.is_identity() ? source : buffers.taps.data();
+    buffers.taps_finite =
+        buffers.taps_finite && std::all_of(taps, taps + num_taps, [](T v) { return std::isfinite(v); });
+    buffers.current_taps = taps;
     buffers.taps_channel = c;
   }
-  return buffers.taps.data();
+  return buffers.current_taps;
 }
 
 // One input plane as the forward and the weight gradient read it: padded when the convolution pads,
@@ -393,8 +405,10 @@ bool depthwise_applies(const at::Tensor& input, const at::Tensor& weight, const 
 }
 
 at::Tensor depthwise_conv2d_forward(const at::Tensor& input, const at::Tensor& source_weight,
-                                    const std::optional<at::Tensor>& bias, const TiedConv2dParams& p) {
+                                    const std::optional<at::Tensor>& bias, const TiedConv2dParams& p,
+                                    bool* taps_finite) {
   const DepthwiseGeometry g(input, source_weight, p);
+  std::atomic<bool> all_taps_finite{true};
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   const at::Tensor bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
   const std::vector<int64_t> offsets = g.tap_offsets(g.has_padding() ? g.padded_w : g.in_w);
@@ -413,15 +427,18 @@ at::Tensor depthwise_conv2d_forward(const at::Tensor& input, const at::Tensor& s
                       b != nullptr ? b[c] : scalar_t(0), o + (n * g.out_channels + c) * g.out_plane(), g,
                       offsets, buffers);
       }
+      if (!buffers.taps_finite) all_taps_finite.store(false, std::memory_order_relaxed);
     });
   });
+  *taps_finite = all_taps_finite.load();
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& source_weight,
-    const TiedConv2dParams& p, std::array<bool, 3> output_mask) {
+    const TiedConv2dParams& p, std::array<bool, 3> output_mask, bool* taps_finite) {
   const DepthwiseGeometry g(input, source_weight, p);
+  std::atomic<bool> all_taps_finite{true};
   const at::Tensor grad = grad_output.contiguous();
   at::Tensor grad_input, grad_weight, grad_bias;
   if (output_mask[0]) grad_input = at::empty_like(input);
@@ -465,8 +482,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward(
                             p.weight_transform.alpha);
         }
       }
+      if (!buffers.taps_finite) all_taps_finite.store(false, std::memory_order_relaxed);
     });
   });
+  *taps_finite = all_taps_finite.load();
   return {grad_input, grad_weight, grad_bias};
 }
 

@@ -4,9 +4,11 @@
 // pass over the weight gradient. Depthwise convolutions may instead run the fused depthwise kernel
 // (depthwise_conv2d.h), which applies f and f' inside the convolution, with no pass over W.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 
 #include "../conv_params.h"
@@ -97,6 +99,67 @@ CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& wei
   return CpuConvAlgorithm::kLibrary;
 }
 
+// ---- NaN and Inf: one rule for the gemm and depthwise kernels.
+// Those kernels multiply zeros that they insert themselves by the other operand, where the library
+// (oneDNN in float32) skips those positions: im2col's zero padding and the depthwise kernel's
+// zero-padded planes (forward: padding x f(W); weight gradient: padding x grad_output), the depthwise
+// input gradient's zero margins (margin x f(W)) and the zero columns between rows of its flat weight
+// gradient loop (zero x input). With finite operands the extra products are exactly 0 and change
+// nothing; with a non-finite one they are NaN (0 * Inf), which the library's result need not have.
+// So a fast result is exact (equal to the library's up to rounding) when the operand its inserted
+// zeros multiply is all finite, or when the result itself is all finite (then every product was);
+// where neither holds, the library computes that result, whose NaN/Inf pattern is F.conv2d's because
+// F.conv2d runs the same at::convolution (in float32 oneDNN keeps the border outputs finite; in
+// float64 PyTorch's im2col path gives NaN there too; the fallback agrees with either).
+// Each result takes the cheaper of the two tests, so finite data pays next to nothing:
+//   gemm output:           the output is finite (it is small where gemm wins: the weight-heavy
+//                          shapes), tested only when the call pads (unpadded im2col, pointwise
+//                          included, inserts no zeros);
+//   gemm weight gradient:  grad_output is finite (as small), tested first, only when the call pads;
+//   gemm input gradient:   always exact (col2im drops the products at padded positions);
+//   depthwise output and input gradient: every f(W) tap is finite, which the kernel notes as it
+//                          loads each channel's taps (no pass of its own);
+//   depthwise weight gradient: the result (kh*kw values per channel) is finite;
+//   bias gradients:        always exact (sums of grad_output).
+// A non-finite value costs the fast kernel's work and then the library's; finite data is the case to
+// keep fast. Measured on finite data, before against after this rule (3x3, float32, one thread's CPU
+// time on a shared 2-core machine, 30 interleaved pairs from 3 fresh process pairs; median paired
+// ratio after/before): depthwise 256 x 28x28 b1/b8, 512 x 14x14 b1, 256 x 10x10 b1: inference
+// 0.98-1.02, training 1.01-1.05; gemm 512 x 7x7 b1/b8, 256 x 14x14 b1, 1x1 1024->256 14x14 b1:
+// 0.99-1.01; every interquartile range spans 1.0. The noise floor: the same build on both sides gave
+// 0.96-1.10 on the same cases.
+
+bool pads(const TiedConv2dParams& p) {
+  return std::any_of(p.padding.begin(), p.padding.end(), [](int64_t side) { return side > 0; });
+}
+
+// Whether every element of `t` is finite: x - x is 0 for finite x and NaN for Inf and NaN, and a
+// NaN survives the sum. Lanes the compiler turns into vector registers; no temporary tensor.
+template <typename T>
+bool all_finite(const T* data, int64_t n) {
+  constexpr int kLanes = 64 / sizeof(T);
+  T lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += data[i + l] - data[i + l];
+  }
+  T sum = 0;
+  for (; i < n; ++i) sum += data[i] - data[i];
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  return sum == 0;
+}
+
+bool all_finite(const at::Tensor& t) {
+  if (!t.is_contiguous()) return at::isfinite(t).all().item<bool>();  // an expanded grad_output, say
+  return AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fusedtie_all_finite",
+                                    [&] { return all_finite(t.const_data_ptr<scalar_t>(), t.numel()); });
+}
+
+// f(W) as a tensor, for the gemm and library algorithms.
+at::Tensor derived_weight(const at::Tensor& weight, const TiedConv2dParams& p) {
+  return p.weight_transform.is_identity() ? weight : apply_transform_to_scratch(weight, p.weight_transform);
+}
+
 at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, c10::string_view transform,
                            double alpha, c10::string_view bias_transform, double bias_alpha,
@@ -110,18 +173,20 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
     derived_bias = p.bias_transform.is_identity() ? *bias : apply_transform(*bias, p.bias_transform);
   }
   const CpuConvAlgorithm algorithm = choose_algorithm(input, weight, p);
-  // The depthwise kernel applies f itself, as it loads each channel's weights.
+  // The depthwise kernel applies f itself, as it loads each channel's weights. Its result, and the
+  // GEMM's, stands unless the rule for non-finite values above sends the call to the library.
   if (algorithm == CpuConvAlgorithm::kDepthwise) {
-    return depthwise_conv2d_forward(input, weight, derived_bias, p);
+    bool taps_finite = true;
+    at::Tensor out = depthwise_conv2d_forward(input, weight, derived_bias, p, &taps_finite);
+    if (taps_finite) return out;
   }
-  const at::Tensor derived_weight = p.weight_transform.is_identity()
-                                        ? weight
-                                        : apply_transform_to_scratch(weight, p.weight_transform);
+  const at::Tensor weight_for_conv = derived_weight(weight, p);
   if (algorithm == CpuConvAlgorithm::kGemm) {
-    return gemm_conv2d_forward(pad_asymmetric_remainder(input, p), derived_weight, derived_bias, p.stride,
-                               p.symmetric_part(), p.dilation);
+    at::Tensor out = gemm_conv2d_forward(pad_asymmetric_remainder(input, p), weight_for_conv, derived_bias,
+                                         p.stride, p.symmetric_part(), p.dilation);
+    if (!pads(p) || all_finite(out)) return out;
   }
-  return library_conv2d_forward(input, derived_weight, derived_bias, p);
+  return library_conv2d_forward(input, weight_for_conv, derived_bias, p);
 }
 
 // dL/db_src from dL/d g(b), a fresh tensor of the convolution's (so the chain rule runs in place).
@@ -129,6 +194,32 @@ at::Tensor bias_chain_rule(const at::Tensor& grad_bias, const at::Tensor& bias, 
   return (p.bias_transform.is_identity() ? grad_bias
                                          : apply_chain_rule_in_place(grad_bias, bias, p.bias_transform))
       .contiguous();
+}
+
+// (dL/dx, dL/dW_src, dL/d g(b)) by the gemm or the library algorithm, undefined where output_mask is
+// false. f(W) is recomputed rather than saved by the forward: one pass over W, no memory held
+// between forward and backward. It is needed only for the input gradient; the weight gradient reads
+// W's shape alone, so the source weight stands in when the input gradient is not wanted.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_or_library_backward(
+    CpuConvAlgorithm algorithm, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const TiedConv2dParams& p, std::array<bool, 3> output_mask) {
+  const at::Tensor weight_for_conv = output_mask[0] ? derived_weight(weight, p) : weight;
+  auto [grad_input, grad_weight, grad_bias] =
+      algorithm == CpuConvAlgorithm::kGemm
+          ? gemm_conv2d_backward(grad_output, pad_asymmetric_remainder(input, p), weight_for_conv, p.stride,
+                                 p.symmetric_part(), p.dilation, output_mask)
+          : library_conv2d_backward(grad_output, input, weight_for_conv, p, output_mask);
+  if (output_mask[0] && algorithm == CpuConvAlgorithm::kGemm) {
+    grad_input = crop_input_gradient(grad_input, input, p);
+  }
+  if (output_mask[1]) {
+    // grad_weight is a fresh tensor from convolution_backward, so the chain rule runs in place.
+    grad_weight = (p.weight_transform.is_identity()
+                       ? grad_weight
+                       : apply_chain_rule_in_place(grad_weight, weight, p.weight_transform))
+                      .contiguous(weight.suggest_memory_format());
+  }
+  return {grad_input, grad_weight, grad_bias};
 }
 
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
@@ -141,40 +232,35 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                                                padding, dilation, groups);
   p.check_backward(grad_output, input, weight, bias, output_mask);
   const CpuConvAlgorithm algorithm = choose_algorithm(input, weight, p);
-  std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
+  at::Tensor grad_input, grad_weight, grad_bias;  // dL/dx, dL/dW_src, dL/d g(b)
+  // The gradients the library computes after all (the rule for non-finite values above).
+  std::array<bool, 3> by_library{false, false, false};
   if (algorithm == CpuConvAlgorithm::kDepthwise) {
     // The depthwise kernel applies f to the weights it reads and the chain rule to the weight
     // gradient it writes, and handles every padding itself.
-    auto [grad_input, grad_weight, grad_bias] =
-        depthwise_conv2d_backward(grad_output, input, weight, p, output_mask);
-    if (output_mask[0]) grad_input_out = grad_input;
-    if (output_mask[1]) grad_weight_out = grad_weight;
-    if (output_mask[2]) grad_bias_out = bias_chain_rule(grad_bias, *bias, p);
-    return {grad_input_out, grad_weight_out, grad_bias_out};
+    bool taps_finite = true;
+    std::tie(grad_input, grad_weight, grad_bias) =
+        depthwise_conv2d_backward(grad_output, input, weight, p, output_mask, &taps_finite);
+    by_library[0] = output_mask[0] && !taps_finite;
+    by_library[1] = output_mask[1] && !all_finite(grad_weight);
+  } else if (algorithm == CpuConvAlgorithm::kGemm) {
+    by_library[1] = output_mask[1] && pads(p) && !all_finite(grad_output);
+    std::tie(grad_input, grad_weight, grad_bias) =
+        gemm_or_library_backward(algorithm, grad_output, input, weight, p,
+                                 {output_mask[0], output_mask[1] && !by_library[1], output_mask[2]});
+  } else {
+    by_library = output_mask;  // the library algorithm: every gradient
   }
-
-  // f(W) is recomputed rather than saved by the forward: one pass over W, no memory held between
-  // forward and backward. It is needed only for the input gradient; the weight gradient reads W's
-  // shape alone, so the source weight stands in when the input gradient is not wanted.
-  const at::Tensor weight_for_conv =
-      (output_mask[0] && !p.weight_transform.is_identity())
-          ? apply_transform_to_scratch(weight, p.weight_transform)
-          : weight;
-  auto [grad_input, grad_weight, grad_bias] =
-      algorithm == CpuConvAlgorithm::kGemm
-          ? gemm_conv2d_backward(grad_output, pad_asymmetric_remainder(input, p), weight_for_conv, p.stride,
-                                 p.symmetric_part(), p.dilation, output_mask)
-          : library_conv2d_backward(grad_output, input, weight_for_conv, p, output_mask);
-  if (output_mask[0]) {
-    grad_input_out = algorithm == CpuConvAlgorithm::kGemm ? crop_input_gradient(grad_input, input, p) : grad_input;
+  if (by_library[0] || by_library[1] || by_library[2]) {
+    auto [library_input, library_weight, library_bias] =
+        gemm_or_library_backward(CpuConvAlgorithm::kLibrary, grad_output, input, weight, p, by_library);
+    if (by_library[0]) grad_input = library_input;
+    if (by_library[1]) grad_weight = library_weight;
+    if (by_library[2]) grad_bias = library_bias;
   }
-  if (output_mask[1]) {
-    // grad_weight is a fresh tensor from convolution_backward, so the chain rule runs in place.
-    grad_weight_out = (p.weight_transform.is_identity()
-                           ? grad_weight
-                           : apply_chain_rule_in_place(grad_weight, weight, p.weight_transform))
-                          .contiguous(weight.suggest_memory_format());
-  }
+  std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
+  if (output_mask[0]) grad_input_out = grad_input;
+  if (output_mask[1]) grad_weight_out = grad_weight;
   if (output_mask[2]) grad_bias_out = bias_chain_rule(grad_bias, *bias, p);
   return {grad_input_out, grad_weight_out, grad_bias_out};
 }
