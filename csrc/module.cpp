@@ -78,7 +78,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("stages"), "Register a chain of built-in transforms, given as (name, alpha) pairs");
   m.def("_unregister_user_transform", &fusedtie::unregister_user_transform, pybind11::arg("name"),
         "Unbind a user transform's name (its creation failed after registering it)");
-  m.def("user_transform_names", &fusedtie::user_transform_names, "Registered user transforms, in order");
 #ifdef FUSEDTIE_WITH_CUDA
   m.attr("cuda_compiled") = true;
 #else

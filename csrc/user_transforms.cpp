@@ -120,9 +120,10 @@ const Entry& compiled_entry(TransformKind kind) {
 const Entry& cuda_entry(TransformKind kind) {
   const Entry& e = compiled_entry(kind);
   TORCH_CHECK_NOT_IMPLEMENTED(e.table->cuda_forward != nullptr && e.table->cuda_chain_rule != nullptr,
-                              "user transform '", e.name, "' was compiled without CUDA kernels (CUDA was not "
-                              "available when it was created, or it was created with cuda=False); create it "
-                              "with cuda=True to run it on CUDA tensors");
+                              "user transform '", e.name, "' was compiled without CUDA kernels (it was created "
+                              "with cuda=False, or where fusedtie had no CUDA or CUDA was not available); to run "
+                              "it on CUDA tensors, create it with cuda=True (under another name in this process: "
+                              "a name keeps its first definition)");
   return e;
 }
 

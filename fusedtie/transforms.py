@@ -71,7 +71,7 @@ class Transform:
 
     @classmethod
     def from_expression(cls, name: str, forward: str, derivative: str, *, cuda: Optional[bool] = None,
-                        check_domain: tuple[float, float] = (-2.0, 2.0), **params: float) -> "Transform":
+                        check_domain: Optional[tuple[float, float]] = None, **params: float) -> "Transform":
         """A user transform: f and f' as C++ expressions in ``x`` and named float parameters, compiled::
 
             cube = fusedtie.Transform.from_expression("cube", forward="x * x * x", derivative="3 * x * x")
@@ -90,8 +90,8 @@ class Transform:
 
         Raises ValueError if an expression does not compile (quoting the compiler), if the derivative
         disagrees with central differences of the forward on random points of ``check_domain``
-        (giving the worst point), or if ``name`` is a built-in or already defined otherwise in this
-        process. ``name``, ``forward``, ``derivative``, ``cuda`` and ``check_domain`` cannot be
+        ((-2, 2) by default; give one where f is defined, e.g. (0.1, 4) for ``log(x)``), giving the
+        worst point, or if ``name`` is a built-in or already defined otherwise in this process. ``name``, ``forward``, ``derivative``, ``cuda`` and ``check_domain`` cannot be
         parameter names.
         """
         from .user_transforms import from_expression

@@ -41,7 +41,8 @@ _CHECK_POINTS = 1000
 _CHECK_STEP = 1e-6
 _CHECK_ATOL = 1e-5
 _CHECK_RTOL = 1e-3
-_LOCK = threading.RLock()  # one registration at a time (a compile may take seconds; so be it)
+_CHECK_DOMAIN = (-2.0, 2.0)
+_LOCK = threading.Lock()  # one registration at a time (a compile may take seconds; so be it)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ UserDefinition = Union[ExpressionDefinition, ChainDefinition]
 
 
 def from_expression(name: str, forward: str, derivative: str, *, cuda: Optional[bool] = None,
-                    check_domain: tuple[float, float] = (-2.0, 2.0), **params: float) -> Transform:
+                    check_domain: Optional[tuple[float, float]] = None, **params: float) -> Transform:
     """A transform from C++ expressions in ``x`` for f and f', compiled; see
     :meth:`fusedtie.Transform.from_expression`."""
     if not isinstance(name, str) or not _NAME.match(name):
@@ -110,7 +111,7 @@ def from_expression(name: str, forward: str, derivative: str, *, cuda: Optional[
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"parameter {param} must be a finite real number, got {value!r}")
         values.append((param, float(value)))
-    lo, hi = (float(v) for v in check_domain)
+    lo, hi = (float(v) for v in (check_domain or _CHECK_DOMAIN))
     if not lo < hi:
         raise ValueError(f"check_domain must be (low, high) with low < high, got {check_domain!r}")
     definition = ExpressionDefinition(name, forward, derivative, tuple(values), (lo, hi),
@@ -130,7 +131,7 @@ def from_expression(name: str, forward: str, derivative: str, *, cuda: Optional[
 def chain(*stages, name: Optional[str] = None) -> Transform:
     """The composition of built-in transforms, first stage applied first; see
     :meth:`fusedtie.Transform.chain`."""
-    parsed = []
+    parsed: list[tuple[str, Optional[float]]] = []
     for stage in stages:
         if isinstance(stage, tuple):
             if len(stage) != 2:
@@ -145,10 +146,9 @@ def chain(*stages, name: Optional[str] = None) -> Transform:
         parsed.append((stage.name, stage.alpha))
     if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
         raise ValueError(f"a chain's name must be an identifier (letters, digits, _), got {name!r}")
-    stages_ = tuple(parsed)
-    definition = ChainDefinition(name or ChainDefinition.canonical_name(stages_), stages_)
+    definition = ChainDefinition(name or ChainDefinition.canonical_name(tuple(parsed)), tuple(parsed))
     return _register(definition, lambda: LIB._register_chain_transform(
-        definition.name, definition.text(), [(n, 1.0 if a is None else a) for n, a in stages_]))
+        definition.name, definition.text(), [(n, 1.0 if a is None else a) for n, a in parsed]))
 
 
 def _register(definition: UserDefinition, register, check=None) -> Transform:

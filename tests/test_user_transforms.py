@@ -356,3 +356,13 @@ def test_cuda_matches_reference(user_transform, algorithm):
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-7, atol=1e-7)
     for got, expected in zip(grads, ref_grads_fn(grad.cpu())):
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-7, atol=1e-7)
+
+
+def test_check_domain(cache_dir):
+    with pytest.raises(ValueError, match=r"transform 'log_t': the forward 'log\(x\)' is not finite anywhere on the "
+                                         r"check domain \(-2.0, -1.0\)"):
+        Transform.from_expression("log_t", forward="log(x)", derivative="1 / x", check_domain=(-2, -1))
+    log_t = Transform.from_expression("log_t", forward="log(x)", derivative="1 / x", check_domain=(0.1, 4))
+    w = torch.linspace(0.1, 4, 100, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(fusedtie.apply_transform(w, log_t), torch.log(w))
+    assert torch.autograd.gradcheck(lambda w: fusedtie.apply_transform(w, log_t), (w,))
