@@ -3,7 +3,9 @@ Transform.chain (compositions of built-ins), against float64 references written 
 
 Each distinct pair of expressions compiles once per test session (a few seconds): the libraries go
 to a session-wide cache folder (FUSEDTIE_CACHE_DIR), and the transforms are module-scoped fixtures.
-Compiled here: cube, quad, the wrong-derivative cube, and one expression that fails to compile.
+Compiled here: cube, quad, the wrong-derivative cube, log, and one expression that fails to compile.
+Registrations last for the process, so the names carry a user_ prefix that no other test uses (some
+use "cube" as their example of an unknown transform).
 """
 
 from __future__ import annotations
@@ -67,12 +69,12 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cube(cache_dir):
-    return Transform.from_expression("cube", forward="x * x * x", derivative="3 * x * x")
+    return Transform.from_expression("user_cube", forward="x * x * x", derivative="3 * x * x")
 
 
 @pytest.fixture(scope="module")
 def quad(cache_dir):
-    return Transform.from_expression("quad", forward="a * x + b * x * x", derivative="a + 2 * b * x",
+    return Transform.from_expression("user_quad", forward="a * x + b * x * x", derivative="a + 2 * b * x",
                                      a=QUAD_A, b=QUAD_B)
 
 
@@ -190,23 +192,22 @@ def test_torch_compile_fullgraph_and_opcheck(cube, tanh2):
 
 
 def test_wrong_derivative_is_a_value_error_with_the_worst_point(cache_dir):
-    with pytest.raises(ValueError, match=r"transform 'cube_wrong': the derivative '2 \* x \* x' disagrees with the "
+    with pytest.raises(ValueError, match=r"transform 'user_cube_wrong': the derivative '2 \* x \* x' disagrees with the "
                                          r"forward 'x \* x \* x' at \d+ of 1000 points.*worst at x = .*"
                                          r"central difference"):
-        Transform.from_expression("cube_wrong", forward="x * x * x", derivative="2 * x * x")
-    # nothing was left registered under the name: it can be defined correctly now (from the cache
-    # of `cube`'s expressions, which are the same)
-    with pytest.raises(ValueError, match="unknown transform 'cube_wrong'"):
-        Transform("cube_wrong")
-    assert "cube_wrong" not in fusedtie.available_transforms(include_user=True)
+        Transform.from_expression("user_cube_wrong", forward="x * x * x", derivative="2 * x * x")
+    # nothing was left registered under the name
+    with pytest.raises(ValueError, match="unknown transform 'user_cube_wrong'"):
+        Transform("user_cube_wrong")
+    assert "user_cube_wrong" not in fusedtie.available_transforms(include_user=True)
 
 
 def test_compile_error_quotes_the_compiler(cache_dir):
     with pytest.raises(ValueError, match=r"do not compile(.|\n)*forward:1:\d+: error: .*'y' was not declared") as info:
-        Transform.from_expression("broken", forward="x * y", derivative="1")
+        Transform.from_expression("user_broken", forward="x * y", derivative="1")
     assert "ninja" not in str(info.value).splitlines()[1]  # the compiler's lines, not the build tool's
-    with pytest.raises(ValueError, match="unknown transform 'broken'"):
-        Transform("broken")
+    with pytest.raises(ValueError, match="unknown transform 'user_broken'"):
+        Transform("user_broken")
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -233,10 +234,10 @@ def test_parameter_x_is_refused():
 
 def test_redefinition_names_both_definitions(monkeypatch, cube):
     calls = CompilerCalls(monkeypatch)
-    with pytest.raises(ValueError, match=r"transform 'cube' is already defined as from_expression\(forward='x \* x \* x', "
+    with pytest.raises(ValueError, match=r"transform 'user_cube' is already defined as from_expression\(forward='x \* x \* x', "
                                          r"derivative='3 \* x \* x'\); cannot redefine it as from_expression\("
                                          r"forward='x \* x', derivative='2 \* x'\)"):
-        Transform.from_expression("cube", forward="x * x", derivative="2 * x")
+        Transform.from_expression("user_cube", forward="x * x", derivative="2 * x")
     with pytest.raises(ValueError, match="'tanh' is a built-in transform"):
         Transform.chain("exp", "neg", name="tanh")
     assert calls.count == 0
@@ -245,9 +246,9 @@ def test_redefinition_names_both_definitions(monkeypatch, cube):
 def test_second_creation_does_not_compile(monkeypatch, cube, quad):
     calls = CompilerCalls(monkeypatch)
     # the same definition: the registered transform
-    assert Transform.from_expression("cube", forward="x * x * x", derivative="3 * x * x") == cube
+    assert Transform.from_expression("user_cube", forward="x * x * x", derivative="3 * x * x") == cube
     # new names for compiled expressions, other parameter values: the cached library
-    quad2 = Transform.from_expression("quad2", forward="a * x + b * x * x", derivative="a + 2 * b * x", a=-1.0, b=2.0)
+    quad2 = Transform.from_expression("user_quad2", forward="a * x + b * x * x", derivative="a + 2 * b * x", a=-1.0, b=2.0)
     assert calls.count == 0
     w = torch.randn(50, dtype=torch.float64)
     torch.testing.assert_close(fusedtie.apply_transform(w, quad2), -w + 2 * w * w)
@@ -275,7 +276,7 @@ def test_new_process_loads_the_cache_without_compiling(cube, quad):
     out = run_python("""
         import time, torch, fusedtie
         start = time.perf_counter()
-        cube = fusedtie.Transform.from_expression("cube", forward="x * x * x", derivative="3 * x * x")
+        cube = fusedtie.Transform.from_expression("user_cube", forward="x * x * x", derivative="3 * x * x")
         print(f"seconds {time.perf_counter() - start:.4f}")
         w = torch.linspace(-2, 2, 9, dtype=torch.float64)
         print(fusedtie.apply_transform(w, cube).tolist())
@@ -298,9 +299,9 @@ def test_pickle_round_trip_in_a_new_process(tmp_path, cube, quad, tanh2):
         saved = torch.load({str(path)!r}, weights_only=False)
         torch.testing.assert_close(saved["model"](saved["x"]), saved["y"], rtol=0, atol=0)
         print([str(t) for t in saved["transforms"]])
-        print(saved["transforms"][1] == fusedtie.Transform("quad"))
+        print(saved["transforms"][1] == fusedtie.Transform("user_quad"))
     """)
-    assert out.splitlines() == [str(["cube", "quad", "chain(tanh, scale(alpha=2.0))"]), "True"]
+    assert out.splitlines() == [str(["user_cube", "user_quad", "chain(tanh, scale(alpha=2.0))"]), "True"]
 
 
 def test_copy_pickle_equality_and_str(cube, quad, tanh2):
@@ -309,16 +310,16 @@ def test_copy_pickle_equality_and_str(cube, quad, tanh2):
         assert pickle.loads(pickle.dumps(t)) == t
         assert hash(Transform(t.name)) == hash(t)
         assert Transform.parse(t.name) == t
-    assert str(cube) == "cube" and str(tanh2) == "chain(tanh, scale(alpha=2.0))"
+    assert str(cube) == "user_cube" and str(tanh2) == "chain(tanh, scale(alpha=2.0))"
     assert Transform.chain("tanh", Transform("scale", alpha=2.0)) == tanh2  # the same definition
     assert Transform("scale", alpha=2.0) == pickle.loads(pickle.dumps(Transform("scale", alpha=2.0)))
 
 
 def test_tables_list_user_transforms_on_request(cube, quad, tanh2):
-    assert "cube" not in fusedtie.available_transforms()
-    assert {"cube", "quad", tanh2.name} <= set(fusedtie.available_transforms(include_user=True))
+    assert "user_cube" not in fusedtie.available_transforms()
+    assert {"user_cube", "user_quad", tanh2.name} <= set(fusedtie.available_transforms(include_user=True))
     rows = {row["name"]: row for row in fusedtie.transform_table(include_user=True)}
-    assert rows["quad"] == {"name": "quad", "forward": "a * x + b * x * x", "derivative": "a + 2 * b * x",
+    assert rows["user_quad"] == {"name": "user_quad", "forward": "a * x + b * x * x", "derivative": "a + 2 * b * x",
                             "uses_alpha": False, "builtin": False, "params": {"a": QUAD_A, "b": QUAD_B}}
     assert rows["tanh"]["builtin"] is True
     assert rows[tanh2.name]["forward"] == "chain(tanh, scale(alpha=2.0))"
@@ -329,14 +330,14 @@ def test_chain_validation(cube):
         Transform.chain("tanh")
     with pytest.raises(ValueError, match="unknown transform 'nope'"):
         Transform.chain("tanh", "nope")
-    with pytest.raises(ValueError, match="'cube' is a user transform"):
-        Transform.chain("tanh", Transform("cube"))
+    with pytest.raises(ValueError, match="'user_cube' is a user transform"):
+        Transform.chain("tanh", Transform("user_cube"))
     with pytest.raises(ValueError, match="transform 'scale' needs its constant"):
         Transform.chain("tanh", "scale")
 
 
 def test_unknown_name_in_the_operator_lists_user_transforms(cube):
-    with pytest.raises(ValueError, match="unknown transform 'nope'; valid transforms: identity.*softplus.*cube"):
+    with pytest.raises(ValueError, match="unknown transform 'nope'; valid transforms: identity.*softplus.*user_cube"):
         torch.ops.fusedtie.transform(torch.randn(3), "nope", 1.0)
 
 
@@ -359,10 +360,10 @@ def test_cuda_matches_reference(user_transform, algorithm):
 
 
 def test_check_domain(cache_dir):
-    with pytest.raises(ValueError, match=r"transform 'log_t': the forward 'log\(x\)' is not finite anywhere on the "
+    with pytest.raises(ValueError, match=r"transform 'user_log_t': the forward 'log\(x\)' is not finite anywhere on the "
                                          r"check domain \(-2.0, -1.0\)"):
-        Transform.from_expression("log_t", forward="log(x)", derivative="1 / x", check_domain=(-2, -1))
-    log_t = Transform.from_expression("log_t", forward="log(x)", derivative="1 / x", check_domain=(0.1, 4))
+        Transform.from_expression("user_log_t", forward="log(x)", derivative="1 / x", check_domain=(-2, -1))
+    log_t = Transform.from_expression("user_log_t", forward="log(x)", derivative="1 / x", check_domain=(0.1, 4))
     w = torch.linspace(0.1, 4, 100, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(fusedtie.apply_transform(w, log_t), torch.log(w))
     assert torch.autograd.gradcheck(lambda w: fusedtie.apply_transform(w, log_t), (w,))
