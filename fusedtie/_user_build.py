@@ -182,7 +182,7 @@ def build_library(forward: str, derivative: str, param_names: Sequence[str], *, 
         raise ValueError(
             f"the transform's expressions do not compile (forward: {forward!r}, derivative: {derivative!r}):\n"
             + compiler_errors(str(error))
-            + f"\n(full log: the build in {build_dir})"
+            + f"\n(the generated source and the build files are in {build_dir})"
         ) from None
     if not os.path.exists(library):
         raise RuntimeError(f"fusedtie: the build of {name} reported success but made no {library}")
