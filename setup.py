@@ -48,6 +48,9 @@ setup(
     version="0.1.0",
     description="Tie one conv layer's weights to a function of another's, fused into one operator",
     packages=["fusedtie"],
+    # The header that Transform.from_expression compiles user transforms against (the operator
+    # library includes it from here too): shipped in the wheel, since csrc/ is not.
+    package_data={"fusedtie": ["include/*.h"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.13"],
     ext_modules=[] if skip_extension else [extension],

@@ -12,16 +12,20 @@
 #include <string>
 
 #include "transforms.h"
+#include "user_transforms.h"
 
 namespace fusedtie {
 
-// Looks a transform up by name; an unknown name is a ValueError that lists the valid ones.
+// Looks a transform up by name: the built-ins, then the user transforms registered in this process
+// (user_transforms.h). An unknown name is a ValueError that lists the valid ones.
 inline TransformKind parse_transform(c10::string_view name) {
   for (const auto& info : kTransforms) {
     if (name == info.name) return info.kind;
   }
+  if (const auto user = find_user_transform(name)) return *user;
   std::ostringstream valid;
   for (int i = 0; i < kNumTransforms; ++i) valid << (i ? ", " : "") << kTransforms[i].name;
+  for (const auto& user_name : user_transform_names()) valid << ", " << user_name;
   TORCH_CHECK_VALUE(false, "unknown transform '", std::string(name), "'; valid transforms: ",
                     valid.str());
   return TransformKind::kIdentity;  // not reached: the check above throws

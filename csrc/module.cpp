@@ -3,11 +3,13 @@
 // transforms.h, so Python never keeps its own copy of that list). The only file with Python headers.
 #include <torch/extension.h>
 
+#include "conv_params.h"
 #include "cpu/conv_algorithm.h"
 #include "cpu/transform_passes.h"
 #include "cuda_settings.h"
 #include "op_calls.h"
 #include "transforms.h"
+#include "user_transforms.h"
 
 namespace {
 
@@ -39,6 +41,14 @@ at::Tensor tied_conv2d_eager(const at::Tensor& input, const at::Tensor& weight,
                                     stride, padding, dilation, groups);
 }
 
+// A chain's stages arrive as (name, alpha) pairs of built-ins.
+void register_chain(const std::string& name, const std::string& definition,
+                    const std::vector<std::pair<std::string, double>>& stages) {
+  std::vector<fusedtie::ChainStage> parsed;
+  for (const auto& [stage, alpha] : stages) parsed.push_back({fusedtie::parse_transform(stage), alpha});
+  fusedtie::register_chain_transform(name, definition, parsed);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -58,6 +68,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Forget every choice the CUDA autotune mode has made");
   m.def("cuda_autotune_cache_size", &fusedtie::autotune_cache_size,
         "How many (convolution, pass) choices the CUDA autotune mode has cached");
+  // User transforms (csrc/user_transforms.h); fusedtie/user_transforms.py is the only caller.
+  m.def("_check_user_transform", &fusedtie::check_user_transform, pybind11::arg("name"), pybind11::arg("definition"),
+        "ValueError if name cannot be defined as definition; whether it already is");
+  m.def("_register_compiled_transform", &fusedtie::register_compiled_transform, pybind11::arg("name"),
+        pybind11::arg("definition"), pybind11::arg("library_path"), pybind11::arg("params"),
+        "Register the user transform compiled into library_path, with its parameter values");
+  m.def("_register_chain_transform", &register_chain, pybind11::arg("name"), pybind11::arg("definition"),
+        pybind11::arg("stages"), "Register a chain of built-in transforms, given as (name, alpha) pairs");
+  m.def("_unregister_user_transform", &fusedtie::unregister_user_transform, pybind11::arg("name"),
+        "Unbind a user transform's name (its creation failed after registering it)");
 #ifdef FUSEDTIE_WITH_CUDA
   m.attr("cuda_compiled") = true;
 #else

@@ -27,6 +27,17 @@ enum class TransformKind : int32_t {
   kSoftplus,
 };
 
+// User transforms (csrc/user_transforms.h: compiled from expressions by fusedtie.Transform.
+// from_expression, or chains of built-ins) are kinds from kUserTransformBase up, one per registered
+// name, so a TransformSpec{kind, alpha} names either and every call site passes them on unchanged.
+// Only the CPU passes (transform_passes_impl.h) and the CUDA elementwise kernels (elementwise.cu)
+// know how to run them; dispatch_transform below does not (it would compute the identity), so the
+// fused CUDA kernels refuse them (fused_supports).
+inline constexpr int32_t kUserTransformBase = 1 << 16;
+FUSEDTIE_HOST_DEVICE constexpr bool is_user_transform(TransformKind kind) {
+  return static_cast<int32_t>(kind) >= kUserTransformBase;
+}
+
 struct TransformInfo {
   TransformKind kind;
   const char* name;

@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 
 #include "../transforms.h"
+#include "../user_transforms.h"
 #include "transform_passes.h"
 
 namespace fusedtie {
@@ -41,8 +42,11 @@ void dispatch_dtype(c10::ScalarType dtype, Fn&& fn) {
   }
 }
 
+// User transforms (user_transforms.h) are routed to their registry entry here, so every caller of
+// the passes runs them without knowing about them; their code is not compiled per ISA.
 void forward_pass(TransformKind kind, c10::ScalarType dtype, const void* in, void* out, int64_t numel,
                   double alpha) {
+  if (is_user_transform(kind)) return user_forward_pass(kind, dtype, in, out, numel);
   dispatch_dtype(dtype, [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
     dispatch_transform(kind, [&](auto transform) {
@@ -54,6 +58,7 @@ void forward_pass(TransformKind kind, c10::ScalarType dtype, const void* in, voi
 
 void chain_rule_pass(TransformKind kind, c10::ScalarType dtype, const void* grad, const void* source,
                      void* out, int64_t numel, double alpha) {
+  if (is_user_transform(kind)) return user_chain_rule_pass(kind, dtype, grad, source, out, numel);
   dispatch_dtype(dtype, [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
     dispatch_transform(kind, [&](auto transform) {

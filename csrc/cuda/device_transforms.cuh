@@ -6,6 +6,7 @@
 #include <ATen/OpMathType.h>
 
 #include "../transforms.h"
+#include "../user_transforms.h"
 
 namespace fusedtie {
 namespace cuda {
@@ -18,6 +19,31 @@ __device__ __forceinline__ T transform_forward(TransformKind kind, T x, T alpha)
 template <typename T>
 __device__ __forceinline__ T transform_derivative(TransformKind kind, T x, T alpha) {
   return dispatch_transform(kind, [&](auto transform) { return decltype(transform)::derivative(x, alpha); });
+}
+
+// A chain of built-ins (user_transforms.h), passed to a kernel by value: f_n(...f_1(x)), and its
+// derivative f_1'(x_0) * ... * f_n'(x_{n-1}) by the chain rule, composed per element.
+struct DeviceChain {
+  int count;
+  TransformKind kind[kMaxChainStages];
+  double alpha[kMaxChainStages];
+};
+
+template <typename T>
+__device__ __forceinline__ T chain_forward(const DeviceChain& chain, T x) {
+  for (int s = 0; s < chain.count; ++s) x = transform_forward<T>(chain.kind[s], x, static_cast<T>(chain.alpha[s]));
+  return x;
+}
+
+template <typename T>
+__device__ __forceinline__ T chain_derivative(const DeviceChain& chain, T x) {
+  T d = T(1);
+  for (int s = 0; s < chain.count; ++s) {
+    const T alpha = static_cast<T>(chain.alpha[s]);
+    d *= transform_derivative<T>(chain.kind[s], x, alpha);
+    x = transform_forward<T>(chain.kind[s], x, alpha);
+  }
+  return d;
 }
 
 }  // namespace cuda

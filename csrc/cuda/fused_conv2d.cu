@@ -23,7 +23,12 @@ at::Tensor channels_last_aligned(const at::Tensor& t) {
   return aligned_16(out) ? out : out.clone(at::MemoryFormat::ChannelsLast);
 }
 
-DeviceTransform device_transform(const TransformSpec& spec) { return {spec.kind, spec.alpha}; }
+// The fused kernels know the built-ins only (their dispatch_transform would compute the identity for
+// a user kind): fused_supports refuses user transforms, and this is the last line of defence.
+DeviceTransform device_transform(const TransformSpec& spec) {
+  TORCH_INTERNAL_ASSERT(!is_user_transform(spec.kind), "fusedtie: a user transform reached the fused CUDA kernels");
+  return {spec.kind, spec.alpha};
+}
 
 }  // namespace
 
@@ -60,6 +65,9 @@ ConvGeometry make_geometry(const at::Tensor& input, const at::Tensor& weight, co
 bool allow_tf32() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
 
 bool fused_supports(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
+  // User transforms run the library path: their f is an elementwise kernel of their own (or a chain
+  // composed in elementwise.cu), which these kernels cannot call while loading weight tiles.
+  if (is_user_transform(p.weight_transform.kind) || is_user_transform(p.bias_transform.kind)) return false;
   const auto dtype = input.scalar_type();
   if (!(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16)) return false;
   if (input.numel() == 0 || weight.numel() == 0) return false;
