@@ -9,7 +9,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cuh' -o -name '*.cu') $(wildcard fusedtie/include/*.h)
 CMAKE_BUILD := build/cmake
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 

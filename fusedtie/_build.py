@@ -146,7 +146,9 @@ def _jit_build() -> ModuleType:
     build_dir = _cache_dir(cuda)
     os.makedirs(build_dir, exist_ok=True)
     sources = source_files(cuda)
-    headers = glob.glob(os.path.join(SOURCE_DIR, "**", "*.h"), recursive=True)
+    headers = [f for pattern in ("*.h", "*.cuh")
+               for f in glob.glob(os.path.join(SOURCE_DIR, "**", pattern), recursive=True)]
+    headers += glob.glob(os.path.join(PACKAGE_DIR, "include", "*.h"))  # the user-transform interface
     built = glob.glob(os.path.join(build_dir, JIT_NAME + "*.so"))
     newest_input = max(os.path.getmtime(f) for f in sources + headers)
     if not built or newest_input > max(os.path.getmtime(f) for f in built):
