@@ -48,6 +48,19 @@ inline void check_transform_backward(const at::Tensor& grad, const at::Tensor& s
                    source.scalar_type(), ", got ", grad.scalar_type());
 }
 
+// The backward's own arguments, for every convolution operator: grad_output shaped, typed and
+// placed like the forward's output, and a bias gradient asked for only when there is a bias.
+inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input,
+                              at::IntArrayRef expected_size, bool has_bias, std::array<bool, 3> output_mask) {
+  TORCH_CHECK_VALUE(grad_output.sizes() == expected_size, "expected grad_output of size ", expected_size,
+                    ", got ", grad_output.sizes());
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "expected grad_output of dtype ",
+                   input.scalar_type(), ", got ", grad_output.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(), "expected grad_output on ", input.device(), ", got ",
+              grad_output.device());
+  TORCH_CHECK_VALUE(!output_mask[2] || has_bias, "output_mask asks for a bias gradient, but bias is None");
+}
+
 struct TransformSpec {
   TransformKind kind = TransformKind::kIdentity;
   double alpha = 1.0;  // only read by transforms whose table row says uses_alpha
@@ -145,20 +158,11 @@ struct TiedConv2dParams {
     }
   }
 
-  // check() plus the backward's own arguments: grad_output shaped, typed and placed like the
-  // forward's output, and a bias gradient asked for only when there is a bias.
+  // check() plus the backward's own arguments (check_grad_output).
   void check_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, std::array<bool, 3> output_mask) const {
     check(input, weight, bias);
-    const auto out_size = output_size(input, weight);
-    TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(out_size), "expected grad_output of size ",
-                      at::IntArrayRef(out_size), ", got ", grad_output.sizes());
-    TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "expected grad_output of dtype ",
-                     input.scalar_type(), ", got ", grad_output.scalar_type());
-    TORCH_CHECK(grad_output.device() == input.device(), "expected grad_output on ", input.device(),
-                ", got ", grad_output.device());
-    TORCH_CHECK_VALUE(!output_mask[2] || bias.has_value(),
-                      "output_mask asks for a bias gradient, but bias is None");
+    check_grad_output(grad_output, input, output_size(input, weight), bias.has_value(), output_mask);
   }
 
   std::array<int64_t, 4> output_size(const at::Tensor& input, const at::Tensor& weight) const {

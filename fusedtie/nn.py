@@ -96,6 +96,18 @@ class _TiedLayer(nn.Module):
         if type(weight) is not nn.Parameter:  # plain parameters (the common case) cannot be shards
             check_source_not_sharded(self, self._modules["source"], weight, input)
 
+    def _filled(self, layer: nn.Module, weight: Tensor, source_weight: Tensor, bias: Optional[Tensor],
+                source_bias: Optional[Tensor]) -> nn.Module:
+        """``layer`` (a plain conv just built with this layer's geometry) holding copies of ``weight``
+        and ``bias``, requiring grad as their sources do, in this layer's training mode."""
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.weight.requires_grad_(source_weight.requires_grad)
+            if bias is not None:
+                layer.bias.copy_(bias)
+                layer.bias.requires_grad_(source_bias.requires_grad)
+        return layer.train(self.training)
+
     def _untied(self) -> nn.Module:
         """The plain PyTorch layer with f(W) baked in (what :func:`fusedtie.bake` puts in its place)."""
         raise NotImplementedError
@@ -372,13 +384,7 @@ class FusedTiedConv2d(_TiedLayer):
             bias=bias is not None, padding_mode=self.padding_mode,
             device=weight.device, dtype=weight.dtype,
         )
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            conv.weight.requires_grad_(source_weight.requires_grad)
-            if bias is not None:
-                conv.bias.copy_(bias)
-                conv.bias.requires_grad_(source_bias.requires_grad)
-        return conv.train(self.training)
+        return self._filled(conv, weight, source_weight, bias, source_bias)
 
     def _untied(self) -> nn.Conv2d:
         return self.to_conv2d()
@@ -562,13 +568,7 @@ class FusedTiedConvTranspose2d(_TiedLayer):
             output_padding=self.output_padding, groups=self.groups, bias=bias is not None,
             dilation=self.dilation, device=weight.device, dtype=weight.dtype,
         )
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            conv.weight.requires_grad_(source_weight.requires_grad)
-            if bias is not None:
-                conv.bias.copy_(bias)
-                conv.bias.requires_grad_(bias.requires_grad)
-        return conv.train(self.training)
+        return self._filled(conv, weight, source_weight, bias, bias)
 
     def _untied(self) -> nn.ConvTranspose2d:
         return self.to_conv_transpose2d()
