@@ -168,17 +168,6 @@ void chain_chain_rule(const std::vector<ChainStage>& stages, const scalar_t* gra
   }
 }
 
-template <typename Fn>
-void dispatch_dtype(c10::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case c10::ScalarType::Float: return fn(float{});
-    case c10::ScalarType::Double: return fn(double{});
-    case c10::ScalarType::BFloat16: return fn(c10::BFloat16{});
-    case c10::ScalarType::Half: return fn(c10::Half{});
-    default: throw_unsupported_dtype(dtype);
-  }
-}
-
 }  // namespace
 
 std::optional<TransformKind> find_user_transform(c10::string_view name) {

@@ -57,3 +57,19 @@ def reference_conv2d(x, w, b, transform, bias_transform="identity", stride=1, pa
         return g[0], g[1], (g[2] if b64 is not None else None)
 
     return out.detach(), grads
+
+
+def nonfinite_mask_differences(ours_and_theirs):
+    """For (name, ours, reference) triples: one message per NaN / +Inf / -Inf mask that differs."""
+    def masks(t):
+        return {"nan": torch.isnan(t), "+inf": torch.isposinf(t), "-inf": torch.isneginf(t)}
+
+    differences = []
+    for name, ours, theirs in ours_and_theirs:
+        expected_masks = masks(theirs)
+        for kind, mask in masks(ours).items():
+            expected = expected_masks[kind]
+            if not torch.equal(mask, expected):
+                differences.append(f"{name} {kind}: fusedtie {int(mask.sum())} elements, F.conv2d "
+                                   f"{int(expected.sum())}, {int((mask != expected).sum())} differ")
+    return differences

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedtie
-from reference import reference_f
+from reference import nonfinite_mask_differences, reference_f
 
 NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
@@ -45,10 +45,6 @@ GEOMETRIES = {
 }
 ALGORITHMS = ["auto", "library", "gemm", "depthwise"]
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
-
-
-def _masks(t):
-    return {"nan": torch.isnan(t), "+inf": torch.isposinf(t), "-inf": torch.isneginf(t)}
 
 
 def _place(where, value, x, w, grad_out):
@@ -107,14 +103,9 @@ def test_nonfinite_values_propagate_like_conv2d(geometry, algorithm, dtype, wher
         out = fusedtie.tied_conv2d(params[0], params[1], params[2], transform, "identity", **kwargs)
         grads = torch.autograd.grad(out, params, grad_out)
 
-    differences = []
-    for name, ours, theirs in zip(("output", "input grad", "weight grad", "bias grad"), (out, *grads),
-                                  (ref, *ref_grads)):
-        for kind, mask in _masks(ours).items():
-            expected = _masks(theirs)[kind]
-            if not torch.equal(mask, expected):
-                differences.append(f"{name} {kind}: fusedtie {int(mask.sum())} elements, F.conv2d "
-                                   f"{int(expected.sum())}, {int((mask != expected).sum())} differ")
+    triples = list(zip(("output", "input grad", "weight grad", "bias grad"), (out, *grads), (ref, *ref_grads)))
+    differences = nonfinite_mask_differences(triples)
+    for name, ours, theirs in triples:
         finite = torch.isfinite(theirs)
         if torch.equal(torch.isfinite(ours), finite):
             torch.testing.assert_close(ours[finite], theirs[finite], **TOLERANCE[dtype], msg=lambda m: f"{name}: {m}")

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 import fusedtie
 from fusedtie import FusedTiedConv2d
-from reference import reference_conv2d, reference_f, transform_arg
+from reference import nonfinite_mask_differences, reference_conv2d, reference_f, transform_arg
 
 # PyTorch's own note on even kernels with padding="same" (the reference pads a copy, as it says)
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
@@ -370,10 +370,6 @@ def test_padding_mode_input_too_small_errors_like_conv2d(mode, padding, kernel, 
 NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
 
-def _masks(t):
-    return {"nan": torch.isnan(t), "+inf": torch.isposinf(t), "-inf": torch.isneginf(t)}
-
-
 def _nonfinite_params():
     params = []
     for algorithm in ALGORITHMS:
@@ -417,14 +413,8 @@ def test_nan_and_inf_propagate_like_conv2d(algorithm, dtype, where, value):
         out = fusedtie.tied_conv2d(ours_params[0], ours_params[1], ours_params[2], transform, bias_transform,
                                    padding=1, groups=groups)
         grads = torch.autograd.grad(out, ours_params, grad_out)
-    differences = []
-    for name, ours, theirs in zip(("output", "input grad", "weight grad", "bias grad"), (out, *grads),
-                                  (ref, *ref_grads)):
-        for kind, mask in _masks(ours).items():
-            expected = _masks(theirs)[kind]
-            if not torch.equal(mask, expected):
-                differences.append(f"{name} {kind}: fusedtie {int(mask.sum())} elements, F.conv2d "
-                                   f"{int(expected.sum())}, {int((mask != expected).sum())} differ")
+    differences = nonfinite_mask_differences(
+        zip(("output", "input grad", "weight grad", "bias grad"), (out, *grads), (ref, *ref_grads)))
     assert not differences, "; ".join(differences)
     assert torch.isfinite(ref).sum() > 0  # the check is not vacuous: some outputs stay finite
 

@@ -7,6 +7,8 @@
 // widest one the machine supports is picked at run time, as ATen picks its own kernels (the
 // ATEN_CPU_CAPABILITY environment variable forces a narrower one, for tests).
 #include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 
@@ -32,5 +34,17 @@ const TransformPasses& cpu_transform_passes();
 
 // Raises the TypeError for a dtype without a pass (defined in the portable unit).
 [[noreturn]] void throw_unsupported_dtype(c10::ScalarType dtype);
+
+// Calls fn(T{}) for the element type T of dtype (the four types every pass handles), else raises.
+template <typename Fn>
+void dispatch_dtype(c10::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return fn(float{});
+    case c10::ScalarType::Double: return fn(double{});
+    case c10::ScalarType::BFloat16: return fn(c10::BFloat16{});
+    case c10::ScalarType::Half: return fn(c10::Half{});
+    default: throw_unsupported_dtype(dtype);
+  }
+}
 
 }  // namespace fusedtie

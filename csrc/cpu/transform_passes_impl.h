@@ -31,17 +31,6 @@ void chain_rule_loop(const scalar_t* grad, const scalar_t* source, scalar_t* out
                 source, numel);
 }
 
-template <typename Fn>
-void dispatch_dtype(c10::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case c10::ScalarType::Float: return fn(float{});
-    case c10::ScalarType::Double: return fn(double{});
-    case c10::ScalarType::BFloat16: return fn(c10::BFloat16{});
-    case c10::ScalarType::Half: return fn(c10::Half{});
-    default: throw_unsupported_dtype(dtype);
-  }
-}
-
 // User transforms (user_transforms.h) are routed to their registry entry here, so every caller of
 // the passes runs them without knowing about them; their code is not compiled per ISA.
 void forward_pass(TransformKind kind, c10::ScalarType dtype, const void* in, void* out, int64_t numel,
