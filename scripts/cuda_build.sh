@@ -7,12 +7,12 @@
 #              out of place: `setup.py build --build-base build-cuda`, so the package and its _C
 #              land together in build-cuda/lib/fusedtie/ (the in-place fusedtie/_C*.so and build/
 #              of `make test` are never touched); ptxas -v on, log in build-cuda/build.log
-#   3. import  asserts fusedtie.cuda_compiled and that fusedtie._C is build-cuda's
+#   3. import  asserts fusedtie.cuda_compiled, that fusedtie._C is build-cuda's, and a CUDA kernel for every op
 #   4. tests   the whole pytest suite (tests/) against it; GPU tests skip without a GPU
 #   5. report  ptxas registers/spills per kernel and architecture, and each step's wall time
 #
-# build-cuda/lib is laid out like the repository (fusedtie/, csrc -> ../../csrc, and copies of tests/
-# and benchmarks/), and a .pth file puts it on .venv-cuda's sys.path: the suite (and its
+# build-cuda/lib is laid out like the repository (fusedtie/, csrc -> ../../csrc, and copies of tests/,
+# benchmarks/ and examples/), and a .pth file puts it on .venv-cuda's sys.path: the suite (and its
 # subprocesses, which run `python -c` in the repository root or benchmarks/bench.py, which puts the
 # root first on sys.path) then import the CUDA build, never the repository's in-place CPU one. By
 # hand, from the repository root: `.venv-cuda/bin/python -P ...` (-P: no CWD on sys.path).
@@ -138,9 +138,9 @@ if [ -n "$warnings" ]; then
 fi
 # Lay build-cuda/lib out like the repository, for the tests (see the top of this file).
 ln -sfn ../../csrc "$LIB/csrc"
-rm -rf "$LIB/tests" "$LIB/benchmarks"
-cp -r tests benchmarks "$LIB/"
-find "$LIB/tests" "$LIB/benchmarks" -name __pycache__ -prune -exec rm -rf {} +
+rm -rf "$LIB/tests" "$LIB/benchmarks" "$LIB/examples"
+cp -r tests benchmarks examples "$LIB/"
+find "$LIB/tests" "$LIB/benchmarks" "$LIB/examples" -name __pycache__ -prune -exec rm -rf {} +
 "$VPY" scripts/ptxas_summary.py "$OUT/build.log" --json "$OUT/ptxas.json" --sources csrc/cuda \
     > "$OUT/ptxas-summary.txt"
 ptxas_ready=1
@@ -160,8 +160,11 @@ assert ext.__name__ == "fusedtie._C", f"loaded {ext.__name__}, not the prebuilt 
 assert where.startswith(os.path.join(lib, "fusedtie") + os.sep), f"fusedtie._C is {where}, not build-cuda's"
 assert os.path.realpath(fusedtie.__file__).startswith(lib + os.sep), f"fusedtie is {fusedtie.__file__}"
 assert fusedtie.cuda_compiled is True, "fusedtie.cuda_compiled is False: the CUDA kernels were not compiled in"
-ops = [n for n in ("tied_conv2d", "_tied_conv2d_backward", "transform", "_transform_backward")
-       if torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedtie::{n}", "CUDA")]
+names = ("tied_conv2d", "_tied_conv2d_backward", "tied_conv_transpose2d", "_tied_conv_transpose2d_backward",
+         "transform", "_transform_backward")
+ops = [n for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedtie::{n}", "CUDA")]
+missing = sorted(set(names) - set(ops))
+assert not missing, f"no CUDA kernel registered for: {', '.join(missing)}"
 print(f"   fusedtie._C: {os.path.relpath(where)}; cuda_compiled=True; "
       f"CUDA kernels for: {', '.join(ops) or 'none'}; torch.cuda.is_available()={torch.cuda.is_available()}")
 EOF
