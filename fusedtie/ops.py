@@ -272,6 +272,16 @@ def _check_operands_like_input(input, weight, bias) -> None:
             )
 
 
+def _check_geometry_values(stride, padding, dilation) -> None:
+    """The value rules both convolution operators share (their C++ params structs' messages)."""
+    if min(stride) <= 0:
+        raise ValueError(f"stride must be positive, got {list(stride)}")
+    if min(dilation) <= 0:
+        raise ValueError(f"dilation must be positive, got {list(dilation)}")
+    if min(padding) < 0:
+        raise ValueError(f"negative padding is not supported, got {list(padding)}")
+
+
 def _check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, padding, dilation,
                        groups) -> None:
     """The fake kernel's argument checks: the rules and messages of TiedConv2dParams::check
@@ -280,12 +290,7 @@ def _check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, p
     check_transform_name(bias_transform)
     if len(stride) != 2 or len(dilation) != 2 or len(padding) != 4:
         raise ValueError(f"expected stride and dilation pairs and 4 paddings, got {stride}, {dilation}, {padding}")
-    if min(stride) <= 0:
-        raise ValueError(f"stride must be positive, got {list(stride)}")
-    if min(dilation) <= 0:
-        raise ValueError(f"dilation must be positive, got {list(dilation)}")
-    if min(padding) < 0:
-        raise ValueError(f"negative padding is not supported, got {list(padding)}")
+    _check_geometry_values(stride, padding, dilation)
     if groups <= 0:
         raise ValueError(f"groups must be a positive integer, got {groups}")
     if input.dim() != 4:
@@ -378,12 +383,7 @@ def _check_tied_conv_transpose2d(input, weight, bias, transform, stride, padding
             f"expected stride, padding, output_padding and dilation pairs, got {stride}, {padding}, "
             f"{output_padding}, {dilation}"
         )
-    if min(stride) <= 0:
-        raise ValueError(f"stride must be positive, got {list(stride)}")
-    if min(dilation) <= 0:
-        raise ValueError(f"dilation must be positive, got {list(dilation)}")
-    if min(padding) < 0:
-        raise ValueError(f"negative padding is not supported, got {list(padding)}")
+    _check_geometry_values(stride, padding, dilation)
     _check_output_padding(output_padding, stride, dilation)
     if groups <= 0:
         raise ValueError(f"groups must be a positive integer, got {groups}")
