@@ -41,6 +41,17 @@ at::Tensor tied_conv2d_eager(const at::Tensor& input, const at::Tensor& weight,
                                     stride, padding, dilation, groups);
 }
 
+// fusedtie::tied_conv_transpose2d the same way (the decoder layer's eager calls).
+at::Tensor tied_conv_transpose2d_eager(const at::Tensor& input, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, c10::string_view transform,
+                                       double alpha, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                       std::vector<int64_t> output_padding, std::vector<int64_t> dilation,
+                                       int64_t groups) {
+  pybind11::gil_scoped_release no_gil;
+  return fusedtie::call_tied_conv_transpose2d(input, weight, bias, transform, alpha, stride, padding,
+                                              output_padding, dilation, groups);
+}
+
 // A chain's stages arrive as (name, alpha) pairs of built-ins.
 void register_chain(const std::string& name, const std::string& definition,
                     const std::vector<std::pair<std::string, double>>& stages) {
@@ -58,6 +69,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The instruction set of the CPU transform passes in use (DEFAULT, AVX2, AVX512)");
   m.def("tied_conv2d_eager", &tied_conv2d_eager,
         "fusedtie::tied_conv2d through the dispatcher with the GIL released (eager calls only)");
+  m.def("tied_conv_transpose2d_eager", &tied_conv_transpose2d_eager,
+        "fusedtie::tied_conv_transpose2d through the dispatcher with the GIL released (eager calls only)");
   m.def("set_cpu_conv_algorithm", &fusedtie::set_cpu_conv_algorithm, pybind11::arg("name"),
         "Set the CPU convolution algorithm (auto, library, gemm, depthwise); returns the previous one");
   m.def("cpu_conv_algorithm", &fusedtie::cpu_conv_algorithm, "The CPU convolution algorithm setting");

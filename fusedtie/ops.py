@@ -140,21 +140,33 @@ def tied_conv_transpose2d(
     return run_tied_conv_transpose2d(input, weight, bias, op_args)
 
 
-# Two ways to call the operator. torch.ops is what tracing (torch.compile, export) and
+# Two ways to call each operator. torch.ops is what tracing (torch.compile, export) and
 # __torch_function__ overrides must see. A plain eager call instead goes through the _C module's
 # binding, which enters the dispatcher directly with the GIL released, as PyTorch's own generated
 # bindings do: measured against F.conv2d on the same at::convolution, the torch.ops call cost 9 us
 # more per call on a tiny conv and 2-3% more on a 3 ms one; the binding costs what F.conv2d does.
 # Both run the same dispatcher entry (autograd, dispatch modes, the profiler all see the call).
-_tied_conv2d_op = torch.ops.fusedtie.tied_conv2d.default
 _has_torch_function = torch._C._has_torch_function
+_tied_conv2d_op = torch.ops.fusedtie.tied_conv2d.default
 _tied_conv2d_eager = LIB.tied_conv2d_eager
+_tied_conv_transpose2d_op = torch.ops.fusedtie.tied_conv_transpose2d.default
+_tied_conv_transpose2d_eager = LIB.tied_conv_transpose2d_eager
+
+
+def _must_see_torch_ops(input, weight, bias) -> bool:
+    return torch.compiler.is_compiling() or _has_torch_function((input, weight, bias))
 
 
 def _call_tied_conv2d(input, weight, bias, op_args):
-    if torch.compiler.is_compiling() or _has_torch_function((input, weight, bias)):
+    if _must_see_torch_ops(input, weight, bias):
         return _tied_conv2d_op(input, weight, bias, *op_args)
     return _tied_conv2d_eager(input, weight, bias, *op_args)
+
+
+def _call_tied_conv_transpose2d(input, weight, bias, op_args):
+    if _must_see_torch_ops(input, weight, bias):
+        return _tied_conv_transpose2d_op(input, weight, bias, *op_args)
+    return _tied_conv_transpose2d_eager(input, weight, bias, *op_args)
 
 
 def _call_batched(call, op_name: str, input, weight, bias, op_args):
@@ -177,15 +189,6 @@ def _call_batched(call, op_name: str, input, weight, bias, op_args):
 def run_tied_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], op_args: tuple) -> Tensor:
     """The operator call with arguments already normalised; adds the unbatched (3-D) case."""
     return _call_batched(_call_tied_conv2d, "tied_conv2d", input, weight, bias, op_args)
-
-
-# The transposed operator has no eager binding in the _C module (yet): every call goes through
-# torch.ops, a few microseconds more per call than tied_conv2d's eager path.
-_tied_conv_transpose2d_op = torch.ops.fusedtie.tied_conv_transpose2d.default
-
-
-def _call_tied_conv_transpose2d(input, weight, bias, op_args):
-    return _tied_conv_transpose2d_op(input, weight, bias, *op_args)
 
 
 def run_tied_conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], op_args: tuple) -> Tensor:
