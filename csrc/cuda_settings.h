@@ -7,7 +7,7 @@
 //   fused:    fusedtie's implicit-GEMM kernels (csrc/cuda/), which apply f to the weight tiles as
 //             they load them and f' in the weight gradient's epilogue, wherever they support the
 //             call (elsewhere the library runs).
-//   auto:     a heuristic per shape (csrc/cuda/tied_conv2d_cuda.cu, fused_wins).
+//   auto:     a cost rule per shape (csrc/cuda/algorithm_choice.h, fused_wins_by_cost).
 //   autotune: both timed once per (device, shape, dtype, layout, transform) key, the faster one
 //             cached for the process, like torch.backends.cudnn.benchmark.
 #include <cstdint>

@@ -71,10 +71,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> library_conv2d_backward(
 
 // --- tied_conv_transpose2d ---------------------------------------------------------------------
 //
-// Fused CUDA kernels for the transposed convolution are out of scope (the input gradient of a
-// convolution is a transposed convolution, so fused_conv2d's input-gradient kernel could serve its
-// forward one day); every backend runs this library path: one f(W) pass, the library's transposed
-// convolution, one chain-rule pass.
+// The CPU backend always runs this library path (one f(W) pass, the library's transposed
+// convolution, one chain-rule pass); the CUDA backend runs it or the fused kernels
+// (csrc/cuda/tied_conv_transpose2d_cuda.cu).
 
 // A backend's elementwise passes: f(source) for a weight that the convolution consumes before the
 // call returns (so the CPU may use its scratch buffer), and grad * f'(source) in grad's memory.

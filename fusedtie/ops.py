@@ -230,8 +230,9 @@ def use_cuda_conv_algorithm(name: str) -> Iterator[None]:
     ``torch.backends.cudnn.benchmark``; ``"fused"`` runs fusedtie's implicit-GEMM kernels, which
     apply f while loading the weight tiles and f' in the weight gradient's epilogue, wherever they
     support the call; ``"library"`` runs one elementwise kernel for f(W), then cuDNN
-    (``at::convolution``), then one for f'(W) * dL/dW. All compute the same convolution. In a build
-    without CUDA the setting is kept and has nothing to act on.
+    (``at::convolution``), then one for f'(W) * dL/dW. All compute the same convolution. It applies
+    to both operators (``tied_conv2d`` and ``tied_conv_transpose2d``). In a build without CUDA the
+    setting is kept and has nothing to act on.
     """
     previous = LIB.set_cuda_conv_algorithm(name)
     try:

@@ -1,4 +1,5 @@
-"""The one reference oracle: F.conv2d(x, f(W), g(b), ...) in float64, with f written in torch ops.
+"""The reference oracles: F.conv2d(x, f(W), g(b), ...) and F.conv_transpose2d(x, f(W), b, ...) in
+float64, with f written in torch ops.
 
 Independent of fusedtie's kernels: f here is PyTorch's own elementwise ops, gradients are autograd's.
 """
@@ -54,6 +55,23 @@ def reference_conv2d(x, w, b, transform, bias_transform="identity", stride=1, pa
     def grads(grad_out):
         inputs = [x64, w64] + ([b64] if b64 is not None else [])
         g = torch.autograd.grad(out, inputs, grad_out.double(), retain_graph=True)
+        return g[0], g[1], (g[2] if b64 is not None else None)
+
+    return out.detach(), grads
+
+
+def reference_conv_transpose2d(x, w, b, transform, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """float64 F.conv_transpose2d(x, f(W), b) and a function giving (dL/dx, dL/dW, dL/db) for a grad_out."""
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    b64 = None if b is None else b.detach().double().requires_grad_(True)
+    out = F.conv_transpose2d(x64, reference_f(transform, w64), b64, stride, padding, output_padding, groups,
+                             dilation)
+
+    def grads(grad_out):
+        inputs = [x64, w64] + ([b64] if b64 is not None else [])
+        g = torch.autograd.grad(out, inputs, grad_out.double(), retain_graph=True, allow_unused=True)
+        g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, inputs)]  # an empty batch
         return g[0], g[1], (g[2] if b64 is not None else None)
 
     return out.detach(), grads

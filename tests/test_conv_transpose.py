@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import fusedtie
 from fusedtie.nn import FusedTiedConv2d, FusedTiedConvTranspose2d
 from fusedtie.ops import tied_conv_transpose2d
-from reference import reference_f, transform_arg
+from reference import reference_conv_transpose2d, reference_f, transform_arg
 
 GRID_TRANSFORMS = ["identity", "square", "tanh", "scale", "exp"]
 
@@ -28,23 +28,6 @@ needs_cuda = pytest.mark.skipif(
     reason="needs a CUDA GPU and fusedtie built with its CUDA kernels "
     f"(torch.cuda.is_available()={torch.cuda.is_available()}, fusedtie.cuda_compiled={fusedtie.cuda_compiled})",
 )
-
-
-def reference_conv_transpose2d(x, w, b, transform, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    """float64 F.conv_transpose2d(x, f(W), b) and a function giving (dL/dx, dL/dW, dL/db) for a grad_out."""
-    x64 = x.detach().double().requires_grad_(True)
-    w64 = w.detach().double().requires_grad_(True)
-    b64 = None if b is None else b.detach().double().requires_grad_(True)
-    out = F.conv_transpose2d(x64, reference_f(transform, w64), b64, stride, padding, output_padding, groups,
-                             dilation)
-
-    def grads(grad_out):
-        inputs = [x64, w64] + ([b64] if b64 is not None else [])
-        g = torch.autograd.grad(out, inputs, grad_out.double(), retain_graph=True, allow_unused=True)
-        g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, inputs)]  # an empty batch
-        return g[0], g[1], (g[2] if b64 is not None else None)
-
-    return out.detach(), grads
 
 
 # (input shape, weight shape (in, out/groups, kH, kW), stride, padding, output_padding, groups, dilation)

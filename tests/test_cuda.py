@@ -22,6 +22,10 @@ Everything here needs a GPU and a build with the CUDA kernels; elsewhere every t
 - Which branch runs: under "library" no fusedtie_conv2d_* kernel, under "fused" the fused fprop
   and wgrad kernels (read from torch.profiler's CUDA kernel names); "auto" runs one of the two;
   the two Python call paths (the _C binding, torch.ops under a TorchFunctionMode) agree.
+- The transposed operator (tied_conv_transpose2d): the same parity rule over its own geometry grid
+  (strides, output_padding, dilation, groups, depthwise, channels_last, non-contiguous, an empty
+  batch, and output_padding >= stride, where the fused kernels refuse), which kernels each branch
+  runs, autotune and determinism.
 - The autotune cache; bitwise repeatability under torch.use_deterministic_algorithms(True);
   64-bit indexing (an input of more than 2**31 elements, when 40 GiB of GPU memory are free);
   torch.library.opcheck and torch.compile(fullgraph=True) on CUDA.
@@ -41,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 import fusedtie
 from fusedtie import FusedTiedConv2d
-from reference import reference_conv2d, reference_f, transform_arg
+from reference import reference_conv2d, reference_conv_transpose2d, reference_f, transform_arg
 from test_bad_input import _op_cases
 
 # cuBLAS refuses to run under torch.use_deterministic_algorithms(True) without this; it must be
@@ -849,3 +853,182 @@ def test_torch_compile_fullgraph_on_cuda(algorithm, transform):
             torch.testing.assert_close(g.double(), r, rtol=1e-3, atol=1e-3)
     finally:
         torch._dynamo.reset()
+
+
+# --- the transposed operator ------------------------------------------------------------------------
+# tied_conv_transpose2d runs the same kernels as tied_conv2d with their roles swapped (its forward is
+# the input-gradient kernel, its input gradient the forward kernel, its weight gradient the
+# weight-gradient kernel with x and dy exchanged), so it gets the same parity rule.
+
+# (id, input shape, weight shape (in, out/groups, kH, kW), stride, padding, output_padding, groups,
+# dilation, layout)
+TRANSPOSE_GEOMETRIES = [
+    ("3x3-s1-p1", (3, 16, 9, 8), (16, 8, 3, 3), 1, 1, 0, 1, 1, "contiguous"),
+    ("3x3-s2-p1-op1", (3, 16, 7, 6), (16, 8, 3, 3), 2, 1, 1, 1, 1, "contiguous"),
+    ("4x4-s2-p1", (2, 24, 6, 5), (24, 40, 4, 4), 2, 1, 0, 1, 1, "contiguous"),
+    ("5x4-s(2,1)-p(2,1)-op(1,0)", (2, 8, 6, 7), (8, 12, 5, 4), (2, 1), (2, 1), (1, 0), 1, 1, "contiguous"),
+    ("3x3-s2-d2-g2-op1", (2, 16, 6, 6), (16, 6, 3, 3), 2, 2, 1, 2, 2, "contiguous"),
+    # output_padding >= stride (allowed below the dilation): the fused kernels refuse, the library runs
+    ("3x3-s1-d2-op1-fallback", (2, 8, 6, 6), (8, 8, 3, 3), 1, 0, 1, 1, 2, "contiguous"),
+    ("dw3x3-s2-p1-op1", (2, 8, 6, 6), (8, 1, 3, 3), 2, 1, 1, 8, 1, "contiguous"),
+    ("1x1-s2", (2, 16, 5, 5), (16, 16, 1, 1), 2, 0, 0, 1, 1, "contiguous"),
+    ("64to64-3x3-s1-p1", (2, 64, 16, 16), (64, 64, 3, 3), 1, 1, 0, 1, 1, "contiguous"),
+    ("3x3-s1-p1-channels_last", (2, 16, 9, 8), (16, 24, 3, 3), 1, 1, 0, 1, 1, "channels_last"),
+    ("4x4-s2-p1-channels_last", (2, 16, 6, 5), (16, 8, 4, 4), 2, 1, 0, 1, 1, "channels_last"),
+    ("3x3-s2-p1-non_contiguous", (2, 16, 6, 6), (16, 8, 3, 3), 2, 1, 1, 1, 1, "non_contiguous"),
+    ("3x3-s2-p1-batch0", (0, 16, 6, 6), (16, 8, 3, 3), 2, 1, 1, 1, 1, "contiguous"),
+]
+
+
+def transpose_tf32_allowances(x, w, transform, conv, grad_out):
+    """tf32_allowances for the transposed convolution: TF32_BOUND times the largest sum of |operand|
+    products of the output and of the input and weight gradients; none for the bias gradient."""
+    w64 = w.detach().double().requires_grad_(True)
+    fw = reference_f(transform, w64)
+    (fprime,) = torch.autograd.grad(fw.sum(), w64)
+    xa = x.detach().double().abs().requires_grad_(True)
+    fwa = fw.detach().abs().requires_grad_(True)
+    out = F.conv_transpose2d(xa, fwa, None, *conv)
+    if out.numel() == 0:
+        return [0.0] * 4
+    gx, gfw = torch.autograd.grad(out, (xa, fwa), grad_out.double().abs())
+    return [TF32_BOUND * t.max().item() for t in (out.detach(), gx, gfw * fprime.abs())] + [0.0]
+
+
+def run_transpose_parity(algorithm, precision, transform, bias, geometry):
+    gid, x_shape, w_shape, stride, padding, output_padding, groups, dilation, layout = geometry
+    dtype, tf32 = PRECISIONS[precision]
+    x = randn(x_shape, dtype)
+    w = randn(w_shape, dtype, 0.5)
+    b = randn((w_shape[1] * groups,), dtype, 0.5) if bias else None
+    conv = (stride, padding, output_padding, groups, dilation)
+    ref_out, ref_grads = reference_conv_transpose2d(x, w, b, transform, *conv)
+    grad_out = randn(tuple(ref_out.shape), dtype)
+    ref = [ref_out, *ref_grads(grad_out.double())]
+    allowances = transpose_tf32_allowances(x, w, transform, conv, grad_out) if tf32 else [0.0] * 4
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+        w = w.to(memory_format=torch.channels_last)
+    elif layout == "non_contiguous":
+        x = non_contiguous(x)
+        w = non_contiguous(w)
+    leaves = [x.requires_grad_(True), w.requires_grad_(True)] + ([b.requires_grad_(True)] if bias else [])
+    with cudnn_tf32(tf32), cuda_algorithm(algorithm):
+        out = fusedtie.tied_conv_transpose2d(x, w, b, transform_arg(transform), *conv)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        theirs = F.conv_transpose2d(x, reference_f(transform, w), b, *conv)
+        their_grads = torch.autograd.grad(theirs, leaves, grad_out)
+    assert out.shape == theirs.shape, (list(out.shape), list(theirs.shape))
+    # the layout rule of the fake kernel: aten.convolution's output format, each gradient its tensor's
+    assert out.is_contiguous(memory_format=torch._prims_common.suggest_memory_format(theirs))
+    for leaf, grad in zip(leaves, grads):
+        assert grad.shape == leaf.shape
+    what = f"transposed, {algorithm}, {transform}, bias {bias}, {gid}"
+    names = ["output", "grad_input", "grad_weight", "grad_bias"]
+    for name, ours, them, r, allowance in zip(names, [out, *grads], [theirs, *their_grads], ref, allowances):
+        check_against_reference(name, ours, them, r, precision, what, allowance)
+
+
+def _transpose_grid():
+    params = []
+    for gi, geometry in enumerate(TRANSPOSE_GEOMETRIES):
+        for pi, precision in enumerate(PRECISIONS):
+            for ai, algorithm in enumerate(ALGORITHMS):
+                transform = TRANSFORMS[(gi + 2 * pi + 4 * ai) % len(TRANSFORMS)]
+                bias = (gi + pi + ai) % 2 == 0
+                params.append(pytest.param(algorithm, precision, transform, bias, geometry,
+                                           id=f"{geometry[0]}-{precision}-{algorithm}-{transform}-bias_{bias}"))
+    return params
+
+
+@pytest.mark.parametrize("algorithm,precision,transform,bias,geometry", _transpose_grid())
+def test_transpose_geometry_grid(algorithm, precision, transform, bias, geometry):
+    run_transpose_parity(algorithm, precision, transform, bias, geometry)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_transpose_every_transform_fused(precision, transform):
+    run_transpose_parity("fused", precision, transform, True, TRANSPOSE_GEOMETRIES[1])
+
+
+def _transpose_kernels(algorithm, dtype, stride, channels_last=False):
+    x = randn((2, 16, 8, 8), dtype)
+    w = randn((16, 24, 3, 3), dtype, 0.5)
+    b = randn((24,), dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        w = w.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    with cuda_algorithm(algorithm):
+        forward, out = cuda_kernels(lambda: fusedtie.tied_conv_transpose2d(x, w, b, "square", stride=stride,
+                                                                          padding=1))
+        backward, _ = cuda_kernels(lambda: torch.autograd.grad(out, (x, w), torch.ones_like(out),
+                                                               retain_graph=True))
+    return forward, backward
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_transpose_fused_branch_runs_the_fused_kernels(dtype, stride):
+    forward, backward = _transpose_kernels("fused", dtype, stride)
+    assert ran(forward, DGRAD), f"no {DGRAD} in the transposed forward: {sorted(forward)}"
+    assert not ran(forward, TRANSFORM_KERNEL), f"the fused forward still ran {TRANSFORM_KERNEL}: {sorted(forward)}"
+    assert ran(backward, FPROP), f"no {FPROP} (the input gradient) in the backward: {sorted(backward)}"
+    assert ran(backward, WGRAD), f"no {WGRAD} in the backward: {sorted(backward)}"
+    assert not ran(backward, CHAIN_RULE_KERNEL), f"the fused weight gradient still ran {CHAIN_RULE_KERNEL}"
+    assert not ran(backward, TRANSFORM_KERNEL), f"the fused backward still ran {TRANSFORM_KERNEL}"
+
+
+def test_transpose_library_branch_runs_no_fused_kernel():
+    forward, backward = _transpose_kernels("library", torch.float32, 2)
+    for names in (forward, backward):
+        fused = sorted(n for n in names if "fusedtie_conv2d_" in n)
+        assert not fused, f"'library' ran fused kernels: {fused}"
+    assert ran(forward, TRANSFORM_KERNEL), sorted(forward)
+    assert ran(backward, CHAIN_RULE_KERNEL), sorted(backward)
+
+
+def test_transpose_autotune_caches_its_choice_and_stays_correct():
+    LIB.clear_cuda_autotune_cache()
+    try:
+        with cudnn_tf32(False), cuda_algorithm("autotune"):
+            run_transpose_parity("autotune", "float32", "tanh", True, TRANSPOSE_GEOMETRIES[2])
+            after_first = LIB.cuda_autotune_cache_size()
+            assert after_first >= 2, "the autotuned forward and backward cached nothing"
+            run_transpose_parity("autotune", "float32", "tanh", True, TRANSPOSE_GEOMETRIES[2])
+            assert LIB.cuda_autotune_cache_size() == after_first
+            # another signature (no bias): new entries
+            x = randn((2, 24, 6, 5)).requires_grad_(True)
+            w = randn((24, 40, 4, 4)).requires_grad_(True)
+            fusedtie.tied_conv_transpose2d(x, w, None, "tanh", stride=2, padding=1).sum().backward()
+            assert LIB.cuda_autotune_cache_size() > after_first
+    finally:
+        LIB.clear_cuda_autotune_cache()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_transpose_deterministic_mode_is_bitwise_repeatable(algorithm, dtype):
+    x, w = randn((8, 32, 16, 16), dtype), randn((32, 48, 4, 4), dtype, 0.2)
+    b = randn((48,), dtype)
+    grad_out = randn((8, 48, 32, 32), dtype)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+        with cuda_algorithm(algorithm):
+            out = fusedtie.tied_conv_transpose2d(*leaves, "tanh", stride=2, padding=1)
+            grads = torch.autograd.grad(out, leaves, grad_out)
+        torch.cuda.synchronize()
+        return [out.detach(), *grads]
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
+    for name, a, b_ in zip(["output", "grad_input", "grad_weight", "grad_bias"], first, second):
+        assert torch.equal(a, b_), f"{name} differs between two runs: max diff {(a - b_).abs().max().item()}"

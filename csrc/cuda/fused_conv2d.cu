@@ -121,20 +121,84 @@ at::Tensor fused_forward(const at::Tensor& input, const at::Tensor& weight, cons
   return out;
 }
 
+namespace {
+
+// dst = conv^T(src, f(W)) (+ g(b)): the input-gradient kernels, src shaped like the output of the
+// convolution under p and dst like its input.
+void launch_input_grad(const at::Tensor& src, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const TransformSpec& bias_transform, const at::Tensor& dst, const TiedConv2dParams& p) {
+  const DeviceTransform wt = device_transform(p.weight_transform), bt = device_transform(bias_transform);
+  if (mma_supports(dst, weight, p, /*input_grad=*/true)) {
+    const at::Tensor gathered = channels_last_aligned(src);
+    launch_mma_conv(gathered, weight, bias, dst, make_geometry(dst, weight, p, dst.strides(), gathered.strides()), wt,
+                    bt, /*input_grad=*/true);
+  } else {
+    launch_simt_conv(src, weight, bias, dst, make_geometry(dst, weight, p, dst.strides(), src.strides()), wt, bt,
+                     /*input_grad=*/true);
+  }
+}
+
+}  // namespace
+
 at::Tensor fused_input_grad(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                             const TiedConv2dParams& p) {
   at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(input.suggest_memory_format()));
-  const DeviceTransform wt = device_transform(p.weight_transform);
-  if (mma_supports(input, weight, p, /*input_grad=*/true)) {
-    const at::Tensor src = channels_last_aligned(grad_output);
-    launch_mma_conv(src, weight, std::nullopt, grad_input,
-                    make_geometry(input, weight, p, grad_input.strides(), src.strides()), wt, wt, /*input_grad=*/true);
-  } else {
-    launch_simt_conv(grad_output, weight, std::nullopt, grad_input,
-                     make_geometry(input, weight, p, grad_input.strides(), grad_output.strides()), wt, wt,
-                     /*input_grad=*/true);
-  }
+  launch_input_grad(grad_output, weight, std::nullopt, TransformSpec{}, grad_input, p);
   return grad_input;
+}
+
+TiedConv2dParams convolution_of_transpose(const TiedConvTranspose2dParams& p) {
+  TiedConv2dParams c;
+  c.weight_transform = p.weight_transform;
+  c.stride = p.stride;
+  c.padding = {p.padding[0], p.padding[0], p.padding[1], p.padding[1]};
+  c.dilation = p.dilation;
+  c.groups = p.groups;
+  return c;
+}
+
+bool fused_transpose_supports(const at::Tensor& input, const at::Tensor& weight, const TiedConvTranspose2dParams& p) {
+  for (int d = 0; d < 2; ++d) {
+    if (p.output_padding[d] >= p.stride[d]) return false;
+  }
+  // fused_supports reads the tensor it is given for its dtype and emptiness only; x is empty when y is
+  // (an empty y has N, C or a spatial size 0, and then so has x), and an empty x takes the library.
+  return fused_supports(input, weight, convolution_of_transpose(p));
+}
+
+bool mma_supports_transpose(const at::Tensor& input, const at::Tensor& weight, const TiedConvTranspose2dParams& p,
+                            bool input_grad) {
+  // The transposed forward is c's input gradient, and its input gradient c's forward.
+  return mma_supports(input, weight, convolution_of_transpose(p), /*input_grad=*/!input_grad);
+}
+
+at::Tensor fused_transpose_forward(const at::Tensor& input, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const TiedConvTranspose2dParams& p) {
+  const TiedConv2dParams c = convolution_of_transpose(p);
+  at::Tensor out = at::empty(p.output_size(input, weight), input.options().memory_format(
+                                                               at::native::cudnn_conv_suggest_memory_format(input, weight)));
+  TORCH_INTERNAL_ASSERT(c.output_size(out, weight) == (std::array<int64_t, 4>{input.size(0), input.size(1),
+                                                                               input.size(2), input.size(3)}),
+                        "fusedtie: the transposed convolution's output does not map back onto its input");
+  std::optional<at::Tensor> bias_values;
+  if (bias.has_value()) bias_values = bias->contiguous();
+  launch_input_grad(input, weight, bias_values, TransformSpec{}, out, c);
+  return out;
+}
+
+at::Tensor fused_transpose_input_grad(const at::Tensor& grad_output, const at::Tensor& input,
+                                      const at::Tensor& weight, const TiedConvTranspose2dParams& p) {
+  return fused_forward(grad_output, weight, std::nullopt, convolution_of_transpose(p))
+      .contiguous(input.suggest_memory_format());
+}
+
+at::Tensor fused_transpose_weight_grad(const at::Tensor& grad_output, const at::Tensor& input,
+                                       const at::Tensor& weight, const TiedConvTranspose2dParams& p) {
+  // c's weight gradient correlates its output gradient (here x) with its input (here dy).
+  return std::get<0>(fused_weight_and_bias_grad(/*grad_output=*/input, /*input=*/grad_output, weight,
+                                                convolution_of_transpose(p), /*weight_grad=*/true,
+                                                /*bias_grad=*/false))
+      .contiguous(weight.suggest_memory_format());
 }
 
 }  // namespace cuda

@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "../conv_params.h"
+#include "../conv_transpose_params.h"
 
 namespace fusedtie {
 namespace cuda {
@@ -62,6 +63,30 @@ at::Tensor fused_input_grad(const at::Tensor& grad_output, const at::Tensor& inp
 std::tuple<at::Tensor, at::Tensor> fused_weight_and_bias_grad(const at::Tensor& grad_output, const at::Tensor& input,
                                                               const at::Tensor& weight, const TiedConv2dParams& p,
                                                               bool weight_grad, bool bias_grad);
+
+// The transposed convolution y = conv_transpose2d(x, f(W), b) with the same kernels. It is the input
+// gradient of the convolution c = conv(., W) (stride, padding, dilation, groups alike) taken at
+// c's output x, so:
+//   forward:          y = the input-gradient kernels on x, writing y, with b added in their epilogue;
+//   input gradient:   dx = conv(dy, f(W)), the forward kernels on dy;
+//   weight gradient:  dW_src = f'(W) * (x (x) dy), the weight-gradient kernels with x in the place of
+//                     the output gradient and dy in the place of the input.
+// The convolution c of a transposed call (no bias transform: the decoder's bias is its own).
+TiedConv2dParams convolution_of_transpose(const TiedConvTranspose2dParams& p);
+// The fused kernels handle the call: fused_supports for c, and output_padding below the stride
+// (rows past the last stride step are rows c would not read, so c's output would not be x's size).
+bool fused_transpose_supports(const at::Tensor& input, const at::Tensor& weight, const TiedConvTranspose2dParams& p);
+// Whether the tensor-core kernels run this transposed call's forward (input_grad false) or its input
+// gradient (true); else the CUDA-core ones.
+bool mma_supports_transpose(const at::Tensor& input, const at::Tensor& weight, const TiedConvTranspose2dParams& p,
+                            bool input_grad);
+at::Tensor fused_transpose_forward(const at::Tensor& input, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const TiedConvTranspose2dParams& p);
+at::Tensor fused_transpose_input_grad(const at::Tensor& grad_output, const at::Tensor& input,
+                                      const at::Tensor& weight, const TiedConvTranspose2dParams& p);
+// dL/dW_src with the chain rule applied, in the source weight's layout.
+at::Tensor fused_transpose_weight_grad(const at::Tensor& grad_output, const at::Tensor& input,
+                                       const at::Tensor& weight, const TiedConvTranspose2dParams& p);
 
 // The CUDA-core and tensor-core launchers behind fused_forward / fused_input_grad (internal).
 void launch_simt_conv(const at::Tensor& src, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

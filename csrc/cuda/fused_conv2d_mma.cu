@@ -303,7 +303,7 @@ __device__ __forceinline__ void conv_mma_body(const scalar_t* __restrict__ src, 
           const int64_t col = col0 + warp_n * 32 + j * 8 + quad * 2 + e;
           if (col >= cols) continue;
           float value = acc[i][j][half * 2 + e];
-          if (!kInputGrad && bias != nullptr) {
+          if (bias != nullptr) {  // the transposed convolution's bias too (input-gradient form)
             value += transform_forward<float>(bt.kind, static_cast<float>(bias[dst_channel0 + col]),
                                               static_cast<float>(bt.alpha));
           }
@@ -326,9 +326,9 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    fusedtie_conv2d_dgrad_mma_kernel(const scalar_t* src, const scalar_t* weight, scalar_t* dst, ConvGeometry g,
-                                     DeviceTransform wt) {
-  conv_mma_body<scalar_t, true>(src, weight, nullptr, dst, g, wt, wt);
+    fusedtie_conv2d_dgrad_mma_kernel(const scalar_t* src, const scalar_t* weight, const scalar_t* bias, scalar_t* dst,
+                                     ConvGeometry g, DeviceTransform wt, DeviceTransform bt) {
+  conv_mma_body<scalar_t, true>(src, weight, bias, dst, g, wt, bt);
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -359,8 +359,9 @@ void launch_mma_conv(const at::Tensor& src, const at::Tensor& weight, const std:
   auto launch = [&]<typename scalar_t>() {
     if (input_grad) {
       fusedtie_conv2d_dgrad_mma_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-          src.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>(), g,
-          weight_transform);
+          src.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+          bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr, dst.mutable_data_ptr<scalar_t>(), g,
+          weight_transform, bias_transform);
     } else {
       fusedtie_conv2d_fprop_mma_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
           src.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),

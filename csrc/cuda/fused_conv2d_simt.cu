@@ -45,7 +45,8 @@ __device__ __forceinline__ void multiply_tiles(const acc_t (&a_tile)[kTileK][kTi
 //   input gradient: rows (n, h, w) of dx, columns the group's input channels, K = (co, r, s);
 //                   A = dy at ((h + pad_top - r*dh) / sh, ...) where that divides exactly and lies
 //                   inside dy (the positions whose window covers (h, w) through tap (r, s));
-//                   B[k][ci] = f(W[co][ci][r][s]).
+//                   B[k][ci] = f(W[co][ci][r][s]); epilogue + g(b[ci]) when there is a bias (the
+//                   transposed convolution's forward, fused_transpose_forward; never a gradient).
 template <typename scalar_t, bool kInputGrad>
 __device__ __forceinline__ void implicit_gemm_tile(const scalar_t* __restrict__ src, const scalar_t* __restrict__ weight,
                                                    const scalar_t* __restrict__ bias, scalar_t* __restrict__ dst,
@@ -142,7 +143,7 @@ __device__ __forceinline__ void implicit_gemm_tile(const scalar_t* __restrict__ 
       const int64_t col = col0 + tx * 4 + j;
       if (col >= cols) continue;
       acc_t value = acc[i][j];
-      if (!kInputGrad && bias != nullptr) {
+      if (bias != nullptr) {
         value += transform_forward<acc_t>(bt.kind, static_cast<acc_t>(bias[dst_channel0 + col]),
                                           static_cast<acc_t>(bt.alpha));
       }
@@ -161,9 +162,9 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    fusedtie_conv2d_dgrad_simt_kernel(const scalar_t* src, const scalar_t* weight, scalar_t* dst, ConvGeometry g,
-                                      DeviceTransform wt) {
-  implicit_gemm_tile<scalar_t, true>(src, weight, nullptr, dst, g, wt, wt);
+    fusedtie_conv2d_dgrad_simt_kernel(const scalar_t* src, const scalar_t* weight, const scalar_t* bias, scalar_t* dst,
+                                      ConvGeometry g, DeviceTransform wt, DeviceTransform bt) {
+  implicit_gemm_tile<scalar_t, true>(src, weight, bias, dst, g, wt, bt);
 }
 
 // The weight gradient of one group (blockIdx.z / splits) over one split of the pixels
@@ -322,8 +323,9 @@ void launch_simt_conv(const at::Tensor& src, const at::Tensor& weight, const std
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "fusedtie_conv2d_simt", [&] {
     if (input_grad) {
       fusedtie_conv2d_dgrad_simt_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-          src.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>(), g,
-          weight_transform);
+          src.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+          bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr, dst.mutable_data_ptr<scalar_t>(), g,
+          weight_transform, bias_transform);
     } else {
       fusedtie_conv2d_fprop_simt_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
           src.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),

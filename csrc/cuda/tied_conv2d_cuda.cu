@@ -1,20 +1,16 @@
 // The fusedtie operators on CUDA: per call, the fused kernels (fused_conv2d.h) or "one transform
 // kernel + cuDNN" (library_conv.h with elementwise.h), chosen by the CUDA setting
-// (cuda_settings.h): a heuristic (auto), a measurement cached per shape (autotune), or forced.
+// (algorithm_choice.h): a cost rule (auto), a measurement cached per shape (autotune), or forced.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAEvent.h>
-#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <functional>
 #include <sstream>
 
 #include "../conv_params.h"
-#include "../cuda_settings.h"
 #include "../library_conv.h"
+#include "algorithm_choice.h"
 #include "elementwise.h"
 #include "fused_conv2d.h"
 
@@ -28,62 +24,23 @@ int64_t multiply_adds(const at::Tensor& input, const at::Tensor& weight, const T
   return out[0] * out[1] * out[2] * out[3] * weight.size(1) * weight.size(2) * weight.size(3);
 }
 
-// auto's rule. NOT MEASURED: no GPU was available when it was written; it is a cost model, and the
-// autotune mode (or the benchmark) gives the measured choice. The unfused recipe costs one extra
-// elementwise launch per pass (about 4 us in eager mode) over cuDNN; the fused kernels save it but
-// are slower per multiply-add than cuDNN's, so they should win where the convolution itself takes
-// a few microseconds: up to 2^30 multiply-adds for the tensor-core forward (a few us on an
-// H100/H200 in bf16), up to 2^24 where a CUDA-core kernel would run (float64, exact float32, and the
-// weight gradient, which has no tensor-core kernel yet). Fewer than 16 channels per group on either
-// side (depthwise convolutions, say) leave most of a 64-wide tile idle: library.
+// auto's rule (algorithm_choice.h): tensor cores only in the forward, the backward's weight
+// gradient runs on CUDA cores.
 bool fused_wins(Pass pass, const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
-  if (weight.size(1) < 16 || weight.size(0) / p.groups < 16) return false;
-  const int64_t work = multiply_adds(input, weight, p);
-  if (pass == Pass::kForward && cuda::mma_supports(input, weight, p, /*input_grad=*/false)) {
-    return work <= (int64_t(1) << 30);
-  }
-  return work <= (int64_t(1) << 24);
+  const bool tensor_cores = pass == Pass::kForward && cuda::mma_supports(input, weight, p, /*input_grad=*/false);
+  return cuda::fused_wins_by_cost(multiply_adds(input, weight, p), weight.size(1), weight.size(0) / p.groups,
+                                  tensor_cores);
 }
 
-// grad_strides: the output gradient's strides in the backward (they decide layout copies), empty
-// in the forward.
 std::string autotune_key(Pass pass, const at::Tensor& input, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, const TiedConv2dParams& p,
                          std::array<bool, 3> output_mask, at::IntArrayRef grad_strides) {
   std::ostringstream key;
-  key << (pass == Pass::kForward ? "fwd" : "bwd") << '|' << input.device() << '|' << input.scalar_type() << '|'
-      << input.sizes() << input.strides() << grad_strides << '|' << weight.sizes() << weight.strides() << '|'
-      << bias.has_value()
-      << '|' << at::IntArrayRef(p.stride) << at::IntArrayRef(p.padding) << at::IntArrayRef(p.dilation) << p.groups
-      << '|' << int(p.weight_transform.kind) << '|' << int(p.bias_transform.kind) << '|' << output_mask[0]
-      << output_mask[1] << output_mask[2] << '|' << cuda::allow_tf32();
+  key << "conv2d " << (pass == Pass::kForward ? "fwd" : "bwd") << '|';
+  cuda::describe_operands(key, input, weight, bias.has_value(), grad_strides, output_mask, cuda::allow_tf32());
+  key << '|' << at::IntArrayRef(p.stride) << at::IntArrayRef(p.padding) << at::IntArrayRef(p.dilation) << p.groups
+      << '|' << int(p.weight_transform.kind) << '|' << int(p.bias_transform.kind);
   return key.str();
-}
-
-// One warm-up call of each, then five timed calls of each, interleaved, each starting on an idle
-// stream (so every one includes its launches); the medians decide.
-bool measure_fused_wins(const std::function<void()>& fused, const std::function<void()>& library) {
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  auto time_ms = [&](const std::function<void()>& run) {
-    stream.synchronize();
-    at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
-    start.record(stream);
-    run();
-    stop.record(stream);
-    stop.synchronize();
-    return start.elapsed_time(stop);
-  };
-  fused();
-  library();
-  constexpr int kReps = 5;
-  std::array<float, kReps> fused_ms{}, library_ms{};
-  for (int rep = 0; rep < kReps; ++rep) {
-    fused_ms[rep] = time_ms(fused);
-    library_ms[rep] = time_ms(library);
-  }
-  std::sort(fused_ms.begin(), fused_ms.end());
-  std::sort(library_ms.begin(), library_ms.end());
-  return fused_ms[kReps / 2] < library_ms[kReps / 2];
 }
 
 at::Tensor library_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -129,22 +86,9 @@ Gradients fused_backward(const at::Tensor& grad_output, const at::Tensor& input,
 bool use_fused(Pass pass, const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                const TiedConv2dParams& p, std::array<bool, 3> output_mask, at::IntArrayRef grad_strides,
                const std::function<bool()>& measure) {
-  if (!cuda::fused_supports(input, weight, p)) return false;
-  switch (cuda_conv_algorithm_setting()) {
-    case CudaConvAlgorithm::kLibrary: return false;
-    case CudaConvAlgorithm::kFused: return true;
-    case CudaConvAlgorithm::kAuto: return fused_wins(pass, input, weight, p);
-    case CudaConvAlgorithm::kAutotune: break;
-  }
-  // Timing synchronizes the stream, which a CUDA graph capture does not allow: the heuristic then.
-  if (at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None) {
-    return fused_wins(pass, input, weight, p);
-  }
-  const std::string key = autotune_key(pass, input, weight, bias, p, output_mask, grad_strides);
-  if (const auto cached = autotune_lookup(key)) return *cached;
-  const bool fused = measure();
-  autotune_store(key, fused);
-  return fused;
+  return cuda::use_fused(
+      cuda::fused_supports(input, weight, p), [&] { return fused_wins(pass, input, weight, p); },
+      [&] { return autotune_key(pass, input, weight, bias, p, output_mask, grad_strides); }, measure);
 }
 
 at::Tensor tied_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -156,7 +100,7 @@ at::Tensor tied_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, c
   p.check(input, weight, bias);
   const c10::cuda::CUDAGuard guard(input.device());
   const bool fused = use_fused(Pass::kForward, input, weight, bias, p, {true, true, true}, {}, [&] {
-    return measure_fused_wins([&] { cuda::fused_forward(input, weight, bias, p); },
+    return cuda::measure_fused_wins([&] { cuda::fused_forward(input, weight, bias, p); },
                               [&] { library_forward(input, weight, bias, p); });
   });
   return fused ? cuda::fused_forward(input, weight, bias, p) : library_forward(input, weight, bias, p);
@@ -173,7 +117,7 @@ tied_conv2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input
   p.check_backward(grad_output, input, weight, bias, output_mask);
   const c10::cuda::CUDAGuard guard(input.device());
   const bool fused = use_fused(Pass::kBackward, input, weight, bias, p, output_mask, grad_output.strides(), [&] {
-    return measure_fused_wins([&] { fused_backward(grad_output, input, weight, p, output_mask); },
+    return cuda::measure_fused_wins([&] { fused_backward(grad_output, input, weight, p, output_mask); },
                               [&] { library_backward(grad_output, input, weight, p, output_mask); });
   });
   auto [grad_input, grad_weight, grad_bias] = fused ? fused_backward(grad_output, input, weight, p, output_mask)

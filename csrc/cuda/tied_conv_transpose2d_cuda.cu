@@ -1,23 +1,66 @@
-// fusedtie::tied_conv_transpose2d on CUDA: one transform kernel for f(W) (elementwise.h), cuDNN's
-// transposed convolution (at::convolution with transposed=true), one chain-rule kernel for
-// f'(W) * dL/df(W): the library path shared with the CPU backend (library_conv.h).
-//
-// Fused CUDA kernels for the transposed convolution are out of scope for now: the CUDA algorithm
-// setting (fusedtie.use_cuda_conv_algorithm) does not apply to this operator, which always runs the
-// library path. (A convolution's input gradient is a transposed convolution, so fused_conv2d's
-// input-gradient kernel is where a fused forward would start.)
+// fusedtie::tied_conv_transpose2d on CUDA: per call and pass, the fused kernels (fused_conv2d.h: a
+// transposed convolution is a convolution's input gradient, so the same kernels serve it with their
+// roles swapped) or the library path shared with the CPU backend (library_conv.h: one transform
+// kernel for f(W), cuDNN's transposed convolution, one chain-rule kernel), chosen by the CUDA setting
+// exactly as for tied_conv2d (algorithm_choice.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <sstream>
+
 #include "../conv_transpose_params.h"
 #include "../library_conv.h"
+#include "algorithm_choice.h"
 #include "elementwise.h"
+#include "fused_conv2d.h"
 
 namespace fusedtie {
 namespace {
 
 constexpr TransformPasses kCudaPasses{&cuda::apply_transform, &cuda::apply_chain_rule_in_place};
+
+enum class Pass { kForward, kBackward };
+
+// The forward runs the input-gradient kernels (tensor cores at stride 1), the backward the forward
+// kernels for dx and the CUDA-core weight gradient: auto's rule judges the backward by the latter.
+bool fused_wins(Pass pass, const at::Tensor& input, const at::Tensor& weight, const TiedConvTranspose2dParams& p) {
+  const int64_t multiply_adds = input.numel() * weight.size(1) * weight.size(2) * weight.size(3);
+  const bool tensor_cores =
+      pass == Pass::kForward && cuda::mma_supports_transpose(input, weight, p, /*input_grad=*/false);
+  return cuda::fused_wins_by_cost(multiply_adds, weight.size(0) / p.groups, weight.size(1), tensor_cores);
+}
+
+std::string autotune_key(Pass pass, const at::Tensor& input, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const TiedConvTranspose2dParams& p,
+                         std::array<bool, 3> output_mask, at::IntArrayRef grad_strides) {
+  std::ostringstream key;
+  key << "conv_transpose2d " << (pass == Pass::kForward ? "fwd" : "bwd") << '|';
+  cuda::describe_operands(key, input, weight, bias.has_value(), grad_strides, output_mask, cuda::allow_tf32());
+  key << '|' << at::IntArrayRef(p.stride) << at::IntArrayRef(p.padding) << at::IntArrayRef(p.output_padding)
+      << at::IntArrayRef(p.dilation) << p.groups << '|' << int(p.weight_transform.kind);
+  return key.str();
+}
+
+bool use_fused(Pass pass, const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+               const TiedConvTranspose2dParams& p, std::array<bool, 3> output_mask, at::IntArrayRef grad_strides,
+               const std::function<bool()>& measure) {
+  return cuda::use_fused(
+      cuda::fused_transpose_supports(input, weight, p), [&] { return fused_wins(pass, input, weight, p); },
+      [&] { return autotune_key(pass, input, weight, bias, p, output_mask, grad_strides); }, measure);
+}
+
+using OptionalGradients = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
+OptionalGradients fused_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                                 const TiedConvTranspose2dParams& p, std::array<bool, 3> output_mask) {
+  std::optional<at::Tensor> grad_input, grad_weight, grad_bias;
+  if (output_mask[0]) grad_input = cuda::fused_transpose_input_grad(grad_output, input, weight, p);
+  if (output_mask[1]) grad_weight = cuda::fused_transpose_weight_grad(grad_output, input, weight, p);
+  // The bias is the decoder's own (no transform): its gradient is dy summed per channel.
+  if (output_mask[2]) grad_bias = grad_output.sum({0, 2, 3});
+  return {grad_input, grad_weight, grad_bias};
+}
 
 at::Tensor tied_conv_transpose2d_cuda(const at::Tensor& input, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, c10::string_view transform, double alpha,
@@ -27,19 +70,31 @@ at::Tensor tied_conv_transpose2d_cuda(const at::Tensor& input, const at::Tensor&
       TiedConvTranspose2dParams::from_schema(transform, alpha, stride, padding, output_padding, dilation, groups);
   p.check(input, weight, bias);
   const c10::cuda::CUDAGuard guard(input.device());
-  return tied_conv_transpose2d_library(input, weight, bias, p, kCudaPasses);
+  const bool fused = use_fused(Pass::kForward, input, weight, bias, p, {true, true, true}, {}, [&] {
+    return cuda::measure_fused_wins([&] { cuda::fused_transpose_forward(input, weight, bias, p); },
+                                    [&] { tied_conv_transpose2d_library(input, weight, bias, p, kCudaPasses); });
+  });
+  return fused ? cuda::fused_transpose_forward(input, weight, bias, p)
+               : tied_conv_transpose2d_library(input, weight, bias, p, kCudaPasses);
 }
 
-std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
-tied_conv_transpose2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-                                    const std::optional<at::Tensor>& bias, c10::string_view transform, double alpha,
-                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
-                                    at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+OptionalGradients tied_conv_transpose2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
+                                                      const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                      c10::string_view transform, double alpha, at::IntArrayRef stride,
+                                                      at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                                      at::IntArrayRef dilation, int64_t groups,
+                                                      std::array<bool, 3> output_mask) {
   const auto p =
       TiedConvTranspose2dParams::from_schema(transform, alpha, stride, padding, output_padding, dilation, groups);
   p.check_backward(grad_output, input, weight, bias, output_mask);
   const c10::cuda::CUDAGuard guard(input.device());
-  return tied_conv_transpose2d_backward_library(grad_output, input, weight, p, output_mask, kCudaPasses);
+  auto library = [&] {
+    return tied_conv_transpose2d_backward_library(grad_output, input, weight, p, output_mask, kCudaPasses);
+  };
+  const bool fused = use_fused(Pass::kBackward, input, weight, bias, p, output_mask, grad_output.strides(), [&] {
+    return cuda::measure_fused_wins([&] { fused_backward(grad_output, input, weight, p, output_mask); }, library);
+  });
+  return fused ? fused_backward(grad_output, input, weight, p, output_mask) : library();
 }
 
 }  // namespace
