@@ -9,7 +9,7 @@
 #   2. build      JIT build of the extension for this GPU's architecture -> build.log
 #   3. test-cuda  pytest tests/test_cuda.py                              -> test-cuda.log, test-cuda-junit.xml
 #   4. sanitizer  compute-sanitizer memcheck: forward+backward once through each forced CUDA
-#                 algorithm (fused, library) in float32 and bfloat16      -> sanitizer.log
+#                 algorithm (fused, library) in float32 and bfloat16, both operators -> sanitizer.log
 #   5. bench      benchmarks/bench.py --device cuda --quick              -> bench-cuda.log, bench-cuda.json
 #   6. test-rest  (only with RUN_REST=1) the rest of the suite            -> test-rest.log
 # At most 8 files land in $OUT (the device tool brings back 8). Every step's one-line result is
@@ -183,7 +183,7 @@ needs_build() {  # NAME: record a step that cannot run without the extension
 # --- 3. the CUDA tests -----------------------------------------------------------------------------
 if ((BUILT)); then
   # shellcheck disable=SC2086
-  run_step test-cuda "${TEST_TIMEOUT_S:-200}" "$OUT/test-cuda.log" \
+  run_step test-cuda "${TEST_TIMEOUT_S:-260}" "$OUT/test-cuda.log" \
     "$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=15 \
     --junitxml="$OUT/test-cuda-junit.xml" tests/test_cuda.py ${PYTEST_ARGS:-}
   tail_into_log "$OUT/test-cuda.log" 3
@@ -247,6 +247,39 @@ for algorithm in ("fused", "library"):
             bad += not ok
             print(f"{'ok ' if ok else 'BAD'} {algorithm:7s} {str(dtype):14s} x{list(x.shape)} w{list(w.shape)} "
                   f"groups={groups} channels_last={cl} {f}/{bf}: relative errors "
+                  + " ".join(f"{e:.1e}" for e in errs))
+# the transposed operator, whose fused path runs the same kernels with their roles swapped:
+# (batch, cin, cout, hw, kernel, stride, padding, output_padding, groups, channels_last, f)
+TRANSPOSE_CASES = [
+    (2, 12, 20, (7, 6), (3, 3), 2, 1, 1, 1, False, "square"),
+    (2, 16, 8, (6, 5), (4, 4), 2, 1, 0, 1, True, "tanh"),
+    (2, 16, 24, (9, 8), (3, 3), 1, 1, 0, 2, False, "softplus"),
+]
+for algorithm in ("fused", "library"):
+    for dtype in (torch.float32, torch.bfloat16):
+        for (n, cin, cout, hw, k, stride, padding, output_padding, groups, cl, f) in TRANSPOSE_CASES:
+            x = torch.randn(n, cin, *hw, device="cuda").to(dtype)
+            w = (torch.randn(cin, cout // groups, *k, device="cuda") * 0.3).to(dtype)
+            b = (torch.randn(cout, device="cuda") * 0.3).to(dtype)
+            if cl:
+                x = x.to(memory_format=torch.channels_last)
+                w = w.to(memory_format=torch.channels_last)
+            leaves = [t.requires_grad_(True) for t in (x, w, b)]
+            with fusedtie.use_cuda_conv_algorithm(algorithm):
+                out = fusedtie.tied_conv_transpose2d(x, w, b, f, stride, padding, output_padding, groups)
+                g = torch.randn(out.shape, device="cuda").to(dtype)
+                grads = torch.autograd.grad(out, leaves, g)
+            torch.cuda.synchronize()
+            l64 = [t.detach().double().requires_grad_(True) for t in leaves]
+            ref = F.conv_transpose2d(l64[0], F_REF[f](l64[1]), l64[2], stride, padding, output_padding, groups)
+            refs = [ref, *torch.autograd.grad(ref, l64, g.double())]
+            rtol = 2e-5 if dtype == torch.float32 else 3e-2
+            errs = [(got.double() - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
+                    for got, want in zip([out, *grads], refs)]
+            ok = all(e <= rtol for e in errs)
+            bad += not ok
+            print(f"{'ok ' if ok else 'BAD'} {algorithm:7s} {str(dtype):14s} transposed x{list(x.shape)} "
+                  f"w{list(w.shape)} groups={groups} channels_last={cl} {f}: relative errors "
                   + " ".join(f"{e:.1e}" for e in errs))
 print(f"sanitizer_check: {bad} mismatches")
 sys.exit(1 if bad else 0)
