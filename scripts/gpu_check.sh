@@ -219,6 +219,23 @@ CASES = [
     (3, 8, 8, (9, 10), (5, 4), (2, 1), 0, 1, 2, False, "softplus", "identity"),
     (2, 16, 16, (12, 9), (3, 3), 1, 1, 2, 16, False, "exp", "identity"),
 ]
+
+
+def check(leaves, out, grads, grad_out, reference, what):
+    """Output and gradients against reference(x, w, b) in float64, relative to the largest value;
+    prints one line, returns whether all are within tolerance (False on NaN too)."""
+    torch.cuda.synchronize()
+    l64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = reference(*l64)
+    refs = [ref, *torch.autograd.grad(ref, l64, grad_out.double())]
+    rtol = 2e-5 if out.dtype == torch.float32 else 3e-2
+    errs = [(got.double() - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
+            for got, want in zip([out, *grads], refs)]
+    ok = all(e <= rtol for e in errs)
+    print(f"{'ok ' if ok else 'BAD'} {what}: relative errors " + " ".join(f"{e:.1e}" for e in errs))
+    return ok
+
+
 torch.manual_seed(0)
 bad = 0
 for algorithm in ("fused", "library"):
@@ -235,19 +252,11 @@ for algorithm in ("fused", "library"):
                 out = fusedtie.tied_conv2d(x, w, b, f, bf, stride, padding, dilation, groups)
                 g = torch.randn(out.shape, device="cuda").to(dtype)
                 grads = torch.autograd.grad(out, leaves, g)
-            torch.cuda.synchronize()
-            l64 = [t.detach().double().requires_grad_(True) for t in leaves]
-            ref = F.conv2d(l64[0], F_REF[f](l64[1]), F_REF[bf](l64[2]), stride, padding, dilation, groups)
-            refs = [ref, *torch.autograd.grad(ref, l64, g.double())]
-            rtol = 2e-5 if dtype == torch.float32 else 3e-2
-            errs = []
-            for got, want in zip([out, *grads], refs):
-                errs.append((got.double() - want).abs().max().item() / max(want.abs().max().item(), 1e-6))
-            ok = all(e <= rtol for e in errs)  # False on NaN too
-            bad += not ok
-            print(f"{'ok ' if ok else 'BAD'} {algorithm:7s} {str(dtype):14s} x{list(x.shape)} w{list(w.shape)} "
-                  f"groups={groups} channels_last={cl} {f}/{bf}: relative errors "
-                  + " ".join(f"{e:.1e}" for e in errs))
+            bad += not check(leaves, out, grads, g,
+                             lambda x, w, b: F.conv2d(x, F_REF[f](w), F_REF[bf](b), stride, padding, dilation,
+                                                      groups),
+                             f"{algorithm:7s} {str(dtype):14s} x{list(x.shape)} w{list(w.shape)} groups={groups} "
+                             f"channels_last={cl} {f}/{bf}")
 # the transposed operator, whose fused path runs the same kernels with their roles swapped:
 # (batch, cin, cout, hw, kernel, stride, padding, output_padding, groups, channels_last, f)
 TRANSPOSE_CASES = [
@@ -269,18 +278,11 @@ for algorithm in ("fused", "library"):
                 out = fusedtie.tied_conv_transpose2d(x, w, b, f, stride, padding, output_padding, groups)
                 g = torch.randn(out.shape, device="cuda").to(dtype)
                 grads = torch.autograd.grad(out, leaves, g)
-            torch.cuda.synchronize()
-            l64 = [t.detach().double().requires_grad_(True) for t in leaves]
-            ref = F.conv_transpose2d(l64[0], F_REF[f](l64[1]), l64[2], stride, padding, output_padding, groups)
-            refs = [ref, *torch.autograd.grad(ref, l64, g.double())]
-            rtol = 2e-5 if dtype == torch.float32 else 3e-2
-            errs = [(got.double() - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
-                    for got, want in zip([out, *grads], refs)]
-            ok = all(e <= rtol for e in errs)
-            bad += not ok
-            print(f"{'ok ' if ok else 'BAD'} {algorithm:7s} {str(dtype):14s} transposed x{list(x.shape)} "
-                  f"w{list(w.shape)} groups={groups} channels_last={cl} {f}: relative errors "
-                  + " ".join(f"{e:.1e}" for e in errs))
+            bad += not check(leaves, out, grads, g,
+                             lambda x, w, b: F.conv_transpose2d(x, F_REF[f](w), b, stride, padding, output_padding,
+                                                                groups),
+                             f"{algorithm:7s} {str(dtype):14s} transposed x{list(x.shape)} w{list(w.shape)} "
+                             f"groups={groups} channels_last={cl} {f}")
 print(f"sanitizer_check: {bad} mismatches")
 sys.exit(1 if bad else 0)
 PY

@@ -131,6 +131,16 @@ def non_contiguous(t):
     return view
 
 
+def with_layout(layout, x, w):
+    """x and w as "contiguous", "channels_last" or "non_contiguous" tensors of the same values."""
+    if layout == "channels_last":
+        return x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
+    if layout == "non_contiguous":
+        return non_contiguous(x), non_contiguous(w)
+    assert layout == "contiguous", layout
+    return x, w
+
+
 def max_error(t, ref):
     if ref.numel() == 0:
         return 0.0
@@ -216,12 +226,8 @@ def run_parity(algorithm, precision, transform, bias_mode, geometry):
 
     if layout == "unbatched":
         x = x[0].clone()
-    elif layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-        w = w.to(memory_format=torch.channels_last)
-    elif layout == "non_contiguous":
-        x = non_contiguous(x)
-        w = non_contiguous(w)
+    else:
+        x, w = with_layout(layout, x, w)
     leaves = [x.requires_grad_(True), w.requires_grad_(True)] + ([b.requires_grad_(True)] if b is not None else [])
 
     with cudnn_tf32(tf32), cuda_algorithm(algorithm):
@@ -665,6 +671,19 @@ def test_autotune_caches_its_choice_and_stays_correct():
     assert LIB.cuda_autotune_cache_size() == 0
 
 
+def assert_bitwise_repeatable(run):
+    """run() twice under torch.use_deterministic_algorithms(True): (output, gradients...) bitwise equal."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
+    for name, a, b in zip(["output", "grad_input", "grad_weight", "grad_bias"], first, second):
+        assert torch.equal(a, b), f"{name} differs between two runs: max diff {(a - b).abs().max().item()}"
+
+
 @pytest.mark.parametrize("case", ["3x3", "depthwise"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -686,15 +705,7 @@ def test_deterministic_mode_is_bitwise_repeatable(algorithm, dtype, case):
         torch.cuda.synchronize()
         return [out.detach(), *grads]
 
-    previous = torch.are_deterministic_algorithms_enabled()
-    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        first, second = run(), run()
-    finally:
-        torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
-    for name, a, b_ in zip(["output", "grad_input", "grad_weight", "grad_bias"], first, second):
-        assert torch.equal(a, b_), f"{name} differs between two runs: max diff {(a - b_).abs().max().item()}"
+    assert_bitwise_repeatable(run)
 
 
 BIG_FREE_BYTES = 40 * 2**30
@@ -906,12 +917,7 @@ def run_transpose_parity(algorithm, precision, transform, bias, geometry):
     grad_out = randn(tuple(ref_out.shape), dtype)
     ref = [ref_out, *ref_grads(grad_out.double())]
     allowances = transpose_tf32_allowances(x, w, transform, conv, grad_out) if tf32 else [0.0] * 4
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-        w = w.to(memory_format=torch.channels_last)
-    elif layout == "non_contiguous":
-        x = non_contiguous(x)
-        w = non_contiguous(w)
+    x, w = with_layout(layout, x, w)
     leaves = [x.requires_grad_(True), w.requires_grad_(True)] + ([b.requires_grad_(True)] if bias else [])
     with cudnn_tf32(tf32), cuda_algorithm(algorithm):
         out = fusedtie.tied_conv_transpose2d(x, w, b, transform_arg(transform), *conv)
@@ -1023,12 +1029,4 @@ def test_transpose_deterministic_mode_is_bitwise_repeatable(algorithm, dtype):
         torch.cuda.synchronize()
         return [out.detach(), *grads]
 
-    previous = torch.are_deterministic_algorithms_enabled()
-    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        first, second = run(), run()
-    finally:
-        torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
-    for name, a, b_ in zip(["output", "grad_input", "grad_weight", "grad_bias"], first, second):
-        assert torch.equal(a, b_), f"{name} differs between two runs: max diff {(a - b_).abs().max().item()}"
+    assert_bitwise_repeatable(run)
