@@ -1,13 +1,15 @@
 // See fused_conv2d.h: the host side of the fused kernels (which kernel runs, layouts, geometry).
+// Host code only, free of CUDA runtime calls (cuda_emulation.h), so that tests/cuda_emulation/ runs
+// it too.
 #include "fused_conv2d.h"
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/native/ConvUtils.h>
 
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+
+#include "cuda_emulation.h"
 
 namespace fusedtie {
 namespace cuda {
@@ -106,7 +108,7 @@ at::Tensor fused_forward(const at::Tensor& input, const at::Tensor& weight, cons
                          const TiedConv2dParams& p) {
   const auto out_size = p.output_size(input, weight);
   at::Tensor out = at::empty(out_size, input.options().memory_format(
-                                           at::native::cudnn_conv_suggest_memory_format(input, weight)));
+                                           conv_output_memory_format(input, weight)));
   std::optional<at::Tensor> bias_values;
   if (bias.has_value()) bias_values = bias->contiguous();
   const DeviceTransform wt = device_transform(p.weight_transform), bt = device_transform(p.bias_transform);
@@ -176,7 +178,7 @@ at::Tensor fused_transpose_forward(const at::Tensor& input, const at::Tensor& we
                                    const std::optional<at::Tensor>& bias, const TiedConvTranspose2dParams& p) {
   const TiedConv2dParams c = convolution_of_transpose(p);
   at::Tensor out = at::empty(p.output_size(input, weight), input.options().memory_format(
-                                                               at::native::cudnn_conv_suggest_memory_format(input, weight)));
+                                                               conv_output_memory_format(input, weight)));
   TORCH_INTERNAL_ASSERT(c.output_size(out, weight) == (std::array<int64_t, 4>{input.size(0), input.size(1),
                                                                                input.size(2), input.size(3)}),
                         "fusedtie: the transposed convolution's output does not map back onto its input");

@@ -2,11 +2,13 @@
 // the weight gradient as a split implicit GEMM with a fixed-order reduction, the bias gradient as a
 // fixed-order reduction per channel. Every index is 64-bit; accumulation is in float (double for
 // float64), and f / f' are evaluated in that type before anything is rounded.
+//
+// Plain CUDA C++ throughout (no inline PTX), launched through cuda_emulation.h, so that
+// tests/cuda_emulation/ can also run this file, host code and kernels, on the CPU.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 
+#include "cuda_emulation.h"
 #include "device_transforms.cuh"
 #include "fused_conv2d.h"
 
@@ -319,20 +321,20 @@ void launch_simt_conv(const at::Tensor& src, const at::Tensor& weight, const std
   const int64_t cols = input_grad ? g.in_per_group : g.out_per_group;
   const dim3 grid(static_cast<unsigned>(ceil_div(rows, kTileM)), static_cast<unsigned>(ceil_div(cols, kTileN)),
                   static_cast<unsigned>(g.groups));
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "fusedtie_conv2d_simt", [&] {
     if (input_grad) {
-      fusedtie_conv2d_dgrad_simt_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+      FUSEDTIE_LAUNCH(fusedtie_conv2d_dgrad_simt_kernel<scalar_t>, grid, kThreads, stream)(
           src.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
           bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr, dst.mutable_data_ptr<scalar_t>(), g,
           weight_transform, bias_transform);
     } else {
-      fusedtie_conv2d_fprop_simt_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+      FUSEDTIE_LAUNCH(fusedtie_conv2d_fprop_simt_kernel<scalar_t>, grid, kThreads, stream)(
           src.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
           bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr, dst.mutable_data_ptr<scalar_t>(), g,
           weight_transform, bias_transform);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FUSEDTIE_LAUNCH_CHECK();
   });
 }
 
@@ -342,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> fused_weight_and_bias_grad(const at::Tensor& 
   // The kernels read W_src and write dL/dW_src at the same offsets: one layout for both.
   const at::Tensor weight = source_weight.contiguous(source_weight.suggest_memory_format());
   const ConvGeometry g = make_geometry(input, weight, p, input.strides(), grad_output.strides());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   const DeviceTransform wt{p.weight_transform.kind, p.weight_transform.alpha};
   at::Tensor grad_weight, grad_bias;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedtie_conv2d_wgrad", [&] {
@@ -353,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor> fused_weight_and_bias_grad(const at::Tensor& 
       const int64_t tiles = ceil_div(g.out_per_group, kTileM) * ceil_div(g.in_per_group * taps, kTileN) * g.groups;
       const int64_t pixels = g.batch * g.out_h * g.out_w;
       // Enough blocks for two waves of the device, each split at least 8 K-steps long.
-      const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+      const int64_t sms = multiprocessor_count();
       int64_t splits = std::min<int64_t>(ceil_div(2 * sms, tiles), ceil_div(pixels, 8 * kTileK));
       splits = std::max<int64_t>(1, std::min<int64_t>(splits, std::min<int64_t>(64, 65535 / g.groups)));
       const int64_t pixels_per_split = ceil_div(ceil_div(pixels, splits), kTileK) * kTileK;
@@ -366,27 +368,28 @@ std::tuple<at::Tensor, at::Tensor> fused_weight_and_bias_grad(const at::Tensor& 
       const dim3 grid(static_cast<unsigned>(ceil_div(g.out_per_group, kTileM)),
                       static_cast<unsigned>(ceil_div(g.in_per_group * taps, kTileN)),
                       static_cast<unsigned>(g.groups * splits));
-      fusedtie_conv2d_wgrad_simt_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+      FUSEDTIE_LAUNCH(fusedtie_conv2d_wgrad_simt_kernel<scalar_t>, grid, kThreads, stream)(
           grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
           splits == 1 ? weight.const_data_ptr<scalar_t>() : nullptr,
           splits == 1 ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr,
           splits > 1 ? partial.mutable_data_ptr<acc_t>() : nullptr, g, static_cast<int>(splits),
           pixels_per_split, wt);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      FUSEDTIE_LAUNCH_CHECK();
       if (splits > 1) {
         const int64_t total = g.out_channels * g.in_per_group * taps;
         const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(total, kThreads), 8 * sms));
-        fusedtie_conv2d_wgrad_reduce_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        FUSEDTIE_LAUNCH(fusedtie_conv2d_wgrad_reduce_kernel<scalar_t>, blocks, kThreads, stream)(
             partial.const_data_ptr<acc_t>(), weight.const_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
             g, static_cast<int>(splits), wt);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        FUSEDTIE_LAUNCH_CHECK();
       }
     }
     if (bias_grad) {
       grad_bias = at::empty({g.out_channels}, input.options());
-      fusedtie_conv2d_bias_grad_kernel<scalar_t><<<static_cast<unsigned>(g.out_channels), kThreads, 0, stream>>>(
+      const dim3 channels(static_cast<unsigned>(g.out_channels));
+      FUSEDTIE_LAUNCH(fusedtie_conv2d_bias_grad_kernel<scalar_t>, channels, kThreads, stream)(
           grad_output.const_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>(), g);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      FUSEDTIE_LAUNCH_CHECK();
     }
   });
   return {grad_weight, grad_bias};

@@ -1,0 +1,201 @@
+"""The fused CUDA-core kernels and their host code, run on the CPU by an emulation of CUDA's execution
+model (csrc/cuda/cuda_emulation.h; the bindings in tests/cuda_emulation/), against the float64
+oracle. Runs everywhere, GPU or not.
+
+What it checks: the CUDA-core kernels' index arithmetic, tiling, padding and stride handling, the
+weight gradient's split over pixels and its fixed-order reduction (with one split and with many),
+the epilogues (g(b), f'(W)), and the host code of csrc/cuda/fused_conv2d.cu: geometry, layouts, and
+the transposed convolution's role swaps (its forward on the input-gradient kernel with the bias in
+the epilogue, its input gradient on the forward kernel, its weight gradient with x and dy
+exchanged). Each CUDA thread of a block is one std::thread, __shared__ memory is shared by them and
+__syncthreads is a barrier, so a missing barrier or a thread reading another's tile before it is
+written can show as a wrong value, but nothing here models warps, the GPU memory model, or timing.
+Not covered: the tensor-core kernels (inline PTX), the elementwise kernels, the dispatchers'
+choice, and anything about speed. It is a CPU run of the CUDA source, not a GPU run: tests/test_cuda.py
+remains the check on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusedtie.ops import _pair, normalize_padding
+from reference import reference_conv2d, reference_conv_transpose2d, transform_arg
+from test_cuda import GEOMETRIES, GEOMETRY_DEFAULTS, TRANSPOSE_GEOMETRIES, with_layout
+
+ROOT = Path(__file__).resolve().parent.parent
+TRANSFORMS = ["identity", "square", "abs", "neg", "scale", "exp", "sigmoid", "tanh", "softplus"]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """The emulation module, JIT-built once (about a minute on two cores; cached in build/)."""
+    from torch.utils import cpp_extension
+
+    build = ROOT / "build" / "cuda_emulation"
+    build.mkdir(parents=True, exist_ok=True)
+    sources = [str(ROOT / "tests" / "cuda_emulation" / name)
+               for name in ("bindings.cpp", "host.cpp", "simt_kernels.cpp")]
+    return cpp_extension.load(
+        name="fusedtie_cuda_emulation",
+        sources=sources,
+        extra_include_paths=[str(ROOT / "csrc")],
+        extra_cflags=["-O2", "-std=c++20", "-Wno-unknown-pragmas", "-Wno-unused-variable", "-Wno-psabi"],
+        build_directory=str(build),
+        verbose=os.environ.get("FUSEDTIE_VERBOSE_BUILD", "0") == "1",
+    )
+
+
+def randn(shape, dtype, scale=1.0):
+    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype)
+
+
+def assert_close(name, ours, ref, dtype, what):
+    assert ours.dtype == dtype, f"{name}: dtype {ours.dtype}"
+    assert tuple(ours.shape) == tuple(ref.shape), f"{name}: {list(ours.shape)} against {list(ref.shape)}"
+    if ref.numel() == 0:
+        return
+    err = (ours.double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    tol = TOLERANCE[dtype] * max(scale, 1.0)
+    assert err <= tol, f"{name} ({what}): max error {err:.3g}, allowed {tol:.3g}, largest |reference| {scale:.3g}"
+
+
+def transform_name_and_alpha(transform):
+    t = transform_arg(transform)
+    return (t.name, t.op_alpha) if not isinstance(t, str) else (t, 1.0)
+
+
+# --- tied_conv2d: forward, input gradient, weight and bias gradients ---------------------------------
+
+# Unbatched input is the Python layer's (it adds the batch dimension) and empty batches go to the
+# library path: neither reaches the fused kernels.
+CONV_CASES = [g for g in GEOMETRIES if g.get("layout", "contiguous") != "unbatched" and g.get("batch", 1) > 0]
+
+
+def run_conv(emulated, dtype, transform, bias_transform, geometry, has_bias=True):
+    g = {**GEOMETRY_DEFAULTS, **geometry}
+    x = randn((g["batch"], g["cin"], *g["hw"]), dtype)
+    w = randn((g["cout"], g["cin"] // g["groups"], *g["kernel"]), dtype, 0.5)
+    b = randn((g["cout"],), dtype, 0.5) if has_bias else None
+    stride, dilation = _pair(g["stride"], "stride"), _pair(g["dilation"], "dilation")
+    padding = normalize_padding(g["padding"], w.shape[2:], stride, dilation)
+    ref_out, ref_grads = reference_conv2d(x, w, b, transform, bias_transform, g["stride"], g["padding"],
+                                          g["dilation"], g["groups"])
+    grad_out = randn(tuple(ref_out.shape), dtype)
+    ref_gx, ref_gw, _ = ref_grads(grad_out.double())
+    x, w = with_layout(g["layout"], x, w)
+    name, alpha = transform_name_and_alpha(transform)
+    bias_name, bias_alpha = transform_name_and_alpha(bias_transform)
+    args = (name, alpha, bias_name, bias_alpha, list(stride), list(padding), list(dilation), g["groups"])
+    what = f"{dtype}, {transform}/{bias_transform}, {geometry['id']}"
+    out = emulated.conv_forward(x, w, b, *args)
+    assert_close("output", out, ref_out, dtype, what)
+    if g["layout"] == "channels_last" and dtype != torch.float64:
+        assert out.is_contiguous(memory_format=torch.channels_last), "the output is not channels-last as cuDNN's"
+    gx, gw, gb = emulated.conv_backward(grad_out, x, w, b, *args)
+    assert_close("grad_input", gx, ref_gx, dtype, what)
+    assert_close("grad_weight", gw, ref_gw, dtype, what)
+    if has_bias:  # before the bias chain rule (the dispatcher's elementwise kernel applies g')
+        assert_close("grad_bias before g'", gb, grad_out.double().sum((0, 2, 3)), dtype, what)
+
+
+@pytest.mark.parametrize("geometry", CONV_CASES, ids=lambda g: g["id"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_conv_geometry_grid(emulated, dtype, geometry):
+    i = CONV_CASES.index(geometry)
+    run_conv(emulated, dtype, TRANSFORMS[i % len(TRANSFORMS)], TRANSFORMS[(i + 3) % len(TRANSFORMS)], geometry,
+             has_bias=i % 3 != 0)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_conv_every_transform(emulated, transform):
+    run_conv(emulated, torch.float64, transform, transform, GEOMETRIES[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_conv_16_bit_types(emulated, dtype):
+    run_conv(emulated, dtype, "tanh", "identity", GEOMETRIES[2])
+
+
+@pytest.mark.parametrize("multiprocessors", [1, 132])
+def test_weight_gradient_split_and_reduction(emulated, multiprocessors):
+    """One multiprocessor gives one split (the chain rule in the GEMM's epilogue); 132 give many
+    partial sums reduced in a second kernel. Both must give the oracle's dL/dW_src."""
+    emulated.set_multiprocessors(multiprocessors)
+    try:
+        run_conv(emulated, torch.float64, "softplus", "identity",
+                 dict(id="3x3-p1-8x20x20", padding=1, batch=4, cin=8, cout=12, hw=(20, 20)))
+    finally:
+        emulated.set_multiprocessors(132)
+
+
+def test_a_wrong_kernel_result_is_caught(emulated):
+    """The checks here can fail: the emulated output compared with a different transform's oracle."""
+    x, w = randn((1, 4, 6, 6), torch.float64), randn((4, 4, 3, 3), torch.float64)
+    out = emulated.conv_forward(x, w, None, "square", 1.0, "identity", 1.0, [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    wrong, _ = reference_conv2d(x, w, None, "abs", padding=1)
+    with pytest.raises(AssertionError, match="max error"):
+        assert_close("output", out, wrong, torch.float64, "square against abs")
+
+
+# --- tied_conv_transpose2d through the same kernels ------------------------------------------------
+
+def run_transpose(emulated, dtype, transform, geometry, has_bias=True):
+    gid, x_shape, w_shape, stride, padding, output_padding, groups, dilation, layout = geometry
+    x = randn(x_shape, dtype)
+    w = randn(w_shape, dtype, 0.5)
+    b = randn((w_shape[1] * groups,), dtype, 0.5) if has_bias else None
+    conv = (stride, padding, output_padding, groups, dilation)
+    ref_out, ref_grads = reference_conv_transpose2d(x, w, b, transform, *conv)
+    grad_out = randn(tuple(ref_out.shape), dtype)
+    ref_gx, ref_gw, _ = ref_grads(grad_out.double())
+    x, w = with_layout(layout, x, w)
+    name, alpha = transform_name_and_alpha(transform)
+    args = (name, alpha, list(_pair(stride, "stride")), list(_pair(padding, "padding")),
+            list(_pair(output_padding, "output_padding")), list(_pair(dilation, "dilation")), groups)
+    what = f"transposed, {dtype}, {transform}, {gid}"
+    out = emulated.transpose_forward(x, w, b, *args)
+    assert_close("output", out, ref_out, dtype, what)
+    gx, gw = emulated.transpose_backward(grad_out, x, w, *args)
+    assert_close("grad_input", gx, ref_gx, dtype, what)
+    assert_close("grad_weight", gw, ref_gw, dtype, what)
+
+
+FUSED_TRANSPOSE_CASES = [g for g in TRANSPOSE_GEOMETRIES if "fallback" not in g[0] and g[1][0] > 0]
+
+
+@pytest.mark.parametrize("geometry", FUSED_TRANSPOSE_CASES, ids=lambda g: g[0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_transpose_geometry_grid(emulated, dtype, geometry):
+    i = FUSED_TRANSPOSE_CASES.index(geometry)
+    run_transpose(emulated, dtype, TRANSFORMS[i % len(TRANSFORMS)], geometry, has_bias=i % 2 == 0)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_transpose_every_transform(emulated, transform):
+    run_transpose(emulated, torch.float64, transform, TRANSPOSE_GEOMETRIES[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_transpose_16_bit_types(emulated, dtype):
+    run_transpose(emulated, dtype, "square", TRANSPOSE_GEOMETRIES[2])
+
+
+def test_transpose_output_padding_past_the_stride_is_refused(emulated):
+    """output_padding >= stride (allowed below the dilation) adds rows the convolution would not map
+    back onto x: the fused kernels must refuse the call (the dispatcher then takes the library)."""
+    (gid, x_shape, w_shape, stride, padding, output_padding, groups, dilation, _) = next(
+        g for g in TRANSPOSE_GEOMETRIES if "fallback" in g[0])
+    x, w = randn(x_shape, torch.float64), randn(w_shape, torch.float64)
+    args = ("identity", 1.0, list(_pair(stride, "s")), list(_pair(padding, "p")), list(_pair(output_padding, "o")),
+            list(_pair(dilation, "d")), groups)
+    assert not emulated.transpose_supported(x, w, None, *args)
+    assert emulated.transpose_supported(x, w, None, args[0], args[1], args[2], args[3], [0, 0], args[5], args[6])
+    with pytest.raises(RuntimeError, match="do not support"):
+        emulated.transpose_forward(x, w, None, *args)
