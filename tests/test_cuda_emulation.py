@@ -29,7 +29,14 @@ from test_cuda import GEOMETRIES, GEOMETRY_DEFAULTS, TRANSPOSE_GEOMETRIES, with_
 
 ROOT = Path(__file__).resolve().parent.parent
 TRANSFORMS = ["identity", "square", "abs", "neg", "scale", "exp", "sigmoid", "tanh", "softplus"]
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+# name -> (dtype, torch.backends.cudnn.allow_tf32, tolerance relative to max(1, largest |reference|))
+PRECISIONS = {
+    "float64": (torch.float64, False, 1e-10),
+    "float32": (torch.float32, False, 2e-5),   # exact float32: the CUDA-core kernels
+    "tf32": (torch.float32, True, 5e-3),       # TF32 allowed: the tensor-core kernels where aligned
+    "bfloat16": (torch.bfloat16, False, 2e-2),
+    "float16": (torch.float16, False, 4e-3),
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +47,7 @@ def emulated():
     build = ROOT / "build" / "cuda_emulation"
     build.mkdir(parents=True, exist_ok=True)
     sources = [str(ROOT / "tests" / "cuda_emulation" / name)
-               for name in ("bindings.cpp", "host.cpp", "simt_kernels.cpp")]
+               for name in ("bindings.cpp", "host.cpp", "simt_kernels.cpp", "mma_kernels.cpp")]
     return cpp_extension.load(
         name="fusedtie_cuda_emulation",
         sources=sources,
@@ -55,14 +62,22 @@ def randn(shape, dtype, scale=1.0):
     return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype)
 
 
-def assert_close(name, ours, ref, dtype, what):
+@pytest.fixture(autouse=True)
+def _restore_tf32():
+    previous = torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
+
+
+def assert_close(name, ours, ref, precision, what):
+    dtype, _, tolerance = PRECISIONS[precision]
     assert ours.dtype == dtype, f"{name}: dtype {ours.dtype}"
     assert tuple(ours.shape) == tuple(ref.shape), f"{name}: {list(ours.shape)} against {list(ref.shape)}"
     if ref.numel() == 0:
         return
     err = (ours.double() - ref).abs().max().item()
     scale = ref.abs().max().item()
-    tol = TOLERANCE[dtype] * max(scale, 1.0)
+    tol = tolerance * max(scale, 1.0)
     assert err <= tol, f"{name} ({what}): max error {err:.3g}, allowed {tol:.3g}, largest |reference| {scale:.3g}"
 
 
@@ -78,7 +93,11 @@ def transform_name_and_alpha(transform):
 CONV_CASES = [g for g in GEOMETRIES if g.get("layout", "contiguous") != "unbatched" and g.get("batch", 1) > 0]
 
 
-def run_conv(emulated, dtype, transform, bias_transform, geometry, has_bias=True):
+def run_conv(emulated, precision, transform, bias_transform, geometry, has_bias=True):
+    """Forward and backward of one call against the oracle; returns which passes ran on the
+    tensor-core kernels (forward, input gradient), as the host code decided."""
+    dtype, tf32, _ = PRECISIONS[precision]
+    torch.backends.cudnn.allow_tf32 = tf32
     g = {**GEOMETRY_DEFAULTS, **geometry}
     x = randn((g["batch"], g["cin"], *g["hw"]), dtype)
     w = randn((g["cout"], g["cin"] // g["groups"], *g["kernel"]), dtype, 0.5)
@@ -93,46 +112,51 @@ def run_conv(emulated, dtype, transform, bias_transform, geometry, has_bias=True
     name, alpha = transform_name_and_alpha(transform)
     bias_name, bias_alpha = transform_name_and_alpha(bias_transform)
     args = (name, alpha, bias_name, bias_alpha, list(stride), list(padding), list(dilation), g["groups"])
-    what = f"{dtype}, {transform}/{bias_transform}, {geometry['id']}"
+    what = f"{precision}, {transform}/{bias_transform}, {geometry['id']}"
     out = emulated.conv_forward(x, w, b, *args)
-    assert_close("output", out, ref_out, dtype, what)
+    assert_close("output", out, ref_out, precision, what)
     if g["layout"] == "channels_last" and dtype != torch.float64:
         assert out.is_contiguous(memory_format=torch.channels_last), "the output is not channels-last as cuDNN's"
     gx, gw, gb = emulated.conv_backward(grad_out, x, w, b, *args)
-    assert_close("grad_input", gx, ref_gx, dtype, what)
-    assert_close("grad_weight", gw, ref_gw, dtype, what)
+    assert_close("grad_input", gx, ref_gx, precision, what)
+    assert_close("grad_weight", gw, ref_gw, precision, what)
     if has_bias:  # before the bias chain rule (the dispatcher's elementwise kernel applies g')
-        assert_close("grad_bias before g'", gb, grad_out.double().sum((0, 2, 3)), dtype, what)
+        assert_close("grad_bias before g'", gb, grad_out.double().sum((0, 2, 3)), precision, what)
+    return (emulated.mma_supports(x, w, list(stride), g["groups"], False),
+            emulated.mma_supports(x, w, list(stride), g["groups"], True))
 
 
 @pytest.mark.parametrize("geometry", CONV_CASES, ids=lambda g: g["id"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_conv_geometry_grid(emulated, dtype, geometry):
+@pytest.mark.parametrize("precision", ["float64", "float32", "tf32", "bfloat16"])
+def test_conv_geometry_grid(emulated, precision, geometry):
     i = CONV_CASES.index(geometry)
-    run_conv(emulated, dtype, TRANSFORMS[i % len(TRANSFORMS)], TRANSFORMS[(i + 3) % len(TRANSFORMS)], geometry,
+    run_conv(emulated, precision, TRANSFORMS[i % len(TRANSFORMS)], TRANSFORMS[(i + 3) % len(TRANSFORMS)], geometry,
              has_bias=i % 3 != 0)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_conv_every_transform(emulated, transform):
-    run_conv(emulated, torch.float64, transform, transform, GEOMETRIES[1])
+    run_conv(emulated, "float64", transform, transform, GEOMETRIES[1])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_conv_16_bit_types(emulated, dtype):
-    run_conv(emulated, dtype, "tanh", "identity", GEOMETRIES[2])
+def tensor_cores_expected(precision, gathered_channels_per_group, stride=1):
+    """The README's rule: tensor cores where the gathered side has a multiple of 8 (16-bit types) or
+    4 (TF32) channels per group, and for an input gradient only at stride 1."""
+    vector = 4 if precision == "tf32" else 8
+    return gathered_channels_per_group % vector == 0 and stride in (1, (1, 1))
 
 
-@pytest.mark.parametrize("multiprocessors", [1, 132])
-def test_weight_gradient_split_and_reduction(emulated, multiprocessors):
-    """One multiprocessor gives one split (the chain rule in the GEMM's epilogue); 132 give many
-    partial sums reduced in a second kernel. Both must give the oracle's dL/dW_src."""
-    emulated.set_multiprocessors(multiprocessors)
-    try:
-        run_conv(emulated, torch.float64, "softplus", "identity",
-                 dict(id="3x3-p1-8x20x20", padding=1, batch=4, cin=8, cout=12, hw=(20, 20)))
-    finally:
-        emulated.set_multiprocessors(132)
+# shapes whose forward the tensor-core kernels take in every 16-bit and TF32 precision
+MMA_CASES = [g for g in CONV_CASES if g["id"] in ("3x3-p1-24to40-17x13", "3x3-p1-64to64-16x16", "3x3-p1", "1x1")]
+
+
+@pytest.mark.parametrize("geometry", MMA_CASES, ids=lambda g: g["id"])
+@pytest.mark.parametrize("precision", ["tf32", "bfloat16", "float16"])
+def test_conv_tensor_core_kernels(emulated, precision, geometry):
+    g = {**GEOMETRY_DEFAULTS, **geometry}
+    forward_mma, input_grad_mma = run_conv(emulated, precision, "tanh", "square", geometry)
+    assert forward_mma, "the host code did not pick the tensor-core forward"
+    assert input_grad_mma == tensor_cores_expected(precision, g["cout"] // g["groups"], g["stride"])
 
 
 def test_a_wrong_kernel_result_is_caught(emulated):
@@ -141,13 +165,15 @@ def test_a_wrong_kernel_result_is_caught(emulated):
     out = emulated.conv_forward(x, w, None, "square", 1.0, "identity", 1.0, [1, 1], [1, 1, 1, 1], [1, 1], 1)
     wrong, _ = reference_conv2d(x, w, None, "abs", padding=1)
     with pytest.raises(AssertionError, match="max error"):
-        assert_close("output", out, wrong, torch.float64, "square against abs")
+        assert_close("output", out, wrong, "float64", "square against abs")
 
 
 # --- tied_conv_transpose2d through the same kernels ------------------------------------------------
 
-def run_transpose(emulated, dtype, transform, geometry, has_bias=True):
+def run_transpose(emulated, precision, transform, geometry, has_bias=True):
     gid, x_shape, w_shape, stride, padding, output_padding, groups, dilation, layout = geometry
+    dtype, tf32, _ = PRECISIONS[precision]
+    torch.backends.cudnn.allow_tf32 = tf32
     x = randn(x_shape, dtype)
     w = randn(w_shape, dtype, 0.5)
     b = randn((w_shape[1] * groups,), dtype, 0.5) if has_bias else None
@@ -159,32 +185,42 @@ def run_transpose(emulated, dtype, transform, geometry, has_bias=True):
     name, alpha = transform_name_and_alpha(transform)
     args = (name, alpha, list(_pair(stride, "stride")), list(_pair(padding, "padding")),
             list(_pair(output_padding, "output_padding")), list(_pair(dilation, "dilation")), groups)
-    what = f"transposed, {dtype}, {transform}, {gid}"
+    what = f"transposed, {precision}, {transform}, {gid}"
     out = emulated.transpose_forward(x, w, b, *args)
-    assert_close("output", out, ref_out, dtype, what)
+    assert_close("output", out, ref_out, precision, what)
     gx, gw = emulated.transpose_backward(grad_out, x, w, *args)
-    assert_close("grad_input", gx, ref_gx, dtype, what)
-    assert_close("grad_weight", gw, ref_gw, dtype, what)
+    assert_close("grad_input", gx, ref_gx, precision, what)
+    assert_close("grad_weight", gw, ref_gw, precision, what)
+    # the transposed forward is the convolution's input gradient, its input gradient the forward
+    return (emulated.mma_supports(out, w, args[2], groups, True), emulated.mma_supports(out, w, args[2], groups, False))
 
 
 FUSED_TRANSPOSE_CASES = [g for g in TRANSPOSE_GEOMETRIES if "fallback" not in g[0] and g[1][0] > 0]
 
 
 @pytest.mark.parametrize("geometry", FUSED_TRANSPOSE_CASES, ids=lambda g: g[0])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_transpose_geometry_grid(emulated, dtype, geometry):
+@pytest.mark.parametrize("precision", ["float64", "float32", "tf32", "bfloat16"])
+def test_transpose_geometry_grid(emulated, precision, geometry):
     i = FUSED_TRANSPOSE_CASES.index(geometry)
-    run_transpose(emulated, dtype, TRANSFORMS[i % len(TRANSFORMS)], geometry, has_bias=i % 2 == 0)
+    run_transpose(emulated, precision, TRANSFORMS[i % len(TRANSFORMS)], geometry, has_bias=i % 2 == 0)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_transpose_every_transform(emulated, transform):
-    run_transpose(emulated, torch.float64, transform, TRANSPOSE_GEOMETRIES[1])
+    run_transpose(emulated, "float64", transform, TRANSPOSE_GEOMETRIES[1])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_transpose_16_bit_types(emulated, dtype):
-    run_transpose(emulated, dtype, "square", TRANSPOSE_GEOMETRIES[2])
+@pytest.mark.parametrize("geometry", [g for g in FUSED_TRANSPOSE_CASES if g[0] in
+                                      ("3x3-s1-p1", "64to64-3x3-s1-p1", "3x3-s1-p1-channels_last", "4x4-s2-p1")],
+                         ids=lambda g: g[0])
+@pytest.mark.parametrize("precision", ["tf32", "bfloat16", "float16"])
+def test_transpose_tensor_core_kernels(emulated, precision, geometry):
+    _, x_shape, w_shape, stride, _, _, groups, _, _ = geometry
+    forward_mma, input_grad_mma = run_transpose(emulated, precision, "square", geometry)
+    # the transposed forward gathers x (the weight's first dimension), its input gradient dy
+    assert forward_mma == tensor_cores_expected(precision, w_shape[0] // groups, stride)
+    assert input_grad_mma == tensor_cores_expected(precision, w_shape[1])
+    assert forward_mma or input_grad_mma, "neither pass ran on the tensor-core kernels"
 
 
 def test_transpose_output_padding_past_the_stride_is_refused(emulated):

@@ -12,17 +12,27 @@
 //   input gradient: A(row, (r,s,co)) = dy[n, y + pad_top - r*dh, x + pad_left - s*dw, co]
 //   (stride 1)      B((r,s,co), ci)  = f(W[co, ci, r, s])
 // Block tile 128 x 64, four warps of 64 x 32, a K-tile of 64 bytes per row.
+//
+// The PTX instructions are wrapped below; under FUSEDTIE_CUDA_EMULATION (tests/cuda_emulation/) the
+// wrappers call cuda_emulation.h's versions instead, so that this file, kernels and host code, also
+// runs on the CPU.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
 
+#include "cuda_emulation.h"
 #include "device_transforms.cuh"
 #include "fused_conv2d.h"
+
+// Whether the kernels' bodies are compiled: device code for sm_80 or newer, or the emulation.
+#if defined(FUSEDTIE_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+#define FUSEDTIE_MMA_CODE 1
+#else
+#define FUSEDTIE_MMA_CODE 0
+#endif
 
 namespace fusedtie {
 namespace cuda {
@@ -50,13 +60,17 @@ struct MmaTraits<float> {
   static constexpr int kStep = 8;
 };
 
+#ifndef FUSEDTIE_CUDA_EMULATION
 __device__ __forceinline__ uint32_t shared_address(const void* pointer) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
 }
+#endif
 
 // 16 bytes global -> shared, or 16 zero bytes when `valid` is false (the source is then not read).
 __device__ __forceinline__ void copy_async_16(void* shared, const void* global, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(FUSEDTIE_CUDA_EMULATION)
+  emulation::copy_async_16(shared, global, valid);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(shared)), "l"(global),
                "r"(valid ? 16 : 0));
 #endif
@@ -77,7 +91,9 @@ __device__ __forceinline__ void copy_async_wait() {
 
 // acc (16x8 float) += A (16xK row-major fragment) * B (Kx8 column fragment), K = MmaTraits::kStep.
 __device__ __forceinline__ void mma(float* acc, const uint32_t* a, const uint32_t* b, c10::Half) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(FUSEDTIE_CUDA_EMULATION)
+  emulation::mma_sync<emulation::MmaInput::kHalf>(acc, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -86,7 +102,9 @@ __device__ __forceinline__ void mma(float* acc, const uint32_t* a, const uint32_
 #endif
 }
 __device__ __forceinline__ void mma(float* acc, const uint32_t* a, const uint32_t* b, c10::BFloat16) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(FUSEDTIE_CUDA_EMULATION)
+  emulation::mma_sync<emulation::MmaInput::kBFloat16>(acc, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -95,7 +113,9 @@ __device__ __forceinline__ void mma(float* acc, const uint32_t* a, const uint32_
 #endif
 }
 __device__ __forceinline__ void mma(float* acc, const uint32_t* a, const uint32_t* b, float) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(FUSEDTIE_CUDA_EMULATION)
+  emulation::mma_sync<emulation::MmaInput::kTF32>(acc, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -106,7 +126,9 @@ __device__ __forceinline__ void mma(float* acc, const uint32_t* a, const uint32_
 
 __device__ __forceinline__ uint32_t to_tf32(float value) {
   uint32_t result = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(FUSEDTIE_CUDA_EMULATION)
+  result = emulation::round_to_tf32(value);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(result) : "f"(value));
 #endif
   return result;
@@ -159,7 +181,7 @@ template <typename scalar_t, bool kInputGrad>
 __device__ __forceinline__ void conv_mma_body(const scalar_t* __restrict__ src, const scalar_t* __restrict__ weight,
                                               const scalar_t* __restrict__ bias, scalar_t* __restrict__ dst,
                                               const ConvGeometry& g, DeviceTransform wt, DeviceTransform bt) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if FUSEDTIE_MMA_CODE
   constexpr int kElems = kRowBytes / int(sizeof(scalar_t));   // K elements per tile row
   constexpr int kVector = 16 / int(sizeof(scalar_t));         // elements per cp.async
   constexpr int kStep = MmaTraits<scalar_t>::kStep;
@@ -336,6 +358,9 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace
 
 bool mma_kernels_available() {
+#ifdef FUSEDTIE_CUDA_EMULATION
+  return true;
+#else
   const auto* properties = at::cuda::getCurrentDeviceProperties();
   if (properties->major < 8) return false;  // mma.sync bf16 and cp.async need sm_80
   // The code in this binary must be sm_80 or newer too: a build for older architectures only
@@ -346,6 +371,7 @@ bool mma_kernels_available() {
     return attributes.ptxVersion >= 80 && attributes.binaryVersion >= 80;
   }();
   return compiled_for_sm80;
+#endif
 }
 
 void launch_mma_conv(const at::Tensor& src, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -355,20 +381,20 @@ void launch_mma_conv(const at::Tensor& src, const at::Tensor& weight, const std:
   const int64_t cols = input_grad ? g.in_per_group : g.out_per_group;
   const dim3 grid(static_cast<unsigned>(ceil_div(rows, kBlockM)), static_cast<unsigned>(ceil_div(cols, kBlockN)),
                   static_cast<unsigned>(g.groups));
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   auto launch = [&]<typename scalar_t>() {
     if (input_grad) {
-      fusedtie_conv2d_dgrad_mma_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+      FUSEDTIE_LAUNCH(fusedtie_conv2d_dgrad_mma_kernel<scalar_t>, grid, kThreads, stream)(
           src.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
           bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr, dst.mutable_data_ptr<scalar_t>(), g,
           weight_transform, bias_transform);
     } else {
-      fusedtie_conv2d_fprop_mma_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+      FUSEDTIE_LAUNCH(fusedtie_conv2d_fprop_mma_kernel<scalar_t>, grid, kThreads, stream)(
           src.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
           bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr, dst.mutable_data_ptr<scalar_t>(), g,
           weight_transform, bias_transform);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FUSEDTIE_LAUNCH_CHECK();
   };
   // Float (TF32), Half and BFloat16: the types mma_supports admits.
   AT_DISPATCH_SWITCH(src.scalar_type(), "fusedtie_conv2d_mma",

@@ -2,8 +2,9 @@
 // torch.utils.cpp_extension.load). Each entry point takes the operator's own schema arguments,
 // validates them with the operator's own checks, and calls the fused host code of
 // csrc/cuda/fused_conv2d.cu exactly as the CUDA dispatchers do when they choose "fused", on CPU
-// tensors. The tensor-core kernels (inline PTX) are not emulated: mma_kernels_available() is false
-// here, so every call takes the CUDA-core kernels. Test only.
+// tensors: the tensor-core kernels where the host code picks them (float16/bfloat16, and float32
+// when torch.backends.cudnn.allow_tf32 is set, with aligned channel counts), the CUDA-core ones
+// elsewhere. Test only.
 #define FUSEDTIE_CUDA_EMULATION
 #include <torch/extension.h>
 
@@ -18,16 +19,6 @@ namespace fusedtie {
 std::optional<TransformKind> find_user_transform(c10::string_view) { return std::nullopt; }
 std::vector<std::string> user_transform_names() { return {}; }
 
-namespace cuda {
-
-bool mma_kernels_available() { return false; }
-
-void launch_mma_conv(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-                     const ConvGeometry&, DeviceTransform, DeviceTransform, bool) {
-  TORCH_CHECK(false, "the CUDA emulation has no tensor-core kernels");
-}
-
-}  // namespace cuda
 }  // namespace fusedtie
 
 namespace {
@@ -62,6 +53,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedtie's fused CUDA-core kernels and their host code, run by a CPU emulation of CUDA (tests only)";
   m.def("set_multiprocessors", [](int64_t count) { fusedtie::cuda::emulation::emulated_multiprocessors = count; },
         "The multiprocessor count the host code sees (it sizes the weight gradient's split)");
+  m.def("mma_supports", [](const at::Tensor& input, const at::Tensor& weight, std::vector<int64_t> stride,
+                           int64_t groups, bool input_grad) {
+    TiedConv2dParams p;
+    p.stride = {stride[0], stride[1]};
+    p.groups = groups;
+    return fusedtie::cuda::mma_supports(input, weight, p, input_grad);
+  }, "Whether the host code runs this pass on the tensor-core kernels");
   m.def("conv_forward", [](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const std::string& transform, double alpha, const std::string& bias_transform,
                            double bias_alpha, std::vector<int64_t> stride, std::vector<int64_t> padding,
