@@ -221,6 +221,17 @@ CASES = [
 ]
 
 
+def make_leaves(x_shape, w_shape, bias_size, dtype, channels_last):
+    """(x, w, b) on the GPU in dtype, requiring gradients; x and w channels-last if asked."""
+    x = torch.randn(x_shape, device="cuda").to(dtype)
+    w = (torch.randn(w_shape, device="cuda") * 0.3).to(dtype)
+    b = (torch.randn(bias_size, device="cuda") * 0.3).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        w = w.to(memory_format=torch.channels_last)
+    return [t.requires_grad_(True) for t in (x, w, b)]
+
+
 def check(leaves, out, grads, grad_out, reference, what):
     """Output and gradients against reference(x, w, b) in float64, relative to the largest value;
     prints one line, returns whether all are within tolerance (False on NaN too)."""
@@ -241,13 +252,7 @@ bad = 0
 for algorithm in ("fused", "library"):
     for dtype in (torch.float32, torch.bfloat16):
         for (n, cin, cout, hw, k, stride, padding, dilation, groups, cl, f, bf) in CASES:
-            x = torch.randn(n, cin, *hw, device="cuda").to(dtype)
-            w = (torch.randn(cout, cin // groups, *k, device="cuda") * 0.3).to(dtype)
-            b = (torch.randn(cout, device="cuda") * 0.3).to(dtype)
-            if cl:
-                x = x.to(memory_format=torch.channels_last)
-                w = w.to(memory_format=torch.channels_last)
-            leaves = [t.requires_grad_(True) for t in (x, w, b)]
+            leaves = x, w, b = make_leaves((n, cin, *hw), (cout, cin // groups, *k), cout, dtype, cl)
             with fusedtie.use_cuda_conv_algorithm(algorithm):
                 out = fusedtie.tied_conv2d(x, w, b, f, bf, stride, padding, dilation, groups)
                 g = torch.randn(out.shape, device="cuda").to(dtype)
@@ -267,13 +272,7 @@ TRANSPOSE_CASES = [
 for algorithm in ("fused", "library"):
     for dtype in (torch.float32, torch.bfloat16):
         for (n, cin, cout, hw, k, stride, padding, output_padding, groups, cl, f) in TRANSPOSE_CASES:
-            x = torch.randn(n, cin, *hw, device="cuda").to(dtype)
-            w = (torch.randn(cin, cout // groups, *k, device="cuda") * 0.3).to(dtype)
-            b = (torch.randn(cout, device="cuda") * 0.3).to(dtype)
-            if cl:
-                x = x.to(memory_format=torch.channels_last)
-                w = w.to(memory_format=torch.channels_last)
-            leaves = [t.requires_grad_(True) for t in (x, w, b)]
+            leaves = x, w, b = make_leaves((n, cin, *hw), (cin, cout // groups, *k), cout, dtype, cl)
             with fusedtie.use_cuda_conv_algorithm(algorithm):
                 out = fusedtie.tied_conv_transpose2d(x, w, b, f, stride, padding, output_padding, groups)
                 g = torch.randn(out.shape, device="cuda").to(dtype)
