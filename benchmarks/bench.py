@@ -13,6 +13,21 @@ Contenders (all compute the same y, with bias "same": g is the identity; see CON
                   inference it is called inside `parametrize.cached()`.
   compile         torch.compile of the forum module (mode "default" on CPU, "max-autotune" on CUDA).
 
+Decoder cases (kind "decoder", shapes named "decoder ..."): y = conv_transpose2d(h, f(W), b), the
+decoder of a tied autoencoder. The source is the encoder, an nn.Conv2d mapping the decoder's output
+channels to its input channels, and h has the encoder output's shape. b is the decoder's own bias
+(one Parameter per case, shared by every contender, as the source's bias is in conv cases). The
+same contenders, each in its transposed form:
+  plain           nn.ConvTranspose2d holding f(W) precomputed once (untied, its own weight): the
+                  baseline, as plain is for conv cases.
+  fusedtie        fusedtie.FusedTiedConvTranspose2d(encoder, transform, output_padding=...).
+  fusedtie+cache  a second one inside fusedtie.cached(layer), as above.
+  forum           F.conv_transpose2d(h, f(encoder.weight), b, ...) on every call, the encoder held in
+                  a list (out of the module's parameters, the recipe's way of reaching it).
+  parametrize     an nn.ConvTranspose2d whose weight parametrization applies f, its original the
+                  encoder's weight (the same shape) and its bias the shared one.
+  compile         torch.compile of the forum decoder.
+
 Scopes (fusedtie+cache, parametrize in inference) are entered ONCE per case, before the first call,
 and left after the case's last call (an ExitStack held by the contender's Runner): the numbers are
 the steady state of a server that keeps the scope open, not the cost of entering it, and the f(W)
@@ -39,8 +54,8 @@ real cost every run, not a hit in /tmp/torchinductor_$USER left by an earlier ru
 0.1-0.3 s); set TORCHINDUCTOR_CACHE_DIR to use (and keep) a cache of your choosing. Measured on the
 2-core machine this was written on: 15-20 s for the run's first compilation (inductor's start-up,
 C++ headers), then 2-4 s a case. --compile all|some|none: "some" compiles only on
-COMPILE_SOME_SHAPES (conv5_x 3x3 b1) and is the default of --quick, where compiling all 24 cases
-would take about 100 s on its own; "all" is the default of --full.
+COMPILE_SOME_SHAPES (conv5_x 3x3 b1) and is the default of --quick, where compiling all 32 cases
+would take about 2 minutes on its own; "all" is the default of --full.
 
 Modes: inference (eval, torch.no_grad) and train (forward, then torch.autograd.grad of y.sum() with
 respect to the contender's leaves: the source's W and b, or plain's own f(W) and b).
@@ -51,16 +66,25 @@ Shapes (float32 on CPU; float32 and bfloat16 on CUDA, see --dtype):
               conv3_x 28x28 (128->128, 512->128), conv4_x 14x14 (256->256, 1024->256), conv5_x 7x7
               (512->512, 2048->512), each at batch 1, 8 and 32 (and 256 with --device cuda).
   depthwise   256 channels at 28x28, 3x3, groups 256, pad 1, at batch 1 and 8.
-  Transforms: square and tanh. --full runs all of them (108 cases on CPU).
+  decoders    (decoder_shapes) 3x3 s2 p1 op1 64->32 28x28->56x56 (a conv autoencoder's), 4x4 s2 p1
+              128->64 16x16->32x32 (DCGAN's), 3x3 s1 p1 64->64 at 56x56, and two wider ones:
+              3x3 s2 p1 op1 256->128 14x14->28x28 and 4x4 s2 p1 512->256 4x4->8x8; at batch 1 and 8
+              (and 64 with --device cuda).
+  Transforms: square and tanh. --full runs all of them (148 cases on CPU).
   --quick (what `make bench` runs, about 2 minutes on a 2-core CPU) runs QUICK_SHAPE_NAMES: the seed,
   conv5_x 3x3 and 1x1 at batch 1 (the weight-heaviest shapes, where a tie costs most), conv4_x 3x3
   at batch 1, conv5_x 1x1 at batch 8 (the same weights as at batch 1, so the pair shows batch
-  amortising the tie), the depthwise at batch 1; both transforms, both modes (24 cases), with
-  `compile` on conv5_x 3x3 b1 only (--compile some). Its cases get at most 2.5 s of timed
-  repetitions each, less when the run falls behind its 110 s target (Pacer: a busy machine), never
-  fewer than MIN_REPS rotations; an explicit --case-budget turns the pacing off.
-  Filters: --shapes SUBSTRING (of a case's description, e.g. "b32", "conv5_x", "1x1 b8"),
-  --transforms, --contenders, --modes (comma-separated); plain is always run.
+  amortising the tie), the depthwise at batch 1, and the 3x3 s2 and 4x4 s2 decoders at batch 1 (a
+  decoder's tie costs most, relative to its convolution, at batch 1); both transforms, both modes
+  (32 cases), with `compile` on conv5_x 3x3 b1 only (--compile some). Its conv cases get at most
+  2.5 s of timed repetitions each, its decoder cases at most 1 s (their calls take well under a
+  millisecond, so that is still hundreds of repetitions, and the run grows by about 10 s instead of
+  25), less when the run falls behind its 120 s target (110 s before the decoder cases: Pacer, a
+  busy machine), never fewer than MIN_REPS rotations; an explicit --case-budget (the same for
+  every case) turns the pacing off.
+  Filters: --shapes SUBSTRING (of a case's description, e.g. "b32", "conv5_x", "1x1 b8", "decoder";
+  comma-separated: any of them), --transforms, --contenders, --modes (comma-separated); plain is
+  always run.
 
 --cpu-algorithm auto|library|gemm|depthwise (default auto): fusedtie's CPU path chooses per shape
 between at::convolution (oneDNN, "library"), its own im2col + BLAS GEMM (csrc/cpu/gemm_conv2d.cpp,
@@ -72,6 +96,10 @@ mixes the tie's cost with a convolution algorithm that is faster there than plai
 the depthwise kernel); a run with
 --cpu-algorithm library measures the tie's own cost, on the same algorithm as plain. The choice is
 in the table's header line and the JSON settings ("cpu_algorithm"). It has no effect on CUDA.
+Neither this nor --cuda-algorithm changes the decoder cases: fusedtie's transposed operator always
+takes the library path, f(W) pass + oneDNN / cuDNN + chain-rule pass
+(csrc/cpu/tied_conv_transpose2d_kernel.cpp, csrc/cuda/tied_conv_transpose2d_cuda.cu), so its
+ratio to plain is the tie's own cost on plain's algorithm.
 
 --cuda-algorithm auto|autotune|fused|library (default auto): the same for the CUDA path
 (fusedtie.use_cuda_conv_algorithm): fused = fusedtie's kernels that apply f on weight-tile load and
@@ -92,7 +120,10 @@ Guard: every contender's output, and in training the gradients with respect to t
 of every contender whose leaves are the source's (all but plain), must equal a freshly built forum
 module's in the same case (rtol 1e-4, atol 1e-5 x the reference's largest magnitude for float32;
 every contender, compile included, stays within it on CPU, so it was not loosened; bfloat16's is
-a guess, untested). Any mismatch aborts the run: timings of a wrong result mean nothing.
+a guess, untested). Decoder cases: the reference is F.conv_transpose2d(h, f(W), b) computed in
+float64 on copies of the encoder's W and the decoder's b (decoder_reference), gradients with
+respect to those two, at the same tolerances. Any mismatch aborts the run: timings of a wrong
+result mean nothing.
 
 Memory (peak of one step, after the timed repetitions, outside the timings, in MiB):
   CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus
@@ -119,8 +150,9 @@ Usage (from the repository root; `make bench` runs the quick set):
       [--plot PNG] [--shapes SUBSTRING] [--contenders a,b] [--compile all|some|none]
       [--cpu-algorithm auto|library|gemm|depthwise] [--cuda-algorithm auto|autotune|fused|library] ...
 
-To extend: add a ShapeCase to full_shapes, a Contender to CONTENDERS, a Mode to MODES, or a
-transform to FORUM_TRANSFORMS (the reference f written with plain torch ops).
+To extend: add a ShapeCase to full_shapes (kind DECODER for a transposed one), a Contender (with
+its build and build_decoder) to CONTENDERS, a Mode to MODES, or a transform to FORUM_TRANSFORMS (the
+reference f written with plain torch ops).
 """
 
 from __future__ import annotations
@@ -165,9 +197,19 @@ FORUM_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
 TRANSFORMS = ["square", "tanh"]
 
 
+CONV = "conv"        # y = conv2d(x, f(W), b), the source's own geometry
+DECODER = "decoder"  # y = conv_transpose2d(h, f(W), b): the decoder tied to an encoder conv
+
+
 @dataclass(frozen=True)
 class ShapeCase:
-    """One convolution: input (batch, in_channels, height, width) and the conv's hyper-parameters."""
+    """One timed convolution: its input (batch, in_channels, height, width) and hyper-parameters.
+
+    kind CONV: a conv2d, whose source has this geometry. kind DECODER: a transposed conv2d mapping
+    in_channels to out_channels (the decoder of a tied autoencoder); its source is the encoder, an
+    nn.Conv2d(out_channels, in_channels, kernel, stride, padding, groups), so the input h has the
+    encoder output's shape and the output the encoder input's (with output_padding).
+    """
 
     label: str
     batch: int
@@ -179,10 +221,17 @@ class ShapeCase:
     stride: int = 1
     padding: int = 0
     groups: int = 1
+    output_padding: int = 0  # decoders only
+    kind: str = CONV
 
     @property
     def name(self) -> str:
         return f"{self.label} b{self.batch}"
+
+    def output_hw(self) -> tuple[int, int]:
+        """A decoder's output height and width (nn.ConvTranspose2d's formula, dilation 1)."""
+        return tuple((n - 1) * self.stride - 2 * self.padding + self.kernel + self.output_padding
+                     for n in (self.height, self.width))
 
     def describe(self) -> str:
         extra = ""
@@ -190,10 +239,16 @@ class ShapeCase:
             extra += f" s{self.stride}"
         if self.groups != 1:
             extra += f" g{self.groups}"
+        if self.kind == DECODER:  # the padding decides a decoder's output size: always shown
+            extra += f" p{self.padding}" + (f" op{self.output_padding}" if self.output_padding else "")
+            extra += " -> {}x{}".format(*self.output_hw())
         return (f"{self.name}: {self.batch}x{self.in_channels}x{self.height}x{self.width} "
                 f"{self.in_channels}->{self.out_channels} {self.kernel}x{self.kernel}{extra}")
 
     def source_conv(self, device: torch.device, dtype: torch.dtype) -> nn.Conv2d:
+        if self.kind == DECODER:  # the encoder: out_channels -> in_channels
+            return nn.Conv2d(self.out_channels, self.in_channels, self.kernel, stride=self.stride,
+                             padding=self.padding, groups=self.groups, device=device, dtype=dtype)
         return nn.Conv2d(self.in_channels, self.out_channels, self.kernel, stride=self.stride,
                          padding=self.padding, groups=self.groups, device=device, dtype=dtype)
 
@@ -224,17 +279,37 @@ def depthwise_shape(batch: int) -> ShapeCase:
     return ShapeCase("depthwise 3x3", batch, 256, 256, 28, 28, 3, padding=1, groups=256)
 
 
+def decoder_shapes(batch: int) -> list[ShapeCase]:
+    """Decoder layers of tied autoencoders and DCGAN-style generators (each doubles the size)."""
+    d = dict(kind=DECODER)
+    return [
+        # a conv autoencoder's stride-2 3x3 decoder: 28x28 -> 56x56 (output_padding restores the size)
+        ShapeCase("decoder 3x3 s2", batch, 64, 32, 28, 28, 3, stride=2, padding=1, output_padding=1, **d),
+        # DCGAN's 4x4 stride-2 padding-1 layer: 16x16 -> 32x32
+        ShapeCase("decoder 4x4 s2", batch, 128, 64, 16, 16, 4, stride=2, padding=1, **d),
+        # a stride-1 3x3 decoder (same size)
+        ShapeCase("decoder 3x3 s1", batch, 64, 64, 56, 56, 3, padding=1, **d),
+        # wider layers: more weight per activation, where recomputing f(W) costs more
+        ShapeCase("decoder 3x3 s2 wide", batch, 256, 128, 14, 14, 3, stride=2, padding=1,
+                  output_padding=1, **d),
+        ShapeCase("decoder 4x4 s2 wide", batch, 512, 256, 4, 4, 4, stride=2, padding=1, **d),
+    ]
+
+
 def full_shapes(device: torch.device) -> list[ShapeCase]:
     batches = [1, 8, 32] + ([256] if device.type == "cuda" else [])
     shapes = [seed_shape()]
     for batch in batches:
         shapes += resnet50_shapes(batch)
-    return shapes + [depthwise_shape(1), depthwise_shape(8)]
+    shapes += [depthwise_shape(1), depthwise_shape(8)]
+    for batch in [1, 8] + ([64] if device.type == "cuda" else []):
+        shapes += decoder_shapes(batch)
+    return shapes
 
 
 # --quick: see the module docstring for why these.
 QUICK_SHAPE_NAMES = ["seed b1", "conv5_x 3x3 b1", "conv5_x 1x1 b1", "conv4_x 3x3 b1",
-                     "conv5_x 1x1 b8", "depthwise 3x3 b1"]
+                     "conv5_x 1x1 b8", "depthwise 3x3 b1", "decoder 3x3 s2 b1", "decoder 4x4 s2 b1"]
 # --compile some: the weight-heaviest 3x3, where recomputing f(W) costs most (the seed's f(W) is
 # negligible next to its conv, so compile can only match forum there).
 COMPILE_SOME_SHAPES = ("conv5_x 3x3 b1",)
@@ -298,12 +373,47 @@ class Runner:
 
 
 @dataclass(frozen=True)
+class DecoderTie:
+    """What a decoder case's contenders are built on: the encoder conv that owns W, the decoder's
+    bias and the one piece of geometry the encoder does not carry (output_padding).
+
+    The bias is the decoder's own parameter (source.in_channels values), one Parameter shared by
+    every contender, as the source's bias is in conv cases, so every contender's leaves are the
+    same two tensors (source.weight, bias) and their gradients can be compared.
+    """
+
+    source: nn.Conv2d
+    bias: nn.Parameter
+    output_padding: int
+
+    @property
+    def leaves(self) -> list[Tensor]:
+        return [self.source.weight, self.bias]
+
+
+def make_decoder_tie(shape: ShapeCase, source: nn.Conv2d) -> DecoderTie:
+    # nn.ConvTranspose2d's bias initialisation: uniform in +-1/sqrt(fan_in), fan_in = its
+    # weight.size(1) * kH * kW = (source.in_channels / groups) * kH * kW.
+    w = source.weight
+    fan_in = w.shape[1] * w.shape[2] * w.shape[3]
+    bias = nn.Parameter(torch.empty(source.in_channels, device=w.device, dtype=w.dtype))
+    with torch.no_grad():
+        bias.uniform_(-fan_in**-0.5, fan_in**-0.5)
+    return DecoderTie(source, bias, shape.output_padding)
+
+
+@dataclass(frozen=True)
 class Contender:
     name: str
     build: Callable[[nn.Conv2d, str, bool], Runner]  # (source, transform, trains)
+    # The same contender for a decoder case, (tie, transform, trains); None: not run on decoders.
+    build_decoder: Optional[Callable[[DecoderTie, str, bool], Runner]] = None
     modes: tuple[str, ...] = ("inference", "train")
     # Why the contender cannot run in this process (None: it can).
     unavailable: Callable[[], Optional[str]] = lambda: None
+
+    def builder(self, kind: str) -> Optional[Callable[..., Runner]]:
+        return self.build_decoder if kind == DECODER else self.build
 
 
 class ForumConv2d(nn.Module):
@@ -385,24 +495,113 @@ def build_parametrize(source: nn.Conv2d, transform: str, trains: bool) -> Runner
     return Runner(conv, [source.weight, source.bias], scope=scope)
 
 
+def _compile_mode(source: nn.Conv2d) -> str:
+    return "max-autotune" if source.weight.device.type == "cuda" else "default"
+
+
 def build_compile(source: nn.Conv2d, transform: str, trains: bool) -> Runner:
-    mode = "max-autotune" if source.weight.device.type == "cuda" else "default"
-    module = torch.compile(ForumConv2d(source, transform), mode=mode)
+    module = torch.compile(ForumConv2d(source, transform), mode=_compile_mode(source))
     return Runner(module, [source.weight, source.bias])
 
 
-# The first entry is the baseline of the ratio column; the guard's reference is a fresh forum module.
+# --- the same contenders for a decoder case: conv_transpose2d(h, f(W_source), b) ---------------------
+
+
+class ForumConvTranspose2d(nn.Module):
+    """The forum recipe for a tied decoder: F.conv_transpose2d(h, f(encoder.weight), b, ...).
+
+    The encoder is held in a list, out of this module's parameters and state_dict (the recipe's
+    way of reaching another layer's weight); the bias is the decoder's own parameter.
+    """
+
+    def __init__(self, tie: DecoderTie, transform: str) -> None:
+        super().__init__()
+        self.encoder = [tie.source]  # a plain list: nn.Module does not register what it holds
+        self.bias = tie.bias
+        self.output_padding = tie.output_padding
+        self.f = FORUM_TRANSFORMS[transform]
+
+    def forward(self, h: Tensor) -> Tensor:
+        s = self.encoder[0]
+        return F.conv_transpose2d(h, self.f(s.weight), self.bias, s.stride, s.padding,
+                                  self.output_padding, s.groups, s.dilation)
+
+
+def _conv_transpose_like(tie: DecoderTie) -> nn.ConvTranspose2d:
+    s = tie.source
+    return nn.ConvTranspose2d(s.out_channels, s.in_channels, s.kernel_size, stride=s.stride,
+                              padding=s.padding, output_padding=tie.output_padding, groups=s.groups,
+                              dilation=s.dilation, device=s.weight.device, dtype=s.weight.dtype)
+
+
+def build_plain_decoder(tie: DecoderTie, transform: str, trains: bool) -> Runner:
+    # Untied: an nn.ConvTranspose2d owning f(W) (precomputed once) and a copy of the bias.
+    conv = _conv_transpose_like(tie)
+    with torch.no_grad():
+        conv.weight.copy_(FORUM_TRANSFORMS[transform](tie.source.weight))
+        conv.bias.copy_(tie.bias)
+    return Runner(conv, [conv.weight, conv.bias], grads_wrt_source=False)
+
+
+def _tied_decoder(tie: DecoderTie, transform: str) -> nn.Module:
+    layer = fusedtie.FusedTiedConvTranspose2d(tie.source, transform, output_padding=tie.output_padding)
+    layer.bias = tie.bias  # the case's shared decoder bias in place of the one it made
+    return layer
+
+
+def build_fusedtie_decoder(tie: DecoderTie, transform: str, trains: bool) -> Runner:
+    return Runner(_tied_decoder(tie, transform), tie.leaves)
+
+
+def build_fusedtie_cached_decoder(tie: DecoderTie, transform: str, trains: bool) -> Runner:
+    layer = _tied_decoder(tie, transform)  # its own layer, as for conv cases
+    return Runner(layer, tie.leaves, scope=lambda: fusedtie.cached(layer))
+
+
+def build_forum_decoder(tie: DecoderTie, transform: str, trains: bool) -> Runner:
+    return Runner(ForumConvTranspose2d(tie, transform), tie.leaves)
+
+
+def build_parametrize_decoder(tie: DecoderTie, transform: str, trains: bool) -> Runner:
+    # An nn.ConvTranspose2d's weight has the encoder's shape (in, out/groups, kH, kW), so the
+    # parametrization's original can be the encoder's own weight, as in build_parametrize.
+    conv = _conv_transpose_like(tie)
+    parametrize.register_parametrization(conv, "weight", TransformParametrization(transform))
+    conv.parametrizations.weight.original = tie.source.weight
+    conv.bias = tie.bias
+    return Runner(conv, tie.leaves, scope=None if trains else parametrize.cached)
+
+
+def build_compile_decoder(tie: DecoderTie, transform: str, trains: bool) -> Runner:
+    module = torch.compile(ForumConvTranspose2d(tie, transform), mode=_compile_mode(tie.source))
+    return Runner(module, tie.leaves)
+
+
+# The first entry is the baseline of the ratio column. The guard's reference: a fresh forum module
+# for conv cases, a float64 F.conv_transpose2d for decoder cases (see guard).
 CACHED = "fusedtie+cache"
 CONTENDERS = [
-    Contender("plain", build_plain),
-    Contender("fusedtie", build_fusedtie),
-    Contender(CACHED, build_fusedtie_cached, modes=("inference",),
+    Contender("plain", build_plain, build_plain_decoder),
+    Contender("fusedtie", build_fusedtie, build_fusedtie_decoder),
+    Contender(CACHED, build_fusedtie_cached, build_fusedtie_cached_decoder, modes=("inference",),
               unavailable=fusedtie_cached_unavailable),
-    Contender("forum", build_forum),
-    Contender("parametrize", build_parametrize),
-    Contender("compile", build_compile),
+    Contender("forum", build_forum, build_forum_decoder),
+    Contender("parametrize", build_parametrize, build_parametrize_decoder),
+    Contender("compile", build_compile, build_compile_decoder),
 ]
 BASELINE = "plain"
+# What plain is, per kind of case: the same convolution with f(W) computed once and held as the
+# module's own weight (no tie at all), for the ratio table's header and the JSON settings.
+BASELINE_BY_KIND = {
+    CONV: "nn.Conv2d holding f(W), precomputed once",
+    DECODER: "nn.ConvTranspose2d holding f(W) of the encoder's W, precomputed once (an untied decoder "
+             "with its own weight)",
+}
+# What each kind's guard compares with.
+GUARD_REFERENCE_BY_KIND = {
+    CONV: "a fresh forum module, F.conv2d(x, f(W), b), in the case's dtype",
+    DECODER: "F.conv_transpose2d(h, f(W), b) in float64 on copies of the leaves",
+}
 COMPILED = "compile"
 CONTENDER_NAMES = [c.name for c in CONTENDERS]
 
@@ -425,11 +624,19 @@ class Settings:
     # Target for the whole run (seconds), or None: each case's budget shrinks below the cap when the
     # run is behind schedule (see Pacer).
     run_target_s: Optional[float] = None
+    # The cap of decoder cases, when it differs from case_budget_s (--quick: their calls are short,
+    # so a smaller cap still gives hundreds of repetitions and keeps the run's growth small).
+    decoder_case_budget_s: Optional[float] = None
+
+    def case_cap(self, shape: ShapeCase) -> Optional[float]:
+        if shape.kind == DECODER and self.decoder_case_budget_s is not None:
+            return self.decoder_case_budget_s
+        return self.case_budget_s
 
     def contenders_for(self, shape: ShapeCase, mode: Mode) -> list[Contender]:
         chosen = []
         for c in self.contenders:
-            if mode.name not in c.modes:
+            if mode.name not in c.modes or c.builder(shape.kind) is None:
                 continue
             if c.name == COMPILED and not compiles_on(self.compile_on, shape):
                 continue
@@ -442,10 +649,12 @@ def compiles_on(compile_on: str, shape: ShapeCase) -> bool:
 
 
 # --quick is sized to finish in about 2 minutes on a 2-core CPU machine, busy or not (the budget).
+# The quick target was 110 s for the 24 conv cases; the 8 decoder cases add about 10 s (1 s timed and
+# about 0.3 s untimed each), so that the conv cases keep the budgets they had.
 QUICK = dict(shapes=quick_shapes, warmup=2, reps=300, case_budget_s=2.5, compile_on="some",
-             run_target_s=110.0)
+             run_target_s=120.0, decoder_case_budget_s=1.0)
 FULL = dict(shapes=full_shapes, warmup=10, reps=400, case_budget_s=30.0, compile_on="all",
-            run_target_s=None)
+            run_target_s=None, decoder_case_budget_s=None)
 MIN_REPS = 12  # the budget never cuts a case below this many repetitions
 
 # --- the correctness guard --------------------------------------------------------------------------
@@ -460,8 +669,10 @@ class GuardError(RuntimeError):
 
 
 def _check_close(what: str, got: Tensor, ref: Tensor) -> None:
-    rtol, atol_rel = TOLERANCES[ref.dtype]
+    """got (the case's dtype) against ref (that dtype, or a float64 oracle), at got's tolerance."""
+    rtol, atol_rel = TOLERANCES[got.dtype]
     atol = atol_rel * max(1.0, ref.abs().max().item())
+    got = got.to(ref.dtype)
     if got.shape != ref.shape or not torch.allclose(got, ref, rtol=rtol, atol=atol):
         err = (got - ref).abs().max().item() if got.shape == ref.shape else float("nan")
         raise GuardError(
@@ -470,18 +681,36 @@ def _check_close(what: str, got: Tensor, ref: Tensor) -> None:
         )
 
 
-def guard(runners: dict[str, Runner], source: nn.Conv2d, transform: str, x: Tensor,
-          mode: Mode) -> None:
-    """Every contender's output, and when training the source's gradients, must equal forum's.
+Reference = tuple[Tensor, tuple[Tensor, ...]]  # (output, gradients of its sum w.r.t. the leaves)
 
-    The reference is a forum module built here, so the check does not depend on which contenders
-    were selected. Each contender runs as the mode runs it (under no_grad for inference, inside its
-    scope), since that is the path being timed and an operator may take another path with autograd
-    off.
+
+def conv_reference(source: nn.Conv2d, transform: str, x: Tensor) -> Reference:
+    """A conv case's reference: a forum module built here, in the case's dtype."""
+    y = ForumConv2d(source, transform).train()(x)
+    return y.detach(), torch.autograd.grad(y.sum(), [source.weight, source.bias])
+
+
+def decoder_reference(tie: DecoderTie, transform: str, h: Tensor) -> Reference:
+    """A decoder case's reference: F.conv_transpose2d(h, f(W), b) in float64 on copies of the
+    leaves, f written in torch ops (FORUM_TRANSFORMS), geometry read from the encoder and the tie,
+    never from a contender's module."""
+    s = tie.source
+    w, b = (t.detach().double().requires_grad_(True) for t in tie.leaves)
+    y = F.conv_transpose2d(h.detach().double(), FORUM_TRANSFORMS[transform](w), b, s.stride,
+                           s.padding, tie.output_padding, s.groups, s.dilation)
+    return y.detach(), torch.autograd.grad(y.sum(), [w, b])
+
+
+def guard(runners: dict[str, Runner], reference: Reference, x: Tensor, mode: Mode) -> None:
+    """Every contender's output, and when training the gradients with respect to the leaves it
+    shares with the case (the source's W and the bias), must equal the reference's.
+
+    The reference is computed by the caller without any contender (conv_reference,
+    decoder_reference), so the check does not depend on which contenders were selected. Each
+    contender runs as the mode runs it (under no_grad for inference, inside its scope), since that
+    is the path being timed and an operator may take another path with autograd off.
     """
-    ref = ForumConv2d(source, transform).train()
-    ref_y = ref(x)
-    ref_grads = torch.autograd.grad(ref_y.sum(), [source.weight, source.bias])
+    ref_y, ref_grads = reference
     for name, runner in runners.items():
         mode.prepare(runner)
         with torch.set_grad_enabled(mode.trains):
@@ -497,19 +726,22 @@ class ScopeError(RuntimeError):
     pass
 
 
+TIED_LAYERS = (fusedtie.FusedTiedConv2d, fusedtie.FusedTiedConvTranspose2d)
+
+
 def check_cache_scope(runners: dict[str, Runner]) -> None:
-    """With the scopes open: fusedtie+cache's FusedTiedConv2d, and no other, must be in its scope.
+    """With the scopes open: fusedtie+cache's tied layer, and no other, must be in its scope.
 
     A cached `fusedtie` contender would be timed as something it is not (see the module docstring).
     """
     for name, runner in runners.items():
         for layer in runner.module.modules():
-            if not isinstance(layer, fusedtie.FusedTiedConv2d):
+            if not isinstance(layer, TIED_LAYERS):
                 continue
             expected = name == CACHED
             if fusedtie.cache._in_scope(layer) != expected:
                 raise ScopeError(
-                    f"{name}'s FusedTiedConv2d is {'not' if expected else 'also'} cached while "
+                    f"{name}'s {type(layer).__name__} is {'not' if expected else 'also'} cached while "
                     f"{CACHED}'s scope, fusedtie.cached(its own layer), is open "
                     f"(fusedtie.cache._in_scope returned {not expected}), so {name} would not be "
                     "timed as what it claims to be")
@@ -638,8 +870,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def build_runners(case: Case, contenders: list[Contender], source: nn.Conv2d) -> dict[str, Runner]:
-    return {c.name: c.build(source, case.transform, case.mode.trains) for c in contenders}
+def build_runners(case: Case, contenders: list[Contender], tie) -> dict[str, Runner]:
+    """tie: the source nn.Conv2d of a conv case, the DecoderTie of a decoder case."""
+    return {c.name: c.builder(case.shape.kind)(tie, case.transform, case.mode.trains)
+            for c in contenders}
 
 
 def time_round_robin(runners: dict[str, Runner], x: Tensor, mode: Mode, settings: Settings,
@@ -684,7 +918,13 @@ def run_case(case: Case, settings: Settings, budget_s: Optional[float],
     torch.manual_seed(0)
     source = case.shape.source_conv(device, case.dtype)
     x = case.shape.input(device, case.dtype)
-    runners = build_runners(case, contenders, source)
+    if case.shape.kind == DECODER:
+        tie = make_decoder_tie(case.shape, source)
+        reference = lambda: decoder_reference(tie, case.transform, x)  # noqa: E731
+    else:
+        tie = source
+        reference = lambda: conv_reference(source, case.transform, x)  # noqa: E731
+    runners = build_runners(case, contenders, tie)
     timed = make_timer(device)
     result = CaseResult()
     try:
@@ -695,7 +935,7 @@ def run_case(case: Case, settings: Settings, budget_s: Optional[float],
             check_cache_scope(runners)
         result.first_call_ms = {name: 1e3 * timed(lambda: mode.step(r, x))
                                 for name, r in runners.items()}
-        guard(runners, source, case.transform, x, mode)
+        guard(runners, reference(), x, mode)
         for runner in runners.values():
             mode.prepare(runner)
         result.samples_ms = time_round_robin(runners, x, mode, settings, budget_s, device)
@@ -724,6 +964,7 @@ def case_records(case: Case, result: CaseResult) -> list[dict]:
             "shape": case.shape.describe(),
             "shape_name": case.shape.name,
             "shape_params": dataclasses.asdict(case.shape),
+            "kind": case.shape.kind,
             "transform": case.transform,
             "dtype": dtype_name(case.dtype),
             "mode": case.mode.name,
@@ -991,7 +1232,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "fused = fusedtie's fused kernels; library = transform kernel + cuDNN; "
                              "autotune = both timed once per shape; auto (default) = the heuristic")
     parser.add_argument("--shapes", metavar="SUBSTRING",
-                        help="only cases whose shape description contains this (e.g. b32, conv5_x)")
+                        help="only cases whose shape description contains this (e.g. b32, conv5_x, "
+                             "decoder); several, comma-separated: any of them")
     parser.add_argument("--transforms", metavar="LIST", help=f"comma-separated, of {','.join(TRANSFORMS)}")
     parser.add_argument("--contenders", metavar="LIST",
                         help=f"comma-separated, of {','.join(CONTENDER_NAMES)} (plain always runs)")
@@ -1039,8 +1281,9 @@ def select_dtypes(choice: str, device: torch.device) -> list[torch.dtype]:
 def make_settings(args: argparse.Namespace, device: torch.device) -> tuple[Settings, dict[str, str]]:
     preset = QUICK if args.size == "quick" else FULL
     shapes = preset["shapes"](device)
-    if args.shapes:
-        shapes = [s for s in shapes if args.shapes in s.describe()]
+    if args.shapes:  # comma-separated alternatives (no description contains a comma)
+        wanted = _split(args.shapes)
+        shapes = [s for s in shapes if any(w in s.describe() for w in wanted)]
         if not shapes:
             sys.exit(f"bench: --shapes {args.shapes!r} matches no shape of --{args.size}")
     contenders, skipped = select_contenders(args.contenders)
@@ -1056,6 +1299,7 @@ def make_settings(args: argparse.Namespace, device: torch.device) -> tuple[Setti
         case_budget_s=preset["case_budget_s"] if args.case_budget is None else (args.case_budget or None),
         # An explicit --case-budget is taken as it is.
         run_target_s=preset["run_target_s"] if args.case_budget is None else None,
+        decoder_case_budget_s=preset["decoder_case_budget_s"] if args.case_budget is None else None,
     )
     return settings, skipped
 
@@ -1090,25 +1334,43 @@ class Pacer:
     The time left is shared out equally among the cases left, after reserving for each its
     untimed work (first calls, guard, memory: the median so far, since the first case also
     pays one-off start-up costs) and for each compilation still to come (the median of those after
-    the first, which includes inductor's start-up; priors below). A budget of 0 still runs
-    MIN_REPS rotations, so a very busy machine overruns the target rather than measuring nothing.
+    the first, which includes inductor's start-up; priors below). Cases whose cap is below the
+    equal share (decoder cases in --quick) take only their cap and leave the rest to the others
+    (_level). A budget of 0 still runs MIN_REPS rotations, so a very busy machine overruns the
+    target rather than measuring nothing.
     """
 
     FIRST_COMPILE_S = 15.0  # priors, measured on the 2-core CPU machine
     COMPILE_S = 4.0
     UNTIMED_S = 0.5
 
-    def __init__(self, cap_s: Optional[float], target_s: Optional[float], compiles: list[bool]):
-        self.cap_s = cap_s
+    def __init__(self, caps: list[Optional[float]], target_s: Optional[float], compiles: list[bool]):
+        self.caps = caps  # per case; None: no cap
         self.target_s = target_s
         self.compiles = compiles
         self.start = time.perf_counter()
         self.untimed_s: list[float] = []
         self.compile_s: list[float] = []
 
+    @staticmethod
+    def _level(total: float, caps: list[Optional[float]]) -> float:
+        """The level s at which sum(min(cap, s) over caps) == total (caps of None: no cap): the
+        cases capped below it take their cap, the others share the rest equally."""
+        finite = sorted(c for c in caps if c is not None)
+        below = 0.0
+        for k, cap in enumerate(finite):
+            level = (total - below) / (len(caps) - k)
+            if level <= cap:
+                return level
+            below += cap
+        if len(finite) == len(caps):
+            return float("inf")  # time for every cap
+        return (total - below) / (len(caps) - len(finite))
+
     def budget(self, i: int) -> Optional[float]:
+        cap = self.caps[i]
         if self.target_s is None:
-            return self.cap_s
+            return cap
         left = self.target_s - (time.perf_counter() - self.start)
         to_compile = sum(self.compiles[i:])
         if to_compile and not self.compile_s:
@@ -1116,9 +1378,9 @@ class Pacer:
         later = self.compile_s[1:]
         left -= to_compile * (statistics.median(later) if later else self.COMPILE_S)
         untimed_each = statistics.median(self.untimed_s) if self.untimed_s else self.UNTIMED_S
-        share = left / (len(self.compiles) - i) - untimed_each
+        share = self._level(left - untimed_each * (len(self.caps) - i), self.caps[i:])
         share = max(0.0, share)
-        return share if self.cap_s is None else min(self.cap_s, share)
+        return share if cap is None else min(cap, share)
 
     def record(self, wall_s: float, result: CaseResult) -> None:
         timed_s = sum(sum(v) for v in result.samples_ms.values()) / 1e3
@@ -1130,7 +1392,7 @@ class Pacer:
 
 def run_all(cases: list[Case], settings: Settings, device: torch.device) -> tuple[list[dict], float]:
     progress = Progress(len(cases))
-    pacer = Pacer(settings.case_budget_s, settings.run_target_s,
+    pacer = Pacer([settings.case_cap(case.shape) for case in cases], settings.run_target_s,
                   [any(c.name == COMPILED for c in settings.contenders_for(case.shape, case.mode))
                    for case in cases])
     with_dtype = len(settings.dtypes) > 1
@@ -1160,6 +1422,9 @@ def print_report(args: argparse.Namespace, settings: Settings, env: dict, result
                  skipped: dict[str, str]) -> None:
     ran = [c.name for c in settings.contenders if any(r["contender"] == c.name for r in results)]
     budget = "" if settings.case_budget_s is None else f" (at most {settings.case_budget_s:g}s a case"
+    kinds = list(dict.fromkeys(r["kind"] for r in results))
+    if budget and DECODER in kinds and settings.decoder_case_budget_s is not None:
+        budget += f", {settings.decoder_case_budget_s:g}s a decoder case"
     if settings.run_target_s is not None:
         budget += f", less when behind the run's {settings.run_target_s:g}s target"
     budget += ")" if budget else ""
@@ -1167,7 +1432,9 @@ def print_report(args: argparse.Namespace, settings: Settings, env: dict, result
           f"{env['threads']} threads, {env.get('gpu') or env['cpu']}; {settings.warmup} warm-up + "
           f"{settings.reps} timed repetitions{budget}, contenders interleaved; fusedtie CPU conv "
           f"algorithm: {args.cpu_algorithm}; CUDA conv algorithm: {args.cuda_algorithm}\n")
-    print("Time: plain's median (ms) and IQR, and every contender's median / plain's median:\n")
+    for kind in kinds:
+        print(f"Baseline (plain) of the {kind} cases: {BASELINE_BY_KIND[kind]}.")
+    print("\nTime: plain's median (ms) and IQR, and every contender's median / plain's median:\n")
     print(ratio_table(results, ran))
     for name, reason in skipped.items():
         print(f"\nSkipped {name}: {reason}.")
@@ -1195,6 +1462,8 @@ def write_json(path: str, args: argparse.Namespace, settings: Settings, env: dic
             "transforms": settings.transforms, "modes": [m.name for m in settings.modes],
             "dtypes": [dtype_name(d) for d in settings.dtypes],
             "contenders": [c.name for c in settings.contenders], "baseline": BASELINE,
+            "baseline_by_kind": BASELINE_BY_KIND, "guard_reference_by_kind": GUARD_REFERENCE_BY_KIND,
+            "decoder_case_budget_s": settings.decoder_case_budget_s,
             "skipped_contenders": skipped, "compile_on": settings.compile_on,
             "cpu_algorithm": args.cpu_algorithm, "cuda_algorithm": args.cuda_algorithm,
             "compile_some_shapes": list(COMPILE_SOME_SHAPES),

@@ -1,28 +1,140 @@
-"""The benchmark script runs end to end on one small case: every contender passes its correctness
-guard (outputs and source gradients against the forum recipe) and the JSON has what the README's
-tables are made from. Timings are not judged here; they live in the benchmark's own output."""
+"""The benchmark script runs end to end on one small conv case and one decoder case: every contender
+passes its correctness guard (outputs and source gradients against the reference) and the JSON has
+what the README's tables are made from. Timings are not judged here; they live in the benchmark's
+own output. The decoder guard is also checked to reject wrong decoders, and its float64 reference
+to be the adjoint of the encoder's own convolution."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+import torch
+import torch.nn.functional as F
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks", "bench.py")
+
+CONTENDERS = ("plain", "fusedtie", "forum", "parametrize")
 
 
 def test_quick_case_runs_and_reports(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--shapes", "depthwise 3x3 b1",
+    cmd = [sys.executable, BENCH, "--shapes", "depthwise 3x3 b1,decoder 3x3 s2 b1",
            "--transforms", "tanh", "--reps", "4", "--warmup", "1", "--case-budget", "0.5",
            "--compile", "none", "--json", str(out)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| plain ms |" in result.stdout  # the ratio table was printed
+    table_rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert any(r.startswith("| depthwise 3x3 b1:") for r in table_rows)
+    assert any(r.startswith("| decoder 3x3 s2 b1: 1x64x28x28 64->32 3x3 s2 p1 op1 -> 56x56") for r in table_rows)
+    assert "Baseline (plain) of the decoder cases: nn.ConvTranspose2d" in result.stdout
     report = json.loads(out.read_text())
     assert report["environment"]["torch"]
-    rows = {(r["mode"], r["contender"]) for r in report["results"]}
-    for contender in ("plain", "fusedtie", "forum", "parametrize"):
-        assert ("inference", contender) in rows and ("train", contender) in rows
-    assert ("inference", "fusedtie+cache") in rows and ("train", "fusedtie+cache") not in rows
+    assert report["settings"]["baseline"] == "plain"
+    assert set(report["settings"]["baseline_by_kind"]) == {"conv", "decoder"}
+    rows = {(r["kind"], r["mode"], r["contender"]) for r in report["results"]}
+    for kind in ("conv", "decoder"):
+        for contender in CONTENDERS:
+            assert (kind, "inference", contender) in rows and (kind, "train", contender) in rows
+        assert (kind, "inference", "fusedtie+cache") in rows and (kind, "train", "fusedtie+cache") not in rows
     for r in report["results"]:
         assert r["median_ms"] > 0 and r["ratio_to_plain"] > 0 and len(r["samples_ms"]) >= 4
+        assert r["shape_params"]["kind"] == r["kind"]
+        if r["kind"] == "decoder":
+            assert r["shape_name"] == "decoder 3x3 s2 b1"
+            assert r["shape_params"]["stride"] == 2 and r["shape_params"]["output_padding"] == 1
+        else:
+            assert r["shape_name"] == "depthwise 3x3 b1"
+
+
+# --- the decoder guard, in process ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("fusedtie_bench_under_test", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def _small_decoder(bench, transform="tanh"):
+    """A 2x4x5x5 -> 2x3x10x10 decoder (3x3, stride 2, padding 1, output_padding 1), its tie and h."""
+    shape = bench.ShapeCase("decoder test", 2, 4, 3, 5, 5, 3, stride=2, padding=1, output_padding=1,
+                            kind=bench.DECODER)
+    torch.manual_seed(0)
+    source = shape.source_conv(torch.device("cpu"), torch.float32)
+    h = shape.input(torch.device("cpu"), torch.float32)
+    tie = bench.make_decoder_tie(shape, source)
+    return shape, tie, h, bench.decoder_reference(tie, transform, h)
+
+
+def test_decoder_reference_is_the_encoders_adjoint(bench):
+    # <conv2d(u, f(W)), h> == <u, conv_transpose2d(h, f(W))> for every u: the reference (bias taken
+    # off) is the transpose of the encoder's own convolution, f(W) = W**2 computed here.
+    shape, tie, h, (y, _) = _small_decoder(bench, "square")
+    assert y.dtype == torch.float64 and tuple(y.shape[2:]) == shape.output_hw() == (10, 10)
+    w = tie.source.weight.detach().double() ** 2
+    u = torch.randn(y.shape, dtype=torch.float64)
+    s = tie.source
+    lhs = (F.conv2d(u, w, None, s.stride, s.padding, s.dilation, s.groups) * h.double()).sum()
+    rhs = (u * (y - tie.bias.detach().double()[None, :, None, None])).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode_name", ["inference", "train"])
+def test_decoder_guard_passes_every_contender(bench, mode_name):
+    _, tie, h, reference = _small_decoder(bench)
+    mode = next(m for m in bench.MODES if m.name == mode_name)
+    runners = {c.name: c.build_decoder(tie, "tanh", mode.trains) for c in bench.CONTENDERS
+               if c.name != bench.COMPILED and mode_name in c.modes}
+    assert set(runners) == set(CONTENDERS) | ({"fusedtie+cache"} if mode_name == "inference" else set())
+    for runner in runners.values():
+        runner.open_scope()
+    try:
+        bench.guard(runners, reference, h, mode)
+    finally:
+        for runner in runners.values():
+            runner.close_scope()
+
+
+class _WrongDecoder(torch.nn.Module):
+    """conv_transpose2d with one thing wrong, chosen by `fault`."""
+
+    def __init__(self, tie, fault):
+        super().__init__()
+        self.tie, self.fault = tie, fault
+
+    def forward(self, h):
+        s, b = self.tie.source, self.tie.bias
+        w, op = torch.tanh(s.weight), self.tie.output_padding
+        if fault := self.fault:
+            if fault == "transform":
+                w = s.weight**2
+            elif fault == "output_padding":
+                op = 0
+            elif fault == "flipped":  # the kernel turned by 180 degrees: same shapes, other values
+                w = w.flip(2, 3)
+            elif fault == "derivative":  # the right output, f' = 1 instead of tanh's in backward
+                w = torch.tanh(s.weight.detach()) + (s.weight - s.weight.detach())
+        return F.conv_transpose2d(h, w, b, s.stride, s.padding, op, s.groups, s.dilation)
+
+
+@pytest.mark.parametrize("fault,mode_name", [("transform", "inference"), ("output_padding", "inference"),
+                                             ("flipped", "inference"), ("derivative", "train")])
+def test_decoder_guard_rejects_a_wrong_decoder(bench, fault, mode_name):
+    _, tie, h, reference = _small_decoder(bench)
+    mode = next(m for m in bench.MODES if m.name == mode_name)
+    good = bench.Runner(_WrongDecoder(tie, None), tie.leaves)
+    bench.guard({"good": good}, reference, h, mode)  # the unbroken module passes
+    wrong = bench.Runner(_WrongDecoder(tie, fault), tie.leaves)
+    with pytest.raises(bench.GuardError):
+        bench.guard({"wrong": wrong}, reference, h, mode)
