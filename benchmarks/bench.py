@@ -96,16 +96,16 @@ mixes the tie's cost with a convolution algorithm that is faster there than plai
 the depthwise kernel); a run with
 --cpu-algorithm library measures the tie's own cost, on the same algorithm as plain. The choice is
 in the table's header line and the JSON settings ("cpu_algorithm"). It has no effect on CUDA.
-Neither this nor --cuda-algorithm changes the decoder cases: fusedtie's transposed operator always
-takes the library path, f(W) pass + oneDNN / cuDNN + chain-rule pass
-(csrc/cpu/tied_conv_transpose2d_kernel.cpp, csrc/cuda/tied_conv_transpose2d_cuda.cu), so its
-ratio to plain is the tie's own cost on plain's algorithm.
+It does not change the decoder cases: on the CPU fusedtie's transposed operator always takes the
+library path, f(W) pass + oneDNN + chain-rule pass (csrc/cpu/tied_conv_transpose2d_kernel.cpp), so
+its ratio to plain is the tie's own cost on plain's algorithm.
 
 --cuda-algorithm auto|autotune|fused|library (default auto): the same for the CUDA path
-(fusedtie.use_cuda_conv_algorithm): fused = fusedtie's kernels that apply f on weight-tile load and
-f' in the weight-gradient epilogue, library = one transform kernel + cuDNN + one chain-rule kernel,
-autotune = both timed once per shape, auto = fusedtie's heuristic. In the JSON settings
-("cuda_algorithm"). It has no effect on the CPU.
+(fusedtie.use_cuda_conv_algorithm), for both operators, decoder cases included: fused = fusedtie's
+kernels that apply f on weight-tile load and f' in the weight-gradient epilogue (for the transposed
+operator the same kernels with their roles swapped), library = one transform kernel + cuDNN + one
+chain-rule kernel, autotune = both timed once per shape, auto = fusedtie's heuristic. In the JSON
+settings ("cuda_algorithm"). It has no effect on the CPU.
 
 Method: per case: build every contender on one source conv; open the scopes and check
 fusedtie+cache's (above); the first call of each contender (timed: for compile, the compilation); a
