@@ -182,7 +182,7 @@ int isa_rank(const std::string& isa) {
 }
 
 // Refuses a library compiled for an instruction set this process's CPU capability lacks, before
-// any of its code runs (its first call would be an illegal instruction). The capability is ATen's
+// any of its functions is called (the first would be an illegal instruction). The capability is ATen's
 // (ATEN_CPU_CAPABILITY lowers it), the one fusedtie/_user_build.py compiled for: a library it
 // built in this process always passes; one from a cache shared with a wider machine cannot
 // arrive here, since the instruction set is part of the cache key, but is caught if it does.
