@@ -2,6 +2,7 @@
 #include "user_transforms.h"
 
 #include <ATen/OpMathType.h>
+#include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -10,6 +11,8 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstring>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -168,6 +171,36 @@ void chain_chain_rule(const std::vector<ChainStage>& stages, const scalar_t* gra
   }
 }
 
+// The instruction sets a user library may be compiled for, narrowest first (fusedtie_user_transform.h).
+constexpr const char* kIsaOrder[] = {"DEFAULT", "AVX2", "AVX512"};
+
+int isa_rank(const std::string& isa) {
+  for (int i = 0; i < static_cast<int>(std::size(kIsaOrder)); ++i) {
+    if (isa == kIsaOrder[i]) return i;
+  }
+  return -1;
+}
+
+// Refuses a library compiled for an instruction set this process's CPU capability lacks, before
+// any of its functions is called (the first would be an illegal instruction). The capability is ATen's
+// (ATEN_CPU_CAPABILITY lowers it), the one fusedtie/_user_build.py compiled for: a library it
+// built in this process always passes; one from a cache shared with a wider machine cannot
+// arrive here, since the instruction set is part of the cache key, but is caught if it does.
+void check_library_isa(void* handle, const std::string& name, const std::string& library_path) {
+  const auto* isa_symbol = static_cast<const char*>(dlsym(handle, FUSEDTIE_USER_TRANSFORM_ISA_SYMBOL));
+  TORCH_CHECK(isa_symbol != nullptr, "fusedtie: ", library_path, " has no ", FUSEDTIE_USER_TRANSFORM_ISA_SYMBOL,
+              ": not a fusedtie user transform library of interface version ", FUSEDTIE_USER_TRANSFORM_ABI_VERSION,
+              "; delete it to rebuild it");
+  const std::string isa(isa_symbol, strnlen(isa_symbol, 16));
+  const std::string capability = at::get_cpu_capability();
+  const int needed = isa_rank(isa);
+  const int available = isa_rank(capability);
+  TORCH_CHECK(needed == 0 || (needed > 0 && available >= needed), "fusedtie: the library of user transform '", name,
+              "' (", library_path, ") was compiled for the ", isa, " instruction set, which this process's CPU "
+              "capability (", capability, ", ATen's choice, lowered by ATEN_CPU_CAPABILITY) does not include; "
+              "delete its folder to rebuild it for this machine");
+}
+
 }  // namespace
 
 std::optional<TransformKind> find_user_transform(c10::string_view name) {
@@ -187,6 +220,7 @@ void register_compiled_transform(const std::string& name, const std::string& def
   void* handle = dlopen(library_path.c_str(), RTLD_NOW | RTLD_LOCAL);
   TORCH_CHECK(handle != nullptr, "fusedtie: cannot load the library of user transform '", name, "' (",
               library_path, "): ", dlerror());
+  check_library_isa(handle, name, library_path);
   auto* table_fn = reinterpret_cast<FusedtieUserTransformTableFn>(dlsym(handle, FUSEDTIE_USER_TRANSFORM_TABLE_SYMBOL));
   TORCH_CHECK(table_fn != nullptr, "fusedtie: ", library_path, " exports no ", FUSEDTIE_USER_TRANSFORM_TABLE_SYMBOL,
               "(): not a fusedtie user transform library");

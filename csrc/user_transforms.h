@@ -47,7 +47,9 @@ std::vector<std::string> user_transform_names();
 bool check_user_transform(const std::string& name, const std::string& definition);
 
 // Registers f and f' from the user transform library at library_path (dlopen'ed, never closed),
-// with its parameter values.
+// with its parameter values. A library compiled for an instruction set this process's CPU
+// capability lacks (its vector loops: fusedtie_user_transform.h) is refused before any of its
+// functions is called.
 void register_compiled_transform(const std::string& name, const std::string& definition,
                                  const std::string& library_path, const std::vector<double>& params);
 

@@ -4,35 +4,66 @@ Kept free of the operator library (it never imports ``fusedtie._C``), so that th
 and the compiler call can be exercised on their own (for example in a CUDA-enabled environment
 without a GPU).
 
-What is compiled: one source file that defines a functor with the user's f and f' and includes
+What is compiled: a source file that defines a functor with the user's f and f' and includes
 ``fusedtie/include/fusedtie_user_transform.h``, which holds the loops (CPU, and CUDA kernels when the
-source is a ``.cu``) and the table of functions the operator library loads. The header ships inside
+source is a ``.cu``) and the table of functions the operator library loads. The headers ship inside
 the Python package, so the same code compiles from a source checkout and from an installed wheel,
-and it includes only c10's light headers: no ``torch/extension.h`` (which ``load_inline`` would
+and they include only c10's light headers: no ``torch/extension.h`` (which ``load_inline`` would
 prepend), so a library builds in one or two seconds instead of about a minute. It is built with
 ``torch.utils.cpp_extension.load`` (torch's compiler flags, ABI settings and nvcc handling) and
 loaded by the operator library with dlopen.
 
+Vector CPU loops (a decision, measured): an expression that calls tanh, exp... runs much slower as
+a scalar loop (one glibc call per element) than as a vector pass: 29x for tanh(x), 5.6x for
+x / (1 + exp(-x)) (per 2^20 float32 values, AVX-512; README, "Your own transforms"). So where ATen's CPU capability
+is AVX2 or AVX512 (``torch.backends.cpu.get_cpu_capability()``, which ATEN_CPU_CAPABILITY can
+lower), the CPU code is compiled for that instruction set with ``FUSEDTIE_USER_VECTOR``: each
+expression that compiles for the vector type of ``fusedtie_user_vector.h`` (SLEEF's math, as the
+built-in passes) runs vectorised, and one that does not (``?:``...) keeps its scalar loop in the
+same library; the generated functor tests this with a requires-expression, so nothing is compiled
+twice. Should the vector build fail all the same (an expression the test let through, such as
+``std::max<T>(...)``), the scalar library is built instead, and the failure is remembered in the
+cache; an expression that does not compile at all is reported from the scalar build, so the
+message quotes the user's code only. ``FUSEDTIE_USER_VECTORIZE=0`` builds scalar loops only. The
+library records what it got (``fusedtie_user_transform_isa`` / ``_vectorized``, read back with
+ctypes after the build and kept in the cache marker).
+
 The cache: one folder per library under ``cache_root()``, named by a SHA-256 of everything the
-binary depends on (the generated source, hence the expressions and parameter names; the header's
+binary depends on (the generated sources, hence the expressions and parameter names; the headers'
 contents; torch's and fusedtie's versions; the Python version; whether CUDA kernels are compiled;
-the flags). A library is used only once its ``built`` marker exists (written after the build
-succeeded), so a later use, in this process or another, loads it without invoking the compiler.
+the flags, hence the instruction set, so machines of different capabilities sharing a cache each
+get their own library). A library is used only once its ``built`` marker exists (written after
+the build succeeded), so a later use, in this process or another, loads it without invoking the
+compiler.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import json
 import os
+import platform
 import re
 import sys
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 INCLUDE_DIR = os.path.join(PACKAGE_DIR, "include")
 HEADER = "fusedtie_user_transform.h"
+VECTOR_HEADER = "fusedtie_user_vector.h"  # included by HEADER with FUSEDTIE_USER_VECTOR
 CXX_FLAGS = ["-O3", "-Wno-unknown-pragmas", "-Wno-psabi"]
 CUDA_FLAGS = ["-O3"]
+# The flags of each instruction set ATen's CPU capability names (its test: AVX2 means AVX2 and FMA;
+# AVX512 means F, BW, VL and DQ). -ffp-contract=off: no a * b + c contracted into an FMA, which the
+# scalar form does not have. No -mf16c: c10::Half would then include <immintrin.h> for one scalar
+# conversion instruction, 0.6 s of compile time.
+ISA_FLAGS = {
+    "AVX2": ["-mavx2", "-mfma", "-ffp-contract=off"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-ffp-contract=off"],
+}
+VECTORIZE_ENV = "FUSEDTIE_USER_VECTORIZE"
 
 # Parameter names the generated code could not declare: C/C++ keywords and the names it uses.
 _CPP_KEYWORDS = frozenset("""
@@ -71,23 +102,42 @@ def check_expression(what: str, expression: str) -> None:
         )
 
 
-def generate_source(forward: str, derivative: str, param_names: Sequence[str], file_name: str) -> str:
-    """The library's source: a functor with f and f', and the table of functions exported in C.
+def generate_source(forward: str, derivative: str, param_names: Sequence[str], file_name: str, *,
+                    vector: bool = False, part: str = "library") -> str:
+    """The source of a library (``part="library"``): a functor with f and f', the table of functions
+    exported in C, and the two data symbols saying what the CPU code is. A CUDA library with vector
+    CPU loops is two sources, since nvcc's host pass does not get the instruction-set flags: the
+    ``.cu`` (``part="cuda"``: the table and the kernels) and a ``.cpp`` (``part="cpu"``: the CPU
+    functions the table points to, and the data symbols).
 
     ``using namespace std`` makes ``exp(x)``, ``tanh(x)``, ``pow(x, 3)``... resolve to the overload for
-    the computation type, on the host and in CUDA device code. Each expression is on lines of its
-    own, introduced by ``#line 1 "forward"`` (or ``"derivative"``), so that a compiler message points
-    into the user's expression (``forward:1:5: error: ...``), not into generated code.
+    the computation type, on the host and in CUDA device code; for the vector type, argument-dependent
+    lookup finds fusedtie_user_vector.h's. With ``vector``, the functor also tells, for a type T,
+    whether each expression compiles for it (a requires-expression with the same parameters and the
+    same using-directive), which the header asks of its vector type. Each expression is on lines of
+    its own, introduced by ``#line 1 "forward"`` (or ``"derivative"``), so that a compiler message
+    points into the user's expression (``forward:1:5: error: ...``), not into generated code.
     """
-    lines = [
-        "// Generated by fusedtie (fusedtie/_user_build.py) for Transform.from_expression; do not edit.",
-        "#define FUSEDTIE_USER_TRANSFORM_SOURCE",
+    if part not in ("library", "cuda", "cpu"):
+        raise ValueError(f"part must be 'library', 'cuda' or 'cpu', got {part!r}")
+    lines = ["// Generated by fusedtie (fusedtie/_user_build.py) for Transform.from_expression; do not edit.",
+             "#define FUSEDTIE_USER_TRANSFORM_SOURCE"]
+    if vector:
+        lines.append("#define FUSEDTIE_USER_VECTOR")
+    if part == "cuda":
+        lines.append("#define FUSEDTIE_USER_CPU_ELSEWHERE")
+    lines.extend([
         f'#include "{HEADER}"',
         "",
         "namespace {",
         "struct UserTransform {",
         f"  static constexpr int kNumParams = {len(param_names)};",
-    ]
+    ])
+
+    def expression_lines(expression: str, what: str) -> None:
+        lines.append(f'#line 1 "{what}"')
+        lines.append(expression)
+        lines.append(f'#line {len(lines) + 2} "{file_name}"')  # the number of the line after this one
 
     def method(method_name: str, expression: str) -> None:
         lines.extend([
@@ -99,24 +149,69 @@ def generate_source(forward: str, derivative: str, param_names: Sequence[str], f
         lines.extend(f"    [[maybe_unused]] const T {p} = fusedtie_params.value[{i}];"
                      for i, p in enumerate(param_names))
         lines.append("    return static_cast<T>(")
-        lines.append(f'#line 1 "{method_name}"')
-        lines.append(expression)
-        lines.append(f'#line {len(lines) + 2} "{file_name}"')  # the number of the line after this one
+        expression_lines(expression, method_name)
         lines.extend(["    );", "  }"])
+
+    def compiles(method_name: str, expression: str) -> None:
+        # False, not an error, when the expression does not compile for T (T is dependent here).
+        params = "".join(f", const T {p}" for p in param_names)
+        lines.extend([
+            "  template <typename T>",
+            f"  static constexpr bool {method_name}_compiles() {{",
+            "    using namespace std;",
+            f"    return requires(T x{params}) {{",
+            "      static_cast<T>(",
+        ])
+        expression_lines(expression, method_name)
+        lines.extend(["      );", "    };", "  }"])
 
     method("forward", forward)
     method("derivative", derivative)
-    lines.extend([
-        "};",
-        "}  // namespace",
-        "",
-        'extern "C" __attribute__((visibility("default"))) const FusedtieUserTransformTable*',
-        "fusedtie_user_transform_table() {",
-        "  return fusedtie_user::make_table<UserTransform>();",
-        "}",
-        "",
-    ])
+    if vector:
+        compiles("forward", forward)
+        compiles("derivative", derivative)
+    lines.extend(["};", "}  // namespace", ""])
+    if part in ("library", "cuda"):
+        lines.extend([
+            'extern "C" __attribute__((visibility("default"))) const FusedtieUserTransformTable*',
+            "fusedtie_user_transform_table() {",
+            "  return fusedtie_user::make_table<UserTransform>();",
+            "}",
+        ])
+    if part == "cpu":  # the functions the .cu's table points to (declared in the header)
+        lines.extend([
+            'extern "C" __attribute__((visibility("hidden"))) const char* fusedtie_user_cpu_forward(',
+            "    int32_t dtype, const void* in, void* out, int64_t numel, const double* params) {",
+            "  return fusedtie_user::cpu_forward<UserTransform>(dtype, in, out, numel, params);",
+            "}",
+            'extern "C" __attribute__((visibility("hidden"))) const char* fusedtie_user_cpu_chain_rule(',
+            "    int32_t dtype, const void* grad, const void* source, void* out, int64_t numel,",
+            "    const double* params) {",
+            "  return fusedtie_user::cpu_chain_rule<UserTransform>(dtype, grad, source, out, numel, params);",
+            "}",
+        ])
+    if part in ("library", "cpu"):
+        lines.extend([
+            'extern "C" __attribute__((visibility("default"))) const char fusedtie_user_transform_isa[] = '
+            "FUSEDTIE_USER_ISA;",
+            'extern "C" __attribute__((visibility("default"))) const int32_t fusedtie_user_transform_vectorized = '
+            "fusedtie_user::vectorized_passes<UserTransform>();",
+        ])
+    lines.append("")
     return "\n".join(lines)
+
+
+def vector_isa() -> Optional[str]:
+    """The instruction set to compile vector CPU loops for: ATen's CPU capability when it is AVX2 or
+    AVX512 on x86-64 Linux; None (scalar loops only) elsewhere, or when FUSEDTIE_USER_VECTORIZE=0."""
+    if os.environ.get(VECTORIZE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability if capability in ISA_FLAGS else None
 
 
 def cache_root() -> str:
@@ -128,49 +223,94 @@ def cache_root() -> str:
     return os.path.join(root, "fusedtie_user_transforms")
 
 
-def library_key(source: str, cuda: bool, fusedtie_version: str) -> str:
+def library_key(sources: Sequence[str], cuda: bool, fusedtie_version: str, flags: Sequence[str]) -> str:
     """SHA-256 of everything the compiled library depends on."""
     import torch
 
-    with open(os.path.join(INCLUDE_DIR, HEADER), "rb") as f:
-        header = f.read()
     digest = hashlib.sha256()
-    for part in (source.encode(), header, torch.__version__.encode(), fusedtie_version.encode(),
-                 f"py{sys.version_info[0]}.{sys.version_info[1]}".encode(), b"cuda" if cuda else b"cpu",
-                 " ".join(CXX_FLAGS + (CUDA_FLAGS if cuda else [])).encode()):
+    headers = []
+    for header in (HEADER, VECTOR_HEADER):
+        with open(os.path.join(INCLUDE_DIR, header), "rb") as f:
+            headers.append(f.read())
+    for part in (*(source.encode() for source in sources), *headers, torch.__version__.encode(),
+                 fusedtie_version.encode(), f"py{sys.version_info[0]}.{sys.version_info[1]}".encode(),
+                 b"cuda" if cuda else b"cpu", " ".join(flags).encode()):
         digest.update(len(part).to_bytes(8, "little"))
         digest.update(part)
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class BuiltLibrary:
+    """A compiled user transform library, as its build (or cache marker) describes it."""
+
+    path: str
+    compiled: bool  # by this call (else found in the cache)
+    isa: str  # the instruction set of its CPU code: "DEFAULT", "AVX2" or "AVX512"
+    vectorized_forward: bool  # cpu_forward runs f's vector form
+    vectorized_chain_rule: bool  # cpu_chain_rule runs f''s vector form
+
+    @property
+    def vectorized(self) -> bool:
+        return self.vectorized_forward and self.vectorized_chain_rule
+
+
 def build_library(forward: str, derivative: str, param_names: Sequence[str], *, cuda: bool,
-                  fusedtie_version: str) -> tuple[str, bool]:
-    """The path of the library for these expressions, compiled if not cached; and whether it was
-    compiled by this call. ValueError quoting the compiler's errors when the source does not build."""
-    extension = ".cu" if cuda else ".cpp"
-    file_name = "transform" + extension
-    source = generate_source(forward, derivative, param_names, file_name)
-    key = library_key(source, cuda, fusedtie_version)
+                  fusedtie_version: str) -> BuiltLibrary:
+    """The library for these expressions, compiled if not cached. With a vector instruction set
+    (vector_isa()), the vector build first, then the scalar one if that fails; ValueError quoting
+    the compiler's errors when the scalar build fails too."""
+    isa = vector_isa()
+    if isa is not None:
+        built = _build(forward, derivative, param_names, cuda=cuda, fusedtie_version=fusedtie_version, isa=isa)
+        if built is not None:
+            return built
+    built = _build(forward, derivative, param_names, cuda=cuda, fusedtie_version=fusedtie_version, isa=None)
+    assert built is not None  # a scalar build raises rather than fail quietly
+    return built
+
+
+def _build(forward: str, derivative: str, param_names: Sequence[str], *, cuda: bool, fusedtie_version: str,
+           isa: Optional[str]) -> Optional[BuiltLibrary]:
+    """One build (vector loops for isa, or scalar loops for None), or its cached result. None when a
+    vector build fails (now, or in an earlier process: the ``failed`` marker remembers it)."""
+    vector = isa is not None
+    flags = CXX_FLAGS + (ISA_FLAGS[isa] if vector else []) + (CUDA_FLAGS if cuda else [])
+    if cuda and vector:  # the CPU code in a .cpp of its own (the only .cpp: extra_cflags reach it alone)
+        files = {"transform.cu": generate_source(forward, derivative, param_names, "transform.cu", part="cuda"),
+                 "transform_cpu.cpp": generate_source(forward, derivative, param_names, "transform_cpu.cpp",
+                                                      vector=True, part="cpu")}
+    else:
+        file_name = "transform.cu" if cuda else "transform.cpp"
+        files = {file_name: generate_source(forward, derivative, param_names, file_name, vector=vector)}
+    key = library_key(list(files.values()), cuda, fusedtie_version, flags)
     name = f"fusedtie_user_{key[:24]}"
     build_dir = os.path.join(cache_root(), name)
     library = os.path.join(build_dir, name + ".so")
     marker = os.path.join(build_dir, "built")
+    failed = os.path.join(build_dir, "failed")
     if os.path.exists(marker) and os.path.exists(library):
-        return library, False
+        described = _read_marker(marker, library)
+        if described is not None:
+            return described
+    if vector and os.path.exists(failed):
+        return None
 
     from torch.utils import cpp_extension  # imported only to build (it takes a while to import)
 
     os.makedirs(build_dir, exist_ok=True)
-    source_path = os.path.join(build_dir, file_name)
-    with open(source_path, "w") as f:
-        f.write(source)
+    source_paths = []
+    for file_name, source in files.items():
+        source_paths.append(os.path.join(build_dir, file_name))
+        with open(source_paths[-1], "w") as f:
+            f.write(source)
     try:
         # is_python_module=False: a plain shared library, no Python bindings (torch also loads it
         # into the process, which is harmless: the operator library dlopens the same file).
         cpp_extension.load(
             name=name,
-            sources=[source_path],
-            extra_cflags=CXX_FLAGS,
+            sources=source_paths,
+            extra_cflags=CXX_FLAGS + (ISA_FLAGS[isa] if vector else []),
             extra_cuda_cflags=CUDA_FLAGS,
             extra_include_paths=[INCLUDE_DIR],
             build_directory=build_dir,
@@ -179,6 +319,9 @@ def build_library(forward: str, derivative: str, param_names: Sequence[str], *, 
             verbose=False,
         )
     except RuntimeError as error:
+        if vector:
+            _write_atomically(failed, key + "\n" + compiler_errors(str(error)) + "\n")
+            return None
         raise ValueError(
             f"the transform's expressions do not compile (forward: {forward!r}, derivative: {derivative!r}):\n"
             + compiler_errors(str(error))
@@ -186,11 +329,37 @@ def build_library(forward: str, derivative: str, param_names: Sequence[str], *, 
         ) from None
     if not os.path.exists(library):
         raise RuntimeError(f"fusedtie: the build of {name} reported success but made no {library}")
-    temporary = f"{marker}.{os.getpid()}"
+    # The library was built here, for this machine's instruction set: reading its data symbols runs
+    # none of its code. (cpp_extension.load has loaded it already: this is the same handle.)
+    handle = ctypes.CDLL(library)
+    isa_address = ctypes.addressof(ctypes.c_char.in_dll(handle, "fusedtie_user_transform_isa"))
+    description = {
+        "key": key,
+        "isa": ctypes.cast(isa_address, ctypes.c_char_p).value.decode(),  # up to its NUL
+        "vectorized": int(ctypes.c_int32.in_dll(handle, "fusedtie_user_transform_vectorized").value),
+    }
+    _write_atomically(marker, json.dumps(description) + "\n")  # another process sees no marker or a whole one
+    built = _read_marker(marker, library)
+    assert built is not None
+    return BuiltLibrary(built.path, True, built.isa, built.vectorized_forward, built.vectorized_chain_rule)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    temporary = f"{path}.{os.getpid()}"
     with open(temporary, "w") as f:
-        f.write(key + "\n")
-    os.replace(temporary, marker)  # atomic: another process sees no marker or a complete one
-    return library, True
+        f.write(text)
+    os.replace(temporary, path)
+
+
+def _read_marker(marker: str, library: str) -> Optional[BuiltLibrary]:
+    """The description in a ``built`` marker; None if it is not one this version wrote."""
+    try:
+        with open(marker) as f:
+            description = json.load(f)
+        vectorized = int(description["vectorized"])
+        return BuiltLibrary(library, False, str(description["isa"]), bool(vectorized & 1), bool(vectorized & 2))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def compiler_errors(log: str, max_lines: int = 24) -> str:

@@ -10,9 +10,11 @@ been created there: pickling a Transform records its definition, and unpickling 
 (for a compiled one, from the on-disk cache: no compiler runs).
 
 Where the code runs:
-  * compiled (from_expression): the CPU loops are compiled into a library of their own, scalar
-    code in the computation type (float for float16/bfloat16), which the compiler vectorises where
-    the expression allows; CUDA kernels too when the operator library has CUDA and
+  * compiled (from_expression): the CPU loops are compiled into a library of their own, in the
+    computation type (float for float16/bfloat16): vector loops (SLEEF's math functions, as the
+    built-in passes) where the CPU has AVX2 or AVX-512 and the expression compiles for the vector
+    type, else scalar loops (``vectorized(t)`` and the table row say which it got; see
+    fusedtie/_user_build.py); CUDA kernels too when the operator library has CUDA and
     torch.cuda.is_available() (or cuda=True). On CUDA the call runs the library path (f(W) by the
     user's kernel, then cuDNN, then grad * f'(W) by the user's kernel); the fused kernels only
     know the built-ins.
@@ -43,6 +45,8 @@ _CHECK_ATOL = 1e-5
 _CHECK_RTOL = 1e-3
 _CHECK_DOMAIN = (-2.0, 2.0)
 _LOCK = threading.Lock()  # one registration at a time (a compile may take seconds; so be it)
+# What each compiled transform of this process got: its library's description (by name).
+_BUILT: dict[str, _user_build.BuiltLibrary] = {}
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,10 @@ class ExpressionDefinition:
                                check_domain=self.check_domain, **dict(self.params))
 
     def row(self) -> dict:
+        built = _BUILT.get(self.name)
         return {"name": self.name, "forward": self.forward, "derivative": self.derivative, "uses_alpha": False,
-                "builtin": False, "params": dict(self.params)}
+                "builtin": False, "params": dict(self.params), "vectorized": vectorized(self.name),
+                "cpu_isa": built.isa if built is not None else None}
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ class ChainDefinition:
 
     def row(self) -> dict:
         return {"name": self.name, "forward": self.text(), "derivative": "the chain rule of the stages",
-                "uses_alpha": False, "builtin": False, "params": {}}
+                "uses_alpha": False, "builtin": False, "params": {}, "vectorized": True, "cpu_isa": None}
 
 
 UserDefinition = Union[ExpressionDefinition, ChainDefinition]
@@ -121,11 +127,33 @@ def from_expression(name: str, forward: str, derivative: str, *, cuda: Optional[
         import fusedtie
 
         with_cuda = bool(LIB.cuda_compiled) and torch.cuda.is_available() if cuda is None else bool(cuda)
-        library, _ = _user_build.build_library(forward, derivative, [p for p, _ in values], cuda=with_cuda,
-                                               fusedtie_version=fusedtie.__version__)
-        LIB._register_compiled_transform(name, definition.text(), library, [v for _, v in values])
+        built = _user_build.build_library(forward, derivative, [p for p, _ in values], cuda=with_cuda,
+                                          fusedtie_version=fusedtie.__version__)
+        LIB._register_compiled_transform(name, definition.text(), built.path, [v for _, v in values])
+        _BUILT[name] = built
 
     return _register(definition, register, _check_derivative)
+
+
+def vectorized(transform: Union[str, Transform]) -> bool:
+    """Whether a user transform's CPU passes, f and the chain rule both, run vector loops: True for a
+    chain (the built-in vector passes, stage by stage); for a compiled one, whether its expressions
+    compiled for the vector type on a CPU with AVX2 or AVX-512 (False: scalar loops, correct but
+    slower for an expression calling tanh, exp...: 29x for tanh(x) with AVX-512)::
+
+        t = fusedtie.Transform.from_expression("swish", forward="x / (1 + exp(-x))", derivative=...)
+        fusedtie.user_transforms.vectorized(t)   # True on AVX2 / AVX-512 machines
+
+    ValueError for a built-in or unknown name.
+    """
+    name = Transform.parse(transform).name
+    definition = _USER.get(name)
+    if definition is None:
+        raise ValueError(f"'{name}' is not a user transform of this process")
+    if isinstance(definition, ChainDefinition):
+        return True
+    built = _BUILT.get(name)
+    return built is not None and built.vectorized
 
 
 def chain(*stages, name: Optional[str] = None) -> Transform:
@@ -165,6 +193,7 @@ def _register(definition: UserDefinition, register, check=None) -> Transform:
                 check(definition)
         except BaseException:
             del _USER[definition.name]
+            _BUILT.pop(definition.name, None)
             LIB._unregister_user_transform(definition.name)
             raise
         return Transform(definition.name)
