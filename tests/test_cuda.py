@@ -205,6 +205,8 @@ GEOMETRIES = [
     dict(id="3x3-p1-64to64-16x16", padding=1, cin=64, cout=64, hw=(16, 16), batch=2),
     dict(id="5x4-s2-p(2,1)-20to36-21x18", kernel=(5, 4), stride=2, padding=(2, 1), cin=20, cout=36, hw=(21, 18),
          batch=2),
+    # strided, with channel counts the tensor-core input gradient takes in every precision
+    dict(id="3x3-s2-p1-16to32-11x10", stride=2, padding=1, cin=16, cout=32, hw=(11, 10), batch=2),
 ]
 
 

@@ -139,15 +139,20 @@ def test_conv_every_transform(emulated, transform):
     run_conv(emulated, "float64", transform, transform, GEOMETRIES[1])
 
 
-def tensor_cores_expected(precision, gathered_channels_per_group, stride=1):
-    """The README's rule: tensor cores where the gathered side has a multiple of 8 (16-bit types) or
-    4 (TF32) channels per group, and for an input gradient only at stride 1."""
+def tensor_cores_expected(precision, gathered_channels_per_group):
+    """The README's rule: tensor cores where the gathered side (x for a forward, dy for an input
+    gradient) has a multiple of 8 (16-bit types) or 4 (TF32) channels per group."""
     vector = 4 if precision == "tf32" else 8
-    return gathered_channels_per_group % vector == 0 and stride in (1, (1, 1))
+    return gathered_channels_per_group % vector == 0
 
 
-# shapes whose forward the tensor-core kernels take in every 16-bit and TF32 precision
-MMA_CASES = [g for g in CONV_CASES if g["id"] in ("3x3-p1-24to40-17x13", "3x3-p1-64to64-16x16", "3x3-p1", "1x1")]
+# shapes whose forward the tensor-core kernels take in every 16-bit and TF32 precision; the strided
+# ones run the tensor-core input gradient with its stride-divisibility gather
+MMA_CASES = [g for g in CONV_CASES if g["id"] in ("3x3-p1-24to40-17x13", "3x3-p1-64to64-16x16", "3x3-p1", "1x1",
+                                                  "3x3-s2-p1-16to32-11x10")] + [
+    dict(id="5x4-s(2,3)-p(2,1)-d2-g2-16to16", kernel=(5, 4), stride=(2, 3), padding=(2, 1), dilation=2, groups=2,
+         cin=16, cout=16, hw=(13, 14), batch=2),
+]
 
 
 @pytest.mark.parametrize("geometry", MMA_CASES, ids=lambda g: g["id"])
@@ -156,7 +161,7 @@ def test_conv_tensor_core_kernels(emulated, precision, geometry):
     g = {**GEOMETRY_DEFAULTS, **geometry}
     forward_mma, input_grad_mma = run_conv(emulated, precision, "tanh", "square", geometry)
     assert forward_mma, "the host code did not pick the tensor-core forward"
-    assert input_grad_mma == tensor_cores_expected(precision, g["cout"] // g["groups"], g["stride"])
+    assert input_grad_mma == tensor_cores_expected(precision, g["cout"] // g["groups"])
 
 
 def test_a_wrong_kernel_result_is_caught(emulated):
@@ -211,14 +216,15 @@ def test_transpose_every_transform(emulated, transform):
 
 
 @pytest.mark.parametrize("geometry", [g for g in FUSED_TRANSPOSE_CASES if g[0] in
-                                      ("3x3-s1-p1", "64to64-3x3-s1-p1", "3x3-s1-p1-channels_last", "4x4-s2-p1")],
+                                      ("3x3-s1-p1", "64to64-3x3-s1-p1", "3x3-s1-p1-channels_last", "4x4-s2-p1",
+                                       "3x3-s2-p1-op1", "4x4-s2-p1-channels_last")],
                          ids=lambda g: g[0])
 @pytest.mark.parametrize("precision", ["tf32", "bfloat16", "float16"])
 def test_transpose_tensor_core_kernels(emulated, precision, geometry):
     _, x_shape, w_shape, stride, _, _, groups, _, _ = geometry
     forward_mma, input_grad_mma = run_transpose(emulated, precision, "square", geometry)
     # the transposed forward gathers x (the weight's first dimension), its input gradient dy
-    assert forward_mma == tensor_cores_expected(precision, w_shape[0] // groups, stride)
+    assert forward_mma == tensor_cores_expected(precision, w_shape[0] // groups)
     assert input_grad_mma == tensor_cores_expected(precision, w_shape[1])
     assert forward_mma or input_grad_mma, "neither pass ran on the tensor-core kernels"
 

@@ -24,7 +24,7 @@ namespace cuda {
 // recipe costs one extra elementwise launch per pass (about 4 us in eager mode) over cuDNN; the fused
 // kernels save it but are slower per multiply-add than cuDNN's, so they should win where the
 // convolution itself takes a few microseconds: up to 2^30 multiply-adds on tensor cores (a few us on
-// an H100/H200 in bf16), up to 2^24 on CUDA cores (float64, exact float32, strided input gradients,
+// an H100/H200 in bf16), up to 2^24 on CUDA cores (float64, exact float32, unaligned channel counts,
 // and every weight gradient, which has no tensor-core kernel yet). Fewer than 16 channels per group
 // on either side (depthwise convolutions, say) leave most of a 64-wide tile idle: library.
 inline bool fused_wins_by_cost(int64_t multiply_adds, int64_t channels_a, int64_t channels_b, bool tensor_cores) {

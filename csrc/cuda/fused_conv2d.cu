@@ -99,7 +99,6 @@ bool mma_supports(const at::Tensor& input, const at::Tensor& weight, const TiedC
   } else {
     return false;
   }
-  if (input_grad && (p.stride[0] != 1 || p.stride[1] != 1)) return false;
   const int64_t gathered = input_grad ? weight.size(0) / p.groups : weight.size(1);
   return gathered % vector == 0;
 }

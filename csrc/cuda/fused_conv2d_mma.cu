@@ -1,4 +1,4 @@
-// The tensor-core kernels of fused_conv2d.h: forward and stride-1 input gradient as an implicit
+// The tensor-core kernels of fused_conv2d.h: forward and input gradient as an implicit
 // GEMM on mma.sync (m16n8k16 for float16/bfloat16, m16n8k8 TF32 for float32), float accumulation.
 //
 // GEMM view: rows = output pixels (n, y, x) of the result, columns = the group's channels of the
@@ -9,8 +9,11 @@
 // is stored to shared memory in the MMA's input type: f(W) exists only in that tile.
 //   forward:        A(row, (r,s,c)) = x[n, y*sh - pad_top + r*dh, x*sw - pad_left + s*dw, c]
 //                   B((r,s,c), co)  = f(W[co, c, r, s]);          epilogue + g(b[co])
-//   input gradient: A(row, (r,s,co)) = dy[n, y + pad_top - r*dh, x + pad_left - s*dw, co]
-//   (stride 1)      B((r,s,co), ci)  = f(W[co, ci, r, s])
+//   input gradient: A(row, (r,s,co)) = dy[n, (y + pad_top - r*dh) / sh, (x + pad_left - s*dw) / sw, co]
+//                                      where both divide exactly and land inside dy, else zero
+//                   B((r,s,co), ci)  = f(W[co, ci, r, s])
+//   (at stride s, only about 1/s^2 of the taps of a row are nonzero: the zeros are multiplied too,
+//   as in the CUDA-core kernel; a per-phase decomposition would skip them)
 // Block tile 128 x 64, four warps of 64 x 32, a K-tile of 64 bytes per row.
 //
 // The PTX instructions are wrapped below; under FUSEDTIE_CUDA_EMULATION (tests/cuda_emulation/) the
@@ -237,8 +240,17 @@ __device__ __forceinline__ void conv_mma_body(const scalar_t* __restrict__ src, 
         // 32-bit division: the host admits only depth <= INT_MAX.
         const int c = static_cast<int>(k) % channels32, tap = static_cast<int>(k) / channels32;
         const int r = tap / g.kernel_w, s = tap % g.kernel_w;
-        const int64_t iy = origin.y0 + int64_t(r) * step_h, ix = origin.x0 + int64_t(s) * step_w;
-        valid = iy >= 0 && iy < src_h && ix >= 0 && ix < src_w;
+        int64_t iy = origin.y0 + int64_t(r) * step_h, ix = origin.x0 + int64_t(s) * step_w;
+        if constexpr (kInputGrad) {
+          // (iy, ix) = (h + pad_top - r*dh, w + pad_left - s*dw): the dy position whose window
+          // covers this dx pixel through tap (r, s) is (iy / sh, ix / sw), where the stride divides.
+          valid = iy >= 0 && ix >= 0 && iy % g.stride_h == 0 && ix % g.stride_w == 0;
+          iy /= g.stride_h;
+          ix /= g.stride_w;
+          valid = valid && iy < src_h && ix < src_w;
+        } else {
+          valid = iy >= 0 && iy < src_h && ix >= 0 && ix < src_w;
+        }
         if (valid) from = src + origin.image_offset + iy * src_stride[2] + ix * src_stride[3] + channel0 + c;
       }
       copy_async_16(a_row + chunk * 16, from, valid);

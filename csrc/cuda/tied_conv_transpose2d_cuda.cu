@@ -22,8 +22,9 @@ constexpr TransformPasses kCudaPasses{&cuda::apply_transform, &cuda::apply_chain
 
 enum class Pass { kForward, kBackward };
 
-// The forward runs the input-gradient kernels (tensor cores at stride 1), the backward the forward
-// kernels for dx and the CUDA-core weight gradient: auto's rule judges the backward by the latter.
+// The forward runs the input-gradient kernels (tensor cores where the channels align), the backward
+// the forward kernels for dx and the CUDA-core weight gradient: auto's rule judges the backward by the
+// latter.
 bool fused_wins(Pass pass, const at::Tensor& input, const at::Tensor& weight, const TiedConvTranspose2dParams& p) {
   const int64_t multiply_adds = input.numel() * weight.size(1) * weight.size(2) * weight.size(3);
   const bool tensor_cores =
