@@ -46,6 +46,7 @@ inline at::MemoryFormat conv_output_memory_format(const at::Tensor& input, const
 #include <barrier>
 #include <cstring>
 #include <exception>
+#include <latch>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -182,31 +183,46 @@ void run_grid(dim3 grid, dim3 block, const Body& body) {
   warp_fragments.assign(threads / 32, WarpFragments{});
   std::exception_ptr error;
   std::mutex error_mutex;
-  std::vector<std::thread> pool;
-  pool.reserve(threads);
-  for (unsigned t = 0; t < threads; ++t) {
-    pool.emplace_back([&, t] {
-      thread_index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-      linear_thread = static_cast<int>(t);
-      for (unsigned z = 0; z < grid.z; ++z) {
-        for (unsigned y = 0; y < grid.y; ++y) {
-          for (unsigned x = 0; x < grid.x; ++x) {
-            block_index = dim3(x, y, z);
-            try {
-              body();
-            } catch (...) {
-              const std::lock_guard<std::mutex> lock(error_mutex);
-              if (!error) error = std::current_exception();
-            }
-            barrier.arrive_and_wait();  // the block's shared memory is reused by the next one
+  // Every thread waits at `start` until all exist: if one cannot be created (a thread limit), the
+  // others are released to return instead of waiting forever at a barrier sized for all of them.
+  std::latch start(1);
+  bool abandoned = false;
+  auto run_thread = [&](unsigned t) {
+    start.wait();
+    if (abandoned) return;
+    thread_index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+    linear_thread = static_cast<int>(t);
+    for (unsigned z = 0; z < grid.z; ++z) {
+      for (unsigned y = 0; y < grid.y; ++y) {
+        for (unsigned x = 0; x < grid.x; ++x) {
+          block_index = dim3(x, y, z);
+          try {
+            body();
+          } catch (...) {
+            const std::lock_guard<std::mutex> lock(error_mutex);
+            if (!error) error = std::current_exception();
           }
+          barrier.arrive_and_wait();  // the block's shared memory is reused by the next one
         }
       }
-    });
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  auto finish = [&] {
+    start.count_down();
+    for (auto& thread : pool) thread.join();
+    block_barrier = nullptr;
+    warp_barriers.clear();
+  };
+  try {
+    for (unsigned t = 0; t < threads; ++t) pool.emplace_back(run_thread, t);
+  } catch (...) {
+    abandoned = true;
+    finish();
+    throw;
   }
-  for (auto& thread : pool) thread.join();
-  block_barrier = nullptr;
-  warp_barriers.clear();
+  finish();
   if (error) std::rethrow_exception(error);
 }
 
