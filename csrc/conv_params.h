@@ -67,6 +67,30 @@ struct TransformSpec {
   bool is_identity() const { return kind == TransformKind::kIdentity; }
 };
 
+// A backend's elementwise passes over whole tensors (cpu/transform_tensors.h, cuda/elementwise.h;
+// not cpu/transform_passes.h's raw per-instruction-set TransformPasses): f(source) for a
+// tensor that the convolution consumes before the call returns (so the CPU may use its scratch
+// buffer), and grad * f'(source) in grad's memory.
+struct TensorPasses {
+  at::Tensor (*transform_for_conv)(const at::Tensor& source, const TransformSpec& spec);
+  at::Tensor (*chain_rule_in_place)(at::Tensor grad, const at::Tensor& source, const TransformSpec& spec);
+};
+
+// f(source) for a convolution to consume: the source itself for the identity.
+inline at::Tensor derived_for_conv(const at::Tensor& source, const TransformSpec& spec,
+                                   const TensorPasses& passes) {
+  return spec.is_identity() ? source : passes.transform_for_conv(source, spec);
+}
+
+// dL/d source = f'(source) * dL/d f(source), laid out like the source (a weight's suggested format, a
+// bias contiguous). grad must be a fresh tensor of the caller's (a convolution's gradient): the
+// chain rule overwrites it.
+inline at::Tensor gradient_through_transform(const at::Tensor& grad, const at::Tensor& source,
+                                             const TransformSpec& spec, const TensorPasses& passes) {
+  return (spec.is_identity() ? grad : passes.chain_rule_in_place(grad, source, spec))
+      .contiguous(source.suggest_memory_format());
+}
+
 // Geometry and transforms of one tied_conv2d call. padding is (top, bottom, left, right), so the
 // asymmetric padding of padding="same" with even kernels is expressible.
 struct TiedConv2dParams {

@@ -4,7 +4,7 @@
 // algorithm: at::convolution pads symmetrically, so an asymmetric padding (padding="same" with even
 // kernels) is padded explicitly by its remainder, and the input gradient cropped back. The
 // transposed convolution (tied_conv_transpose2d) has only symmetric padding and takes this path on
-// every backend, with the backend's elementwise passes for f(W) and the chain rule (TransformPasses).
+// every backend, with the backend's elementwise passes for f(W) and the chain rule (TensorPasses).
 #include <ATen/ATen.h>
 
 #include <array>
@@ -75,27 +75,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> library_conv2d_backward(
 // convolution, one chain-rule pass); the CUDA backend runs it or the fused kernels
 // (csrc/cuda/tied_conv_transpose2d_cuda.cu).
 
-// A backend's elementwise passes: f(source) for a weight that the convolution consumes before the
-// call returns (so the CPU may use its scratch buffer), and grad * f'(source) in grad's memory.
-struct TransformPasses {
-  at::Tensor (*transform_for_conv)(const at::Tensor& source, const TransformSpec& spec);
-  at::Tensor (*chain_rule_in_place)(at::Tensor grad, const at::Tensor& source, const TransformSpec& spec);
-};
-
-// dL/dW_src = f'(W_src) * dL/df(W), laid out like the source weight. grad_weight must be a fresh
-// tensor of the caller's (a convolution's gradient): the chain rule overwrites it.
-inline at::Tensor weight_gradient_through_transform(const at::Tensor& grad_weight, const at::Tensor& weight,
-                                                    const TransformSpec& spec, const TransformPasses& passes) {
-  return (spec.is_identity() ? grad_weight : passes.chain_rule_in_place(grad_weight, weight, spec))
-      .contiguous(weight.suggest_memory_format());
-}
-
 inline at::Tensor tied_conv_transpose2d_library(const at::Tensor& input, const at::Tensor& weight,
                                                 const std::optional<at::Tensor>& bias,
-                                                const TiedConvTranspose2dParams& p, const TransformPasses& passes) {
-  const at::Tensor derived_weight =
-      p.weight_transform.is_identity() ? weight : passes.transform_for_conv(weight, p.weight_transform);
-  return at::convolution(input, derived_weight, bias, p.stride, p.padding, p.dilation, /*transposed=*/true,
+                                                const TiedConvTranspose2dParams& p, const TensorPasses& passes) {
+  return at::convolution(input, derived_for_conv(weight, p.weight_transform, passes), bias, p.stride, p.padding, p.dilation, /*transposed=*/true,
                          p.output_padding, p.groups);
 }
 
@@ -104,19 +87,17 @@ inline at::Tensor tied_conv_transpose2d_library(const at::Tensor& input, const a
 inline std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
 tied_conv_transpose2d_backward_library(const at::Tensor& grad_output, const at::Tensor& input,
                                        const at::Tensor& weight, const TiedConvTranspose2dParams& p,
-                                       std::array<bool, 3> output_mask, const TransformPasses& passes) {
+                                       std::array<bool, 3> output_mask, const TensorPasses& passes) {
   // f(W) is recomputed rather than saved, and only for the input gradient: the weight gradient
   // reads W's shape alone, so the source weight stands in when the input gradient is not wanted.
-  const at::Tensor weight_for_conv = (output_mask[0] && !p.weight_transform.is_identity())
-                                         ? passes.transform_for_conv(weight, p.weight_transform)
-                                         : weight;
+  const at::Tensor weight_for_conv = output_mask[0] ? derived_for_conv(weight, p.weight_transform, passes) : weight;
   auto [grad_input, grad_weight, grad_bias] = convolution_backward_with_bias_channels(
       grad_output, input, weight_for_conv, /*bias_channels=*/weight.size(1) * p.groups, p.stride, p.padding,
       p.dilation, /*transposed=*/true, p.output_padding, p.groups, output_mask);
   std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
   if (output_mask[0]) grad_input_out = grad_input.contiguous(input.suggest_memory_format());
   if (output_mask[1]) {
-    grad_weight_out = weight_gradient_through_transform(grad_weight, weight, p.weight_transform, passes);
+    grad_weight_out = gradient_through_transform(grad_weight, weight, p.weight_transform, passes);
   }
   if (output_mask[2]) grad_bias_out = grad_bias.contiguous();
   return {grad_input_out, grad_weight_out, grad_bias_out};

@@ -186,6 +186,13 @@ class _TiedLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
+    def _geometry_repr(self, bias: str, *optional: tuple) -> str:
+        """extra_repr as nn.Conv2d's: the fixed fields, then each (name, value, default) whose value
+        differs from its default."""
+        fixed = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                 f"stride={self.stride}, transform={self.transform}, bias={bias}")
+        return fixed + "".join(f", {name}={value!r}" for name, value, default in optional if value != default)
+
 
 class FusedTiedConv2d(_TiedLayer):
     r"""A 2-D convolution whose weight is ``f(source.weight)``: the tie as one fused operator.
@@ -390,17 +397,9 @@ class FusedTiedConv2d(_TiedLayer):
         return self.to_conv2d()
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}, transform={self.transform}, bias={self.bias_mode!r}")
-        if self.padding != (0, 0):
-            s += f", padding={self.padding!r}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        return s
+        return self._geometry_repr(repr(self.bias_mode), ("padding", self.padding, (0, 0)),
+                                   ("dilation", self.dilation, (1, 1)), ("groups", self.groups, 1),
+                                   ("padding_mode", self.padding_mode, "zeros"))
 
 
 class FusedTiedConvTranspose2d(_TiedLayer):
@@ -574,17 +573,9 @@ class FusedTiedConvTranspose2d(_TiedLayer):
         return self.to_conv_transpose2d()
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}, transform={self.transform}, bias={self.bias is not None}")
-        if self.padding != (0, 0):
-            s += f", padding={self.padding}"
-        if self.output_padding != (0, 0):
-            s += f", output_padding={self.output_padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        return s
+        return self._geometry_repr(str(self.bias is not None), ("padding", self.padding, (0, 0)),
+                                   ("output_padding", self.output_padding, (0, 0)),
+                                   ("dilation", self.dilation, (1, 1)), ("groups", self.groups, 1))
 
 
 _IDENTITY = Transform("identity")

@@ -155,11 +155,6 @@ bool all_finite(const at::Tensor& t) {
                                     [&] { return all_finite(t.const_data_ptr<scalar_t>(), t.numel()); });
 }
 
-// f(W) as a tensor, for the gemm and library algorithms.
-at::Tensor derived_weight(const at::Tensor& weight, const TiedConv2dParams& p) {
-  return p.weight_transform.is_identity() ? weight : apply_transform_to_scratch(weight, p.weight_transform);
-}
-
 at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, c10::string_view transform,
                            double alpha, c10::string_view bias_transform, double bias_alpha,
@@ -180,20 +175,13 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
     at::Tensor out = depthwise_conv2d_forward(input, weight, derived_bias, p, &taps_finite);
     if (taps_finite) return out;
   }
-  const at::Tensor weight_for_conv = derived_weight(weight, p);
+  const at::Tensor weight_for_conv = derived_for_conv(weight, p.weight_transform, kCpuPasses);
   if (algorithm == CpuConvAlgorithm::kGemm) {
     at::Tensor out = gemm_conv2d_forward(pad_asymmetric_remainder(input, p), weight_for_conv, derived_bias,
                                          p.stride, p.symmetric_part(), p.dilation);
     if (!pads(p) || all_finite(out)) return out;
   }
   return library_conv2d_forward(input, weight_for_conv, derived_bias, p);
-}
-
-// dL/db_src from dL/d g(b), a fresh tensor of the convolution's (so the chain rule runs in place).
-at::Tensor bias_chain_rule(const at::Tensor& grad_bias, const at::Tensor& bias, const TiedConv2dParams& p) {
-  return (p.bias_transform.is_identity() ? grad_bias
-                                         : apply_chain_rule_in_place(grad_bias, bias, p.bias_transform))
-      .contiguous();
 }
 
 // (dL/dx, dL/dW_src, dL/d g(b)) by the gemm or the library algorithm, undefined where output_mask is
@@ -203,7 +191,7 @@ at::Tensor bias_chain_rule(const at::Tensor& grad_bias, const at::Tensor& bias, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_or_library_backward(
     CpuConvAlgorithm algorithm, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const TiedConv2dParams& p, std::array<bool, 3> output_mask) {
-  const at::Tensor weight_for_conv = output_mask[0] ? derived_weight(weight, p) : weight;
+  const at::Tensor weight_for_conv = output_mask[0] ? derived_for_conv(weight, p.weight_transform, kCpuPasses) : weight;
   auto [grad_input, grad_weight, grad_bias] =
       algorithm == CpuConvAlgorithm::kGemm
           ? gemm_conv2d_backward(grad_output, pad_asymmetric_remainder(input, p), weight_for_conv, p.stride,
@@ -212,13 +200,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_or_library_backward(
   if (output_mask[0] && algorithm == CpuConvAlgorithm::kGemm) {
     grad_input = crop_input_gradient(grad_input, input, p);
   }
-  if (output_mask[1]) {
-    // grad_weight is a fresh tensor from convolution_backward, so the chain rule runs in place.
-    grad_weight = (p.weight_transform.is_identity()
-                       ? grad_weight
-                       : apply_chain_rule_in_place(grad_weight, weight, p.weight_transform))
-                      .contiguous(weight.suggest_memory_format());
-  }
+  // grad_weight is a fresh tensor from convolution_backward, so the chain rule runs in place.
+  if (output_mask[1]) grad_weight = gradient_through_transform(grad_weight, weight, p.weight_transform, kCpuPasses);
   return {grad_input, grad_weight, grad_bias};
 }
 
@@ -261,7 +244,8 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
   std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
   if (output_mask[0]) grad_input_out = grad_input;
   if (output_mask[1]) grad_weight_out = grad_weight;
-  if (output_mask[2]) grad_bias_out = bias_chain_rule(grad_bias, *bias, p);
+  // dL/db_src from dL/d g(b), a fresh tensor of the convolution's (so the chain rule runs in place).
+  if (output_mask[2]) grad_bias_out = gradient_through_transform(grad_bias, *bias, p.bias_transform, kCpuPasses);
   return {grad_input_out, grad_weight_out, grad_bias_out};
 }
 

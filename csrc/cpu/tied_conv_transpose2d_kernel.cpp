@@ -14,9 +14,6 @@
 namespace fusedtie {
 namespace {
 
-// f(W) lives in the scratch buffer: the convolution consumes it before the operator returns.
-constexpr TransformPasses kCpuPasses{&apply_transform_to_scratch, &apply_chain_rule_in_place};
-
 at::Tensor tied_conv_transpose2d_cpu(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, c10::string_view transform, double alpha,
                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,

@@ -19,4 +19,7 @@ at::Tensor apply_transform_to_scratch(const at::Tensor& source, const TransformS
 // temporary of the caller's (a freshly made gradient), since it is overwritten.
 at::Tensor apply_chain_rule_in_place(at::Tensor grad, const at::Tensor& source, const TransformSpec& spec);
 
+// The CPU passes for the shared convolution code (conv_params.h): f(W) in the scratch buffer.
+inline constexpr TensorPasses kCpuPasses{&apply_transform_to_scratch, &apply_chain_rule_in_place};
+
 }  // namespace fusedtie

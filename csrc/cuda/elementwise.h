@@ -15,5 +15,8 @@ at::Tensor apply_transform(const at::Tensor& source, const TransformSpec& spec);
 // of the caller's, since it is overwritten. The result is laid out like source.
 at::Tensor apply_chain_rule_in_place(at::Tensor grad, const at::Tensor& source, const TransformSpec& spec);
 
+// The CUDA passes for the shared convolution code (conv_params.h).
+inline constexpr TensorPasses kCudaPasses{&apply_transform, &apply_chain_rule_in_place};
+
 }  // namespace cuda
 }  // namespace fusedtie

@@ -45,13 +45,10 @@ std::string autotune_key(Pass pass, const at::Tensor& input, const at::Tensor& w
 
 at::Tensor library_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const TiedConv2dParams& p) {
-  const at::Tensor derived_weight =
-      p.weight_transform.is_identity() ? weight : cuda::apply_transform(weight, p.weight_transform);
   std::optional<at::Tensor> derived_bias;
-  if (bias.has_value()) {
-    derived_bias = p.bias_transform.is_identity() ? *bias : cuda::apply_transform(*bias, p.bias_transform);
-  }
-  return library_conv2d_forward(input, derived_weight, derived_bias, p);
+  if (bias.has_value()) derived_bias = derived_for_conv(*bias, p.bias_transform, cuda::kCudaPasses);
+  return library_conv2d_forward(input, derived_for_conv(weight, p.weight_transform, cuda::kCudaPasses), derived_bias,
+                                p);
 }
 
 using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -60,15 +57,11 @@ using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 Gradients library_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                            const TiedConv2dParams& p, std::array<bool, 3> output_mask) {
   // f(W) is needed only for the input gradient; the weight gradient reads W's shape alone.
-  const at::Tensor weight_for_conv = (output_mask[0] && !p.weight_transform.is_identity())
-                                         ? cuda::apply_transform(weight, p.weight_transform)
-                                         : weight;
+  const at::Tensor weight_for_conv =
+      output_mask[0] ? derived_for_conv(weight, p.weight_transform, cuda::kCudaPasses) : weight;
   auto [grad_input, grad_weight, grad_bias] = library_conv2d_backward(grad_output, input, weight_for_conv, p, output_mask);
   if (output_mask[1]) {
-    grad_weight = (p.weight_transform.is_identity()
-                       ? grad_weight
-                       : cuda::apply_chain_rule_in_place(grad_weight, weight, p.weight_transform))
-                      .contiguous(weight.suggest_memory_format());
+    grad_weight = gradient_through_transform(grad_weight, weight, p.weight_transform, cuda::kCudaPasses);
   }
   return {grad_input, grad_weight, grad_bias};
 }
@@ -101,7 +94,7 @@ at::Tensor tied_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, c
   const c10::cuda::CUDAGuard guard(input.device());
   const bool fused = use_fused(Pass::kForward, input, weight, bias, p, {true, true, true}, {}, [&] {
     return cuda::measure_fused_wins([&] { cuda::fused_forward(input, weight, bias, p); },
-                              [&] { library_forward(input, weight, bias, p); });
+                                    [&] { library_forward(input, weight, bias, p); });
   });
   return fused ? cuda::fused_forward(input, weight, bias, p) : library_forward(input, weight, bias, p);
 }
@@ -118,20 +111,15 @@ tied_conv2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input
   const c10::cuda::CUDAGuard guard(input.device());
   const bool fused = use_fused(Pass::kBackward, input, weight, bias, p, output_mask, grad_output.strides(), [&] {
     return cuda::measure_fused_wins([&] { fused_backward(grad_output, input, weight, p, output_mask); },
-                              [&] { library_backward(grad_output, input, weight, p, output_mask); });
+                                    [&] { library_backward(grad_output, input, weight, p, output_mask); });
   });
   auto [grad_input, grad_weight, grad_bias] = fused ? fused_backward(grad_output, input, weight, p, output_mask)
                                                     : library_backward(grad_output, input, weight, p, output_mask);
   std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
   if (output_mask[0]) grad_input_out = grad_input;
   if (output_mask[1]) grad_weight_out = grad_weight;
-  if (output_mask[2]) {
-    // grad_bias is a fresh tensor of the convolution's, so the chain rule runs in place.
-    grad_bias_out = (p.bias_transform.is_identity()
-                         ? grad_bias
-                         : cuda::apply_chain_rule_in_place(grad_bias, *bias, p.bias_transform))
-                        .contiguous();
-  }
+  // grad_bias is a fresh tensor of the convolution's, so the chain rule runs in place.
+  if (output_mask[2]) grad_bias_out = gradient_through_transform(grad_bias, *bias, p.bias_transform, cuda::kCudaPasses);
   return {grad_input_out, grad_weight_out, grad_bias_out};
 }
 

@@ -18,8 +18,6 @@
 namespace fusedtie {
 namespace {
 
-constexpr TransformPasses kCudaPasses{&cuda::apply_transform, &cuda::apply_chain_rule_in_place};
-
 enum class Pass { kForward, kBackward };
 
 // The forward runs the input-gradient kernels (tensor cores where the channels align), the backward
@@ -73,10 +71,10 @@ at::Tensor tied_conv_transpose2d_cuda(const at::Tensor& input, const at::Tensor&
   const c10::cuda::CUDAGuard guard(input.device());
   const bool fused = use_fused(Pass::kForward, input, weight, bias, p, {true, true, true}, {}, [&] {
     return cuda::measure_fused_wins([&] { cuda::fused_transpose_forward(input, weight, bias, p); },
-                                    [&] { tied_conv_transpose2d_library(input, weight, bias, p, kCudaPasses); });
+                                    [&] { tied_conv_transpose2d_library(input, weight, bias, p, cuda::kCudaPasses); });
   });
   return fused ? cuda::fused_transpose_forward(input, weight, bias, p)
-               : tied_conv_transpose2d_library(input, weight, bias, p, kCudaPasses);
+               : tied_conv_transpose2d_library(input, weight, bias, p, cuda::kCudaPasses);
 }
 
 OptionalGradients tied_conv_transpose2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
@@ -90,7 +88,7 @@ OptionalGradients tied_conv_transpose2d_backward_cuda(const at::Tensor& grad_out
   p.check_backward(grad_output, input, weight, bias, output_mask);
   const c10::cuda::CUDAGuard guard(input.device());
   auto library = [&] {
-    return tied_conv_transpose2d_backward_library(grad_output, input, weight, p, output_mask, kCudaPasses);
+    return tied_conv_transpose2d_backward_library(grad_output, input, weight, p, output_mask, cuda::kCudaPasses);
   };
   const bool fused = use_fused(Pass::kBackward, input, weight, bias, p, output_mask, grad_output.strides(), [&] {
     return cuda::measure_fused_wins([&] { fused_backward(grad_output, input, weight, p, output_mask); }, library);
