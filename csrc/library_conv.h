@@ -3,8 +3,9 @@
 // at::convolution_backward: oneDNN on the CPU, cuDNN on CUDA), shared by every backend's "library"
 // algorithm: at::convolution pads symmetrically, so an asymmetric padding (padding="same" with even
 // kernels) is padded explicitly by its remainder, and the input gradient cropped back. The
-// transposed convolution (tied_conv_transpose2d) has only symmetric padding and takes this path on
-// every backend, with the backend's elementwise passes for f(W) and the chain rule (TensorPasses).
+// transposed convolution (tied_conv_transpose2d) has only symmetric padding; it takes this path on
+// the CPU always and on CUDA when the fused kernels do not run, with the backend's elementwise passes
+// for f(W) and the chain rule (TensorPasses, conv_params.h).
 #include <ATen/ATen.h>
 
 #include <array>
