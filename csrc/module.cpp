@@ -52,6 +52,16 @@ at::Tensor tied_conv_transpose2d_eager(const at::Tensor& input, const at::Tensor
                                               output_padding, dilation, groups);
 }
 
+pybind11::dict blas_assessment_dict(const fusedtie::BlasAssessment& a) {
+  pybind11::dict d;
+  d["vendor"] = a.vendor;
+  d["model"] = a.model;
+  d["blas"] = a.blas;
+  d["gemm_under_auto"] = a.gemm_trusted;
+  d["reason"] = a.reason;
+  return d;
+}
+
 // A chain's stages arrive as (name, alpha) pairs of built-ins.
 void register_chain(const std::string& name, const std::string& definition,
                     const std::vector<std::pair<std::string, double>>& stages) {
@@ -74,6 +84,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_conv_algorithm", &fusedtie::set_cpu_conv_algorithm, pybind11::arg("name"),
         "Set the CPU convolution algorithm (auto, library, gemm, depthwise); returns the previous one");
   m.def("cpu_conv_algorithm", &fusedtie::cpu_conv_algorithm, "The CPU convolution algorithm setting");
+  m.def("cpu_conv_algorithm_for", &fusedtie::cpu_conv_algorithm_for, pybind11::arg("input"), pybind11::arg("weight"),
+        pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("groups"),
+        "The CPU algorithm tied_conv2d runs for this call under the current setting");
+  m.def(
+      "assess_gemm_blas",
+      [](const std::string& vendor, const std::string& model, bool has_mkl, const std::string& enable_instructions,
+         const std::string& cbwr) {
+        return blas_assessment_dict(fusedtie::assess_gemm_blas(vendor, model, has_mkl, enable_instructions, cbwr));
+      },
+      "auto's rule for the GEMM path, given a CPU vendor, model, BLAS and MKL's environment (for tests)");
+  m.def("gemm_blas_assessment", [] { return blas_assessment_dict(fusedtie::gemm_blas_assessment()); },
+        "auto's rule for the GEMM path as this process applies it");
   m.def("set_cuda_conv_algorithm", &fusedtie::set_cuda_conv_algorithm, pybind11::arg("name"),
         "Set the CUDA convolution algorithm (auto, autotune, fused, library); returns the previous one");
   m.def("cuda_conv_algorithm", &fusedtie::cuda_conv_algorithm, "The CUDA convolution algorithm setting");

@@ -11,6 +11,8 @@ from .cache import cached
 from .nn import FusedTiedConv2d, FusedTiedConvTranspose2d
 from .ops import (
     apply_transform,
+    cpu_conv_algorithm_for,
+    cpu_info,
     tied_conv2d,
     tied_conv_transpose2d,
     use_cpu_conv_algorithm,
@@ -28,6 +30,8 @@ __all__ = [
     "apply_transform",
     "bake",
     "cached",
+    "cpu_conv_algorithm_for",
+    "cpu_info",
     "available_transforms",
     "cuda_compiled",
     "tied_conv2d",

@@ -203,19 +203,61 @@ def apply_transform(source: Tensor, transform: TransformLike) -> Tensor:
 def use_cpu_conv_algorithm(name: str) -> Iterator[None]:
     """Run the CPU path's convolutions with ``name`` inside the block (process-wide), then restore.
 
-    ``"auto"`` (the default) picks per shape; ``"library"`` is ``at::convolution`` (oneDNN);
+    ``"auto"`` (the default) picks per shape, and takes the GEMM path only where torch's BLAS is
+    MKL on an Intel CPU at its full instruction set (``cpu_info()`` says whether and why);
+    ``"library"`` is ``at::convolution`` (oneDNN);
     ``"gemm"`` is fusedtie's im2col + BLAS GEMM (``csrc/cpu/gemm_conv2d.cpp``), where it applies
     (groups 1, float32/float64, contiguous NCHW); ``"depthwise"`` is fusedtie's depthwise kernel with
     f and f' fused into it (``csrc/cpu/depthwise_conv2d.cpp``), where it applies (groups ==
     in_channels, float32/float64, contiguous NCHW). Where the forced one does not apply, the library
-    runs. All compute the same convolution; this is a knob for benchmarks and tests. See the
-    README's Performance section.
+    runs. All compute the same convolution; this is a knob for benchmarks and tests. See
+    docs/cpu-algorithms.md.
     """
     previous = LIB.set_cpu_conv_algorithm(name)
     try:
         yield
     finally:
         LIB.set_cpu_conv_algorithm(previous)
+
+
+def cpu_info() -> dict:
+    """What the CPU path runs on and how ``auto`` chooses there.
+
+    Returns a dict: ``vendor`` and ``model`` (cpuid's strings), ``blas`` (``"MKL"`` or ``"other"``),
+    ``gemm_under_auto`` (whether ``auto`` may take the GEMM path), ``reason`` (why), and
+    ``transform_capability`` (the instruction set of the transform passes: DEFAULT, AVX2, AVX512).
+
+    Example::
+
+        >>> fusedtie.cpu_info()["gemm_under_auto"]   # False on AMD: MKL runs slow paths there
+    """
+    info = dict(LIB.gemm_blas_assessment())
+    info["transform_capability"] = LIB.cpu_transform_capability()
+    return info
+
+
+def cpu_conv_algorithm_for(
+    input: Tensor,
+    weight: Tensor,
+    stride: IntOrPair = 1,
+    padding: PaddingLike = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+) -> str:
+    """The CPU algorithm ``tied_conv2d`` runs for this call under the current setting.
+
+    One of ``"library"``, ``"gemm"`` or ``"depthwise"``: ``auto``'s choice, or the forced setting
+    where it applies. Arguments as ``tied_conv2d`` takes them (4-D input).
+
+    Example::
+
+        >>> fusedtie.cpu_conv_algorithm_for(torch.randn(1, 64, 56, 56), torch.randn(64, 64, 3, 3), padding=1)
+        'library'
+    """
+    stride2 = _pair(stride, "stride")
+    dilation2 = _pair(dilation, "dilation")
+    padding4 = normalize_padding(padding, weight.shape[2:], stride2, dilation2)
+    return LIB.cpu_conv_algorithm_for(input, weight, stride2, padding4, dilation2, groups)
 
 
 @contextlib.contextmanager

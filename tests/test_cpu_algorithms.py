@@ -6,6 +6,12 @@ The default ("auto") picks per shape, so the main grid exercises whichever auto 
 algorithm is forced over geometries it accepts and ones it must hand back to the library.
 """
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -14,6 +20,9 @@ from reference import reference_conv2d
 from test_op_grid import run_case
 
 ALGORITHMS = ["library", "gemm"]
+# Whether auto may take the GEMM path in this process (MKL on an Intel CPU at full speed; not on AMD).
+GEMM_UNDER_AUTO = fusedtie.cpu_info()["gemm_under_auto"]
+AUTO_GEMM = "gemm" if GEMM_UNDER_AUTO else "library"
 GEOMETRIES = [  # (kernel, batch, stride, padding, hw)
     ((1, 1), 1, 1, 0, (7, 7)),
     ((1, 1), 3, 2, 0, (9, 8)),
@@ -99,12 +108,12 @@ def algorithm_used(names):
     ("gemm", (2, 8, 30, 30), (8, 8, 3, 3), 1, 1, True, ("gemm", "gemm")),
     ("library", (1, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, ("library", "library")),
     # auto, up to batch 8: pointwise convs, and others whose weight has >= 1000x more elements
-    # than batch * output positions, run the GEMM; the rest the library
-    ("auto", (1, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, ("gemm", "gemm")),
-    ("auto", (8, 64, 7, 7), (64, 64, 1, 1), 0, 1, False, ("gemm", "gemm")),
+    # than batch * output positions, run the GEMM where the BLAS is trusted; the rest the library
+    ("auto", (1, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, (AUTO_GEMM, AUTO_GEMM)),
+    ("auto", (8, 64, 7, 7), (64, 64, 1, 1), 0, 1, False, (AUTO_GEMM, AUTO_GEMM)),
     ("auto", (9, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, ("library", "library")),
-    ("auto", (1, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, ("gemm", "gemm")),  # 147456 / 49
-    ("auto", (2, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, ("gemm", "gemm")),  # / 98
+    ("auto", (1, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),  # 147456 / 49
+    ("auto", (2, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),  # / 98
     ("auto", (4, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, ("library", "library")),  # / 196 < 1000
     ("auto", (1, 16, 40, 40), (16, 16, 3, 3), 1, 1, True, ("library", "library")),
     # depthwise convs: auto takes the fused depthwise kernel for stride 1 and >= 10x10 outputs
@@ -126,7 +135,96 @@ def test_which_algorithm_runs(algorithm, x_shape, w_shape, padding, stride, inpu
                                                                 stride=stride, groups=groups))
         inputs = [x, w, b] if input_grad else [w, b]
         backward_ops, _ = ops_run(lambda: torch.autograd.grad(out.sum(), inputs))
+        reported = fusedtie.cpu_conv_algorithm_for(x, w, padding=padding, stride=stride, groups=groups)
     assert (algorithm_used(forward_ops), algorithm_used(backward_ops)) == expected
+    assert reported == expected[0]
+
+
+# auto's shape rule where the GEMM path is trusted: (input, weight, padding, expected).
+AUTO_SHAPE_RULE = [
+    ((1, 64, 7, 7), (64, 64, 1, 1), 0, "gemm"),
+    ((8, 64, 7, 7), (64, 64, 1, 1), 0, "gemm"),
+    ((9, 64, 7, 7), (64, 64, 1, 1), 0, "library"),
+    ((1, 128, 7, 7), (128, 128, 3, 3), 1, "gemm"),
+    ((4, 128, 7, 7), (128, 128, 3, 3), 1, "library"),
+    ((1, 16, 40, 40), (16, 16, 3, 3), 1, "library"),
+    ((1, 512, 7, 7), (512, 512, 3, 3), 1, "gemm"),  # conv5_x 3x3 b1
+]
+
+
+def run_fusedtie(code: str, **env) -> dict:
+    """Runs `code` in a fresh interpreter with `env` added; it prints one JSON object."""
+    run = subprocess.run([sys.executable, "-c", "import json, torch, fusedtie\n" + textwrap.dedent(code)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("forced", ["0", "1"])
+def test_auto_shape_rule_follows_the_blas_assessment(forced):
+    """FUSEDTIE_GEMM_UNDER_AUTO overrides the assessment, so the shape rule is checked on any CPU."""
+    out = run_fusedtie(f"""
+        cases = {[(x, w, p) for x, w, p, _ in AUTO_SHAPE_RULE]!r}
+        chosen = [fusedtie.cpu_conv_algorithm_for(torch.empty(x), torch.empty(w), padding=p) for x, w, p in cases]
+        print(json.dumps(dict(info=fusedtie.cpu_info(), chosen=chosen)))
+    """, FUSEDTIE_GEMM_UNDER_AUTO=forced)
+    assert out["info"]["gemm_under_auto"] is (forced == "1")
+    assert out["info"]["reason"].startswith(f"FUSEDTIE_GEMM_UNDER_AUTO={forced}")
+    expected = [e if forced == "1" else "library" for *_, e in AUTO_SHAPE_RULE]
+    assert out["chosen"] == expected
+
+
+def test_bad_gemm_override_is_a_clear_error():
+    run = subprocess.run([sys.executable, "-c", "import torch, fusedtie; fusedtie.cpu_info()"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "FUSEDTIE_GEMM_UNDER_AUTO": "yes"})
+    assert run.returncode != 0
+    assert "FUSEDTIE_GEMM_UNDER_AUTO must be 0 or 1, got 'yes'" in run.stderr
+
+
+@pytest.mark.parametrize("vendor,has_mkl,instructions,cbwr,trusted,why", [
+    ("GenuineIntel", True, "", "", True, "MKL on an Intel CPU"),
+    ("GenuineIntel", True, "AVX512", "", True, "MKL on an Intel CPU"),
+    ("GenuineIntel", True, "avx512_e1", "", True, "MKL on an Intel CPU"),
+    ("GenuineIntel", True, "AVX2", "", False, "MKL_ENABLE_INSTRUCTIONS=AVX2"),
+    ("GenuineIntel", True, "SSE4_2", "", False, "MKL_ENABLE_INSTRUCTIONS=SSE4_2"),
+    ("GenuineIntel", True, "", "COMPATIBLE", False, "MKL_CBWR=COMPATIBLE"),
+    ("GenuineIntel", True, "", "AVX2", False, "MKL_CBWR=AVX2"),
+    ("GenuineIntel", True, "", "AUTO", True, "MKL on an Intel CPU"),
+    ("AuthenticAMD", True, "", "", False, "non-Intel CPU (AuthenticAMD)"),
+    ("HygonGenuine", True, "", "", False, "non-Intel CPU (HygonGenuine)"),
+    ("", True, "", "", False, "unknown vendor"),
+    ("GenuineIntel", False, "", "", False, "not MKL"),
+])
+def test_gemm_blas_rule(vendor, has_mkl, instructions, cbwr, trusted, why):
+    a = fusedtie._LIB.assess_gemm_blas(vendor, "a model", has_mkl, instructions, cbwr)
+    assert a["gemm_under_auto"] is trusted
+    assert why in a["reason"]
+    assert (a["vendor"], a["model"], a["blas"]) == (vendor, "a model", "MKL" if has_mkl else "other")
+
+
+def test_cpu_info_describes_this_machine():
+    info = fusedtie.cpu_info()
+    with open("/proc/cpuinfo") as f:
+        vendors = {line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")}
+    assert vendors == {info["vendor"]}
+    assert info["blas"] == ("MKL" if torch.backends.mkl.is_available() else "other")
+    expected = fusedtie._LIB.assess_gemm_blas(info["vendor"], info["model"], info["blas"] == "MKL",
+                                              os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
+                                              os.environ.get("MKL_CBWR", ""))
+    if "FUSEDTIE_GEMM_UNDER_AUTO" not in os.environ:
+        assert info["gemm_under_auto"] is expected["gemm_under_auto"]
+    assert info["transform_capability"] in ("DEFAULT", "AVX2", "AVX512")
+
+
+def test_slowed_mkl_keeps_auto_off_the_gemm():
+    """MKL held to AVX2 (as one would slow it on an Intel CPU): auto never takes the GEMM path."""
+    out = run_fusedtie("""
+        x, w = torch.randn(1, 512, 7, 7), torch.randn(512, 512, 3, 3)
+        print(json.dumps(dict(info=fusedtie.cpu_info(), chosen=fusedtie.cpu_conv_algorithm_for(x, w, padding=1))))
+    """, MKL_ENABLE_INSTRUCTIONS="AVX2")
+    assert out["info"]["gemm_under_auto"] is False
+    assert out["chosen"] == "library"
 
 
 # Depthwise geometries: (kernel, batch, in_channels, multiplier, stride, padding, dilation, hw).

@@ -10,14 +10,17 @@
 //            applies f to each channel's weights as it loads them and f' to each channel's weight
 //            gradient before it writes it, so there is no separate pass over W at all; float32/
 //            float64, NCHW only (elsewhere the library runs).
-//   auto:    depthwise and gemm where they measurably won (gemm_wins and depthwise_wins in
-//            tied_conv2d_kernel.cpp; the README's Performance section), library elsewhere.
+//   auto:    depthwise and gemm where they measurably won, library elsewhere; gemm only where the
+//            BLAS is one it won on (assess_gemm_blas: MKL on an Intel CPU at its full instruction
+//            set). The rules live in conv_algorithm.cpp; their measurements in docs/cpu-algorithms.md.
 // The setting is process-wide, for benchmarks and tests; every path computes the same convolution.
 #include <ATen/core/Tensor.h>
 
 #include <string>
 
 namespace fusedtie {
+
+struct TiedConv2dParams;
 
 // Whether input and weight are both NCHW in the sense at::convolution decides its output layout by
 // (suggest_memory_format, not is_contiguous): the gemm and depthwise paths write NCHW results, so
@@ -37,5 +40,27 @@ enum class CpuConvAlgorithm : int { kAuto = 0, kLibrary = 1, kGemm = 2, kDepthwi
 // Takes "auto", "library", "gemm" or "depthwise" (ValueError otherwise); returns the previous setting's name.
 std::string set_cpu_conv_algorithm(const std::string& name);
 std::string cpu_conv_algorithm();
+
+// The convolution this call runs: the forced setting where it applies, else auto's choice (never kAuto).
+CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p);
+// choose_algorithm's answer by name, for a call with these geometry arguments (the operator's schema).
+std::string cpu_conv_algorithm_for(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p);
+
+// Whether auto may send a convolution to the GEMM path on this machine, and why. The GEMM path calls
+// the BLAS torch was built with; it beat oneDNN only with MKL on Intel at full speed.
+struct BlasAssessment {
+  std::string vendor;  // cpuid's vendor string, "GenuineIntel" or "AuthenticAMD"
+  std::string model;   // cpuid's brand string
+  std::string blas;    // "MKL" or "other"
+  bool gemm_trusted = false;
+  std::string reason;
+};
+// The rule itself, a pure function of what it reads (tests call it with other vendors' values).
+BlasAssessment assess_gemm_blas(const std::string& vendor, const std::string& model, bool has_mkl,
+                                const std::string& mkl_enable_instructions, const std::string& mkl_cbwr);
+// This process's assessment, made once (MKL reads its environment once too).
+const BlasAssessment& gemm_blas_assessment();
 
 }  // namespace fusedtie

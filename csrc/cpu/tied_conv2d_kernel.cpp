@@ -9,7 +9,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 
 #include "../conv_params.h"
 #include "../library_conv.h"
@@ -37,66 +36,6 @@ at::Tensor transform_backward_cpu(const at::Tensor& grad, const at::Tensor& sour
   at::Tensor out = at::empty_like(source);
   out.copy_(grad);
   return spec.is_identity() ? out : apply_chain_rule_in_place(out, source, spec);
-}
-
-std::atomic<CpuConvAlgorithm> g_conv_algorithm{CpuConvAlgorithm::kAuto};
-
-// Whether the GEMM path (gemm_conv2d.h) can run this convolution: groups 1, float32/float64 (BLAS
-// types), contiguous NCHW input and weight (the layouts it was measured on), nothing empty.
-bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
-  const auto dtype = input.scalar_type();
-  return p.groups == 1 && (dtype == at::kFloat || dtype == at::kDouble) && input.numel() > 0 &&
-         weight.numel() > 0 && is_nchw_call(input, weight);
-}
-
-// auto's rule for groups-1 convolutions, measured on the benchmark's ResNet-50 shapes (Ice Lake
-// Xeon, 2 threads, float32, identity transform; GEMM time / library time for forward, weight-only
-// backward, full backward; README, Performance):
-// - pointwise (1x1, stride 1, no padding) at batch 1: 0.60-0.84 / 0.32-0.67 / 0.52-0.66 on all
-//   four stages; at batch 8: 0.71-0.99 / 0.70-0.96 / 0.82-1.06.
-// - im2col convolutions: the GEMM wins where the weight is large next to the GEMM's other side,
-//   weight elements / (batch * output positions) >= 1000: batch 1 on 7x7 and 14x14 outputs (ratio
-//   48000 and 3000: 0.87-0.91 / 0.54-0.83 / 0.76-0.78), batch 8 on 7x7 (6000: 0.88 / 0.67 / 0.75);
-//   it loses below (batch 8 on 14x14, ratio 376: 1.09 / 0.96 / 1.18; batch 1 on 28x28, ratio 188:
-//   1.21 / 1.14 / 1.11; the seed's 300x300 by 5x).
-// Batches above 8 were not measured and stay with the library.
-bool gemm_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
-  const int64_t batch = input.size(0);
-  if (batch > 8) return false;
-  if (is_pointwise(weight.size(2), weight.size(3), p.stride, p.padding)) return true;
-  const auto out = p.output_size(input, weight);
-  return weight.numel() >= 1000 * batch * out[2] * out[3];
-}
-
-// auto's rule for depthwise convolutions: the fused depthwise kernel for stride 1 and outputs of at
-// least 10x10, where it measured faster than oneDNN (3x3, float32, 2 threads, fusedtie/plain with
-// each kernel: 28x28 at batch 1 and 8 and 14x14 at batch 1: inference 0.66-0.90 against 1.16-1.17,
-// training step 0.85-0.88 against 1.06-1.13; 10x10: 0.80 / 1.11 against 1.18 / 1.13). It loses on
-// 7x7 outputs (1.65 / 1.79 against 1.12 / 1.15: per-plane overhead) and with stride 2 (1.05-1.84
-// against 1.00-1.22), which stay with the library.
-bool depthwise_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
-  const auto out = p.output_size(input, weight);
-  return p.stride[0] == 1 && p.stride[1] == 1 && out[2] * out[3] >= 100;
-}
-
-// The convolution this call runs: the forced setting where it applies, else auto's choice (never
-// kAuto).
-CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& weight,
-                                  const TiedConv2dParams& p) {
-  switch (g_conv_algorithm.load(std::memory_order_relaxed)) {
-    case CpuConvAlgorithm::kLibrary: return CpuConvAlgorithm::kLibrary;
-    case CpuConvAlgorithm::kGemm:
-      return gemm_applies(input, weight, p) ? CpuConvAlgorithm::kGemm : CpuConvAlgorithm::kLibrary;
-    case CpuConvAlgorithm::kDepthwise:
-      return depthwise_applies(input, weight, p) ? CpuConvAlgorithm::kDepthwise
-                                                 : CpuConvAlgorithm::kLibrary;
-    case CpuConvAlgorithm::kAuto: break;
-  }
-  if (depthwise_applies(input, weight, p) && depthwise_wins(input, weight, p)) {
-    return CpuConvAlgorithm::kDepthwise;
-  }
-  if (gemm_applies(input, weight, p) && gemm_wins(input, weight, p)) return CpuConvAlgorithm::kGemm;
-  return CpuConvAlgorithm::kLibrary;
 }
 
 // ---- NaN and Inf: one rule for the gemm and depthwise kernels.
@@ -250,35 +189,6 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
 }
 
 }  // namespace
-
-std::string set_cpu_conv_algorithm(const std::string& name) {
-  CpuConvAlgorithm chosen;
-  if (name == "auto") {
-    chosen = CpuConvAlgorithm::kAuto;
-  } else if (name == "library") {
-    chosen = CpuConvAlgorithm::kLibrary;
-  } else if (name == "gemm") {
-    chosen = CpuConvAlgorithm::kGemm;
-  } else if (name == "depthwise") {
-    chosen = CpuConvAlgorithm::kDepthwise;
-  } else {
-    TORCH_CHECK_VALUE(false, "unknown CPU convolution algorithm '", name,
-                      "'; expected one of: auto, library, gemm, depthwise");
-  }
-  const std::string previous = cpu_conv_algorithm();
-  g_conv_algorithm.store(chosen);
-  return previous;
-}
-
-std::string cpu_conv_algorithm() {
-  switch (g_conv_algorithm.load()) {
-    case CpuConvAlgorithm::kLibrary: return "library";
-    case CpuConvAlgorithm::kGemm: return "gemm";
-    case CpuConvAlgorithm::kDepthwise: return "depthwise";
-    case CpuConvAlgorithm::kAuto: break;
-  }
-  return "auto";
-}
 
 TORCH_LIBRARY_IMPL(fusedtie, CPU, m) {
   m.impl("tied_conv2d", &tied_conv2d_cpu);

@@ -1,0 +1,189 @@
+// The CPU algorithm policy: the process-wide setting, auto's rules, and the BLAS assessment that
+// decides whether the GEMM path may run under auto at all. The kernels (tied_conv2d_kernel.cpp)
+// ask choose_algorithm() and run what it says. Measurements behind each rule: docs/cpu-algorithms.md.
+#include "conv_algorithm.h"
+
+#include <ATen/Context.h>
+
+#include <atomic>
+#include <cctype>
+#include <cstdlib>
+#include <cstring>
+
+#include "../conv_params.h"
+#include "depthwise_conv2d.h"
+#include "gemm_conv2d.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
+namespace fusedtie {
+namespace {
+
+std::atomic<CpuConvAlgorithm> g_conv_algorithm{CpuConvAlgorithm::kAuto};
+
+std::string upper(std::string s) {
+  for (char& c : s) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  return s;
+}
+
+std::string env_or_empty(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr ? std::string() : std::string(value);
+}
+
+// The CPU's vendor string and brand string from cpuid ("" where cpuid does not exist).
+std::pair<std::string, std::string> cpuid_vendor_and_model() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned int regs[4] = {0, 0, 0, 0};
+  if (__get_cpuid(0, &regs[0], &regs[1], &regs[2], &regs[3]) == 0) return {"", ""};
+  char vendor[13] = {};
+  std::memcpy(vendor, &regs[1], 4);      // ebx
+  std::memcpy(vendor + 4, &regs[3], 4);  // edx
+  std::memcpy(vendor + 8, &regs[2], 4);  // ecx
+  std::string model;
+  unsigned int max_extended = __get_cpuid_max(0x80000000u, nullptr);
+  if (max_extended >= 0x80000004u) {
+    char brand[49] = {};
+    for (unsigned int leaf = 0; leaf < 3; ++leaf) {
+      __get_cpuid(0x80000002u + leaf, &regs[0], &regs[1], &regs[2], &regs[3]);
+      std::memcpy(brand + 16 * leaf, regs, 16);
+    }
+    model = brand;
+    const auto first = model.find_first_not_of(' ');
+    const auto last = model.find_last_not_of(' ');
+    model = first == std::string::npos ? "" : model.substr(first, last - first + 1);
+  }
+  return {vendor, model};
+#else
+  return {"", ""};
+#endif
+}
+
+BlasAssessment assess_this_process() {
+  const auto [vendor, model] = cpuid_vendor_and_model();
+  BlasAssessment a = assess_gemm_blas(vendor, model, at::globalContext().hasMKL(),
+                                      env_or_empty("MKL_ENABLE_INSTRUCTIONS"), env_or_empty("MKL_CBWR"));
+  // The user's word over the rule, for a BLAS the rule does not know (and for tests of auto's
+  // shape rule on any machine).
+  const std::string forced = env_or_empty("FUSEDTIE_GEMM_UNDER_AUTO");
+  if (forced == "0" || forced == "1") {
+    a.gemm_trusted = forced == "1";
+    a.reason = "FUSEDTIE_GEMM_UNDER_AUTO=" + forced + " (the rule alone says: " + a.reason + ")";
+  } else {
+    TORCH_CHECK_VALUE(forced.empty(), "FUSEDTIE_GEMM_UNDER_AUTO must be 0 or 1, got '", forced, "'");
+  }
+  return a;
+}
+
+}  // namespace
+
+BlasAssessment assess_gemm_blas(const std::string& vendor, const std::string& model, bool has_mkl,
+                                const std::string& mkl_enable_instructions, const std::string& mkl_cbwr) {
+  BlasAssessment a;
+  a.vendor = vendor;
+  a.model = model;
+  a.blas = has_mkl ? "MKL" : "other";
+  // MKL runs its fastest code paths only on Intel CPUs; on AMD its sgemm measured at half of
+  // oneDNN's convolution speed on the same GEMM. Other BLAS builds were never measured to win.
+  if (!has_mkl) {
+    a.reason = "the BLAS is not MKL; the GEMM path was measured to win only on MKL";
+  } else if (vendor != "GenuineIntel") {
+    a.reason = "MKL on a non-Intel CPU (" + (vendor.empty() ? std::string("unknown vendor") : vendor) +
+               ") runs slower code paths than oneDNN";
+  } else if (!mkl_enable_instructions.empty() && upper(mkl_enable_instructions).rfind("AVX512", 0) != 0) {
+    a.reason = "MKL_ENABLE_INSTRUCTIONS=" + mkl_enable_instructions + " holds MKL below AVX-512";
+  } else if (!mkl_cbwr.empty() && upper(mkl_cbwr).rfind("AVX512", 0) != 0 && upper(mkl_cbwr) != "AUTO") {
+    a.reason = "MKL_CBWR=" + mkl_cbwr + " holds MKL to a reproducible code path below AVX-512";
+  } else {
+    a.gemm_trusted = true;
+    a.reason = "MKL on an Intel CPU at its full instruction set";
+  }
+  return a;
+}
+
+const BlasAssessment& gemm_blas_assessment() {
+  static const BlasAssessment assessment = assess_this_process();
+  return assessment;
+}
+
+bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
+  const auto dtype = input.scalar_type();
+  return p.groups == 1 && (dtype == at::kFloat || dtype == at::kDouble) && input.numel() > 0 &&
+         weight.numel() > 0 && is_nchw_call(input, weight);
+}
+
+// Where the GEMM beat the library on the one CPU it won on (Ice Lake Xeon, MKL; the figures are in
+// docs/cpu-algorithms.md): pointwise convolutions at batch <= 8, and im2col convolutions whose
+// weight is large next to the GEMM's other side (weight elements >= 1000 x batch x output positions).
+bool gemm_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
+  const int64_t batch = input.size(0);
+  if (batch > 8) return false;
+  if (is_pointwise(weight.size(2), weight.size(3), p.stride, p.padding)) return true;
+  const auto out = p.output_size(input, weight);
+  return weight.numel() >= 1000 * batch * out[2] * out[3];
+}
+
+// The fused depthwise kernel won at stride 1 on outputs of at least 10x10 (docs/cpu-algorithms.md);
+// smaller outputs and stride 2 stay with the library.
+bool depthwise_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
+  const auto out = p.output_size(input, weight);
+  return p.stride[0] == 1 && p.stride[1] == 1 && out[2] * out[3] >= 100;
+}
+
+CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
+  switch (g_conv_algorithm.load(std::memory_order_relaxed)) {
+    case CpuConvAlgorithm::kLibrary: return CpuConvAlgorithm::kLibrary;
+    case CpuConvAlgorithm::kGemm:
+      return gemm_applies(input, weight, p) ? CpuConvAlgorithm::kGemm : CpuConvAlgorithm::kLibrary;
+    case CpuConvAlgorithm::kDepthwise:
+      return depthwise_applies(input, weight, p) ? CpuConvAlgorithm::kDepthwise : CpuConvAlgorithm::kLibrary;
+    case CpuConvAlgorithm::kAuto: break;
+  }
+  if (depthwise_applies(input, weight, p) && depthwise_wins(input, weight, p)) return CpuConvAlgorithm::kDepthwise;
+  if (gemm_blas_assessment().gemm_trusted && gemm_applies(input, weight, p) && gemm_wins(input, weight, p)) {
+    return CpuConvAlgorithm::kGemm;
+  }
+  return CpuConvAlgorithm::kLibrary;
+}
+
+const char* algorithm_name(CpuConvAlgorithm algorithm) {
+  switch (algorithm) {
+    case CpuConvAlgorithm::kLibrary: return "library";
+    case CpuConvAlgorithm::kGemm: return "gemm";
+    case CpuConvAlgorithm::kDepthwise: return "depthwise";
+    case CpuConvAlgorithm::kAuto: break;
+  }
+  return "auto";
+}
+
+std::string set_cpu_conv_algorithm(const std::string& name) {
+  CpuConvAlgorithm chosen;
+  if (name == "auto") {
+    chosen = CpuConvAlgorithm::kAuto;
+  } else if (name == "library") {
+    chosen = CpuConvAlgorithm::kLibrary;
+  } else if (name == "gemm") {
+    chosen = CpuConvAlgorithm::kGemm;
+  } else if (name == "depthwise") {
+    chosen = CpuConvAlgorithm::kDepthwise;
+  } else {
+    TORCH_CHECK_VALUE(false, "unknown CPU convolution algorithm '", name,
+                      "'; expected one of: auto, library, gemm, depthwise");
+  }
+  const std::string previous = cpu_conv_algorithm();
+  g_conv_algorithm.store(chosen);
+  return previous;
+}
+
+std::string cpu_conv_algorithm() { return algorithm_name(g_conv_algorithm.load()); }
+
+std::string cpu_conv_algorithm_for(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const auto p = TiedConv2dParams::from_schema("identity", 1.0, "identity", 1.0, stride, padding, dilation, groups);
+  p.check(input, weight, std::nullopt);
+  return algorithm_name(choose_algorithm(input, weight, p));
+}
+
+}  // namespace fusedtie
