@@ -186,6 +186,11 @@ from torch.nn.utils import parametrize  # noqa: E402
 
 import fusedtie  # noqa: E402
 
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+if BENCH_DIR not in sys.path:
+    sys.path.insert(0, BENCH_DIR)
+import bench_targets  # noqa: E402  (beside this file)
+
 # --- what is measured -------------------------------------------------------------------------------
 
 # f written with ordinary torch ops: the forum recipe's f, the plain contender's precomputation and
@@ -859,6 +864,7 @@ class CaseResult:
     samples_ms: dict[str, list[float]] = field(default_factory=dict)
     first_call_ms: dict[str, float] = field(default_factory=dict)
     peak_mib: dict[str, Optional[float]] = field(default_factory=dict)
+    algorithm: Optional[str] = None  # the CPU algorithm fusedtie ran (auto's choice, or the forced one)
 
     @property
     def baseline_ms(self) -> float:
@@ -926,7 +932,7 @@ def run_case(case: Case, settings: Settings, budget_s: Optional[float],
         reference = lambda: conv_reference(source, case.transform, x)  # noqa: E731
     runners = build_runners(case, contenders, tie)
     timed = make_timer(device)
-    result = CaseResult()
+    result = CaseResult(algorithm=fusedtie_cpu_algorithm(case.shape, source, x))
     try:
         for runner in runners.values():
             mode.prepare(runner)
@@ -949,6 +955,17 @@ def run_case(case: Case, settings: Settings, budget_s: Optional[float],
     return result
 
 
+def fusedtie_cpu_algorithm(shape: ShapeCase, source: nn.Conv2d, x: Tensor) -> Optional[str]:
+    """The CPU algorithm fusedtie runs on this case (None on CUDA); the transposed operator's CPU
+    path is always the library."""
+    if x.device.type != "cpu":
+        return None
+    if shape.kind == DECODER:
+        return "library"
+    return fusedtie.cpu_conv_algorithm_for(x, source.weight, source.stride, source.padding, source.dilation,
+                                           source.groups)
+
+
 def summarise(samples: list[float]) -> dict[str, float]:
     q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive")
     return {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "iqr_pct": 100.0 * (q3 - q1) / median}
@@ -969,6 +986,7 @@ def case_records(case: Case, result: CaseResult) -> list[dict]:
             "dtype": dtype_name(case.dtype),
             "mode": case.mode.name,
             "contender": name,
+            "fusedtie_cpu_algorithm": result.algorithm,
             **stats,
             "n": len(values),
             "ratio_to_plain": stats["median_ms"] / base,
@@ -1007,6 +1025,8 @@ def environment(device: torch.device) -> dict:
         "fusedtie_has_cached": callable(getattr(fusedtie, "cached", None)),
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_info": fusedtie.cpu_info(),
+        "mkl_env": {k: os.environ[k] for k in ("MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR") if k in os.environ},
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(device),
@@ -1046,16 +1066,27 @@ def ratio_table(results: list[dict], contenders: list[str]) -> str:
     cases = group_by_case(results)
     with_dtype = len({k[2] for k in cases}) > 1
     others = [c for c in contenders if c != BASELINE]
-    header = (["shape", "f"] + (["dtype"] if with_dtype else []) + ["mode", "plain ms", "IQR %"]
-              + others)
-    align = ["---"] * (3 + with_dtype) + ["---:"] * (2 + len(others))
+    with_algorithm = any(r.get("fusedtie_cpu_algorithm") for r in results)
+    header = (["shape", "f"] + (["dtype"] if with_dtype else []) + ["mode"]
+              + (["algorithm"] if with_algorithm else []) + ["plain ms", "IQR %"] + others)
+    align = ["---"] * (3 + with_dtype + with_algorithm) + ["---:"] * (2 + len(others))
     rows = []
     for key, by_name in cases.items():
         base = by_name[BASELINE]
-        cells = _case_cells(key, with_dtype) + [f"{base['median_ms']:.3f}", f"{base['iqr_pct']:.0f}"]
-        cells += [f"{by_name[c]['ratio_to_plain']:.2f}" if c in by_name else "" for c in others]
+        cells = _case_cells(key, with_dtype) + ([base["fusedtie_cpu_algorithm"] or ""] if with_algorithm else [])
+        cells += [f"{base['median_ms']:.3f}", f"{base['iqr_pct']:.0f}"]
+        cells += [f"{by_name[c]['ratio_to_plain']:.2f}" + (" !" if bench_targets.flagged(c, by_name) else "")
+                  if c in by_name else "" for c in others]
         rows.append(cells)
     return _table(header, align, rows)
+
+
+def target_report(results: list[dict]) -> tuple[list[str], list]:
+    """The closing lines (worst ratios) and every missed target (bench_targets)."""
+    cases = group_by_case(results)
+    with_dtype = len({k[2] for k in cases}) > 1
+    described = {" | ".join(_case_cells(key, with_dtype)): by_name for key, by_name in cases.items()}
+    return bench_targets.summary(described)
 
 
 def _mib(value: Optional[float]) -> str:
@@ -1428,13 +1459,19 @@ def print_report(args: argparse.Namespace, settings: Settings, env: dict, result
     if settings.run_target_s is not None:
         budget += f", less when behind the run's {settings.run_target_s:g}s target"
     budget += ")" if budget else ""
+    info = env["cpu_info"]
+    cpu = f"{info['vendor'] or 'unknown vendor'} {env['cpu']}, BLAS {info['blas']}" + "".join(
+        f", {k}={v}" for k, v in env["mkl_env"].items())
     print(f"fusedtie benchmark ({args.size}): torch {env['torch']}, {env['device']}, "
-          f"{env['threads']} threads, {env.get('gpu') or env['cpu']}; {settings.warmup} warm-up + "
+          f"{env['threads']} threads, {env.get('gpu') or cpu}; {settings.warmup} warm-up + "
           f"{settings.reps} timed repetitions{budget}, contenders interleaved; fusedtie CPU conv "
           f"algorithm: {args.cpu_algorithm}; CUDA conv algorithm: {args.cuda_algorithm}\n")
     for kind in kinds:
         print(f"Baseline (plain) of the {kind} cases: {BASELINE_BY_KIND[kind]}.")
-    print("\nTime: plain's median (ms) and IQR, and every contender's median / plain's median:\n")
+    if env["device"] == "cpu":
+        print(f"fusedtie's GEMM path under auto: {'yes' if info['gemm_under_auto'] else 'no'} ({info['reason']}).")
+    print("\nTime: plain's median (ms) and IQR, and every contender's median / plain's median "
+          "(algorithm: the CPU algorithm fusedtie ran; ! marks a missed target):\n")
     print(ratio_table(results, ran))
     for name, reason in skipped.items():
         print(f"\nSkipped {name}: {reason}.")
@@ -1448,6 +1485,17 @@ def print_report(args: argparse.Namespace, settings: Settings, env: dict, result
         print(f"Timed repetitions per case: {reps[0]}-{reps[-1]}, median {statistics.median(reps):g}; "
               f"{cut} of {len(reps)} cases cut short by the time budget (each case's n and budget "
               "are in the JSON)")
+    lines, misses = target_report(results)
+    print("\nTargets (benchmarks/README.md): fusedtie/plain <= 1.05, fusedtie+cache/plain <= 1.02 in "
+          "inference, fusedtie <= forum.")
+    for line in lines:
+        print(line)
+    if misses:
+        print(f"ABOVE TARGET in {len(misses)} place(s):")
+        for miss in misses:
+            print(miss.line())
+    else:
+        print("every case within its targets")
 
 
 def write_json(path: str, args: argparse.Namespace, settings: Settings, env: dict,
@@ -1475,6 +1523,8 @@ def write_json(path: str, args: argparse.Namespace, settings: Settings, env: dic
             "wall_seconds": wall,
         },
         "compile_times": compile_times(results),
+        "targets": {"worst": target_report(results)[0],
+                    "missed": [dataclasses.asdict(m) for m in target_report(results)[1]]},
         "results": results,
     }
     parent = os.path.dirname(os.path.abspath(path))

@@ -32,8 +32,14 @@ def test_quick_case_runs_and_reports(tmp_path):
     assert any(r.startswith("| depthwise 3x3 b1:") for r in table_rows)
     assert any(r.startswith("| decoder 3x3 s2 b1: 1x64x28x28 64->32 3x3 s2 p1 op1 -> 56x56") for r in table_rows)
     assert "Baseline (plain) of the decoder cases: nn.ConvTranspose2d" in result.stdout
+    assert "worst fusedtie/plain: " in result.stdout and "worst fusedtie/forum: " in result.stdout
+    assert ("ABOVE TARGET in " in result.stdout) != ("every case within its targets" in result.stdout)
     report = json.loads(out.read_text())
     assert report["environment"]["torch"]
+    info = report["environment"]["cpu_info"]
+    assert info["vendor"] and info["blas"] in ("MKL", "other") and isinstance(info["gemm_under_auto"], bool)
+    assert info["vendor"] in result.stdout.splitlines()[0]  # the header names the CPU's vendor
+    assert report["targets"]["worst"] and isinstance(report["targets"]["missed"], list)
     assert report["settings"]["baseline"] == "plain"
     assert set(report["settings"]["baseline_by_kind"]) == {"conv", "decoder"}
     rows = {(r["kind"], r["mode"], r["contender"]) for r in report["results"]}
@@ -44,6 +50,8 @@ def test_quick_case_runs_and_reports(tmp_path):
     for r in report["results"]:
         assert r["median_ms"] > 0 and r["ratio_to_plain"] > 0 and len(r["samples_ms"]) >= 4
         assert r["shape_params"]["kind"] == r["kind"]
+        # the algorithm fusedtie ran: depthwise's own kernel or the library; the decoder's is the library
+        assert r["fusedtie_cpu_algorithm"] in (("library",) if r["kind"] == "decoder" else ("depthwise", "library"))
         if r["kind"] == "decoder":
             assert r["shape_name"] == "decoder 3x3 s2 b1"
             assert r["shape_params"]["stride"] == 2 and r["shape_params"]["output_padding"] == 1
@@ -138,3 +146,33 @@ def test_decoder_guard_rejects_a_wrong_decoder(bench, fault, mode_name):
     wrong = bench.Runner(_WrongDecoder(tie, fault), tie.leaves)
     with pytest.raises(bench.GuardError):
         bench.guard({"wrong": wrong}, reference, h, mode)
+
+
+# --- the targets' check, on made-up records ----------------------------------------------------------
+
+
+def _records(iqr=5.0, **ratios):
+    mode = ratios.pop("mode", "inference")
+    out = {"plain": {"ratio_to_plain": 1.0, "iqr_pct": iqr, "mode": mode}}
+    for name, ratio in ratios.items():
+        out[name.replace("_cache", "+cache")] = {"ratio_to_plain": ratio, "iqr_pct": 1.0, "mode": mode}
+    return out
+
+
+def test_targets_flag_every_miss_and_name_the_worst(bench):
+    targets = bench.bench_targets
+    cases = {
+        "a | inference": _records(fusedtie=1.04, fusedtie_cache=1.03, forum=1.10),  # cache misses 1.02
+        "b | train": _records(fusedtie=1.30, forum=1.20, mode="train"),  # misses 1.05 and forum
+        "c | inference": _records(fusedtie=0.90, fusedtie_cache=0.99, forum=1.50),  # within all
+    }
+    lines, misses = targets.summary(cases)
+    assert lines[0] == "worst fusedtie/plain: 1.30 (b | train)"
+    assert lines[1] == "worst fusedtie/forum: 1.08 (b | train)"
+    assert lines[2] == "worst fusedtie+cache/plain: 1.03 (a | inference)"
+    assert sorted((m.case, m.contender, m.against) for m in misses) == [
+        ("a | inference", "fusedtie+cache", "plain"), ("b | train", "fusedtie", "forum"),
+        ("b | train", "fusedtie", "plain")]
+    assert targets.flagged("fusedtie", cases["b | train"]) and not targets.flagged("fusedtie", cases["a | inference"])
+    # the cache's target covers inference only
+    assert not targets.case_misses("t", _records(fusedtie_cache=1.5, mode="train"))
