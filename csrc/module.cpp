@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "conv_params.h"
+#include "cpu/brgemm_conv2d.h"
 #include "cpu/conv_algorithm.h"
 #include "cpu/transform_passes.h"
 #include "cuda_settings.h"
@@ -96,6 +97,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "auto's rule for the GEMM path, given a CPU vendor, model, BLAS and MKL's environment (for tests)");
   m.def("gemm_blas_assessment", [] { return blas_assessment_dict(fusedtie::gemm_blas_assessment()); },
         "auto's rule for the GEMM path as this process applies it");
+  m.def("brgemm_micro_kernel_available", &fusedtie::brgemm_micro_kernel_available,
+        "Whether oneDNN's brgemm micro-kernel runs the brgemm path here (else a BLAS call per tile)");
   m.def("set_cuda_conv_algorithm", &fusedtie::set_cuda_conv_algorithm, pybind11::arg("name"),
         "Set the CUDA convolution algorithm (auto, autotune, fused, library); returns the previous one");
   m.def("cuda_conv_algorithm", &fusedtie::cuda_conv_algorithm, "The CUDA convolution algorithm setting");

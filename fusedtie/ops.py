@@ -209,7 +209,10 @@ def use_cpu_conv_algorithm(name: str) -> Iterator[None]:
     ``"gemm"`` is fusedtie's im2col + BLAS GEMM (``csrc/cpu/gemm_conv2d.cpp``), where it applies
     (groups 1, float32/float64, contiguous NCHW); ``"depthwise"`` is fusedtie's depthwise kernel with
     f and f' fused into it (``csrc/cpu/depthwise_conv2d.cpp``), where it applies (groups ==
-    in_channels, float32/float64, contiguous NCHW). Where the forced one does not apply, the library
+    in_channels, float32/float64, contiguous NCHW); ``"brgemm"`` is im2col and oneDNN's brgemm
+    micro-kernel with f applied to each weight tile as it is packed and f' to each weight-gradient
+    tile as it is written (``csrc/cpu/brgemm_conv2d.cpp``), where it applies (groups 1, float32,
+    contiguous NCHW, batch 1 or outputs under 32x32). Where the forced one does not apply, the library
     runs. All compute the same convolution; this is a knob for benchmarks and tests. See
     docs/cpu-algorithms.md.
     """
@@ -224,7 +227,8 @@ def cpu_info() -> dict:
     """What the CPU path runs on and how ``auto`` chooses there.
 
     Returns a dict: ``vendor`` and ``model`` (cpuid's strings), ``blas`` (``"MKL"`` or ``"other"``),
-    ``gemm_under_auto`` (whether ``auto`` may take the GEMM path), ``reason`` (why), and
+    ``gemm_under_auto`` (whether ``auto`` may take the GEMM path), ``reason`` (why),
+    ``brgemm_micro_kernel`` (whether oneDNN's micro-kernel runs the brgemm path), and
     ``transform_capability`` (the instruction set of the transform passes: DEFAULT, AVX2, AVX512).
 
     Example::
@@ -232,6 +236,7 @@ def cpu_info() -> dict:
         >>> fusedtie.cpu_info()["gemm_under_auto"]   # False on AMD: MKL runs slow paths there
     """
     info = dict(LIB.gemm_blas_assessment())
+    info["brgemm_micro_kernel"] = LIB.brgemm_micro_kernel_available()
     info["transform_capability"] = LIB.cpu_transform_capability()
     return info
 
@@ -246,7 +251,7 @@ def cpu_conv_algorithm_for(
 ) -> str:
     """The CPU algorithm ``tied_conv2d`` runs for this call under the current setting.
 
-    One of ``"library"``, ``"gemm"`` or ``"depthwise"``: ``auto``'s choice, or the forced setting
+    One of ``"library"``, ``"gemm"``, ``"depthwise"`` or ``"brgemm"``: ``auto``'s choice, or the forced setting
     where it applies. Arguments as ``tied_conv2d`` takes them (4-D input).
 
     Example::

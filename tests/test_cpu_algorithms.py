@@ -19,10 +19,14 @@ import fusedtie
 from reference import reference_conv2d
 from test_op_grid import run_case
 
-ALGORITHMS = ["library", "gemm"]
+ALGORITHMS = ["library", "gemm", "brgemm"]
 # Whether auto may take the GEMM path in this process (MKL on an Intel CPU at full speed; not on AMD).
 GEMM_UNDER_AUTO = fusedtie.cpu_info()["gemm_under_auto"]
 AUTO_GEMM = "gemm" if GEMM_UNDER_AUTO else "library"
+# auto's choice for float32 pointwise convs (batch <= 8) and the weight-heaviest im2col shapes:
+# brgemm wherever oneDNN's micro-kernel runs, else the GEMM's rule.
+BRGEMM_UNDER_AUTO = fusedtie.cpu_info()["brgemm_micro_kernel"]
+AUTO_POINTWISE = AUTO_HEAVIEST = "brgemm" if BRGEMM_UNDER_AUTO else AUTO_GEMM
 GEOMETRIES = [  # (kernel, batch, stride, padding, hw)
     ((1, 1), 1, 1, 0, (7, 7)),
     ((1, 1), 3, 2, 0, (9, 8)),
@@ -96,25 +100,30 @@ def ops_run(fn):
 
 
 def algorithm_used(names):
-    """"gemm" when BLAS was called directly, "library" when at::convolution(_backward) ran, and
-    "depthwise" when neither did (the depthwise kernel calls no ATen convolution or GEMM)."""
+    """"gemm" when BLAS was called directly, "library" when at::convolution(_backward) ran,
+    "brgemm" when the brgemm path's own profiler ranges ran, and "depthwise" when none did (the
+    depthwise kernel calls no ATen convolution or GEMM)."""
     library = {"aten::convolution", "aten::convolution_backward"} & names
     gemm = {"aten::mm", "aten::addmm"} & names
-    assert not (library and gemm), sorted(n for n in names if "conv" in n or "mm" in n)
-    return "gemm" if gemm else "library" if library else "depthwise"
+    brgemm = {"fusedtie::brgemm_conv2d_forward", "fusedtie::brgemm_conv2d_backward"} & names
+    assert len([used for used in (library, gemm, brgemm) if used]) <= 1, sorted(
+        n for n in names if "conv" in n or "mm" in n)
+    return "gemm" if gemm else "library" if library else "brgemm" if brgemm else "depthwise"
 
 
 @pytest.mark.parametrize("algorithm,x_shape,w_shape,padding,stride,input_grad,expected", [
     ("gemm", (2, 8, 30, 30), (8, 8, 3, 3), 1, 1, True, ("gemm", "gemm")),
     ("library", (1, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, ("library", "library")),
-    # auto, up to batch 8: pointwise convs, and others whose weight has >= 1000x more elements
-    # than batch * output positions, run the GEMM where the BLAS is trusted; the rest the library
-    ("auto", (1, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, (AUTO_GEMM, AUTO_GEMM)),
-    ("auto", (8, 64, 7, 7), (64, 64, 1, 1), 0, 1, False, (AUTO_GEMM, AUTO_GEMM)),
+    # auto, up to batch 8: pointwise convs and the weight-heaviest (>= 10000x more weight elements
+    # than batch * output positions) run brgemm; others with >= 1000x run the GEMM where the BLAS
+    # is trusted; the rest the library
+    ("auto", (1, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, (AUTO_POINTWISE, AUTO_POINTWISE)),
+    ("auto", (8, 64, 7, 7), (64, 64, 1, 1), 0, 1, False, (AUTO_POINTWISE, AUTO_POINTWISE)),
     ("auto", (9, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, ("library", "library")),
     ("auto", (1, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),  # 147456 / 49
     ("auto", (2, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),  # / 98
     ("auto", (4, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, ("library", "library")),  # / 196 < 1000
+    ("auto", (1, 256, 5, 5), (256, 256, 3, 3), 1, 1, True, (AUTO_HEAVIEST, AUTO_HEAVIEST)),  # / 25 >= 10000
     ("auto", (1, 16, 40, 40), (16, 16, 3, 3), 1, 1, True, ("library", "library")),
     # depthwise convs: auto takes the fused depthwise kernel for stride 1 and >= 10x10 outputs
     ("auto", (1, 32, 10, 10), (32, 1, 3, 3), 1, 1, True, ("depthwise", "depthwise")),
@@ -122,6 +131,11 @@ def algorithm_used(names):
     ("auto", (8, 32, 7, 7), (32, 1, 3, 3), 1, 1, True, ("library", "library")),  # 7x7 outputs
     ("auto", (1, 32, 28, 28), (32, 1, 3, 3), 1, 2, True, ("library", "library")),  # stride 2
     ("depthwise", (1, 32, 28, 28), (32, 1, 3, 3), 1, 2, True, ("depthwise", "depthwise")),
+    # brgemm: groups 1, float32, batch 1 or outputs under 32x32 (the batch's one column matrix)
+    ("brgemm", (1, 8, 40, 40), (8, 8, 3, 3), 1, 1, True, ("brgemm", "brgemm")),
+    ("brgemm", (4, 8, 9, 9), (8, 8, 1, 1), 0, 1, False, ("brgemm", "brgemm")),
+    ("brgemm", (2, 8, 32, 32), (8, 8, 3, 3), 1, 1, True, ("library", "library")),  # 1024 outputs, batch 2
+    ("brgemm", (1, 8, 9, 9), (8, 4, 3, 3), 1, 1, True, ("library", "library")),  # groups 2
     ("depthwise", (1, 8, 9, 9), (8, 4, 3, 3), 1, 1, True, ("library", "library")),  # groups 2
     ("library", (1, 32, 10, 10), (32, 1, 3, 3), 1, 1, True, ("library", "library")),
 ])
@@ -165,13 +179,32 @@ def test_auto_shape_rule_follows_the_blas_assessment(forced):
     """FUSEDTIE_GEMM_UNDER_AUTO overrides the assessment, so the shape rule is checked on any CPU."""
     out = run_fusedtie(f"""
         cases = {[(x, w, p) for x, w, p, _ in AUTO_SHAPE_RULE]!r}
-        chosen = [fusedtie.cpu_conv_algorithm_for(torch.empty(x), torch.empty(w), padding=p) for x, w, p in cases]
+        f64 = dict(dtype=torch.float64)  # brgemm is float32-only: float64 shows the GEMM's rule
+        chosen = [fusedtie.cpu_conv_algorithm_for(torch.empty(x, **f64), torch.empty(w, **f64), padding=p)
+                  for x, w, p in cases]
         print(json.dumps(dict(info=fusedtie.cpu_info(), chosen=chosen)))
     """, FUSEDTIE_GEMM_UNDER_AUTO=forced)
     assert out["info"]["gemm_under_auto"] is (forced == "1")
     assert out["info"]["reason"].startswith(f"FUSEDTIE_GEMM_UNDER_AUTO={forced}")
     expected = [e if forced == "1" else "library" for *_, e in AUTO_SHAPE_RULE]
     assert out["chosen"] == expected
+
+
+def test_auto_takes_brgemm_on_weight_heavy_float32_shapes():
+    """float32 under auto: the GEMM's shape rule sends the weight-heavy shapes to brgemm wherever
+    oneDNN's micro-kernel runs, whatever the BLAS (AVX2 or AVX-512, oneDNN enabled)."""
+    chosen = [fusedtie.cpu_conv_algorithm_for(torch.empty(x), torch.empty(w), padding=p)
+              for x, w, p, _ in AUTO_SHAPE_RULE]
+    expected = []
+    for x, w, p, gemm_rule in AUTO_SHAPE_RULE:
+        out_positions = (x[2] + 2 * p - w[2] + 1) * (x[3] + 2 * p - w[3] + 1)
+        heaviest = x[0] <= 8 and (w[2:] == (1, 1) or torch.Size(w).numel() >= 10000 * x[0] * out_positions)
+        brgemm = BRGEMM_UNDER_AUTO and heaviest
+        expected.append("brgemm" if brgemm else AUTO_GEMM if gemm_rule == "gemm" else "library")
+    assert chosen == expected
+    assert expected.count("brgemm") == (3 if BRGEMM_UNDER_AUTO else 0)
+    assert BRGEMM_UNDER_AUTO == (torch.backends.mkldnn.enabled
+                                 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
 
 
 def test_bad_gemm_override_is_a_clear_error():
@@ -218,13 +251,14 @@ def test_cpu_info_describes_this_machine():
 
 
 def test_slowed_mkl_keeps_auto_off_the_gemm():
-    """MKL held to AVX2 (as one would slow it on an Intel CPU): auto never takes the GEMM path."""
+    """MKL held to AVX2 (as one would slow it on an Intel CPU): auto never takes the GEMM path (MKL);
+    the brgemm path (oneDNN's micro-kernel, not MKL) stays where it runs."""
     out = run_fusedtie("""
         x, w = torch.randn(1, 512, 7, 7), torch.randn(512, 512, 3, 3)
         print(json.dumps(dict(info=fusedtie.cpu_info(), chosen=fusedtie.cpu_conv_algorithm_for(x, w, padding=1))))
     """, MKL_ENABLE_INSTRUCTIONS="AVX2")
     assert out["info"]["gemm_under_auto"] is False
-    assert out["chosen"] == "library"
+    assert out["chosen"] == ("brgemm" if BRGEMM_UNDER_AUTO else "library")
 
 
 # Depthwise geometries: (kernel, batch, in_channels, multiplier, stride, padding, dilation, hw).

@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "../conv_params.h"
+#include "brgemm_conv2d.h"
 #include "depthwise_conv2d.h"
 #include "gemm_conv2d.h"
 
@@ -125,6 +126,18 @@ bool gemm_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv
   return weight.numel() >= 1000 * batch * out[2] * out[3];
 }
 
+// Where the brgemm path beat the library (AMD Zen 4, float32, 2 threads; docs/cpu-algorithms.md):
+// pointwise convolutions up to batch 8, which need no im2col, and the weight-heaviest im2col
+// shapes (weight elements >= 10000 x batch x output positions: a 3x3 on 7x7 at batch 1), where
+// the passes the tie saves outweigh building the column matrix.
+bool brgemm_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
+  const int64_t batch = input.size(0);
+  if (batch > 8) return false;
+  if (is_pointwise(weight.size(2), weight.size(3), p.stride, p.padding)) return true;
+  const auto out = p.output_size(input, weight);
+  return weight.numel() >= 10000 * batch * out[2] * out[3];
+}
+
 // The fused depthwise kernel won at stride 1 on outputs of at least 10x10 (docs/cpu-algorithms.md);
 // smaller outputs and stride 2 stay with the library.
 bool depthwise_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
@@ -139,9 +152,14 @@ CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& wei
       return gemm_applies(input, weight, p) ? CpuConvAlgorithm::kGemm : CpuConvAlgorithm::kLibrary;
     case CpuConvAlgorithm::kDepthwise:
       return depthwise_applies(input, weight, p) ? CpuConvAlgorithm::kDepthwise : CpuConvAlgorithm::kLibrary;
+    case CpuConvAlgorithm::kBrgemm:
+      return brgemm_applies(input, weight, p) ? CpuConvAlgorithm::kBrgemm : CpuConvAlgorithm::kLibrary;
     case CpuConvAlgorithm::kAuto: break;
   }
   if (depthwise_applies(input, weight, p) && depthwise_wins(input, weight, p)) return CpuConvAlgorithm::kDepthwise;
+  if (brgemm_micro_kernel_available() && brgemm_applies(input, weight, p) && brgemm_wins(input, weight, p)) {
+    return CpuConvAlgorithm::kBrgemm;
+  }
   if (gemm_blas_assessment().gemm_trusted && gemm_applies(input, weight, p) && gemm_wins(input, weight, p)) {
     return CpuConvAlgorithm::kGemm;
   }
@@ -153,6 +171,7 @@ const char* algorithm_name(CpuConvAlgorithm algorithm) {
     case CpuConvAlgorithm::kLibrary: return "library";
     case CpuConvAlgorithm::kGemm: return "gemm";
     case CpuConvAlgorithm::kDepthwise: return "depthwise";
+    case CpuConvAlgorithm::kBrgemm: return "brgemm";
     case CpuConvAlgorithm::kAuto: break;
   }
   return "auto";
@@ -168,9 +187,11 @@ std::string set_cpu_conv_algorithm(const std::string& name) {
     chosen = CpuConvAlgorithm::kGemm;
   } else if (name == "depthwise") {
     chosen = CpuConvAlgorithm::kDepthwise;
+  } else if (name == "brgemm") {
+    chosen = CpuConvAlgorithm::kBrgemm;
   } else {
     TORCH_CHECK_VALUE(false, "unknown CPU convolution algorithm '", name,
-                      "'; expected one of: auto, library, gemm, depthwise");
+                      "'; expected one of: auto, library, gemm, depthwise, brgemm");
   }
   const std::string previous = cpu_conv_algorithm();
   g_conv_algorithm.store(chosen);

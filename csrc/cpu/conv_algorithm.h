@@ -10,7 +10,11 @@
 //            applies f to each channel's weights as it loads them and f' to each channel's weight
 //            gradient before it writes it, so there is no separate pass over W at all; float32/
 //            float64, NCHW only (elsewhere the library runs).
-//   auto:    depthwise and gemm where they measurably won, library elsewhere; gemm only where the
+//   brgemm:  brgemm_conv2d.h: im2col and oneDNN's micro-kernel, with f applied to each weight tile
+//            as it is packed for the micro-kernel and f' to each weight-gradient tile as it is
+//            written: no pass over W of the tie's own. float32, groups 1, NCHW, one column matrix
+//            for the batch (elsewhere the library runs).
+//   auto:    depthwise, brgemm and gemm where they measurably won, library elsewhere; gemm only where the
 //            BLAS is one it won on (assess_gemm_blas: MKL on an Intel CPU at its full instruction
 //            set). The rules live in conv_algorithm.cpp; their measurements in docs/cpu-algorithms.md.
 // The setting is process-wide, for benchmarks and tests; every path computes the same convolution.
@@ -35,9 +39,9 @@ inline bool is_nchw_call(const at::Tensor& input, const at::Tensor& weight) {
          weight.suggest_memory_format() == at::MemoryFormat::Contiguous;
 }
 
-enum class CpuConvAlgorithm : int { kAuto = 0, kLibrary = 1, kGemm = 2, kDepthwise = 3 };
+enum class CpuConvAlgorithm : int { kAuto = 0, kLibrary = 1, kGemm = 2, kDepthwise = 3, kBrgemm = 4 };
 
-// Takes "auto", "library", "gemm" or "depthwise" (ValueError otherwise); returns the previous setting's name.
+// Takes "auto", "library", "gemm", "depthwise" or "brgemm" (ValueError otherwise); returns the previous setting's name.
 std::string set_cpu_conv_algorithm(const std::string& name);
 std::string cpu_conv_algorithm();
 

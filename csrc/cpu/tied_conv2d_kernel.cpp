@@ -12,6 +12,7 @@
 
 #include "../conv_params.h"
 #include "../library_conv.h"
+#include "brgemm_conv2d.h"
 #include "conv_algorithm.h"
 #include "depthwise_conv2d.h"
 #include "gemm_conv2d.h"
@@ -114,6 +115,12 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
     at::Tensor out = depthwise_conv2d_forward(input, weight, derived_bias, p, &taps_finite);
     if (taps_finite) return out;
   }
+  // The brgemm path applies f to each weight tile as it packs it for oneDNN's micro-kernel.
+  if (algorithm == CpuConvAlgorithm::kBrgemm) {
+    at::Tensor out = brgemm_conv2d_forward(pad_asymmetric_remainder(input, p), weight, p.weight_transform,
+                                           derived_bias, p.stride, p.symmetric_part(), p.dilation);
+    if (!pads(p) || all_finite(out)) return out;
+  }
   const at::Tensor weight_for_conv = derived_for_conv(weight, p.weight_transform, kCpuPasses);
   if (algorithm == CpuConvAlgorithm::kGemm) {
     at::Tensor out = gemm_conv2d_forward(pad_asymmetric_remainder(input, p), weight_for_conv, derived_bias,
@@ -165,6 +172,13 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
         depthwise_conv2d_backward(grad_output, input, weight, p, output_mask, &taps_finite);
     by_library[0] = output_mask[0] && !taps_finite;
     by_library[1] = output_mask[1] && !all_finite(grad_weight);
+  } else if (algorithm == CpuConvAlgorithm::kBrgemm) {
+    // f and f' are applied tile by tile inside the GEMMs; the rule for non-finite values is the GEMM's.
+    by_library[1] = output_mask[1] && pads(p) && !all_finite(grad_output);
+    std::tie(grad_input, grad_weight, grad_bias) = brgemm_conv2d_backward(
+        grad_output, pad_asymmetric_remainder(input, p), weight, p.weight_transform, p.stride, p.symmetric_part(),
+        p.dilation, {output_mask[0], output_mask[1] && !by_library[1], output_mask[2]});
+    if (output_mask[0]) grad_input = crop_input_gradient(grad_input, input, p);
   } else if (algorithm == CpuConvAlgorithm::kGemm) {
     by_library[1] = output_mask[1] && pads(p) && !all_finite(grad_output);
     std::tie(grad_input, grad_weight, grad_bias) =

@@ -1,0 +1,199 @@
+// See brgemm_conv2d.h. Every GEMM here is C = A . B over row-major blocks, run by
+// at::native::cpublas::brgemm (batch size 1), parallel over disjoint blocks of C only, so each
+// result is summed in one fixed order whatever the thread count.
+//   forward:      Y[O, N]  = f(W)[O, K] . cols[K, N]        A = f(W) tile, packed here
+//   input grad:   dcols[K, N] = f(W)^T[K, O] . dY[O, N]     A = f(W)^T tile, packed here
+//   weight grad:  dW[O, K] = dY[O, N] . cols^T[N, K]        then dW *= f'(W) on the same tile
+// with K = C*kh*kw and N = batch * output positions (the batch's columns side by side).
+#include "brgemm_conv2d.h"
+
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/record_function.h>
+
+#include <vector>
+
+#include "conv_algorithm.h"
+#include "gemm_conv2d.h"
+#include "im2col.h"
+#include "transform_passes.h"
+
+namespace fusedtie {
+
+using namespace columns_detail;
+
+namespace {
+
+// Tile sizes: a weight tile of kTileRows x kTileDepth floats (256 KiB) stays in L2 while the
+// micro-kernel streams the columns past it.
+constexpr int64_t kTileRows = 64;
+constexpr int64_t kTileDepth = 1024;
+// Rows of dcols per input-gradient task and output channels per reduction step.
+constexpr int64_t kGradRows = 64;
+constexpr int64_t kGradDepth = 256;
+// Weight-gradient tiles: kTileRows x kWeightCols, reduced over positions kPositionsPerStep at a time.
+constexpr int64_t kWeightCols = 256;
+constexpr int64_t kPositionsPerStep = 1024;
+
+void brgemm(int64_t m, int64_t n, int64_t k, int64_t ld_a, int64_t ld_b, int64_t ld_c, bool add_c, const float* a,
+            const float* b, float* c) {
+  at::native::cpublas::brgemm(m, n, k, ld_a, ld_b, ld_c, add_c, a, b, c, /*is_vnni=*/false);
+}
+
+// f over rows [row0, row0 + rows) and columns [col0, col0 + cols) of the [R, ld] matrix `source`,
+// into tile rows of tile_ld floats.
+void transform_rows(const TransformSpec& f, const float* source, int64_t ld, int64_t row0, int64_t rows,
+                    int64_t col0, int64_t cols, float* tile, int64_t tile_ld) {
+  const TransformPasses& passes = cpu_transform_passes();
+  for (int64_t r = 0; r < rows; ++r) {
+    passes.forward(f.kind, at::kFloat, source + (row0 + r) * ld + col0, tile + r * tile_ld, cols, f.alpha);
+  }
+}
+
+// Y[O, N] (= out, ld N) = f(W)[O, K] . cols[K, N] (+ bias per row).
+void forward_gemm(const float* weight, const TransformSpec& f, const float* cols, const float* bias, float* out,
+                  int64_t O, int64_t K, int64_t N) {
+  const int64_t blocks = (O + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(kTileRows * kTileDepth);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t o0 = block * kTileRows, rows = std::min(kTileRows, O - o0);
+      float* y = out + o0 * N;
+      if (bias != nullptr) {
+        for (int64_t r = 0; r < rows; ++r) std::fill(y + r * N, y + (r + 1) * N, bias[o0 + r]);
+      }
+      for (int64_t k0 = 0; k0 < K; k0 += kTileDepth) {
+        const int64_t depth = std::min(kTileDepth, K - k0);
+        transform_rows(f, weight, K, o0, rows, k0, depth, tile.data(), kTileDepth);
+        brgemm(rows, N, depth, kTileDepth, N, N, bias != nullptr || k0 > 0, tile.data(), cols + k0 * N, y);
+      }
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  });
+}
+
+// dcols[K, N] = f(W)^T[K, O] . dY[O, N]: each task owns kGradRows rows of dcols and sums over all
+// output channels; the f(W)^T tile is f over a [o-block, k-block] tile of W, transposed.
+void input_grad_gemm(const float* weight, const TransformSpec& f, const float* grad, float* dcols, int64_t O,
+                     int64_t K, int64_t N) {
+  const int64_t blocks = (K + kGradRows - 1) / kGradRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(kGradDepth * kGradRows), tile_t(kGradRows * kGradDepth);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t k0 = block * kGradRows, rows = std::min(kGradRows, K - k0);
+      for (int64_t o0 = 0; o0 < O; o0 += kGradDepth) {
+        const int64_t depth = std::min(kGradDepth, O - o0);
+        transform_rows(f, weight, K, o0, depth, k0, rows, tile.data(), kGradRows);
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t d = 0; d < depth; ++d) tile_t[r * kGradDepth + d] = tile[d * kGradRows + r];
+        }
+        brgemm(rows, N, depth, kGradDepth, N, N, o0 > 0, tile_t.data(), grad + o0 * N, dcols + k0 * N);
+      }
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  });
+}
+
+// dW[O, K] = dY[O, N] . cols_t[N, K], then dW = dW * f'(W) on each tile while it is in cache.
+void weight_grad_gemm(const float* grad, const float* cols_t, const float* weight, const TransformSpec& f,
+                      float* grad_weight, int64_t O, int64_t K, int64_t N) {
+  const int64_t row_blocks = (O + kTileRows - 1) / kTileRows, col_blocks = (K + kWeightCols - 1) / kWeightCols;
+  const TransformPasses& passes = cpu_transform_passes();
+  at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o0 = (t / col_blocks) * kTileRows, rows = std::min(kTileRows, O - o0);
+      const int64_t k0 = (t % col_blocks) * kWeightCols, cols = std::min(kWeightCols, K - k0);
+      float* dw = grad_weight + o0 * K + k0;
+      for (int64_t n0 = 0; n0 < N; n0 += kPositionsPerStep) {
+        const int64_t depth = std::min(kPositionsPerStep, N - n0);
+        brgemm(rows, cols, depth, N, K, K, n0 > 0, grad + o0 * N + n0, cols_t + n0 * K + k0, dw);
+      }
+      if (!f.is_identity()) {
+        for (int64_t r = 0; r < rows; ++r) {
+          passes.chain_rule(f.kind, at::kFloat, dw + r * K, weight + (o0 + r) * K + k0, dw + r * K, cols, f.alpha);
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  });
+}
+
+// The batch's column matrix [K, batch * L] (contiguous), the images side by side.
+at::Tensor batch_columns(const at::Tensor& input, const Geometry& g) {
+  at::Tensor buffer;
+  return columns(input, 0, input.size(0), g, buffer).contiguous();
+}
+
+// The batch's output gradient as [O, batch * L] (contiguous).
+at::Tensor batch_grad_columns(const at::Tensor& grad_output, int64_t out_channels, int64_t L) {
+  const int64_t batch = grad_output.size(0);
+  const at::Tensor grad = grad_output.reshape({batch, out_channels, L});
+  return batch == 1 ? grad[0].contiguous() : grad.permute({1, 0, 2}).reshape({out_channels, batch * L}).contiguous();
+}
+
+}  // namespace
+
+bool brgemm_micro_kernel_available() {
+  const std::string capability = at::get_cpu_capability();
+  return at::globalContext().userEnabledMkldnn() && (capability == "AVX2" || capability == "AVX512");
+}
+
+bool brgemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
+  if (p.groups != 1 || input.scalar_type() != at::kFloat || input.numel() == 0 || weight.numel() == 0 ||
+      !is_nchw_call(input, weight)) {
+    return false;
+  }
+  const Geometry g(input, weight, p.stride, p.symmetric_part(), p.dilation);
+  return input.size(0) == 1 || batched(input, g);
+}
+
+at::Tensor brgemm_conv2d_forward(const at::Tensor& input, const at::Tensor& source, const TransformSpec& f,
+                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
+  RECORD_FUNCTION("fusedtie::brgemm_conv2d_forward", std::vector<c10::IValue>());
+  const Geometry g(input, source, stride, padding, dilation);
+  const int64_t batch = input.size(0), O = source.size(0), K = g.rows(), L = g.positions(), N = batch * L;
+  const at::Tensor cols = batch_columns(input, g);
+  const at::Tensor weight = source.contiguous();
+  const at::Tensor bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor result = at::empty({O, N}, input.options());
+  forward_gemm(weight.const_data_ptr<float>(), f, cols.const_data_ptr<float>(),
+               bias_values.defined() ? bias_values.const_data_ptr<float>() : nullptr, result.mutable_data_ptr<float>(),
+               O, K, N);
+  return images_first(result, batch, L).view({batch, O, g.out_h, g.out_w});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> brgemm_conv2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& source, const TransformSpec& f,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, std::array<bool, 3> output_mask) {
+  RECORD_FUNCTION("fusedtie::brgemm_conv2d_backward", std::vector<c10::IValue>());
+  const Geometry g(input, source, stride, padding, dilation);
+  const int64_t batch = input.size(0), O = source.size(0), K = g.rows(), L = g.positions(), N = batch * L;
+  const at::Tensor weight = source.contiguous();
+  const at::Tensor grad = batch_grad_columns(grad_output, O, L);
+  at::Tensor grad_input, grad_weight, grad_bias;
+  if (output_mask[0]) {
+    at::Tensor dcols = at::empty({K, N}, input.options());
+    input_grad_gemm(weight.const_data_ptr<float>(), f, grad.const_data_ptr<float>(), dcols.mutable_data_ptr<float>(),
+                    O, K, N);
+    if (g.pointwise) {
+      grad_input = images_first(dcols, batch, L).view(input.sizes());
+    } else {
+      grad_input = at::empty_like(input);
+      for (int64_t i = 0; i < batch; ++i) {
+        col2im(dcols.const_data_ptr<float>() + i * L, N, grad_input[i].mutable_data_ptr<float>(), g);
+      }
+    }
+  }
+  if (output_mask[1]) {
+    const at::Tensor cols_t = batch_columns(input, g).t().contiguous();  // [N, K]
+    grad_weight = at::empty(source.sizes(), source.options().memory_format(at::MemoryFormat::Contiguous));
+    weight_grad_gemm(grad.const_data_ptr<float>(), cols_t.const_data_ptr<float>(), weight.const_data_ptr<float>(), f,
+                     grad_weight.mutable_data_ptr<float>(), O, K, N);
+  }
+  if (output_mask[2]) grad_bias = grad.sum(1);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace fusedtie
