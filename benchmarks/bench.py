@@ -956,14 +956,16 @@ def run_case(case: Case, settings: Settings, budget_s: Optional[float],
 
 
 def fusedtie_cpu_algorithm(shape: ShapeCase, source: nn.Conv2d, x: Tensor) -> Optional[str]:
-    """The CPU algorithm fusedtie runs on this case (None on CUDA); the transposed operator's CPU
-    path is always the library."""
+    """The CPU algorithm fusedtie runs on this case, "forward/backward" where the two differ (None
+    on CUDA); the transposed operator's CPU path is always the library."""
     if x.device.type != "cpu":
         return None
     if shape.kind == DECODER:
         return "library"
-    return fusedtie.cpu_conv_algorithm_for(x, source.weight, source.stride, source.padding, source.dilation,
-                                           source.groups)
+    forward, backward = (fusedtie.cpu_conv_algorithm_for(x, source.weight, source.stride, source.padding,
+                                                         source.dilation, source.groups, backward=b)
+                         for b in (False, True))
+    return forward if forward == backward else f"{forward}/{backward}"
 
 
 def summarise(samples: list[float]) -> dict[str, float]:
@@ -1253,7 +1255,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--compile", dest="compile_on", choices=("all", "some", "none"),
                         help="cases on which torch.compile runs (default: some for --quick, all "
                              f"for --full; some = {', '.join(COMPILE_SOME_SHAPES)})")
-    parser.add_argument("--cpu-algorithm", choices=("auto", "library", "gemm", "depthwise"), default="auto",
+    parser.add_argument("--cpu-algorithm", choices=("auto", "library", "gemm", "brgemm", "depthwise"), default="auto",
                         help="force fusedtie's CPU convolution algorithm (fusedtie."
                              "use_cpu_conv_algorithm): library = oneDNN, the one plain runs; "
                              "gemm = im2col + BLAS; depthwise = fusedtie's fused depthwise kernel; "
@@ -1471,7 +1473,7 @@ def print_report(args: argparse.Namespace, settings: Settings, env: dict, result
     if env["device"] == "cpu":
         print(f"fusedtie's GEMM path under auto: {'yes' if info['gemm_under_auto'] else 'no'} ({info['reason']}).")
     print("\nTime: plain's median (ms) and IQR, and every contender's median / plain's median "
-          "(algorithm: the CPU algorithm fusedtie ran; ! marks a missed target):\n")
+          "(algorithm: the CPU algorithm fusedtie ran, forward/backward where they differ; ! marks a missed target):\n")
     print(ratio_table(results, ran))
     for name, reason in skipped.items():
         print(f"\nSkipped {name}: {reason}.")

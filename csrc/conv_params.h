@@ -3,6 +3,7 @@
 // before any kernel (CPU now, CUDA later) sees them.
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 #include <c10/util/string_view.h>
 
 #include <algorithm>
@@ -170,16 +171,44 @@ struct TiedConv2dParams {
       TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == out_channels, "expected bias of size [",
                         out_channels, "] (out_channels), got ", b.sizes());
     }
+    std::array<int64_t, 4> out_sizes{input.size(0), out_channels, 0, 0};
     for (int d = 0; d < 2; ++d) {
-      const int64_t padded = input.size(2 + d) + padding[2 * d] + padding[2 * d + 1];
-      const int64_t extent = dilation[d] * (weight.size(2 + d) - 1) + 1;
+      // In 64 bits with overflow checks: a padding or dilation near 2^63 must be an error, not a
+      // wrapped size that a kernel then indexes with.
+      int64_t padded = 0, extent = 0;
+      TORCH_CHECK(!c10::add_overflows(input.size(2 + d), padding[2 * d], &padded) &&
+                            !c10::add_overflows(padded, padding[2 * d + 1], &padded) &&
+                            !c10::mul_overflows(dilation[d], weight.size(2 + d) - 1, &extent),
+                        "fusedtie::tied_conv2d: the padded input or the dilated kernel overflows 64 bits (input ",
+                        input.sizes(), ", kernel ", weight.sizes().slice(2), ", padding ", at::IntArrayRef(padding),
+                        ", dilation ", at::IntArrayRef(dilation), ")");
+      extent += 1;
       TORCH_CHECK_VALUE(padded >= extent, "Calculated padded input size per channel: (",
                         input.size(2) + padding[0] + padding[1], " x ",
                         input.size(3) + padding[2] + padding[3], "). Kernel size: (",
                         dilation[0] * (weight.size(2) - 1) + 1, " x ",
                         dilation[1] * (weight.size(3) - 1) + 1,
                         "). Kernel size can't be greater than actual input size");
+      out_sizes[2 + d] = (padded - extent) / stride[d] + 1;
     }
+    int64_t out_numel = 1;
+    for (const int64_t size : out_sizes) {
+      TORCH_CHECK(!c10::mul_overflows(out_numel, size, &out_numel), "fusedtie::tied_conv2d: the output of size ",
+                  at::IntArrayRef(out_sizes), " has more elements than 64 bits can count");
+    }
+  }
+
+  // Where a dimension has a single output position, every stride at least as large as the padded
+  // input gives the same convolution. The library gets the smallest such stride: ATen's kernels
+  // index with the stride and crash on huge ones (torch 2.13: stride 32768 on an 8x8 input).
+  std::array<int64_t, 2> library_stride(const at::Tensor& input, const at::Tensor& weight) const {
+    std::array<int64_t, 2> s = stride;
+    for (int d = 0; d < 2; ++d) {
+      const int64_t span = input.size(2 + d) + padding[2 * d] + padding[2 * d + 1] -
+                           dilation[d] * (weight.size(2 + d) - 1);  // >= 1 after check()
+      s[d] = std::min(s[d], span);
+    }
+    return s;
   }
 
   // check() plus the backward's own arguments (check_grad_output).

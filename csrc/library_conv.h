@@ -53,8 +53,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward_with_
 
 inline at::Tensor library_conv2d_forward(const at::Tensor& input, const at::Tensor& derived_weight,
                                          const std::optional<at::Tensor>& derived_bias, const TiedConv2dParams& p) {
-  return at::convolution(pad_asymmetric_remainder(input, p), derived_weight, derived_bias, p.stride,
-                         p.symmetric_part(), p.dilation, /*transposed=*/false, /*output_padding=*/{0, 0},
+  return at::convolution(pad_asymmetric_remainder(input, p), derived_weight, derived_bias,
+                         p.library_stride(input, derived_weight), p.symmetric_part(), p.dilation, /*transposed=*/false, /*output_padding=*/{0, 0},
                          p.groups);
 }
 
@@ -64,8 +64,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> library_conv2d_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p,
     std::array<bool, 3> output_mask) {
   auto [grad_input, grad_weight, grad_bias] = convolution_backward_with_bias_channels(
-      grad_output, pad_asymmetric_remainder(input, p), weight, /*bias_channels=*/weight.size(0), p.stride,
-      p.symmetric_part(), p.dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups, output_mask);
+      grad_output, pad_asymmetric_remainder(input, p), weight, /*bias_channels=*/weight.size(0),
+      p.library_stride(input, weight), p.symmetric_part(), p.dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups, output_mask);
   if (output_mask[0]) grad_input = crop_input_gradient(grad_input, input, p);
   return {grad_input, grad_weight, grad_bias};
 }

@@ -85,9 +85,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_conv_algorithm", &fusedtie::set_cpu_conv_algorithm, pybind11::arg("name"),
         "Set the CPU convolution algorithm (auto, library, gemm, depthwise); returns the previous one");
   m.def("cpu_conv_algorithm", &fusedtie::cpu_conv_algorithm, "The CPU convolution algorithm setting");
-  m.def("cpu_conv_algorithm_for", &fusedtie::cpu_conv_algorithm_for, pybind11::arg("input"), pybind11::arg("weight"),
-        pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("groups"),
-        "The CPU algorithm tied_conv2d runs for this call under the current setting");
+  m.def(
+      "cpu_conv_algorithm_for",
+      [](const at::Tensor& input, const at::Tensor& weight, std::vector<int64_t> stride, std::vector<int64_t> padding,
+         std::vector<int64_t> dilation, int64_t groups, bool backward) {
+        return fusedtie::cpu_conv_algorithm_for(input, weight, stride, padding, dilation, groups,
+                                                backward ? fusedtie::ConvPass::kBackward : fusedtie::ConvPass::kForward);
+      },
+      pybind11::arg("input"), pybind11::arg("weight"), pybind11::arg("stride"), pybind11::arg("padding"),
+      pybind11::arg("dilation"), pybind11::arg("groups"), pybind11::arg("backward"),
+      "The CPU algorithm tied_conv2d runs for this call's forward (or backward) under the current setting");
   m.def(
       "assess_gemm_blas",
       [](const std::string& vendor, const std::string& model, bool has_mkl, const std::string& enable_instructions,

@@ -39,6 +39,7 @@ compiler.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -46,6 +47,7 @@ import os
 import platform
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -293,6 +295,13 @@ def _build(forward: str, derivative: str, param_names: Sequence[str], *, cuda: b
         described = _read_marker(marker, library)
         if described is not None:
             return described
+        # A library that does not match its marker (a build killed mid-write, a full disk, an
+        # older fusedtie's marker) is never loaded: a truncated ELF crashes the process on dlopen.
+        warnings.warn(f"fusedtie: the cached transform library {library} does not match its record; rebuilding it",
+                      stacklevel=4)
+        for stale in (marker, library):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stale)
     if vector and os.path.exists(failed):
         return None
 
@@ -331,12 +340,15 @@ def _build(forward: str, derivative: str, param_names: Sequence[str], *, cuda: b
         raise RuntimeError(f"fusedtie: the build of {name} reported success but made no {library}")
     # The library was built here, for this machine's instruction set: reading its data symbols runs
     # none of its code. (cpp_extension.load has loaded it already: this is the same handle.)
+    size, digest = _library_digest(library)  # before the first load: what this build wrote
     handle = ctypes.CDLL(library)
     isa_address = ctypes.addressof(ctypes.c_char.in_dll(handle, "fusedtie_user_transform_isa"))
     description = {
         "key": key,
         "isa": ctypes.cast(isa_address, ctypes.c_char_p).value.decode(),  # up to its NUL
         "vectorized": int(ctypes.c_int32.in_dll(handle, "fusedtie_user_transform_vectorized").value),
+        "size": size,
+        "sha256": digest,
     }
     _write_atomically(marker, json.dumps(description) + "\n")  # another process sees no marker or a whole one
     built = _read_marker(marker, library)
@@ -351,12 +363,24 @@ def _write_atomically(path: str, text: str) -> None:
     os.replace(temporary, path)
 
 
+def _library_digest(path: str) -> tuple[int, str]:
+    """The library's size and SHA-256, as the ``built`` marker records them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return os.path.getsize(path), digest.hexdigest()
+
+
 def _read_marker(marker: str, library: str) -> Optional[BuiltLibrary]:
-    """The description in a ``built`` marker; None if it is not one this version wrote."""
+    """The description in a ``built`` marker; None if it is not one this version wrote, or if the
+    library on disk is not the one it describes (size and SHA-256)."""
     try:
         with open(marker) as f:
             description = json.load(f)
         vectorized = int(description["vectorized"])
+        if _library_digest(library) != (int(description["size"]), str(description["sha256"])):
+            return None
         return BuiltLibrary(library, False, str(description["isa"]), bool(vectorized & 1), bool(vectorized & 2))
     except (OSError, ValueError, KeyError, TypeError):
         return None

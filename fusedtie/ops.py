@@ -248,11 +248,15 @@ def cpu_conv_algorithm_for(
     padding: PaddingLike = 0,
     dilation: IntOrPair = 1,
     groups: int = 1,
+    *,
+    backward: bool = False,
 ) -> str:
-    """The CPU algorithm ``tied_conv2d`` runs for this call under the current setting.
+    """The CPU algorithm ``tied_conv2d`` runs for this call's forward (or, with ``backward=True``,
+    its backward) under the current setting.
 
-    One of ``"library"``, ``"gemm"``, ``"depthwise"`` or ``"brgemm"``: ``auto``'s choice, or the forced setting
-    where it applies. Arguments as ``tied_conv2d`` takes them (4-D input).
+    One of ``"library"``, ``"gemm"``, ``"depthwise"`` or ``"brgemm"``: ``auto``'s choice, or the
+    forced setting where it applies (``auto`` may run the two passes differently). Arguments as
+    ``tied_conv2d`` takes them (4-D input).
 
     Example::
 
@@ -262,7 +266,7 @@ def cpu_conv_algorithm_for(
     stride2 = _pair(stride, "stride")
     dilation2 = _pair(dilation, "dilation")
     padding4 = normalize_padding(padding, weight.shape[2:], stride2, dilation2)
-    return LIB.cpu_conv_algorithm_for(input, weight, stride2, padding4, dilation2, groups)
+    return LIB.cpu_conv_algorithm_for(input, weight, stride2, padding4, dilation2, groups, backward)
 
 
 @contextlib.contextmanager

@@ -23,10 +23,10 @@ ALGORITHMS = ["library", "gemm", "brgemm"]
 # Whether auto may take the GEMM path in this process (MKL on an Intel CPU at full speed; not on AMD).
 GEMM_UNDER_AUTO = fusedtie.cpu_info()["gemm_under_auto"]
 AUTO_GEMM = "gemm" if GEMM_UNDER_AUTO else "library"
-# auto's choice for float32 pointwise convs (batch <= 8) and the weight-heaviest im2col shapes:
-# brgemm wherever oneDNN's micro-kernel runs, else the GEMM's rule.
+# auto's backward for float32 pointwise convs (batch <= 8) and the weight-heaviest im2col shapes:
+# brgemm wherever oneDNN's micro-kernel runs, else the GEMM's rule; their forward follows the GEMM's rule.
 BRGEMM_UNDER_AUTO = fusedtie.cpu_info()["brgemm_micro_kernel"]
-AUTO_POINTWISE = AUTO_HEAVIEST = "brgemm" if BRGEMM_UNDER_AUTO else AUTO_GEMM
+AUTO_BACKWARD = "brgemm" if BRGEMM_UNDER_AUTO else AUTO_GEMM
 GEOMETRIES = [  # (kernel, batch, stride, padding, hw)
     ((1, 1), 1, 1, 0, (7, 7)),
     ((1, 1), 3, 2, 0, (9, 8)),
@@ -117,13 +117,13 @@ def algorithm_used(names):
     # auto, up to batch 8: pointwise convs and the weight-heaviest (>= 10000x more weight elements
     # than batch * output positions) run brgemm; others with >= 1000x run the GEMM where the BLAS
     # is trusted; the rest the library
-    ("auto", (1, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, (AUTO_POINTWISE, AUTO_POINTWISE)),
-    ("auto", (8, 64, 7, 7), (64, 64, 1, 1), 0, 1, False, (AUTO_POINTWISE, AUTO_POINTWISE)),
+    ("auto", (1, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, (AUTO_GEMM, AUTO_BACKWARD)),
+    ("auto", (8, 64, 7, 7), (64, 64, 1, 1), 0, 1, False, (AUTO_GEMM, AUTO_BACKWARD)),
     ("auto", (9, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, ("library", "library")),
     ("auto", (1, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),  # 147456 / 49
     ("auto", (2, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),  # / 98
     ("auto", (4, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, ("library", "library")),  # / 196 < 1000
-    ("auto", (1, 256, 5, 5), (256, 256, 3, 3), 1, 1, True, (AUTO_HEAVIEST, AUTO_HEAVIEST)),  # / 25 >= 10000
+    ("auto", (1, 256, 5, 5), (256, 256, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_BACKWARD)),  # / 25 >= 10000
     ("auto", (1, 16, 40, 40), (16, 16, 3, 3), 1, 1, True, ("library", "library")),
     # depthwise convs: auto takes the fused depthwise kernel for stride 1 and >= 10x10 outputs
     ("auto", (1, 32, 10, 10), (32, 1, 3, 3), 1, 1, True, ("depthwise", "depthwise")),
@@ -149,9 +149,10 @@ def test_which_algorithm_runs(algorithm, x_shape, w_shape, padding, stride, inpu
                                                                 stride=stride, groups=groups))
         inputs = [x, w, b] if input_grad else [w, b]
         backward_ops, _ = ops_run(lambda: torch.autograd.grad(out.sum(), inputs))
-        reported = fusedtie.cpu_conv_algorithm_for(x, w, padding=padding, stride=stride, groups=groups)
+        reported = tuple(fusedtie.cpu_conv_algorithm_for(x, w, padding=padding, stride=stride, groups=groups,
+                                                         backward=backward) for backward in (False, True))
     assert (algorithm_used(forward_ops), algorithm_used(backward_ops)) == expected
-    assert reported == expected[0]
+    assert reported == expected
 
 
 # auto's shape rule where the GEMM path is trusted: (input, weight, padding, expected).
@@ -190,11 +191,15 @@ def test_auto_shape_rule_follows_the_blas_assessment(forced):
     assert out["chosen"] == expected
 
 
-def test_auto_takes_brgemm_on_weight_heavy_float32_shapes():
-    """float32 under auto: the GEMM's shape rule sends the weight-heavy shapes to brgemm wherever
-    oneDNN's micro-kernel runs, whatever the BLAS (AVX2 or AVX-512, oneDNN enabled)."""
-    chosen = [fusedtie.cpu_conv_algorithm_for(torch.empty(x), torch.empty(w), padding=p)
+def test_auto_takes_brgemm_on_weight_heavy_float32_backwards():
+    """float32 under auto: the backward of pointwise and the weight-heaviest shapes runs brgemm
+    wherever oneDNN's micro-kernel runs, whatever the BLAS (AVX2 or AVX-512, oneDNN enabled); the
+    forward keeps the GEMM's rule."""
+    chosen = [fusedtie.cpu_conv_algorithm_for(torch.empty(x), torch.empty(w), padding=p, backward=True)
               for x, w, p, _ in AUTO_SHAPE_RULE]
+    forward = [fusedtie.cpu_conv_algorithm_for(torch.empty(x), torch.empty(w), padding=p)
+               for x, w, p, _ in AUTO_SHAPE_RULE]
+    assert forward == [AUTO_GEMM if e == "gemm" else "library" for *_, e in AUTO_SHAPE_RULE]
     expected = []
     for x, w, p, gemm_rule in AUTO_SHAPE_RULE:
         out_positions = (x[2] + 2 * p - w[2] + 1) * (x[3] + 2 * p - w[3] + 1)
@@ -255,10 +260,11 @@ def test_slowed_mkl_keeps_auto_off_the_gemm():
     the brgemm path (oneDNN's micro-kernel, not MKL) stays where it runs."""
     out = run_fusedtie("""
         x, w = torch.randn(1, 512, 7, 7), torch.randn(512, 512, 3, 3)
-        print(json.dumps(dict(info=fusedtie.cpu_info(), chosen=fusedtie.cpu_conv_algorithm_for(x, w, padding=1))))
+        chosen = [fusedtie.cpu_conv_algorithm_for(x, w, padding=1, backward=b) for b in (False, True)]
+        print(json.dumps(dict(info=fusedtie.cpu_info(), chosen=chosen)))
     """, MKL_ENABLE_INSTRUCTIONS="AVX2")
     assert out["info"]["gemm_under_auto"] is False
-    assert out["chosen"] == ("brgemm" if BRGEMM_UNDER_AUTO else "library")
+    assert out["chosen"] == ["library", "brgemm" if BRGEMM_UNDER_AUTO else "library"]
 
 
 # Depthwise geometries: (kernel, batch, in_channels, multiplier, stride, padding, dilation, hw).

@@ -13,6 +13,7 @@ use "cube" as their example of an unknown transform).
 from __future__ import annotations
 
 import copy
+import glob
 import math
 import os
 import pickle
@@ -43,6 +44,7 @@ ALGORITHM_CASES = [  # (algorithm, groups, in_channels, out_channels): shapes ea
     ("library", 1, 4, 6),
     ("library", 2, 4, 6),
     ("gemm", 1, 4, 6),
+    ("brgemm", 1, 4, 6),
     ("depthwise", 4, 4, 4),
 ]
 TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
@@ -661,3 +663,31 @@ def run_python_compiling(code: str, **env) -> str:
                          timeout=600)
     assert run.returncode == 0, run.stderr
     return run.stdout
+
+
+def test_damaged_cached_library_is_rebuilt_never_loaded(cache_dir):
+    """A cached library truncated to 1,000 bytes (a build killed mid-write, a full disk) crashed the
+    next process that created the same transform with SIGBUS. Now its size and SHA-256 are checked
+    against the record written beside it, and a mismatch is rebuilt with one warning."""
+    make = """
+        import warnings, torch, fusedtie
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t = fusedtie.Transform.from_expression("user_damaged", forward="x * x * x + 1", derivative="3 * x * x")
+        print(sum("does not match its record; rebuilding it" in str(w.message) for w in caught))
+        w = torch.linspace(-2, 2, 9, dtype=torch.float64)
+        print(torch.allclose(fusedtie.apply_transform(w, t), w ** 3 + 1))
+    """
+    before = set(glob.glob(os.path.join(str(cache_dir), "**", "*.so"), recursive=True))
+    assert run_python_compiling(make).split() == ["0", "True"]
+    built = sorted(set(glob.glob(os.path.join(str(cache_dir), "**", "*.so"), recursive=True)) - before)
+    assert built, "the first process built no library"
+    for damage in ("truncate", "garbage"):
+        for library in built:
+            if damage == "truncate":
+                os.truncate(library, 1000)
+            else:
+                with open(library, "r+b") as f:
+                    f.seek(4096)
+                    f.write(b"\xde\xad\xbe\xef" * 64)
+        assert run_python_compiling(make).split() == [str(len(built)), "True"]

@@ -126,7 +126,7 @@ bool gemm_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv
   return weight.numel() >= 1000 * batch * out[2] * out[3];
 }
 
-// Where the brgemm path beat the library (AMD Zen 4, float32, 2 threads; docs/cpu-algorithms.md):
+// Where the brgemm backward beat the library's (AMD Zen 4, float32, 2 threads; docs/cpu-algorithms.md):
 // pointwise convolutions up to batch 8, which need no im2col, and the weight-heaviest im2col
 // shapes (weight elements >= 10000 x batch x output positions: a 3x3 on 7x7 at batch 1), where
 // the passes the tie saves outweigh building the column matrix.
@@ -145,7 +145,9 @@ bool depthwise_wins(const at::Tensor& input, const at::Tensor& weight, const Tie
   return p.stride[0] == 1 && p.stride[1] == 1 && out[2] * out[3] >= 100;
 }
 
-CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
+CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p,
+                                  ConvPass pass) {
+  if (!geometry_fits_own_kernels(p.stride, p.padding, p.dilation)) return CpuConvAlgorithm::kLibrary;
   switch (g_conv_algorithm.load(std::memory_order_relaxed)) {
     case CpuConvAlgorithm::kLibrary: return CpuConvAlgorithm::kLibrary;
     case CpuConvAlgorithm::kGemm:
@@ -157,7 +159,10 @@ CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& wei
     case CpuConvAlgorithm::kAuto: break;
   }
   if (depthwise_applies(input, weight, p) && depthwise_wins(input, weight, p)) return CpuConvAlgorithm::kDepthwise;
-  if (brgemm_micro_kernel_available() && brgemm_applies(input, weight, p) && brgemm_wins(input, weight, p)) {
+  // brgemm's backward saves three passes over W (f for the input gradient, f' and the library's
+  // re-pack of dW); its forward saves one but pays for im2col, and measured no faster than the library.
+  if (pass == ConvPass::kBackward && brgemm_micro_kernel_available() && brgemm_applies(input, weight, p) &&
+      brgemm_wins(input, weight, p)) {
     return CpuConvAlgorithm::kBrgemm;
   }
   if (gemm_blas_assessment().gemm_trusted && gemm_applies(input, weight, p) && gemm_wins(input, weight, p)) {
@@ -201,10 +206,11 @@ std::string set_cpu_conv_algorithm(const std::string& name) {
 std::string cpu_conv_algorithm() { return algorithm_name(g_conv_algorithm.load()); }
 
 std::string cpu_conv_algorithm_for(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                   ConvPass pass) {
   const auto p = TiedConv2dParams::from_schema("identity", 1.0, "identity", 1.0, stride, padding, dilation, groups);
   p.check(input, weight, std::nullopt);
-  return algorithm_name(choose_algorithm(input, weight, p));
+  return algorithm_name(choose_algorithm(input, weight, p, pass));
 }
 
 }  // namespace fusedtie

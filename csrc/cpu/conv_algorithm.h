@@ -14,7 +14,8 @@
 //            as it is packed for the micro-kernel and f' to each weight-gradient tile as it is
 //            written: no pass over W of the tie's own. float32, groups 1, NCHW, one column matrix
 //            for the batch (elsewhere the library runs).
-//   auto:    depthwise, brgemm and gemm where they measurably won, library elsewhere; gemm only where the
+//   auto:    depthwise, brgemm (backward only) and gemm where they measurably won, library elsewhere;
+//            gemm only where the
 //            BLAS is one it won on (assess_gemm_blas: MKL on an Intel CPU at its full instruction
 //            set). The rules live in conv_algorithm.cpp; their measurements in docs/cpu-algorithms.md.
 // The setting is process-wide, for benchmarks and tests; every path computes the same convolution.
@@ -39,17 +40,34 @@ inline bool is_nchw_call(const at::Tensor& input, const at::Tensor& weight) {
          weight.suggest_memory_format() == at::MemoryFormat::Contiguous;
 }
 
+// Whether stride, padding and dilation are small enough for fusedtie's own kernels (gemm, brgemm,
+// depthwise) to index in 64 bits without overflow; larger ones go to the library.
+inline bool geometry_fits_own_kernels(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr int64_t kLimit = int64_t{1} << 30;
+  for (auto values : {stride, padding, dilation}) {
+    for (const int64_t v : values) {
+      if (v > kLimit) return false;
+    }
+  }
+  return true;
+}
+
 enum class CpuConvAlgorithm : int { kAuto = 0, kLibrary = 1, kGemm = 2, kDepthwise = 3, kBrgemm = 4 };
 
 // Takes "auto", "library", "gemm", "depthwise" or "brgemm" (ValueError otherwise); returns the previous setting's name.
 std::string set_cpu_conv_algorithm(const std::string& name);
 std::string cpu_conv_algorithm();
 
-// The convolution this call runs: the forced setting where it applies, else auto's choice (never kAuto).
-CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p);
+// The two passes of a convolution, which auto may give different algorithms.
+enum class ConvPass : int { kForward = 0, kBackward = 1 };
+
+// The convolution this pass runs: the forced setting where it applies, else auto's choice (never kAuto).
+CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p,
+                                  ConvPass pass);
 // choose_algorithm's answer by name, for a call with these geometry arguments (the operator's schema).
 std::string cpu_conv_algorithm_for(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                   ConvPass pass);
 bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p);
 
 // Whether auto may send a convolution to the GEMM path on this machine, and why. The GEMM path calls

@@ -44,10 +44,10 @@ inline void im2col(const scalar_t* image, scalar_t* cols, int64_t row_stride, co
       const int64_t c = r / taps, ki = (r / g.kernel_w) % g.kernel_h, kj = r % g.kernel_w;
       // Output columns x whose input column x*sw - pw + kj*dw lies in [0, width): [x_lo, x_hi).
       const int64_t offset = kj * g.dilation_w - g.pad_w;
-      const int64_t x_lo = std::min(g.out_w, offset >= 0 ? 0 : (-offset + g.stride_w - 1) / g.stride_w);
-      const int64_t x_hi = std::max(x_lo, std::min(g.out_w, g.width - offset <= 0
-                                                                  ? 0
-                                                                  : (g.width - offset + g.stride_w - 1) / g.stride_w));
+      const auto ceil_div = [](int64_t a, int64_t b) { return a / b + (a % b != 0); };  // a >= 0, no overflow
+      const int64_t x_lo = std::min(g.out_w, offset >= 0 ? 0 : ceil_div(-offset, g.stride_w));
+      const int64_t x_hi =
+          std::max(x_lo, std::min(g.out_w, g.width - offset <= 0 ? 0 : ceil_div(g.width - offset, g.stride_w)));
       scalar_t* dst = cols + r * row_stride;
       for (int64_t y = 0; y < g.out_h; ++y, dst += g.out_w) {
         const int64_t iy = y * g.stride_h - g.pad_h + ki * g.dilation_h;

@@ -1,8 +1,8 @@
-// CPU implementation of the fusedtie operators: f(W) in one parallel vectorised pass, the
-// convolution itself by ATen's at::convolution (oneDNN) or fusedtie's GEMM path (gemm_conv2d.h),
-// chosen per shape, and the chain rule dL/dW_src = f'(W_src) * dL/dW as one parallel vectorised
-// pass over the weight gradient. Depthwise convolutions may instead run the fused depthwise kernel
-// (depthwise_conv2d.h), which applies f and f' inside the convolution, with no pass over W.
+// CPU implementation of the fusedtie operators. Each pass runs the algorithm conv_algorithm.cpp
+// chooses: the library (f(W) in one vectorised pass, at::convolution, then f'(W) * dL/dW in one
+// pass), the GEMM path (gemm_conv2d.h: the same passes around BLAS), the brgemm path
+// (brgemm_conv2d.h: f and f' applied tile by tile inside the GEMMs) or the depthwise kernel
+// (depthwise_conv2d.h: f and f' inside the convolution).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -52,6 +52,7 @@ at::Tensor transform_backward_cpu(const at::Tensor& grad, const at::Tensor& sour
 // F.conv2d runs the same at::convolution (in float32 oneDNN keeps the border outputs finite; in
 // float64 PyTorch's im2col path gives NaN there too; the fallback agrees with either).
 // Each result takes the cheaper of the two tests, so finite data pays next to nothing:
+//   (the brgemm path's results follow the gemm rules: it pads by im2col in the same way)
 //   gemm output:           the output is finite (it is small where gemm wins: the weight-heavy
 //                          shapes), tested only when the call pads (unpadded im2col, pointwise
 //                          included, inserts no zeros);
@@ -107,7 +108,7 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   if (bias.has_value()) {
     derived_bias = p.bias_transform.is_identity() ? *bias : apply_transform(*bias, p.bias_transform);
   }
-  const CpuConvAlgorithm algorithm = choose_algorithm(input, weight, p);
+  const CpuConvAlgorithm algorithm = choose_algorithm(input, weight, p, ConvPass::kForward);
   // The depthwise kernel applies f itself, as it loads each channel's weights. Its result, and the
   // GEMM's, stands unless the rule for non-finite values above sends the call to the library.
   if (algorithm == CpuConvAlgorithm::kDepthwise) {
@@ -160,7 +161,7 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
   const auto p = TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride,
                                                padding, dilation, groups);
   p.check_backward(grad_output, input, weight, bias, output_mask);
-  const CpuConvAlgorithm algorithm = choose_algorithm(input, weight, p);
+  const CpuConvAlgorithm algorithm = choose_algorithm(input, weight, p, ConvPass::kBackward);
   at::Tensor grad_input, grad_weight, grad_bias;  // dL/dx, dL/dW_src, dL/d g(b)
   // The gradients the library computes after all (the rule for non-finite values above).
   std::array<bool, 3> by_library{false, false, false};
