@@ -6,6 +6,7 @@ error with instructions, not a silent fall-back to a second copy of the same ope
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import importlib.util
@@ -14,7 +15,14 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from types import ModuleType
+from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: torch's own lock file is all there is
+    fcntl = None
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 SOURCE_DIR = os.path.join(os.path.dirname(PACKAGE_DIR), "csrc")
@@ -130,17 +138,76 @@ def compile_flags(debug: bool, cuda: bool = False) -> dict[str, list[str]]:
 
 
 def _cache_dir(cuda: bool) -> str:
+    """FUSEDTIE_CACHE_DIR, else TORCH_EXTENSIONS_DIR/fusedtie, else ~/.cache/fusedtie; then a folder
+    per torch version, Python version and CPU/CUDA."""
     import torch
 
-    root = os.environ.get("FUSEDTIE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusedtie"
-    )
+    root = os.environ.get("FUSEDTIE_CACHE_DIR") or (
+        os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "fusedtie") if os.environ.get("TORCH_EXTENSIONS_DIR")
+        else os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusedtie"))
     tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{'cuda' if cuda else 'cpu'}"
     return os.path.join(root, re.sub(r"[^A-Za-z0-9_.-]", "_", tag))
 
 
+# The expected time of a first build, for the "compiling" line (2 cores: 1-2.5 min for the CPU
+# extension, several minutes with the CUDA kernels).
+EXPECTED_BUILD = {False: "1-3 minutes on 2 cores", True: "5-15 minutes on 2 cores"}
+BUILD_LOCK = "fusedtie-build.lock"
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: str) -> Iterator[None]:
+    """Exclusive use of the build folder, by an flock that the kernel drops when its holder exits,
+    however it exits: an interrupted build leaves nothing that makes the next import wait. Waiting
+    on a live builder ends after FUSEDTIE_BUILD_WAIT_SECONDS (default 3600) with an error naming it."""
+    if fcntl is None:
+        yield
+        return
+    path = os.path.join(build_dir, BUILD_LOCK)
+    limit = float(os.environ.get("FUSEDTIE_BUILD_WAIT_SECONDS", "3600"))
+    with open(path, "a+") as lock:
+        start, told = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "another process"
+                if time.monotonic() - start > limit:
+                    raise RuntimeError(
+                        f"fusedtie: waited {limit:.0f} s for {holder} to finish building in {build_dir} "
+                        f"(lock {path}). If that process is stuck, stop it; raise FUSEDTIE_BUILD_WAIT_SECONDS "
+                        "to wait longer.") from None
+                if not told:
+                    print(f"fusedtie: waiting for {holder}, which is building the extension in {build_dir}",
+                          file=sys.stderr, flush=True)
+                    told = True
+                time.sleep(0.2)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"process {os.getpid()}")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _clear_torch_lock(build_dir: str) -> None:
+    """torch's own lock file in the build folder. Under our lock no live fusedtie build holds it,
+    so it is a leftover of an interrupted one, on which torch's load() would wait forever."""
+    stale = os.path.join(build_dir, "lock")
+    if fcntl is not None and os.path.exists(stale):
+        print(f"fusedtie: removing {stale}, left by an interrupted build", file=sys.stderr, flush=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)
+
+
 def _jit_build() -> ModuleType:
     from torch.utils import cpp_extension
+
+    from ._user_build import compiler_errors
 
     cuda, why = cuda_build_decision()
     build_dir = _cache_dir(cuda)
@@ -149,28 +216,44 @@ def _jit_build() -> ModuleType:
     headers = [f for pattern in ("*.h", "*.cuh")
                for f in glob.glob(os.path.join(SOURCE_DIR, "**", pattern), recursive=True)]
     headers += glob.glob(os.path.join(PACKAGE_DIR, "include", "*.h"))  # the user-transform interface
-    built = glob.glob(os.path.join(build_dir, JIT_NAME + "*.so"))
-    newest_input = max(os.path.getmtime(f) for f in sources + headers)
-    if not built or newest_input > max(os.path.getmtime(f) for f in built):
-        print(
-            f"fusedtie: compiling the extension once ({'CPU+CUDA' if cuda else 'CPU only'}: {why}); "
-            f"cache {build_dir}",
-            file=sys.stderr,
-            flush=True,
-        )
     debug = os.environ.get("FUSEDTIE_DEBUG", "0") == "1"
     flags = compile_flags(debug, cuda)
-    return cpp_extension.load(
-        name=JIT_NAME,
-        sources=sources,
-        extra_cflags=flags["cxx"] + (["-DFUSEDTIE_WITH_CUDA"] if cuda else []),
-        extra_cuda_cflags=flags["nvcc"] + ["-DFUSEDTIE_WITH_CUDA"],
-        extra_include_paths=[SOURCE_DIR],
-        extra_ldflags=openmp_flags(),
-        build_directory=build_dir,
-        is_python_module=True,
-        verbose=os.environ.get("FUSEDTIE_VERBOSE_BUILD", "0") == "1",
-    )
+    with _build_lock(build_dir):
+        _clear_torch_lock(build_dir)
+        built = glob.glob(os.path.join(build_dir, JIT_NAME + "*.so"))
+        newest_input = max(os.path.getmtime(f) for f in sources + headers)
+        compiling = not built or newest_input > max(os.path.getmtime(f) for f in built)
+        if compiling:
+            print(
+                f"fusedtie: compiling the extension once ({'CPU+CUDA' if cuda else 'CPU only'}: {why}; "
+                f"expect {EXPECTED_BUILD[cuda]}); cache {build_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
+        start = time.monotonic()
+        try:
+            module = cpp_extension.load(
+                name=JIT_NAME,
+                sources=sources,
+                extra_cflags=flags["cxx"] + (["-DFUSEDTIE_WITH_CUDA"] if cuda else []),
+                extra_cuda_cflags=flags["nvcc"] + ["-DFUSEDTIE_WITH_CUDA"],
+                extra_include_paths=[SOURCE_DIR],
+                extra_ldflags=openmp_flags(),
+                build_directory=build_dir,
+                is_python_module=True,
+                verbose=os.environ.get("FUSEDTIE_VERBOSE_BUILD", "0") == "1",
+            )
+        except RuntimeError as error:
+            if "Error building extension" not in str(error):
+                raise
+            raise ImportError(
+                f"fusedtie: the JIT build failed in {build_dir}. The compiler said:\n"
+                + compiler_errors(str(error))
+                + "\nFor the whole log: FUSEDTIE_VERBOSE_BUILD=1 python -c 'import fusedtie'"
+            ) from None
+        if compiling:
+            print(f"fusedtie: built in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+        return module
 
 
 def load_library() -> ModuleType:

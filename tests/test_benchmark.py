@@ -176,3 +176,17 @@ def test_targets_flag_every_miss_and_name_the_worst(bench):
     assert targets.flagged("fusedtie", cases["b | train"]) and not targets.flagged("fusedtie", cases["a | inference"])
     # the cache's target covers inference only
     assert not targets.case_misses("t", _records(fusedtie_cache=1.5, mode="train"))
+
+
+def test_cpu_passes_script_reports_every_shape():
+    """benchmarks/cpu_passes.py (docs/cpu-algorithms.md's per-pass table) runs and prints a ratio
+    per algorithm and pass for each of its shapes."""
+    script = os.path.join(ROOT, "benchmarks", "cpu_passes.py")
+    result = subprocess.run([sys.executable, script, "--rounds", "2", "--algorithms", "library,brgemm"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| conv")]
+    assert len(rows) == 6
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 7 and all(float(c) > 0 for c in cells[1:])
