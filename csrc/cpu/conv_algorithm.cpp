@@ -4,6 +4,7 @@
 #include "conv_algorithm.h"
 
 #include <ATen/Context.h>
+#include <c10/util/safe_numerics.h>
 
 #include <atomic>
 #include <cctype>
@@ -115,27 +116,28 @@ bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedC
          weight.numel() > 0 && is_nchw_call(input, weight);
 }
 
-// Where the GEMM beat the library on the one CPU it won on (Ice Lake Xeon, MKL; the figures are in
-// docs/cpu-algorithms.md): pointwise convolutions at batch <= 8, and im2col convolutions whose
-// weight is large next to the GEMM's other side (weight elements >= 1000 x batch x output positions).
-bool gemm_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
+// Pointwise convolutions up to batch 8, and im2col ones up to batch 8 whose weight has at least
+// `ratio` times more elements than batch x output positions (the GEMM's other side).
+bool weight_heavy(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p, int64_t ratio) {
   const int64_t batch = input.size(0);
   if (batch > 8) return false;
   if (is_pointwise(weight.size(2), weight.size(3), p.stride, p.padding)) return true;
   const auto out = p.output_size(input, weight);
-  return weight.numel() >= 1000 * batch * out[2] * out[3];
+  int64_t other_side = 0;
+  return !c10::mul_overflows(ratio * batch, out[2] * out[3], &other_side) && weight.numel() >= other_side;
+}
+
+// Where the GEMM beat the library on the one CPU it won on (Ice Lake Xeon, MKL; the figures are in
+// the README's Performance section): ratio 1000.
+bool gemm_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
+  return weight_heavy(input, weight, p, 1000);
 }
 
 // Where the brgemm backward beat the library's (AMD Zen 4, float32, 2 threads; docs/cpu-algorithms.md):
-// pointwise convolutions up to batch 8, which need no im2col, and the weight-heaviest im2col
-// shapes (weight elements >= 10000 x batch x output positions: a 3x3 on 7x7 at batch 1), where
-// the passes the tie saves outweigh building the column matrix.
+// ratio 10000 (a 3x3 on 7x7 at batch 1), where the passes the tie saves outweigh building the
+// column matrix; pointwise convolutions need none.
 bool brgemm_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
-  const int64_t batch = input.size(0);
-  if (batch > 8) return false;
-  if (is_pointwise(weight.size(2), weight.size(3), p.stride, p.padding)) return true;
-  const auto out = p.output_size(input, weight);
-  return weight.numel() >= 10000 * batch * out[2] * out[3];
+  return weight_heavy(input, weight, p, 10000);
 }
 
 // The fused depthwise kernel won at stride 1 on outputs of at least 10x10 (docs/cpu-algorithms.md);
