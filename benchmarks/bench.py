@@ -962,8 +962,10 @@ def fusedtie_cpu_algorithm(shape: ShapeCase, source: nn.Conv2d, x: Tensor) -> Op
         return None
     if shape.kind == DECODER:
         return "library"
+    # The benchmark's training step wants no input gradient (the input is data, not a parameter).
     forward, backward = (fusedtie.cpu_conv_algorithm_for(x, source.weight, source.stride, source.padding,
-                                                         source.dilation, source.groups, backward=b)
+                                                         source.dilation, source.groups, backward=b,
+                                                         input_gradient=False)
                          for b in (False, True))
     return forward if forward == backward else f"{forward}/{backward}"
 

@@ -250,12 +250,14 @@ def cpu_conv_algorithm_for(
     groups: int = 1,
     *,
     backward: bool = False,
+    input_gradient: bool = True,
 ) -> str:
-    """The CPU algorithm ``tied_conv2d`` runs for this call's forward (or, with ``backward=True``,
-    its backward) under the current setting.
+    """The CPU algorithm ``tied_conv2d`` runs for this call's forward or, with ``backward=True``,
+    its backward (one that computes the input gradient, or with ``input_gradient=False`` one that
+    computes only the weight and bias gradients) under the current setting.
 
     One of ``"library"``, ``"gemm"``, ``"depthwise"`` or ``"brgemm"``: ``auto``'s choice, or the
-    forced setting where it applies (``auto`` may run the two passes differently). Arguments as
+    forced setting where it applies (``auto`` may run the passes differently). Arguments as
     ``tied_conv2d`` takes them (4-D input).
 
     Example::
@@ -266,7 +268,7 @@ def cpu_conv_algorithm_for(
     stride2 = _pair(stride, "stride")
     dilation2 = _pair(dilation, "dilation")
     padding4 = normalize_padding(padding, weight.shape[2:], stride2, dilation2)
-    return LIB.cpu_conv_algorithm_for(input, weight, stride2, padding4, dilation2, groups, backward)
+    return LIB.cpu_conv_algorithm_for(input, weight, stride2, padding4, dilation2, groups, backward, input_gradient)
 
 
 @contextlib.contextmanager

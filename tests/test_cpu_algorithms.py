@@ -123,7 +123,9 @@ def algorithm_used(names):
     ("auto", (1, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),  # 147456 / 49
     ("auto", (2, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),  # / 98
     ("auto", (4, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, ("library", "library")),  # / 196 < 1000
-    ("auto", (1, 256, 5, 5), (256, 256, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_BACKWARD)),  # / 25 >= 10000
+    # / 25 >= 10000: brgemm for a backward without the input gradient (col2im costs more than it saves)
+    ("auto", (1, 256, 5, 5), (256, 256, 3, 3), 1, 1, False, (AUTO_GEMM, AUTO_BACKWARD)),
+    ("auto", (1, 256, 5, 5), (256, 256, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),
     ("auto", (1, 16, 40, 40), (16, 16, 3, 3), 1, 1, True, ("library", "library")),
     # depthwise convs: auto takes the fused depthwise kernel for stride 1 and >= 10x10 outputs
     ("auto", (1, 32, 10, 10), (32, 1, 3, 3), 1, 1, True, ("depthwise", "depthwise")),
@@ -150,7 +152,8 @@ def test_which_algorithm_runs(algorithm, x_shape, w_shape, padding, stride, inpu
         inputs = [x, w, b] if input_grad else [w, b]
         backward_ops, _ = ops_run(lambda: torch.autograd.grad(out.sum(), inputs))
         reported = tuple(fusedtie.cpu_conv_algorithm_for(x, w, padding=padding, stride=stride, groups=groups,
-                                                         backward=backward) for backward in (False, True))
+                                                         backward=backward, input_gradient=input_grad)
+                         for backward in (False, True))
     assert (algorithm_used(forward_ops), algorithm_used(backward_ops)) == expected
     assert reported == expected
 
@@ -192,22 +195,26 @@ def test_auto_shape_rule_follows_the_blas_assessment(forced):
 
 
 def test_auto_takes_brgemm_on_weight_heavy_float32_backwards():
-    """float32 under auto: the backward of pointwise and the weight-heaviest shapes runs brgemm
-    wherever oneDNN's micro-kernel runs, whatever the BLAS (AVX2 or AVX-512, oneDNN enabled); the
-    forward keeps the GEMM's rule."""
-    chosen = [fusedtie.cpu_conv_algorithm_for(torch.empty(x), torch.empty(w), padding=p, backward=True)
-              for x, w, p, _ in AUTO_SHAPE_RULE]
-    forward = [fusedtie.cpu_conv_algorithm_for(torch.empty(x), torch.empty(w), padding=p)
-               for x, w, p, _ in AUTO_SHAPE_RULE]
-    assert forward == [AUTO_GEMM if e == "gemm" else "library" for *_, e in AUTO_SHAPE_RULE]
-    expected = []
-    for x, w, p, gemm_rule in AUTO_SHAPE_RULE:
+    """float32 under auto: the backward of pointwise shapes, and of the weight-heaviest ones when
+    it wants no input gradient, runs brgemm wherever oneDNN's micro-kernel runs, whatever the BLAS
+    (AVX2 or AVX-512, oneDNN enabled); the forward keeps the GEMM's rule."""
+    def chosen(**kwargs):
+        return [fusedtie.cpu_conv_algorithm_for(torch.empty(x), torch.empty(w), padding=p, **kwargs)
+                for x, w, p, _ in AUTO_SHAPE_RULE]
+
+    gemm_rule = [AUTO_GEMM if e == "gemm" else "library" for *_, e in AUTO_SHAPE_RULE]
+    assert chosen() == gemm_rule
+    weight_only, with_input = [], []
+    for (x, w, p, _), fallback in zip(AUTO_SHAPE_RULE, gemm_rule):
         out_positions = (x[2] + 2 * p - w[2] + 1) * (x[3] + 2 * p - w[3] + 1)
-        heaviest = x[0] <= 8 and (w[2:] == (1, 1) or torch.Size(w).numel() >= 10000 * x[0] * out_positions)
-        brgemm = BRGEMM_UNDER_AUTO and heaviest
-        expected.append("brgemm" if brgemm else AUTO_GEMM if gemm_rule == "gemm" else "library")
-    assert chosen == expected
-    assert expected.count("brgemm") == (3 if BRGEMM_UNDER_AUTO else 0)
+        pointwise = w[2:] == (1, 1) and x[0] <= 8
+        heaviest = x[0] <= 8 and (pointwise or torch.Size(w).numel() >= 10000 * x[0] * out_positions)
+        weight_only.append("brgemm" if BRGEMM_UNDER_AUTO and heaviest else fallback)
+        with_input.append("brgemm" if BRGEMM_UNDER_AUTO and pointwise else fallback)
+    assert chosen(backward=True, input_gradient=False) == weight_only
+    assert chosen(backward=True) == with_input
+    assert weight_only.count("brgemm") == (3 if BRGEMM_UNDER_AUTO else 0)
+    assert with_input.count("brgemm") == (2 if BRGEMM_UNDER_AUTO else 0)
     assert BRGEMM_UNDER_AUTO == (torch.backends.mkldnn.enabled
                                  and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
 
@@ -260,7 +267,8 @@ def test_slowed_mkl_keeps_auto_off_the_gemm():
     the brgemm path (oneDNN's micro-kernel, not MKL) stays where it runs."""
     out = run_fusedtie("""
         x, w = torch.randn(1, 512, 7, 7), torch.randn(512, 512, 3, 3)
-        chosen = [fusedtie.cpu_conv_algorithm_for(x, w, padding=1, backward=b) for b in (False, True)]
+        chosen = [fusedtie.cpu_conv_algorithm_for(x, w, padding=1, backward=b, input_gradient=False)
+                  for b in (False, True)]
         print(json.dumps(dict(info=fusedtie.cpu_info(), chosen=chosen)))
     """, MKL_ENABLE_INSTRUCTIONS="AVX2")
     assert out["info"]["gemm_under_auto"] is False

@@ -161,9 +161,13 @@ CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& wei
     case CpuConvAlgorithm::kAuto: break;
   }
   if (depthwise_applies(input, weight, p) && depthwise_wins(input, weight, p)) return CpuConvAlgorithm::kDepthwise;
-  // brgemm's backward saves three passes over W (f for the input gradient, f' and the library's
-  // re-pack of dW); its forward saves one but pays for im2col, and measured no faster than the library.
-  if (pass == ConvPass::kBackward && brgemm_micro_kernel_available() && brgemm_applies(input, weight, p) &&
+  // brgemm's backward saves the passes over W (f for the input gradient, f' and the library's
+  // re-pack of dW); its forward saves one but pays for im2col, and measured no faster than the
+  // library. An input gradient adds col2im, which only pointwise convolutions do without.
+  const bool brgemm_pass = pass == ConvPass::kWeightBackward ||
+                           (pass == ConvPass::kBackward && is_pointwise(weight.size(2), weight.size(3), p.stride,
+                                                                        p.padding));
+  if (brgemm_pass && brgemm_micro_kernel_available() && brgemm_applies(input, weight, p) &&
       brgemm_wins(input, weight, p)) {
     return CpuConvAlgorithm::kBrgemm;
   }

@@ -58,8 +58,10 @@ enum class CpuConvAlgorithm : int { kAuto = 0, kLibrary = 1, kGemm = 2, kDepthwi
 std::string set_cpu_conv_algorithm(const std::string& name);
 std::string cpu_conv_algorithm();
 
-// The two passes of a convolution, which auto may give different algorithms.
-enum class ConvPass : int { kForward = 0, kBackward = 1 };
+// The passes of a convolution, which auto may give different algorithms: the forward, a backward
+// that wants the input gradient, and one that wants only the weight and bias gradients (a
+// network's first layer, or an input that needs no gradient).
+enum class ConvPass : int { kForward = 0, kBackward = 1, kWeightBackward = 2 };
 
 // The convolution this pass runs: the forced setting where it applies, else auto's choice (never kAuto).
 CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p,

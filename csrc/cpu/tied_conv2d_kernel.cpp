@@ -161,7 +161,8 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
   const auto p = TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride,
                                                padding, dilation, groups);
   p.check_backward(grad_output, input, weight, bias, output_mask);
-  const CpuConvAlgorithm algorithm = choose_algorithm(input, weight, p, ConvPass::kBackward);
+  const CpuConvAlgorithm algorithm =
+      choose_algorithm(input, weight, p, output_mask[0] ? ConvPass::kBackward : ConvPass::kWeightBackward);
   at::Tensor grad_input, grad_weight, grad_bias;  // dL/dx, dL/dW_src, dL/d g(b)
   // The gradients the library computes after all (the rule for non-finite values above).
   std::array<bool, 3> by_library{false, false, false};
