@@ -3,6 +3,7 @@
 #   make bench       the same set-up, then the benchmark (quick run; table on stdout, JSON and PNG in bench-results/)
 #   make cmake-test  the Python-free CMake build of the operator library and its C++ test (ctest)
 #   make build       only (re)build fusedtie/_C in place
+#   make lint        ruff (lint and format) and clang-format, checking only; make format applies them
 #   make cuda-build  the CUDA extension, no GPU needed: .venv-cuda (torch 2.14.1, CUDA 13.0), an
 #                    out-of-place build in build-cuda/ (sm_80, sm_90 + PTX), the suite against it,
 #                    ptxas registers/spills per kernel (scripts/cuda_build.sh); make cuda-clean
@@ -13,7 +14,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cuh' -o -name
 CMAKE_BUILD := build/cmake
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: test bench build cmake-test clean cuda-build cuda-clean
+.PHONY: test bench build cmake-test clean cuda-build cuda-clean lint format
 
 # The venv with the pinned dependencies and fusedtie installed editable. FUSEDTIE_SKIP_EXT=1 makes
 # the editable install only register the package; the extension is built by the rule below, in
@@ -37,6 +38,20 @@ test: $(VENV)/.built
 
 bench: $(VENV)/.built
 	$(PY) benchmarks/bench.py --quick --json bench-results/quick.json --plot bench-results/quick.png
+
+# Every C++/CUDA source git tracks (a generated or untracked file is not ours to format).
+CXX_SOURCES = $(shell git ls-files 'csrc/*' 'tests/cpp/*' 'tests/cuda_emulation/*' 'fusedtie/include/*' | grep -E '\.(h|cpp|cu|cuh)$$')
+
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --style=file --dry-run --Werror $(CXX_SOURCES)
+	@echo "make: lint clean"
+
+format: $(VENV)/.deps
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format --style=file -i $(CXX_SOURCES)
 
 cmake-test: $(VENV)/.deps
 	@start=$$(date +%s); \
