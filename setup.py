@@ -25,9 +25,12 @@ _spec.loader.exec_module(_build)
 use_cuda, reason = _build.cuda_build_decision()
 debug = os.environ.get("FUSEDTIE_DEBUG", "0") == "1"
 flags = _build.compile_flags(debug, cuda=use_cuda)
-print(f"fusedtie setup: {'CUDAExtension' if use_cuda else 'CppExtension'} ({reason}); "
-      f"{'debug' if debug else 'release'} build"
-      f"{'; ptxas -v' if use_cuda and '-Xptxas=-v' in flags['nvcc'] else ''}", flush=True)
+print(
+    f"fusedtie setup: {'CUDAExtension' if use_cuda else 'CppExtension'} ({reason}); "
+    f"{'debug' if debug else 'release'} build"
+    f"{'; ptxas -v' if use_cuda and '-Xptxas=-v' in flags['nvcc'] else ''}",
+    flush=True,
+)
 
 Extension = CUDAExtension if use_cuda else CppExtension
 extension = Extension(

@@ -202,7 +202,7 @@ FORUM_TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
 TRANSFORMS = ["square", "tanh"]
 
 
-CONV = "conv"        # y = conv2d(x, f(W), b), the source's own geometry
+CONV = "conv"  # y = conv2d(x, f(W), b), the source's own geometry
 DECODER = "decoder"  # y = conv_transpose2d(h, f(W), b): the decoder tied to an encoder conv
 
 
@@ -235,8 +235,10 @@ class ShapeCase:
 
     def output_hw(self) -> tuple[int, int]:
         """A decoder's output height and width (nn.ConvTranspose2d's formula, dilation 1)."""
-        return tuple((n - 1) * self.stride - 2 * self.padding + self.kernel + self.output_padding
-                     for n in (self.height, self.width))
+        return tuple(
+            (n - 1) * self.stride - 2 * self.padding + self.kernel + self.output_padding
+            for n in (self.height, self.width)
+        )
 
     def describe(self) -> str:
         extra = ""
@@ -247,19 +249,36 @@ class ShapeCase:
         if self.kind == DECODER:  # the padding decides a decoder's output size: always shown
             extra += f" p{self.padding}" + (f" op{self.output_padding}" if self.output_padding else "")
             extra += " -> {}x{}".format(*self.output_hw())
-        return (f"{self.name}: {self.batch}x{self.in_channels}x{self.height}x{self.width} "
-                f"{self.in_channels}->{self.out_channels} {self.kernel}x{self.kernel}{extra}")
+        return (
+            f"{self.name}: {self.batch}x{self.in_channels}x{self.height}x{self.width} "
+            f"{self.in_channels}->{self.out_channels} {self.kernel}x{self.kernel}{extra}"
+        )
 
     def source_conv(self, device: torch.device, dtype: torch.dtype) -> nn.Conv2d:
         if self.kind == DECODER:  # the encoder: out_channels -> in_channels
-            return nn.Conv2d(self.out_channels, self.in_channels, self.kernel, stride=self.stride,
-                             padding=self.padding, groups=self.groups, device=device, dtype=dtype)
-        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel, stride=self.stride,
-                         padding=self.padding, groups=self.groups, device=device, dtype=dtype)
+            return nn.Conv2d(
+                self.out_channels,
+                self.in_channels,
+                self.kernel,
+                stride=self.stride,
+                padding=self.padding,
+                groups=self.groups,
+                device=device,
+                dtype=dtype,
+            )
+        return nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel,
+            stride=self.stride,
+            padding=self.padding,
+            groups=self.groups,
+            device=device,
+            dtype=dtype,
+        )
 
     def input(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        return torch.randn(self.batch, self.in_channels, self.height, self.width, device=device,
-                           dtype=dtype)
+        return torch.randn(self.batch, self.in_channels, self.height, self.width, device=device, dtype=dtype)
 
 
 def seed_shape() -> ShapeCase:
@@ -268,8 +287,12 @@ def seed_shape() -> ShapeCase:
 
 # ResNet-50's bottleneck stages: (name, spatial size, width, expanded width). Each stage has a 3x3
 # width->width conv and a 1x1 expanded->width conv (the block's reducing 1x1).
-RESNET50_STAGES = [("conv2_x", 56, 64, 256), ("conv3_x", 28, 128, 512),
-                   ("conv4_x", 14, 256, 1024), ("conv5_x", 7, 512, 2048)]
+RESNET50_STAGES = [
+    ("conv2_x", 56, 64, 256),
+    ("conv3_x", 28, 128, 512),
+    ("conv4_x", 14, 256, 1024),
+    ("conv5_x", 7, 512, 2048),
+]
 
 
 def resnet50_shapes(batch: int) -> list[ShapeCase]:
@@ -295,8 +318,7 @@ def decoder_shapes(batch: int) -> list[ShapeCase]:
         # a stride-1 3x3 decoder (same size)
         ShapeCase("decoder 3x3 s1", batch, 64, 64, 56, 56, 3, padding=1, **d),
         # wider layers: more weight per activation, where recomputing f(W) costs more
-        ShapeCase("decoder 3x3 s2 wide", batch, 256, 128, 14, 14, 3, stride=2, padding=1,
-                  output_padding=1, **d),
+        ShapeCase("decoder 3x3 s2 wide", batch, 256, 128, 14, 14, 3, stride=2, padding=1, output_padding=1, **d),
         ShapeCase("decoder 4x4 s2 wide", batch, 512, 256, 4, 4, 4, stride=2, padding=1, **d),
     ]
 
@@ -313,8 +335,16 @@ def full_shapes(device: torch.device) -> list[ShapeCase]:
 
 
 # --quick: see the module docstring for why these.
-QUICK_SHAPE_NAMES = ["seed b1", "conv5_x 3x3 b1", "conv5_x 1x1 b1", "conv4_x 3x3 b1",
-                     "conv5_x 1x1 b8", "depthwise 3x3 b1", "decoder 3x3 s2 b1", "decoder 4x4 s2 b1"]
+QUICK_SHAPE_NAMES = [
+    "seed b1",
+    "conv5_x 3x3 b1",
+    "conv5_x 1x1 b1",
+    "conv4_x 3x3 b1",
+    "conv5_x 1x1 b8",
+    "depthwise 3x3 b1",
+    "decoder 3x3 s2 b1",
+    "decoder 4x4 s2 b1",
+]
 # --compile some: the weight-heaviest 3x3, where recomputing f(W) costs most (the seed's f(W) is
 # negligible next to its conv, so compile can only match forum there).
 COMPILE_SOME_SHAPES = ("conv5_x 3x3 b1",)
@@ -403,7 +433,7 @@ def make_decoder_tie(shape: ShapeCase, source: nn.Conv2d) -> DecoderTie:
     fan_in = w.shape[1] * w.shape[2] * w.shape[3]
     bias = nn.Parameter(torch.empty(source.in_channels, device=w.device, dtype=w.dtype))
     with torch.no_grad():
-        bias.uniform_(-fan_in**-0.5, fan_in**-0.5)
+        bias.uniform_(-(fan_in**-0.5), fan_in**-0.5)
     return DecoderTie(source, bias, shape.output_padding)
 
 
@@ -446,9 +476,17 @@ class TransformParametrization(nn.Module):
 
 
 def _conv_like(source: nn.Conv2d) -> nn.Conv2d:
-    return nn.Conv2d(source.in_channels, source.out_channels, source.kernel_size,
-                     stride=source.stride, padding=source.padding, dilation=source.dilation,
-                     groups=source.groups, device=source.weight.device, dtype=source.weight.dtype)
+    return nn.Conv2d(
+        source.in_channels,
+        source.out_channels,
+        source.kernel_size,
+        stride=source.stride,
+        padding=source.padding,
+        dilation=source.dilation,
+        groups=source.groups,
+        device=source.weight.device,
+        dtype=source.weight.dtype,
+    )
 
 
 def build_plain(source: nn.Conv2d, transform: str, trains: bool) -> Runner:
@@ -528,15 +566,25 @@ class ForumConvTranspose2d(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         s = self.encoder[0]
-        return F.conv_transpose2d(h, self.f(s.weight), self.bias, s.stride, s.padding,
-                                  self.output_padding, s.groups, s.dilation)
+        return F.conv_transpose2d(
+            h, self.f(s.weight), self.bias, s.stride, s.padding, self.output_padding, s.groups, s.dilation
+        )
 
 
 def _conv_transpose_like(tie: DecoderTie) -> nn.ConvTranspose2d:
     s = tie.source
-    return nn.ConvTranspose2d(s.out_channels, s.in_channels, s.kernel_size, stride=s.stride,
-                              padding=s.padding, output_padding=tie.output_padding, groups=s.groups,
-                              dilation=s.dilation, device=s.weight.device, dtype=s.weight.dtype)
+    return nn.ConvTranspose2d(
+        s.out_channels,
+        s.in_channels,
+        s.kernel_size,
+        stride=s.stride,
+        padding=s.padding,
+        output_padding=tie.output_padding,
+        groups=s.groups,
+        dilation=s.dilation,
+        device=s.weight.device,
+        dtype=s.weight.dtype,
+    )
 
 
 def build_plain_decoder(tie: DecoderTie, transform: str, trains: bool) -> Runner:
@@ -588,8 +636,13 @@ CACHED = "fusedtie+cache"
 CONTENDERS = [
     Contender("plain", build_plain, build_plain_decoder),
     Contender("fusedtie", build_fusedtie, build_fusedtie_decoder),
-    Contender(CACHED, build_fusedtie_cached, build_fusedtie_cached_decoder, modes=("inference",),
-              unavailable=fusedtie_cached_unavailable),
+    Contender(
+        CACHED,
+        build_fusedtie_cached,
+        build_fusedtie_cached_decoder,
+        modes=("inference",),
+        unavailable=fusedtie_cached_unavailable,
+    ),
     Contender("forum", build_forum, build_forum_decoder),
     Contender("parametrize", build_parametrize, build_parametrize_decoder),
     Contender("compile", build_compile, build_compile_decoder),
@@ -600,7 +653,7 @@ BASELINE = "plain"
 BASELINE_BY_KIND = {
     CONV: "nn.Conv2d holding f(W), precomputed once",
     DECODER: "nn.ConvTranspose2d holding f(W) of the encoder's W, precomputed once (an untied decoder "
-             "with its own weight)",
+    "with its own weight)",
 }
 # What each kind's guard compares with.
 GUARD_REFERENCE_BY_KIND = {
@@ -656,10 +709,24 @@ def compiles_on(compile_on: str, shape: ShapeCase) -> bool:
 # --quick is sized to finish in about 2 minutes on a 2-core CPU machine, busy or not (the budget).
 # The quick target was 110 s for the 24 conv cases; the 8 decoder cases add about 10 s (1 s timed and
 # about 0.3 s untimed each), so that the conv cases keep the budgets they had.
-QUICK = dict(shapes=quick_shapes, warmup=2, reps=300, case_budget_s=2.5, compile_on="some",
-             run_target_s=120.0, decoder_case_budget_s=1.0)
-FULL = dict(shapes=full_shapes, warmup=10, reps=400, case_budget_s=30.0, compile_on="all",
-            run_target_s=None, decoder_case_budget_s=None)
+QUICK = dict(
+    shapes=quick_shapes,
+    warmup=2,
+    reps=300,
+    case_budget_s=2.5,
+    compile_on="some",
+    run_target_s=120.0,
+    decoder_case_budget_s=1.0,
+)
+FULL = dict(
+    shapes=full_shapes,
+    warmup=10,
+    reps=400,
+    case_budget_s=30.0,
+    compile_on="all",
+    run_target_s=None,
+    decoder_case_budget_s=None,
+)
 MIN_REPS = 12  # the budget never cuts a case below this many repetitions
 
 # --- the correctness guard --------------------------------------------------------------------------
@@ -701,8 +768,16 @@ def decoder_reference(tie: DecoderTie, transform: str, h: Tensor) -> Reference:
     never from a contender's module."""
     s = tie.source
     w, b = (t.detach().double().requires_grad_(True) for t in tie.leaves)
-    y = F.conv_transpose2d(h.detach().double(), FORUM_TRANSFORMS[transform](w), b, s.stride,
-                           s.padding, tie.output_padding, s.groups, s.dilation)
+    y = F.conv_transpose2d(
+        h.detach().double(),
+        FORUM_TRANSFORMS[transform](w),
+        b,
+        s.stride,
+        s.padding,
+        tie.output_padding,
+        s.groups,
+        s.dilation,
+    )
     return y.detach(), torch.autograd.grad(y.sum(), [w, b])
 
 
@@ -749,7 +824,8 @@ def check_cache_scope(runners: dict[str, Runner]) -> None:
                     f"{name}'s {type(layer).__name__} is {'not' if expected else 'also'} cached while "
                     f"{CACHED}'s scope, fusedtie.cached(its own layer), is open "
                     f"(fusedtie.cache._in_scope returned {not expected}), so {name} would not be "
-                    "timed as what it claims to be")
+                    "timed as what it claims to be"
+                )
 
 
 # --- timing and memory ------------------------------------------------------------------------------
@@ -758,6 +834,7 @@ def check_cache_scope(runners: dict[str, Runner]) -> None:
 def make_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     """A function that runs a call and returns its duration in seconds, device work included."""
     if device.type == "cuda":
+
         def timed(call):
             # Kernels run asynchronously: wait for earlier work before starting the clock, and for
             # this call's work before stopping it.
@@ -767,10 +844,12 @@ def make_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
             torch.cuda.synchronize(device)
             return time.perf_counter() - start
     else:
+
         def timed(call):
             start = time.perf_counter()
             call()
             return time.perf_counter() - start
+
     return timed
 
 
@@ -802,8 +881,7 @@ def cpu_step_peak_bytes(call: Callable[[], object]) -> int:
     with _fd2_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         call()  # its result is dropped at once, inside the profile: the output's free is recorded
     tree = prof.profiler.kineto_results.experimental_event_tree()
-    events = sorted((n for n in _tree_nodes(tree) if n.tag == _EventType.Allocation),
-                    key=lambda n: n.start_time_ns)
+    events = sorted((n for n in _tree_nodes(tree) if n.tag == _EventType.Allocation), key=lambda n: n.start_time_ns)
     running = peak = 0
     for event in events:
         if event.extra_fields.device.type != "cpu":
@@ -878,12 +956,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def build_runners(case: Case, contenders: list[Contender], tie) -> dict[str, Runner]:
     """tie: the source nn.Conv2d of a conv case, the DecoderTie of a decoder case."""
-    return {c.name: c.builder(case.shape.kind)(tie, case.transform, case.mode.trains)
-            for c in contenders}
+    return {c.name: c.builder(case.shape.kind)(tie, case.transform, case.mode.trains) for c in contenders}
 
 
-def time_round_robin(runners: dict[str, Runner], x: Tensor, mode: Mode, settings: Settings,
-                     budget_s: Optional[float], device: torch.device) -> dict[str, list[float]]:
+def time_round_robin(
+    runners: dict[str, Runner],
+    x: Tensor,
+    mode: Mode,
+    settings: Settings,
+    budget_s: Optional[float],
+    device: torch.device,
+) -> dict[str, list[float]]:
     """Warm-up, then the interleaved, rotated repetitions; per-call durations in milliseconds."""
     timed = make_timer(device)
     names = list(runners)
@@ -897,8 +980,12 @@ def time_round_robin(runners: dict[str, Runner], x: Tensor, mode: Mode, settings
             timed_reps = rep - settings.warmup
             if timed_reps == 0 and budget_s is not None:
                 deadline = time.perf_counter() + budget_s
-            if (deadline is not None and timed_reps >= MIN_REPS and timed_reps % len(names) == 0
-                    and time.perf_counter() > deadline):
+            if (
+                deadline is not None
+                and timed_reps >= MIN_REPS
+                and timed_reps % len(names) == 0
+                and time.perf_counter() > deadline
+            ):
                 break  # at a whole rotation, so every contender ran equally often in each slot
             # Rotating the order spreads drift (thermal, other tenants) and any after-effect of the
             # previous contender (caches, allocator) evenly over all contenders.
@@ -913,8 +1000,7 @@ def time_round_robin(runners: dict[str, Runner], x: Tensor, mode: Mode, settings
     return samples
 
 
-def run_case(case: Case, settings: Settings, budget_s: Optional[float],
-             device: torch.device) -> CaseResult:
+def run_case(case: Case, settings: Settings, budget_s: Optional[float], device: torch.device) -> CaseResult:
     """Scopes, first calls, guard, timings and memory of every contender on one case."""
     mode = case.mode
     contenders = settings.contenders_for(case.shape, mode)
@@ -939,14 +1025,12 @@ def run_case(case: Case, settings: Settings, budget_s: Optional[float],
             runner.open_scope()
         if CACHED in runners:
             check_cache_scope(runners)
-        result.first_call_ms = {name: 1e3 * timed(lambda: mode.step(r, x))
-                                for name, r in runners.items()}
+        result.first_call_ms = {name: 1e3 * timed(lambda: mode.step(r, x)) for name, r in runners.items()}
         guard(runners, reference(), x, mode)
         for runner in runners.values():
             mode.prepare(runner)
         result.samples_ms = time_round_robin(runners, x, mode, settings, budget_s, device)
-        result.peak_mib = {name: step_peak_mib(lambda: mode.step(r, x), device)
-                           for name, r in runners.items()}
+        result.peak_mib = {name: step_peak_mib(lambda: mode.step(r, x), device) for name, r in runners.items()}
     finally:
         for runner in runners.values():
             runner.close_scope()
@@ -963,10 +1047,19 @@ def fusedtie_cpu_algorithm(shape: ShapeCase, source: nn.Conv2d, x: Tensor) -> Op
     if shape.kind == DECODER:
         return "library"
     # The benchmark's training step wants no input gradient (the input is data, not a parameter).
-    forward, backward = (fusedtie.cpu_conv_algorithm_for(x, source.weight, source.stride, source.padding,
-                                                         source.dilation, source.groups, backward=b,
-                                                         input_gradient=False)
-                         for b in (False, True))
+    forward, backward = (
+        fusedtie.cpu_conv_algorithm_for(
+            x,
+            source.weight,
+            source.stride,
+            source.padding,
+            source.dilation,
+            source.groups,
+            backward=b,
+            input_gradient=False,
+        )
+        for b in (False, True)
+    )
     return forward if forward == backward else f"{forward}/{backward}"
 
 
@@ -1071,16 +1164,26 @@ def ratio_table(results: list[dict], contenders: list[str]) -> str:
     with_dtype = len({k[2] for k in cases}) > 1
     others = [c for c in contenders if c != BASELINE]
     with_algorithm = any(r.get("fusedtie_cpu_algorithm") for r in results)
-    header = (["shape", "f"] + (["dtype"] if with_dtype else []) + ["mode"]
-              + (["algorithm"] if with_algorithm else []) + ["plain ms", "IQR %"] + others)
+    header = (
+        ["shape", "f"]
+        + (["dtype"] if with_dtype else [])
+        + ["mode"]
+        + (["algorithm"] if with_algorithm else [])
+        + ["plain ms", "IQR %"]
+        + others
+    )
     align = ["---"] * (3 + with_dtype + with_algorithm) + ["---:"] * (2 + len(others))
     rows = []
     for key, by_name in cases.items():
         base = by_name[BASELINE]
         cells = _case_cells(key, with_dtype) + ([base["fusedtie_cpu_algorithm"] or ""] if with_algorithm else [])
         cells += [f"{base['median_ms']:.3f}", f"{base['iqr_pct']:.0f}"]
-        cells += [f"{by_name[c]['ratio_to_plain']:.2f}" + (" !" if bench_targets.flagged(c, by_name) else "")
-                  if c in by_name else "" for c in others]
+        cells += [
+            f"{by_name[c]['ratio_to_plain']:.2f}" + (" !" if bench_targets.flagged(c, by_name) else "")
+            if c in by_name
+            else ""
+            for c in others
+        ]
         rows.append(cells)
     return _table(header, align, rows)
 
@@ -1111,9 +1214,17 @@ def memory_table(results: list[dict], contenders: list[str]) -> str:
 
 
 def compile_times(results: list[dict]) -> list[dict]:
-    return [{"shape": r["shape"], "transform": r["transform"], "dtype": r["dtype"],
-             "mode": r["mode"], "compile_s": r["compile_s"]}
-            for r in results if r["contender"] == COMPILED]
+    return [
+        {
+            "shape": r["shape"],
+            "transform": r["transform"],
+            "dtype": r["dtype"],
+            "mode": r["mode"],
+            "compile_s": r["compile_s"],
+        }
+        for r in results
+        if r["contender"] == COMPILED
+    ]
 
 
 def compile_summary(times: list[dict], compile_on: str) -> str:
@@ -1121,13 +1232,14 @@ def compile_summary(times: list[dict], compile_on: str) -> str:
         return f"compile: not run (--compile {compile_on})"
     where = "" if compile_on == "all" else f" (--compile some: only {', '.join(COMPILE_SOME_SHAPES)})"
     first = times[0]["compile_s"]
-    text = (f"compile: first call (dynamo + inductor), {len(times)} cases{where}, "
-            f"{sum(t['compile_s'] for t in times):.0f} s in all: the run's first compilation "
-            f"{first:.1f} s (includes inductor's start-up)")
+    text = (
+        f"compile: first call (dynamo + inductor), {len(times)} cases{where}, "
+        f"{sum(t['compile_s'] for t in times):.0f} s in all: the run's first compilation "
+        f"{first:.1f} s (includes inductor's start-up)"
+    )
     later = sorted(t["compile_s"] for t in times[1:])
     if later:
-        text += (f", the others {statistics.median(later):.1f} s median "
-                 f"({later[0]:.1f}-{later[-1]:.1f} s)")
+        text += f", the others {statistics.median(later):.1f} s median ({later[0]:.1f}-{later[-1]:.1f} s)"
     return text
 
 
@@ -1144,8 +1256,7 @@ class Progress:
         width = 20
         filled = width * done // self.total
         eta = f" ETA {elapsed / done * (self.total - done):4.0f}s" if done else ""
-        text = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-                f"{elapsed:5.1f}s{eta} {label}")
+        text = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {elapsed:5.1f}s{eta} {label}"
         if self.tty:
             sys.stderr.write("\r\033[K" + text)
         else:
@@ -1159,8 +1270,33 @@ class Progress:
 
 
 # Ratio ticks for the log axis: readable values, whichever range the data spans.
-_RATIO_TICKS = [0.1, 0.2, 0.25, 0.33, 0.5, 0.67, 0.8, 0.9, 1, 1.1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8,
-                10, 15, 20, 30, 50, 100]
+_RATIO_TICKS = [
+    0.1,
+    0.2,
+    0.25,
+    0.33,
+    0.5,
+    0.67,
+    0.8,
+    0.9,
+    1,
+    1.1,
+    1.25,
+    1.5,
+    2,
+    2.5,
+    3,
+    4,
+    5,
+    6,
+    8,
+    10,
+    15,
+    20,
+    30,
+    50,
+    100,
+]
 
 
 def _ratio_ticks(low: float, high: float) -> list[float]:
@@ -1170,18 +1306,17 @@ def _ratio_ticks(low: float, high: float) -> list[float]:
     return sorted(set(ticks) | {1})
 
 
-def _plot_panel(ax, keys: list[tuple], cases: dict, names: list[str], colors: dict[str, str],
-                with_dtype: bool) -> None:
+def _plot_panel(ax, keys: list[tuple], cases: dict, names: list[str], colors: dict[str, str], with_dtype: bool) -> None:
     """Grouped bars of one mode, each rising or falling from the 1.0 line (plain)."""
     present = [n for n in names if any(n in cases[k] for k in keys)]
     width = 0.8 / max(1, len(present))
     ratios = [cases[k][n]["ratio_to_plain"] for k in keys for n in present if n in cases[k]]
     for j, name in enumerate(present):
         offset = (j - (len(present) - 1) / 2) * width
-        points = [(i + offset, cases[k][name]["ratio_to_plain"]) for i, k in enumerate(keys)
-                  if name in cases[k]]
-        ax.bar([p[0] for p in points], [p[1] - 1 for p in points], bottom=1, width=width,
-               label=name, color=colors[name])
+        points = [(i + offset, cases[k][name]["ratio_to_plain"]) for i, k in enumerate(keys) if name in cases[k]]
+        ax.bar(
+            [p[0] for p in points], [p[1] - 1 for p in points], bottom=1, width=width, label=name, color=colors[name]
+        )
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
     low, high = min(ratios + [1]) / 1.08, max(ratios + [1]) * 1.08
@@ -1190,8 +1325,11 @@ def _plot_panel(ax, keys: list[tuple], cases: dict, names: list[str], colors: di
     ax.set_yticklabels([f"{t:g}" for t in _ratio_ticks(low, high)])
     ax.minorticks_off()
     ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([f"{k[0].split(':')[0]}\n{k[1]}" + (f" {k[2]}" if with_dtype else "")
-                        for k in keys], rotation=90 if len(keys) > 16 else 0, fontsize=8)
+    ax.set_xticklabels(
+        [f"{k[0].split(':')[0]}\n{k[1]}" + (f" {k[2]}" if with_dtype else "") for k in keys],
+        rotation=90 if len(keys) > 16 else 0,
+        fontsize=8,
+    )
     ax.set_xlim(-0.6, len(keys) - 0.4)
     ax.set_ylabel("median time / plain's (log)")
     ax.grid(axis="y", alpha=0.3)
@@ -1213,16 +1351,20 @@ def plot_ratios(results: list[dict], contenders: list[str], env: dict, path: str
     cases = group_by_case(results)
     groups = {mode: [k for k in cases if k[3] == mode] for mode in modes}
     most = max(len(g) for g in groups.values())
-    fig, axes = plt.subplots(len(modes), 1, squeeze=False,
-                             figsize=(max(8.0, 0.2 * most * len(others) + 2), 4.2 * len(modes)))
+    fig, axes = plt.subplots(
+        len(modes), 1, squeeze=False, figsize=(max(8.0, 0.2 * most * len(others) + 2), 4.2 * len(modes))
+    )
     with_dtype = len({k[2] for k in cases}) > 1
     for ax, mode in zip(axes[:, 0], modes):
         _plot_panel(ax, groups[mode], cases, others, colors, with_dtype)
         ax.set_title(f"{mode} (below 1: faster than plain)", fontsize=10)
     where = env.get("gpu") or env["cpu"]
-    fig.suptitle(f"fusedtie benchmark: median time relative to plain (f(W) precomputed), lower is "
-                 f"better\n{env['device']} ({where}), torch {env['torch']}, {env['threads']} threads, "
-                 f"{env['date']}", fontsize=10)
+    fig.suptitle(
+        f"fusedtie benchmark: median time relative to plain (f(W) precomputed), lower is "
+        f"better\n{env['device']} ({where}), torch {env['torch']}, {env['threads']} threads, "
+        f"{env['date']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1238,42 +1380,67 @@ def _split(value: Optional[str]) -> Optional[list[str]]:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", dest="size", action="store_const", const="quick",
-                      help="representative subset, about 2 minutes on 2 CPU cores (default)")
-    size.add_argument("--full", dest="size", action="store_const", const="full",
-                      help="every shape, more repetitions")
+    size.add_argument(
+        "--quick",
+        dest="size",
+        action="store_const",
+        const="quick",
+        help="representative subset, about 2 minutes on 2 CPU cores (default)",
+    )
+    size.add_argument("--full", dest="size", action="store_const", const="full", help="every shape, more repetitions")
     parser.set_defaults(size="quick")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads value (default: torch's own default)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads value (default: torch's own default)"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "both"), default="auto",
-                        help="auto: float32 on CPU, float32 and bfloat16 on CUDA")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "both"),
+        default="auto",
+        help="auto: float32 on CPU, float32 and bfloat16 on CUDA",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write results and environment here")
     parser.add_argument("--plot", metavar="PNG", help="also draw the ratios to plain here (matplotlib)")
     parser.add_argument("--reps", type=int, help="override the number of timed repetitions")
     parser.add_argument("--warmup", type=int, help="override the number of warm-up repetitions")
-    parser.add_argument("--case-budget", type=float, metavar="SECONDS",
-                        help="cap on the timed repetitions of one case (0: no cap)")
-    parser.add_argument("--compile", dest="compile_on", choices=("all", "some", "none"),
-                        help="cases on which torch.compile runs (default: some for --quick, all "
-                             f"for --full; some = {', '.join(COMPILE_SOME_SHAPES)})")
-    parser.add_argument("--cpu-algorithm", choices=("auto", "library", "gemm", "brgemm", "depthwise"), default="auto",
-                        help="force fusedtie's CPU convolution algorithm (fusedtie."
-                             "use_cpu_conv_algorithm): library = oneDNN, the one plain runs; "
-                             "gemm = im2col + BLAS; depthwise = fusedtie's fused depthwise kernel; "
-                             "auto (default) = fusedtie's per-shape choice")
-    parser.add_argument("--cuda-algorithm", choices=("auto", "autotune", "fused", "library"), default="auto",
-                        help="force fusedtie's CUDA convolution algorithm (fusedtie.use_cuda_conv_algorithm): "
-                             "fused = fusedtie's fused kernels; library = transform kernel + cuDNN; "
-                             "autotune = both timed once per shape; auto (default) = the heuristic")
-    parser.add_argument("--shapes", metavar="SUBSTRING",
-                        help="only cases whose shape description contains this (e.g. b32, conv5_x, "
-                             "decoder); several, comma-separated: any of them")
+    parser.add_argument(
+        "--case-budget", type=float, metavar="SECONDS", help="cap on the timed repetitions of one case (0: no cap)"
+    )
+    parser.add_argument(
+        "--compile",
+        dest="compile_on",
+        choices=("all", "some", "none"),
+        help="cases on which torch.compile runs (default: some for --quick, all "
+        f"for --full; some = {', '.join(COMPILE_SOME_SHAPES)})",
+    )
+    parser.add_argument(
+        "--cpu-algorithm",
+        choices=("auto", "library", "gemm", "brgemm", "depthwise"),
+        default="auto",
+        help="force fusedtie's CPU convolution algorithm (fusedtie."
+        "use_cpu_conv_algorithm): library = oneDNN, the one plain runs; "
+        "gemm = im2col + BLAS; depthwise = fusedtie's fused depthwise kernel; "
+        "auto (default) = fusedtie's per-shape choice",
+    )
+    parser.add_argument(
+        "--cuda-algorithm",
+        choices=("auto", "autotune", "fused", "library"),
+        default="auto",
+        help="force fusedtie's CUDA convolution algorithm (fusedtie.use_cuda_conv_algorithm): "
+        "fused = fusedtie's fused kernels; library = transform kernel + cuDNN; "
+        "autotune = both timed once per shape; auto (default) = the heuristic",
+    )
+    parser.add_argument(
+        "--shapes",
+        metavar="SUBSTRING",
+        help="only cases whose shape description contains this (e.g. b32, conv5_x, "
+        "decoder); several, comma-separated: any of them",
+    )
     parser.add_argument("--transforms", metavar="LIST", help=f"comma-separated, of {','.join(TRANSFORMS)}")
-    parser.add_argument("--contenders", metavar="LIST",
-                        help=f"comma-separated, of {','.join(CONTENDER_NAMES)} (plain always runs)")
-    parser.add_argument("--modes", metavar="LIST",
-                        help=f"comma-separated, of {','.join(m.name for m in MODES)}")
+    parser.add_argument(
+        "--contenders", metavar="LIST", help=f"comma-separated, of {','.join(CONTENDER_NAMES)} (plain always runs)"
+    )
+    parser.add_argument("--modes", metavar="LIST", help=f"comma-separated, of {','.join(m.name for m in MODES)}")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
@@ -1281,8 +1448,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error("--reps must be at least 4 (the quartiles need a few samples)")
     if args.warmup is not None and args.warmup < 0:
         parser.error("--warmup must be non-negative")
-    for option, known in (("transforms", TRANSFORMS), ("contenders", CONTENDER_NAMES),
-                          ("modes", [m.name for m in MODES])):
+    for option, known in (
+        ("transforms", TRANSFORMS),
+        ("contenders", CONTENDER_NAMES),
+        ("modes", [m.name for m in MODES]),
+    ):
         chosen = _split(getattr(args, option))
         unknown = [v for v in chosen or [] if v not in known]
         if unknown:
@@ -1309,8 +1479,7 @@ def select_contenders(wanted: Optional[list[str]]) -> tuple[list[Contender], dic
 def select_dtypes(choice: str, device: torch.device) -> list[torch.dtype]:
     if choice == "auto":
         choice = "both" if device.type == "cuda" else "float32"
-    return {"float32": [torch.float32], "bfloat16": [torch.bfloat16],
-            "both": [torch.float32, torch.bfloat16]}[choice]
+    return {"float32": [torch.float32], "bfloat16": [torch.bfloat16], "both": [torch.float32, torch.bfloat16]}[choice]
 
 
 def make_settings(args: argparse.Namespace, device: torch.device) -> tuple[Settings, dict[str, str]]:
@@ -1347,20 +1516,25 @@ def check_device(device: torch.device) -> None:
             sys.exit("bench: --device cuda, but the fusedtie extension was built without CUDA")
 
 
-def announce(args: argparse.Namespace, settings: Settings, cases: list[Case], env: dict,
-             skipped: dict[str, str]) -> None:
-    sys.stderr.write(f"bench ({args.size}): {len(cases)} cases, contenders "
-                     f"{', '.join(c.name for c in settings.contenders)}; {settings.warmup} warm-up + "
-                     f"{settings.reps} timed repetitions, {env['threads']} threads on {env['device']}; "
-                     f"--compile {settings.compile_on}; --cpu-algorithm {args.cpu_algorithm}; "
-                     f"--cuda-algorithm {args.cuda_algorithm}\n")
+def announce(
+    args: argparse.Namespace, settings: Settings, cases: list[Case], env: dict, skipped: dict[str, str]
+) -> None:
+    sys.stderr.write(
+        f"bench ({args.size}): {len(cases)} cases, contenders "
+        f"{', '.join(c.name for c in settings.contenders)}; {settings.warmup} warm-up + "
+        f"{settings.reps} timed repetitions, {env['threads']} threads on {env['device']}; "
+        f"--compile {settings.compile_on}; --cpu-algorithm {args.cpu_algorithm}; "
+        f"--cuda-algorithm {args.cuda_algorithm}\n"
+    )
     for name, reason in skipped.items():
         sys.stderr.write(f"bench: note: skipping {name}: {reason}\n")
     # Other work on the machine shows up as noise and as a bias against whichever contender happens
     # to be running; say so up front, and keep the load per case in the JSON for the reader.
     if env["loadavg_at_start"] > 0.5 * (os.cpu_count() or 1):
-        sys.stderr.write(f"bench: warning: load average {env['loadavg_at_start']:.2f} on "
-                         f"{os.cpu_count()} CPUs before starting; timings will be noisy\n")
+        sys.stderr.write(
+            f"bench: warning: load average {env['loadavg_at_start']:.2f} on "
+            f"{os.cpu_count()} CPUs before starting; timings will be noisy\n"
+        )
 
 
 class Pacer:
@@ -1427,9 +1601,11 @@ class Pacer:
 
 def run_all(cases: list[Case], settings: Settings, device: torch.device) -> tuple[list[dict], float]:
     progress = Progress(len(cases))
-    pacer = Pacer([settings.case_cap(case.shape) for case in cases], settings.run_target_s,
-                  [any(c.name == COMPILED for c in settings.contenders_for(case.shape, case.mode))
-                   for case in cases])
+    pacer = Pacer(
+        [settings.case_cap(case.shape) for case in cases],
+        settings.run_target_s,
+        [any(c.name == COMPILED for c in settings.contenders_for(case.shape, case.mode)) for case in cases],
+    )
     with_dtype = len(settings.dtypes) > 1
     results = []
     for i, case in enumerate(cases):
@@ -1441,8 +1617,10 @@ def run_all(cases: list[Case], settings: Settings, device: torch.device) -> tupl
             result = run_case(case, settings, budget, device)
         except GuardError as error:
             sys.stderr.write("\n")
-            sys.exit(f"bench: ABORTED, wrong result in case [{label}]: {error}. "
-                     "Timings of a kernel that computes the wrong thing mean nothing; fix it first.")
+            sys.exit(
+                f"bench: ABORTED, wrong result in case [{label}]: {error}. "
+                "Timings of a kernel that computes the wrong thing mean nothing; fix it first."
+            )
         except ScopeError as error:
             sys.stderr.write("\n")
             sys.exit(f"bench: ABORTED in case [{label}]: {error}.")
@@ -1453,8 +1631,9 @@ def run_all(cases: list[Case], settings: Settings, device: torch.device) -> tupl
     return results, progress.finish()
 
 
-def print_report(args: argparse.Namespace, settings: Settings, env: dict, results: list[dict],
-                 skipped: dict[str, str]) -> None:
+def print_report(
+    args: argparse.Namespace, settings: Settings, env: dict, results: list[dict], skipped: dict[str, str]
+) -> None:
     ran = [c.name for c in settings.contenders if any(r["contender"] == c.name for r in results)]
     budget = "" if settings.case_budget_s is None else f" (at most {settings.case_budget_s:g}s a case"
     kinds = list(dict.fromkeys(r["kind"] for r in results))
@@ -1465,17 +1644,22 @@ def print_report(args: argparse.Namespace, settings: Settings, env: dict, result
     budget += ")" if budget else ""
     info = env["cpu_info"]
     cpu = f"{info['vendor'] or 'unknown vendor'} {env['cpu']}, BLAS {info['blas']}" + "".join(
-        f", {k}={v}" for k, v in env["mkl_env"].items())
-    print(f"fusedtie benchmark ({args.size}): torch {env['torch']}, {env['device']}, "
-          f"{env['threads']} threads, {env.get('gpu') or cpu}; {settings.warmup} warm-up + "
-          f"{settings.reps} timed repetitions{budget}, contenders interleaved; fusedtie CPU conv "
-          f"algorithm: {args.cpu_algorithm}; CUDA conv algorithm: {args.cuda_algorithm}\n")
+        f", {k}={v}" for k, v in env["mkl_env"].items()
+    )
+    print(
+        f"fusedtie benchmark ({args.size}): torch {env['torch']}, {env['device']}, "
+        f"{env['threads']} threads, {env.get('gpu') or cpu}; {settings.warmup} warm-up + "
+        f"{settings.reps} timed repetitions{budget}, contenders interleaved; fusedtie CPU conv "
+        f"algorithm: {args.cpu_algorithm}; CUDA conv algorithm: {args.cuda_algorithm}\n"
+    )
     for kind in kinds:
         print(f"Baseline (plain) of the {kind} cases: {BASELINE_BY_KIND[kind]}.")
     if env["device"] == "cpu":
         print(f"fusedtie's GEMM path under auto: {'yes' if info['gemm_under_auto'] else 'no'} ({info['reason']}).")
-    print("\nTime: plain's median (ms) and IQR, and every contender's median / plain's median "
-          "(algorithm: the CPU algorithm fusedtie ran, forward/backward where they differ; ! marks a missed target):\n")
+    print(
+        "\nTime: plain's median (ms) and IQR, and every contender's median / plain's median "
+        "(algorithm: the CPU algorithm fusedtie ran, forward/backward where they differ; ! marks a missed target):\n"
+    )
     print(ratio_table(results, ran))
     for name, reason in skipped.items():
         print(f"\nSkipped {name}: {reason}.")
@@ -1486,12 +1670,16 @@ def print_report(args: argparse.Namespace, settings: Settings, env: dict, result
     reps = sorted(r["n"] for r in results if r["contender"] == BASELINE)
     cut = sum(n < settings.reps for n in reps)
     if cut:
-        print(f"Timed repetitions per case: {reps[0]}-{reps[-1]}, median {statistics.median(reps):g}; "
-              f"{cut} of {len(reps)} cases cut short by the time budget (each case's n and budget "
-              "are in the JSON)")
+        print(
+            f"Timed repetitions per case: {reps[0]}-{reps[-1]}, median {statistics.median(reps):g}; "
+            f"{cut} of {len(reps)} cases cut short by the time budget (each case's n and budget "
+            "are in the JSON)"
+        )
     lines, misses = target_report(results)
-    print("\nTargets (benchmarks/README.md): fusedtie/plain <= 1.05, fusedtie+cache/plain <= 1.02 in "
-          "inference, fusedtie <= forum.")
+    print(
+        "\nTargets (benchmarks/README.md): fusedtie/plain <= 1.05, fusedtie+cache/plain <= 1.02 in "
+        "inference, fusedtie <= forum."
+    )
     for line in lines:
         print(line)
     if misses:
@@ -1502,33 +1690,52 @@ def print_report(args: argparse.Namespace, settings: Settings, env: dict, result
         print("every case within its targets")
 
 
-def write_json(path: str, args: argparse.Namespace, settings: Settings, env: dict,
-               results: list[dict], skipped: dict[str, str], wall: float) -> None:
+def write_json(
+    path: str,
+    args: argparse.Namespace,
+    settings: Settings,
+    env: dict,
+    results: list[dict],
+    skipped: dict[str, str],
+    wall: float,
+) -> None:
     out = {
         "environment": env,
         "settings": {
-            "size": args.size, "warmup": settings.warmup, "reps": settings.reps,
-            "min_reps": MIN_REPS, "case_budget_s": settings.case_budget_s,
+            "size": args.size,
+            "warmup": settings.warmup,
+            "reps": settings.reps,
+            "min_reps": MIN_REPS,
+            "case_budget_s": settings.case_budget_s,
             "run_target_s": settings.run_target_s,
-            "shapes": [s.describe() for s in settings.shapes], "shapes_filter": args.shapes,
-            "transforms": settings.transforms, "modes": [m.name for m in settings.modes],
+            "shapes": [s.describe() for s in settings.shapes],
+            "shapes_filter": args.shapes,
+            "transforms": settings.transforms,
+            "modes": [m.name for m in settings.modes],
             "dtypes": [dtype_name(d) for d in settings.dtypes],
-            "contenders": [c.name for c in settings.contenders], "baseline": BASELINE,
-            "baseline_by_kind": BASELINE_BY_KIND, "guard_reference_by_kind": GUARD_REFERENCE_BY_KIND,
+            "contenders": [c.name for c in settings.contenders],
+            "baseline": BASELINE,
+            "baseline_by_kind": BASELINE_BY_KIND,
+            "guard_reference_by_kind": GUARD_REFERENCE_BY_KIND,
             "decoder_case_budget_s": settings.decoder_case_budget_s,
-            "skipped_contenders": skipped, "compile_on": settings.compile_on,
-            "cpu_algorithm": args.cpu_algorithm, "cuda_algorithm": args.cuda_algorithm,
+            "skipped_contenders": skipped,
+            "compile_on": settings.compile_on,
+            "cpu_algorithm": args.cpu_algorithm,
+            "cuda_algorithm": args.cuda_algorithm,
             "compile_some_shapes": list(COMPILE_SOME_SHAPES),
-            "tolerances": {dtype_name(d): {"rtol": t[0], "atol_relative": t[1]}
-                           for d, t in TOLERANCES.items()},
-            "memory": ("cuda max_memory_allocated - memory_allocated before the step"
-                       if env["device"].startswith("cuda") else
-                       "CPU: peak running sum of torch.profiler allocation events during one step"),
+            "tolerances": {dtype_name(d): {"rtol": t[0], "atol_relative": t[1]} for d, t in TOLERANCES.items()},
+            "memory": (
+                "cuda max_memory_allocated - memory_allocated before the step"
+                if env["device"].startswith("cuda")
+                else "CPU: peak running sum of torch.profiler allocation events during one step"
+            ),
             "wall_seconds": wall,
         },
         "compile_times": compile_times(results),
-        "targets": {"worst": target_report(results)[0],
-                    "missed": [dataclasses.asdict(m) for m in target_report(results)[1]]},
+        "targets": {
+            "worst": target_report(results)[0],
+            "missed": [dataclasses.asdict(m) for m in target_report(results)[1]],
+        },
         "results": results,
     }
     parent = os.path.dirname(os.path.abspath(path))
@@ -1561,8 +1768,9 @@ def forced_algorithm(device: str, name: str) -> ContextManager:
     use = getattr(fusedtie, f"use_{device}_conv_algorithm", None)
     if use is None:
         if name != "auto":
-            sys.exit(f"bench: --{device}-algorithm {name}, but this build of fusedtie has no "
-                     f"use_{device}_conv_algorithm")
+            sys.exit(
+                f"bench: --{device}-algorithm {name}, but this build of fusedtie has no use_{device}_conv_algorithm"
+            )
         return contextlib.nullcontext()
     return use(name)
 
@@ -1575,12 +1783,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     check_device(device)
     settings, skipped = make_settings(args, device)
     env = environment(device)
-    cases = [Case(s, t, d, m) for s in settings.shapes for t in settings.transforms
-             for d in settings.dtypes for m in settings.modes]
+    cases = [
+        Case(s, t, d, m)
+        for s in settings.shapes
+        for t in settings.transforms
+        for d in settings.dtypes
+        for m in settings.modes
+    ]
     announce(args, settings, cases, env, skipped)
     compiles = any(c.name == COMPILED for c in settings.contenders) and settings.compile_on != "none"
-    with private_inductor_cache(compiles) as inductor_cache, forced_algorithm("cpu", args.cpu_algorithm), \
-            forced_algorithm("cuda", args.cuda_algorithm):
+    with (
+        private_inductor_cache(compiles) as inductor_cache,
+        forced_algorithm("cpu", args.cpu_algorithm),
+        forced_algorithm("cuda", args.cuda_algorithm),
+    ):
         env["inductor_cache_dir"] = inductor_cache
         results, wall = run_all(cases, settings, device)
     print_report(args, settings, env, results, skipped)

@@ -34,8 +34,10 @@ class Miss:
     plain_iqr_pct: float
 
     def line(self) -> str:
-        return (f"  {self.case}: {self.contender}/{self.against} {self.ratio:.2f} > {self.limit:.2f}"
-                f" (plain's IQR {self.plain_iqr_pct:.0f}%)")
+        return (
+            f"  {self.case}: {self.contender}/{self.against} {self.ratio:.2f} > {self.limit:.2f}"
+            f" (plain's IQR {self.plain_iqr_pct:.0f}%)"
+        )
 
 
 def flagged(contender: str, by_name: dict[str, dict]) -> bool:
@@ -73,8 +75,11 @@ def _worst(cases: dict[str, dict[str, dict]], numerator: str, denominator: Optio
 def summary(cases: dict[str, dict[str, dict]]) -> tuple[list[str], list[Miss]]:
     """The closing lines and the misses, for cases keyed by their description."""
     lines = []
-    for label, numerator, denominator in (("fusedtie/plain", FUSEDTIE, None), ("fusedtie/forum", FUSEDTIE, FORUM),
-                                          ("fusedtie+cache/plain", CACHED, None)):
+    for label, numerator, denominator in (
+        ("fusedtie/plain", FUSEDTIE, None),
+        ("fusedtie/forum", FUSEDTIE, FORUM),
+        ("fusedtie+cache/plain", CACHED, None),
+    ):
         worst = _worst(cases, numerator, denominator)
         if worst is not None:
             lines.append(f"worst {label}: {worst[0]:.2f} ({worst[1]})")

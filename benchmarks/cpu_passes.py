@@ -44,17 +44,20 @@ def contenders(x, w, b, grad, transform, padding, algorithms):
     calls = {
         "torch forward": lambda: F.conv2d(x, derived, b, padding=padding),
         "torch backward": lambda: torch.ops.aten.convolution_backward(
-            grad, x, derived, [w.shape[0]], [1, 1], [padding, padding], [1, 1], False, [0, 0], 1, [True, True, True]),
+            grad, x, derived, [w.shape[0]], [1, 1], [padding, padding], [1, 1], False, [0, 0], 1, [True, True, True]
+        ),
     }
     for name in algorithms:
+
         def forward(name=name):
             with fusedtie.use_cpu_conv_algorithm(name):
                 return torch.ops.fusedtie.tied_conv2d(x, w, b, transform, 1.0, "identity", 1.0, [1, 1], pads, [1, 1], 1)
 
         def backward(name=name):
             with fusedtie.use_cpu_conv_algorithm(name):
-                return torch.ops.fusedtie._tied_conv2d_backward(grad, x, w, b, transform, 1.0, "identity", 1.0, [1, 1],
-                                                                 pads, [1, 1], 1, [True, True, True])
+                return torch.ops.fusedtie._tied_conv2d_backward(
+                    grad, x, w, b, transform, 1.0, "identity", 1.0, [1, 1], pads, [1, 1], 1, [True, True, True]
+                )
 
         calls[f"{name} forward"], calls[f"{name} backward"] = forward, backward
     return calls
@@ -71,15 +74,20 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     algorithms = args.algorithms.split(",")
     info = fusedtie.cpu_info()
-    print(f"{info['vendor']} {info['model']}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"f = {args.transform}, {args.rounds} rounds; median / torch's median on f(W)\n")
-    header = ["shape"] + [f"{a} {p}" for p in ("forward", "backward") for a in algorithms] + ["torch fwd ms", "torch bwd ms"]
+    print(
+        f"{info['vendor']} {info['model']}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"f = {args.transform}, {args.rounds} rounds; median / torch's median on f(W)\n"
+    )
+    header = (
+        ["shape"] + [f"{a} {p}" for p in ("forward", "backward") for a in algorithms] + ["torch fwd ms", "torch bwd ms"]
+    )
     print("| " + " | ".join(header) + " |\n|" + "---|" + "---:|" * (len(header) - 1))
     for name, (x_shape, w_shape, padding) in SHAPES.items():
         torch.manual_seed(0)
         x, w, b = torch.randn(x_shape), torch.randn(w_shape) * 0.05, torch.randn(w_shape[0])
-        grad = torch.randn(x_shape[0], w_shape[0], x_shape[2] + 2 * padding - w_shape[2] + 1,
-                           x_shape[3] + 2 * padding - w_shape[3] + 1)
+        grad = torch.randn(
+            x_shape[0], w_shape[0], x_shape[2] + 2 * padding - w_shape[2] + 1, x_shape[3] + 2 * padding - w_shape[3] + 1
+        )
         calls = contenders(x, w, b, grad, args.transform, padding, algorithms)
         names = list(calls)
         samples = {n: [] for n in names}
@@ -92,7 +100,9 @@ def main(argv=None) -> int:
                 calls[n]()
                 samples[n].append(time.perf_counter() - start)
         median = {n: statistics.median(v) for n, v in samples.items()}
-        cells = [f"{median[f'{a} {p}'] / median[f'torch {p}']:.2f}" for p in ("forward", "backward") for a in algorithms]
+        cells = [
+            f"{median[f'{a} {p}'] / median[f'torch {p}']:.2f}" for p in ("forward", "backward") for a in algorithms
+        ]
         cells += [f"{1e3 * median['torch forward']:.3f}", f"{1e3 * median['torch backward']:.3f}"]
         print(f"| {name} | " + " | ".join(cells) + " |")
     return 0

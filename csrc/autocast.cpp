@@ -56,9 +56,7 @@ at::Tensor transform_op(const at::Tensor& source, c10::string_view name, double 
 }
 
 // round(f(w)) == f(round(w)) for every w: the transforms that may be applied after the cast.
-bool commutes_with_rounding(c10::string_view name) {
-  return name == "identity" || name == "neg" || name == "abs";
-}
+bool commutes_with_rounding(c10::string_view name) { return name == "identity" || name == "neg" || name == "abs"; }
 
 // A source tensor as the operator should receive it under autocast, with the transform to apply.
 struct Operand {
@@ -67,8 +65,8 @@ struct Operand {
   double alpha;
 };
 
-Operand autocast_operand(const at::Tensor& source, c10::string_view transform, double alpha,
-                         at::ScalarType dtype, c10::DeviceType device_type) {
+Operand autocast_operand(const at::Tensor& source, c10::string_view transform, double alpha, at::ScalarType dtype,
+                         c10::DeviceType device_type) {
   if (!at::autocast::is_eligible(source, device_type) || source.scalar_type() == dtype ||
       commutes_with_rounding(transform)) {
     // cached_cast leaves ineligible tensors and tensors already in `dtype` as they are.
@@ -81,8 +79,7 @@ Operand autocast_operand(const at::Tensor& source, c10::string_view transform, d
 // autocast dtype, and cast the operands as the built-in convolution casts its own.
 template <c10::DeviceType device_type>
 struct AutocastRegion {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast{
-      at::autocast::get_autocast_dispatch_key_from_device_type(device_type)};
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{at::autocast::get_autocast_dispatch_key_from_device_type(device_type)};
   at::ScalarType dtype = at::autocast::get_lower_precision_fp_from_device_type(device_type);
 
   // An activation, or a tensor the operator takes as it is (the transposed op's own bias).
@@ -102,28 +99,27 @@ at::Tensor tied_conv2d_autocast(const at::Tensor& input, const at::Tensor& weigh
   const at::Tensor x = region.cast(input);
   const Operand w = region.operand(weight, transform, alpha);
   if (!bias.has_value()) {
-    return call_tied_conv2d(x, w.tensor, std::nullopt, w.transform, w.alpha, bias_transform, bias_alpha,
-                            stride, padding, dilation, groups);
+    return call_tied_conv2d(x, w.tensor, std::nullopt, w.transform, w.alpha, bias_transform, bias_alpha, stride,
+                            padding, dilation, groups);
   }
   const Operand b = region.operand(*bias, bias_transform, bias_alpha);
-  return call_tied_conv2d(x, w.tensor, b.tensor, w.transform, w.alpha, b.transform, b.alpha, stride,
-                          padding, dilation, groups);
+  return call_tied_conv2d(x, w.tensor, b.tensor, w.transform, w.alpha, b.transform, b.alpha, stride, padding, dilation,
+                          groups);
 }
 
 // The transposed op's bias is the decoder's own parameter (no transform): it is cast like the
 // built-in transposed convolution's bias.
 template <c10::DeviceType device_type>
-at::Tensor tied_conv_transpose2d_autocast(const at::Tensor& input, const at::Tensor& weight,
-                                          const OptionalTensor& bias, c10::string_view transform, double alpha,
-                                          at::IntArrayRef stride, at::IntArrayRef padding,
-                                          at::IntArrayRef output_padding, at::IntArrayRef dilation,
-                                          int64_t groups) {
+at::Tensor tied_conv_transpose2d_autocast(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
+                                          c10::string_view transform, double alpha, at::IntArrayRef stride,
+                                          at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                          at::IntArrayRef dilation, int64_t groups) {
   const AutocastRegion<device_type> region;
   const at::Tensor x = region.cast(input);
   const Operand w = region.operand(weight, transform, alpha);
   const OptionalTensor b = bias.has_value() ? OptionalTensor(region.cast(*bias)) : std::nullopt;
-  return call_tied_conv_transpose2d(x, w.tensor, b, w.transform, w.alpha, stride, padding, output_padding,
-                                    dilation, groups);
+  return call_tied_conv_transpose2d(x, w.tensor, b, w.transform, w.alpha, stride, padding, output_padding, dilation,
+                                    groups);
 }
 
 }  // namespace

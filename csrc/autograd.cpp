@@ -55,7 +55,7 @@ struct Conv2dArgs {
   }
   static Conv2dArgs load(AutogradContext* ctx) {
     auto& d = ctx->saved_data;
-    return {d["transform"].toStringRef(), d["alpha"].toDouble(), d["bias_transform"].toStringRef(),
+    return {d["transform"].toStringRef(), d["alpha"].toDouble(),     d["bias_transform"].toStringRef(),
             d["bias_alpha"].toDouble(),   d["stride"].toIntVector(), d["padding"].toIntVector(),
             d["dilation"].toIntVector(),  d["groups"].toInt()};
   }
@@ -65,14 +65,14 @@ struct Conv2dArgs {
   }
   GradTriple backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                       const OptionalTensor& bias, std::array<bool, 3> output_mask) const {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("fusedtie::_tied_conv2d_backward", "")
-                         .typed<GradTriple(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                           const OptionalTensor&, c10::string_view, double,
-                                           c10::string_view, double, at::IntArrayRef, at::IntArrayRef,
-                                           at::IntArrayRef, int64_t, std::array<bool, 3>)>();
-    return op.call(grad_output, input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride,
-                   padding, dilation, groups, output_mask);
+    static auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("fusedtie::_tied_conv2d_backward", "")
+            .typed<GradTriple(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+                              c10::string_view, double, c10::string_view, double, at::IntArrayRef, at::IntArrayRef,
+                              at::IntArrayRef, int64_t, std::array<bool, 3>)>();
+    return op.call(grad_output, input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding,
+                   dilation, groups, output_mask);
   }
 };
 
@@ -96,13 +96,17 @@ struct ConvTranspose2dArgs {
   }
   static ConvTranspose2dArgs load(AutogradContext* ctx) {
     auto& d = ctx->saved_data;
-    return {d["transform"].toStringRef(),     d["alpha"].toDouble(),      d["stride"].toIntVector(),
-            d["padding"].toIntVector(),       d["output_padding"].toIntVector(), d["dilation"].toIntVector(),
+    return {d["transform"].toStringRef(),
+            d["alpha"].toDouble(),
+            d["stride"].toIntVector(),
+            d["padding"].toIntVector(),
+            d["output_padding"].toIntVector(),
+            d["dilation"].toIntVector(),
             d["groups"].toInt()};
   }
   at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias) const {
-    return call_tied_conv_transpose2d(input, weight, bias, transform, alpha, stride, padding, output_padding,
-                                      dilation, groups);
+    return call_tied_conv_transpose2d(input, weight, bias, transform, alpha, stride, padding, output_padding, dilation,
+                                      groups);
   }
   GradTriple backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                       const OptionalTensor& bias, std::array<bool, 3> output_mask) const {
@@ -153,7 +157,9 @@ class TiedConvFunction : public torch::autograd::Function<TiedConvFunction<Args>
 [[noreturn]] void refuse_double_backward(const char* op, const char* unfused_recipe = "F.conv2d(x, f(w))") {
   TORCH_CHECK(false, "fusedtie: double backward through ", op,
               " is not supported (a gradient of a gradient, e.g. torch.autograd.grad(..., "
-              "create_graph=True) followed by another backward). Use ", unfused_recipe, " for "
+              "create_graph=True) followed by another backward). Use ",
+              unfused_recipe,
+              " for "
               "second-order gradients.");
 }
 
@@ -190,9 +196,8 @@ at::Tensor tied_conv_autograd(const at::Tensor& input, const at::Tensor& weight,
 
 // The Autograd kernel of its backward operator.
 template <typename Args>
-GradTriple tied_conv_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,
-                                       const at::Tensor& weight, const OptionalTensor& bias, const Args& args,
-                                       std::array<bool, 3> output_mask) {
+GradTriple tied_conv_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                                       const OptionalTensor& bias, const Args& args, std::array<bool, 3> output_mask) {
   if (!records_graph(grad_output, input, weight, bias)) {
     // The usual case, a backward pass without create_graph: nothing to refuse later (the saved
     // node was measurable on the 0.3 ms depthwise convolutions of the benchmark).
@@ -225,8 +230,7 @@ at::Tensor transform_backward_op(const at::Tensor& grad, const at::Tensor& sourc
 
 class TransformFunction : public torch::autograd::Function<TransformFunction> {
  public:
-  static Variable forward(AutogradContext* ctx, const Variable& source, const std::string& name,
-                          double alpha) {
+  static Variable forward(AutogradContext* ctx, const Variable& source, const std::string& name, double alpha) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->save_for_backward({source});
     ctx->saved_data["transform"] = name;
@@ -243,28 +247,24 @@ class TransformFunction : public torch::autograd::Function<TransformFunction> {
 
 class TransformBackwardFunction : public torch::autograd::Function<TransformBackwardFunction> {
  public:
-  static Variable forward(AutogradContext*, const Variable& grad, const Variable& source,
-                          const std::string& name, double alpha) {
+  static Variable forward(AutogradContext*, const Variable& grad, const Variable& source, const std::string& name,
+                          double alpha) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return transform_backward_op(grad, source, name, alpha);
   }
-  static variable_list backward(AutogradContext*, variable_list) {
-    refuse_double_backward("fusedtie::transform");
-  }
+  static variable_list backward(AutogradContext*, variable_list) { refuse_double_backward("fusedtie::transform"); }
 };
 
-Conv2dArgs conv2d_args(c10::string_view transform, double alpha, c10::string_view bias_transform,
-                       double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation, int64_t groups) {
-  return {std::string(transform), alpha, std::string(bias_transform), bias_alpha, stride.vec(),
-          padding.vec(), dilation.vec(), groups};
+Conv2dArgs conv2d_args(c10::string_view transform, double alpha, c10::string_view bias_transform, double bias_alpha,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return {std::string(transform), alpha, std::string(bias_transform), bias_alpha, stride.vec(), padding.vec(),
+          dilation.vec(),         groups};
 }
 
 ConvTranspose2dArgs conv_transpose2d_args(c10::string_view transform, double alpha, at::IntArrayRef stride,
                                           at::IntArrayRef padding, at::IntArrayRef output_padding,
                                           at::IntArrayRef dilation, int64_t groups) {
-  return {std::string(transform), alpha, stride.vec(), padding.vec(), output_padding.vec(), dilation.vec(),
-          groups};
+  return {std::string(transform), alpha, stride.vec(), padding.vec(), output_padding.vec(), dilation.vec(), groups};
 }
 
 at::Tensor tied_conv2d_autograd(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
@@ -278,32 +278,28 @@ at::Tensor tied_conv2d_autograd(const at::Tensor& input, const at::Tensor& weigh
 
 GradTriple tied_conv2d_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,
                                          const at::Tensor& weight, const OptionalTensor& bias,
-                                         c10::string_view transform, double alpha,
-                                         c10::string_view bias_transform, double bias_alpha,
-                                         at::IntArrayRef stride, at::IntArrayRef padding,
-                                         at::IntArrayRef dilation, int64_t groups,
-                                         std::array<bool, 3> output_mask) {
+                                         c10::string_view transform, double alpha, c10::string_view bias_transform,
+                                         double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
   return tied_conv_backward_autograd(
       grad_output, input, weight, bias,
       conv2d_args(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups), output_mask);
 }
 
-at::Tensor tied_conv_transpose2d_autograd(const at::Tensor& input, const at::Tensor& weight,
-                                          const OptionalTensor& bias, c10::string_view transform, double alpha,
-                                          at::IntArrayRef stride, at::IntArrayRef padding,
-                                          at::IntArrayRef output_padding, at::IntArrayRef dilation,
-                                          int64_t groups) {
-  return tied_conv_autograd(
-      input, weight, bias,
-      conv_transpose2d_args(transform, alpha, stride, padding, output_padding, dilation, groups));
+at::Tensor tied_conv_transpose2d_autograd(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
+                                          c10::string_view transform, double alpha, at::IntArrayRef stride,
+                                          at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                          at::IntArrayRef dilation, int64_t groups) {
+  return tied_conv_autograd(input, weight, bias,
+                            conv_transpose2d_args(transform, alpha, stride, padding, output_padding, dilation, groups));
 }
 
 GradTriple tied_conv_transpose2d_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,
                                                    const at::Tensor& weight, const OptionalTensor& bias,
-                                                   c10::string_view transform, double alpha,
-                                                   at::IntArrayRef stride, at::IntArrayRef padding,
-                                                   at::IntArrayRef output_padding, at::IntArrayRef dilation,
-                                                   int64_t groups, std::array<bool, 3> output_mask) {
+                                                   c10::string_view transform, double alpha, at::IntArrayRef stride,
+                                                   at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                                   at::IntArrayRef dilation, int64_t groups,
+                                                   std::array<bool, 3> output_mask) {
   return tied_conv_backward_autograd(
       grad_output, input, weight, bias,
       conv_transpose2d_args(transform, alpha, stride, padding, output_padding, dilation, groups), output_mask);
@@ -313,8 +309,8 @@ at::Tensor transform_autograd(const at::Tensor& source, c10::string_view name, d
   return TransformFunction::apply(source, std::string(name), alpha);
 }
 
-at::Tensor transform_backward_autograd(const at::Tensor& grad, const at::Tensor& source,
-                                       c10::string_view name, double alpha) {
+at::Tensor transform_backward_autograd(const at::Tensor& grad, const at::Tensor& source, c10::string_view name,
+                                       double alpha) {
   if (!records_graph(grad, source)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return transform_backward_op(grad, source, name, alpha);

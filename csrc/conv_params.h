@@ -27,34 +27,33 @@ inline TransformKind parse_transform(c10::string_view name) {
   std::ostringstream valid;
   for (int i = 0; i < kNumTransforms; ++i) valid << (i ? ", " : "") << kTransforms[i].name;
   for (const auto& user_name : user_transform_names()) valid << ", " << user_name;
-  TORCH_CHECK_VALUE(false, "unknown transform '", std::string(name), "'; valid transforms: ",
-                    valid.str());
+  TORCH_CHECK_VALUE(false, "unknown transform '", std::string(name), "'; valid transforms: ", valid.str());
   return TransformKind::kIdentity;  // not reached: the check above throws
 }
 
 // The dtypes with transform passes and a convolution on every backend.
 inline void check_supported_dtype(c10::ScalarType dtype, const char* op) {
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
-                       dtype == at::kHalf,
-                   "fusedtie::", op, " supports floating-point tensors (float32, float64, bfloat16, "
-                   "float16), got ", dtype);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   "fusedtie::", op,
+                   " supports floating-point tensors (float32, float64, bfloat16, "
+                   "float16), got ",
+                   dtype);
 }
 
 // The arguments of _transform_backward: a gradient shaped and typed like its source.
 inline void check_transform_backward(const at::Tensor& grad, const at::Tensor& source) {
   check_supported_dtype(source.scalar_type(), "_transform_backward");
-  TORCH_CHECK_VALUE(grad.sizes() == source.sizes(), "expected grad of size ", source.sizes(), ", got ",
-                    grad.sizes());
-  TORCH_CHECK_TYPE(grad.scalar_type() == source.scalar_type(), "expected grad of dtype ",
-                   source.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.sizes() == source.sizes(), "expected grad of size ", source.sizes(), ", got ", grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == source.scalar_type(), "expected grad of dtype ", source.scalar_type(),
+                   ", got ", grad.scalar_type());
 }
 
 // The backward's own arguments, for every convolution operator: grad_output shaped, typed and
 // placed like the forward's output, and a bias gradient asked for only when there is a bias.
-inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input,
-                              at::IntArrayRef expected_size, bool has_bias, std::array<bool, 3> output_mask) {
-  TORCH_CHECK_VALUE(grad_output.sizes() == expected_size, "expected grad_output of size ", expected_size,
-                    ", got ", grad_output.sizes());
+inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input, at::IntArrayRef expected_size,
+                              bool has_bias, std::array<bool, 3> output_mask) {
+  TORCH_CHECK_VALUE(grad_output.sizes() == expected_size, "expected grad_output of size ", expected_size, ", got ",
+                    grad_output.sizes());
   TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "expected grad_output of dtype ",
                    input.scalar_type(), ", got ", grad_output.scalar_type());
   TORCH_CHECK(grad_output.device() == input.device(), "expected grad_output on ", input.device(), ", got ",
@@ -78,8 +77,7 @@ struct TensorPasses {
 };
 
 // f(source) for a convolution to consume: the source itself for the identity.
-inline at::Tensor derived_for_conv(const at::Tensor& source, const TransformSpec& spec,
-                                   const TensorPasses& passes) {
+inline at::Tensor derived_for_conv(const at::Tensor& source, const TransformSpec& spec, const TensorPasses& passes) {
   return spec.is_identity() ? source : passes.transform_for_conv(source, spec);
 }
 
@@ -102,16 +100,14 @@ struct TiedConv2dParams {
   std::array<int64_t, 2> dilation{1, 1};
   int64_t groups = 1;
 
-  static TiedConv2dParams from_schema(c10::string_view transform, double alpha,
-                                      c10::string_view bias_transform, double bias_alpha,
-                                      at::IntArrayRef stride, at::IntArrayRef padding,
+  static TiedConv2dParams from_schema(c10::string_view transform, double alpha, c10::string_view bias_transform,
+                                      double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
                                       at::IntArrayRef dilation, int64_t groups) {
     TiedConv2dParams p;
     p.weight_transform = {parse_transform(transform), alpha};
     p.bias_transform = {parse_transform(bias_transform), bias_alpha};
     TORCH_CHECK_VALUE(stride.size() == 2, "stride must have 2 elements, got ", stride);
-    TORCH_CHECK_VALUE(padding.size() == 4,
-                      "padding must have 4 elements (top, bottom, left, right), got ", padding);
+    TORCH_CHECK_VALUE(padding.size() == 4, "padding must have 4 elements (top, bottom, left, right), got ", padding);
     TORCH_CHECK_VALUE(dilation.size() == 2, "dilation must have 2 elements, got ", dilation);
     for (int i = 0; i < 2; ++i) {
       TORCH_CHECK_VALUE(stride[i] > 0, "stride must be positive, got ", stride);
@@ -140,36 +136,34 @@ struct TiedConv2dParams {
   }
 
   // Checks every tensor against the geometry; the messages name the problem and the values.
-  void check(const at::Tensor& input, const at::Tensor& weight,
-             const std::optional<at::Tensor>& bias) const {
+  void check(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) const {
     TORCH_CHECK_VALUE(input.dim() == 4, "fusedtie::tied_conv2d expects a 4-D input (N, C, H, W), got ",
                       "input of size ", input.sizes());
     TORCH_CHECK_VALUE(weight.dim() == 4,
                       "fusedtie::tied_conv2d expects a 4-D weight (out_channels, in_channels/groups, kH, "
-                      "kW), got weight of size ", weight.sizes());
+                      "kW), got weight of size ",
+                      weight.sizes());
     check_supported_dtype(input.scalar_type(), "tied_conv2d");
     TORCH_CHECK_TYPE(input.scalar_type() == weight.scalar_type(),
-                     "expected input and weight to have the same dtype, got input ",
-                     input.scalar_type(), " and weight ", weight.scalar_type());
-    TORCH_CHECK(input.device() == weight.device(),
-                "expected input and weight on the same device, got input on ", input.device(),
-                " and weight on ", weight.device());
+                     "expected input and weight to have the same dtype, got input ", input.scalar_type(),
+                     " and weight ", weight.scalar_type());
+    TORCH_CHECK(input.device() == weight.device(), "expected input and weight on the same device, got input on ",
+                input.device(), " and weight on ", weight.device());
     const int64_t out_channels = weight.size(0);
-    TORCH_CHECK_VALUE(out_channels % groups == 0, "out_channels (", out_channels,
-                      ") must be divisible by groups (", groups, ")");
-    TORCH_CHECK_VALUE(input.size(1) == weight.size(1) * groups, "Given groups=", groups,
-                      ", weight of size ", weight.sizes(), ", expected input", input.sizes(),
-                      " to have ", weight.size(1) * groups, " channels, but got ", input.size(1),
-                      " channels instead");
+    TORCH_CHECK_VALUE(out_channels % groups == 0, "out_channels (", out_channels, ") must be divisible by groups (",
+                      groups, ")");
+    TORCH_CHECK_VALUE(input.size(1) == weight.size(1) * groups, "Given groups=", groups, ", weight of size ",
+                      weight.sizes(), ", expected input", input.sizes(), " to have ", weight.size(1) * groups,
+                      " channels, but got ", input.size(1), " channels instead");
     if (bias.has_value()) {
       const at::Tensor& b = *bias;
       TORCH_CHECK_TYPE(b.scalar_type() == weight.scalar_type(),
-                       "expected bias and weight to have the same dtype, got bias ", b.scalar_type(),
-                       " and weight ", weight.scalar_type());
+                       "expected bias and weight to have the same dtype, got bias ", b.scalar_type(), " and weight ",
+                       weight.scalar_type());
       TORCH_CHECK(b.device() == weight.device(), "expected bias and weight on the same device, got bias on ",
                   b.device(), " and weight on ", weight.device());
-      TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == out_channels, "expected bias of size [",
-                        out_channels, "] (out_channels), got ", b.sizes());
+      TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == out_channels, "expected bias of size [", out_channels,
+                        "] (out_channels), got ", b.sizes());
     }
     std::array<int64_t, 4> out_sizes{input.size(0), out_channels, 0, 0};
     for (int d = 0; d < 2; ++d) {
@@ -177,18 +171,16 @@ struct TiedConv2dParams {
       // wrapped size that a kernel then indexes with.
       int64_t padded = 0, extent = 0;
       TORCH_CHECK(!c10::add_overflows(input.size(2 + d), padding[2 * d], &padded) &&
-                            !c10::add_overflows(padded, padding[2 * d + 1], &padded) &&
-                            !c10::mul_overflows(dilation[d], weight.size(2 + d) - 1, &extent),
-                        "fusedtie::tied_conv2d: the padded input or the dilated kernel overflows 64 bits (input ",
-                        input.sizes(), ", kernel ", weight.sizes().slice(2), ", padding ", at::IntArrayRef(padding),
-                        ", dilation ", at::IntArrayRef(dilation), ")");
+                      !c10::add_overflows(padded, padding[2 * d + 1], &padded) &&
+                      !c10::mul_overflows(dilation[d], weight.size(2 + d) - 1, &extent),
+                  "fusedtie::tied_conv2d: the padded input or the dilated kernel overflows 64 bits (input ",
+                  input.sizes(), ", kernel ", weight.sizes().slice(2), ", padding ", at::IntArrayRef(padding),
+                  ", dilation ", at::IntArrayRef(dilation), ")");
       extent += 1;
-      TORCH_CHECK_VALUE(padded >= extent, "Calculated padded input size per channel: (",
-                        input.size(2) + padding[0] + padding[1], " x ",
-                        input.size(3) + padding[2] + padding[3], "). Kernel size: (",
-                        dilation[0] * (weight.size(2) - 1) + 1, " x ",
-                        dilation[1] * (weight.size(3) - 1) + 1,
-                        "). Kernel size can't be greater than actual input size");
+      TORCH_CHECK_VALUE(
+          padded >= extent, "Calculated padded input size per channel: (", input.size(2) + padding[0] + padding[1],
+          " x ", input.size(3) + padding[2] + padding[3], "). Kernel size: (", dilation[0] * (weight.size(2) - 1) + 1,
+          " x ", dilation[1] * (weight.size(3) - 1) + 1, "). Kernel size can't be greater than actual input size");
       out_sizes[2 + d] = (padded - extent) / stride[d] + 1;
     }
     int64_t out_numel = 1;

@@ -71,7 +71,8 @@ struct TiedConvTranspose2dParams {
                       "input of size ", input.sizes());
     TORCH_CHECK_VALUE(weight.dim() == 4,
                       "fusedtie::tied_conv_transpose2d expects a 4-D weight (in_channels, out_channels/groups, "
-                      "kH, kW), got weight of size ", weight.sizes());
+                      "kH, kW), got weight of size ",
+                      weight.sizes());
     check_supported_dtype(input.scalar_type(), "tied_conv_transpose2d");
     TORCH_CHECK_TYPE(input.scalar_type() == weight.scalar_type(),
                      "expected input and weight to have the same dtype, got input ", input.scalar_type(),
@@ -82,8 +83,8 @@ struct TiedConvTranspose2dParams {
     TORCH_CHECK_VALUE(in_channels % groups == 0, "in_channels (", in_channels, ", the weight's first dimension) ",
                       "must be divisible by groups (", groups, "), got weight of size ", weight.sizes());
     TORCH_CHECK_VALUE(input.size(1) == in_channels, "Given transposed=1, weight of size ", weight.sizes(),
-                      ", expected input", input.sizes(), " to have ", in_channels, " channels, but got ",
-                      input.size(1), " channels instead");
+                      ", expected input", input.sizes(), " to have ", in_channels, " channels, but got ", input.size(1),
+                      " channels instead");
     const int64_t out_channels = weight.size(1) * groups;
     if (bias.has_value()) {
       const at::Tensor& b = *bias;
@@ -96,9 +97,8 @@ struct TiedConvTranspose2dParams {
                         "] (out_channels = weight.size(1) * groups), got ", b.sizes());
     }
     const auto out = output_size(input, weight);
-    TORCH_CHECK_VALUE(out[2] > 0 && out[3] > 0, "Given input size per channel: (", input.size(2), " x ",
-                      input.size(3), "). Calculated output size per channel: (", out[2], " x ", out[3],
-                      "). Output size is too small");
+    TORCH_CHECK_VALUE(out[2] > 0 && out[3] > 0, "Given input size per channel: (", input.size(2), " x ", input.size(3),
+                      "). Calculated output size per channel: (", out[2], " x ", out[3], "). Output size is too small");
   }
 
   // check() plus the backward's own arguments (check_grad_output).

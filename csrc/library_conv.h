@@ -47,25 +47,28 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward_with_
     at::IntArrayRef output_padding, int64_t groups, std::array<bool, 3> output_mask) {
   const std::vector<int64_t> bias_sizes{bias_channels};
   return at::convolution_backward(grad_output, input, weight,
-                                  output_mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride,
-                                  padding, dilation, transposed, output_padding, groups, output_mask);
+                                  output_mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride, padding,
+                                  dilation, transposed, output_padding, groups, output_mask);
 }
 
 inline at::Tensor library_conv2d_forward(const at::Tensor& input, const at::Tensor& derived_weight,
                                          const std::optional<at::Tensor>& derived_bias, const TiedConv2dParams& p) {
   return at::convolution(pad_asymmetric_remainder(input, p), derived_weight, derived_bias,
-                         p.library_stride(input, derived_weight), p.symmetric_part(), p.dilation, /*transposed=*/false, /*output_padding=*/{0, 0},
-                         p.groups);
+                         p.library_stride(input, derived_weight), p.symmetric_part(), p.dilation, /*transposed=*/false,
+                         /*output_padding=*/{0, 0}, p.groups);
 }
 
 // (grad_input cropped to the input, dL/d f(W), dL/d g(b)); undefined where output_mask is false.
 // `weight` is read only for the input gradient; the weight gradient needs its shape alone.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> library_conv2d_backward(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p,
-    std::array<bool, 3> output_mask) {
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> library_conv2d_backward(const at::Tensor& grad_output,
+                                                                              const at::Tensor& input,
+                                                                              const at::Tensor& weight,
+                                                                              const TiedConv2dParams& p,
+                                                                              std::array<bool, 3> output_mask) {
   auto [grad_input, grad_weight, grad_bias] = convolution_backward_with_bias_channels(
       grad_output, pad_asymmetric_remainder(input, p), weight, /*bias_channels=*/weight.size(0),
-      p.library_stride(input, weight), p.symmetric_part(), p.dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups, output_mask);
+      p.library_stride(input, weight), p.symmetric_part(), p.dilation, /*transposed=*/false, /*output_padding=*/{0, 0},
+      p.groups, output_mask);
   if (output_mask[0]) grad_input = crop_input_gradient(grad_input, input, p);
   return {grad_input, grad_weight, grad_bias};
 }
@@ -79,22 +82,22 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> library_conv2d_backward(
 inline at::Tensor tied_conv_transpose2d_library(const at::Tensor& input, const at::Tensor& weight,
                                                 const std::optional<at::Tensor>& bias,
                                                 const TiedConvTranspose2dParams& p, const TensorPasses& passes) {
-  return at::convolution(input, derived_for_conv(weight, p.weight_transform, passes), bias, p.stride, p.padding, p.dilation, /*transposed=*/true,
-                         p.output_padding, p.groups);
+  return at::convolution(input, derived_for_conv(weight, p.weight_transform, passes), bias, p.stride, p.padding,
+                         p.dilation, /*transposed=*/true, p.output_padding, p.groups);
 }
 
 // (dL/dx, dL/dW_src, dL/db) for the entries of output_mask that are true, None elsewhere; each
 // laid out in its tensor's suggested memory format (the fake kernel's rule).
 inline std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
-tied_conv_transpose2d_backward_library(const at::Tensor& grad_output, const at::Tensor& input,
-                                       const at::Tensor& weight, const TiedConvTranspose2dParams& p,
-                                       std::array<bool, 3> output_mask, const TensorPasses& passes) {
+tied_conv_transpose2d_backward_library(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                                       const TiedConvTranspose2dParams& p, std::array<bool, 3> output_mask,
+                                       const TensorPasses& passes) {
   // f(W) is recomputed rather than saved, and only for the input gradient: the weight gradient
   // reads W's shape alone, so the source weight stands in when the input gradient is not wanted.
   const at::Tensor weight_for_conv = output_mask[0] ? derived_for_conv(weight, p.weight_transform, passes) : weight;
   auto [grad_input, grad_weight, grad_bias] = convolution_backward_with_bias_channels(
-      grad_output, input, weight_for_conv, /*bias_channels=*/weight.size(1) * p.groups, p.stride, p.padding,
-      p.dilation, /*transposed=*/true, p.output_padding, p.groups, output_mask);
+      grad_output, input, weight_for_conv, /*bias_channels=*/weight.size(1) * p.groups, p.stride, p.padding, p.dilation,
+      /*transposed=*/true, p.output_padding, p.groups, output_mask);
   std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
   if (output_mask[0]) grad_input_out = grad_input.contiguous(input.suggest_memory_format());
   if (output_mask[1]) {

@@ -32,25 +32,24 @@ pybind11::list transform_table() {
 // plain eager calls; torch.ops.fusedtie.tied_conv2d stays the path for tracing, compiling and any
 // __torch_function__ override (the Python side decides). Measured on a 64->64 3x3 conv at 56x56:
 // the torch.ops call cost 2-3% more than F.conv2d on the same at::convolution.
-at::Tensor tied_conv2d_eager(const at::Tensor& input, const at::Tensor& weight,
-                             const std::optional<at::Tensor>& bias, c10::string_view transform,
-                             double alpha, c10::string_view bias_transform, double bias_alpha,
-                             std::vector<int64_t> stride, std::vector<int64_t> padding,
+at::Tensor tied_conv2d_eager(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             c10::string_view transform, double alpha, c10::string_view bias_transform,
+                             double bias_alpha, std::vector<int64_t> stride, std::vector<int64_t> padding,
                              std::vector<int64_t> dilation, int64_t groups) {
   pybind11::gil_scoped_release no_gil;
-  return fusedtie::call_tied_conv2d(input, weight, bias, transform, alpha, bias_transform, bias_alpha,
-                                    stride, padding, dilation, groups);
+  return fusedtie::call_tied_conv2d(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding,
+                                    dilation, groups);
 }
 
 // fusedtie::tied_conv_transpose2d the same way (the decoder layer's eager calls).
 at::Tensor tied_conv_transpose2d_eager(const at::Tensor& input, const at::Tensor& weight,
-                                       const std::optional<at::Tensor>& bias, c10::string_view transform,
-                                       double alpha, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                       const std::optional<at::Tensor>& bias, c10::string_view transform, double alpha,
+                                       std::vector<int64_t> stride, std::vector<int64_t> padding,
                                        std::vector<int64_t> output_padding, std::vector<int64_t> dilation,
                                        int64_t groups) {
   pybind11::gil_scoped_release no_gil;
-  return fusedtie::call_tied_conv_transpose2d(input, weight, bias, transform, alpha, stride, padding,
-                                              output_padding, dilation, groups);
+  return fusedtie::call_tied_conv_transpose2d(input, weight, bias, transform, alpha, stride, padding, output_padding,
+                                              dilation, groups);
 }
 
 pybind11::dict blas_assessment_dict(const fusedtie::BlasAssessment& a) {
@@ -76,8 +75,9 @@ void register_chain(const std::string& name, const std::string& definition,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedtie operator library (registers torch.ops.fusedtie.*)";
   m.def("transforms", &transform_table, "The transform table: name, f, f', whether it takes alpha");
-  m.def("cpu_transform_capability", [] { return std::string(fusedtie::cpu_transform_passes().capability); },
-        "The instruction set of the CPU transform passes in use (DEFAULT, AVX2, AVX512)");
+  m.def(
+      "cpu_transform_capability", [] { return std::string(fusedtie::cpu_transform_passes().capability); },
+      "The instruction set of the CPU transform passes in use (DEFAULT, AVX2, AVX512)");
   m.def("tied_conv2d_eager", &tied_conv2d_eager,
         "fusedtie::tied_conv2d through the dispatcher with the GIL released (eager calls only)");
   m.def("tied_conv_transpose2d_eager", &tied_conv_transpose2d_eager,
@@ -104,8 +104,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return blas_assessment_dict(fusedtie::assess_gemm_blas(vendor, model, has_mkl, enable_instructions, cbwr));
       },
       "auto's rule for the GEMM path, given a CPU vendor, model, BLAS and MKL's environment (for tests)");
-  m.def("gemm_blas_assessment", [] { return blas_assessment_dict(fusedtie::gemm_blas_assessment()); },
-        "auto's rule for the GEMM path as this process applies it");
+  m.def(
+      "gemm_blas_assessment", [] { return blas_assessment_dict(fusedtie::gemm_blas_assessment()); },
+      "auto's rule for the GEMM path as this process applies it");
   m.def("brgemm_micro_kernel_available", &fusedtie::brgemm_micro_kernel_available,
         "Whether oneDNN's brgemm micro-kernel runs the brgemm path here (else a BLAS call per tile)");
   m.def("set_cuda_conv_algorithm", &fusedtie::set_cuda_conv_algorithm, pybind11::arg("name"),

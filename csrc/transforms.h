@@ -55,8 +55,7 @@ inline constexpr TransformInfo kTransforms[] = {
     {TransformKind::kExp, "exp", "exp(x)", "exp(x)", false},
     {TransformKind::kSigmoid, "sigmoid", "1/(1+exp(-x))", "s*(1-s)", false},
     {TransformKind::kTanh, "tanh", "tanh(x)", "1-tanh(x)^2", false},
-    {TransformKind::kSoftplus, "softplus", "log(1+exp(x)); x where x>20",
-     "exp(x)/(1+exp(x)); 1 where x>20", false},
+    {TransformKind::kSoftplus, "softplus", "log(1+exp(x)); x where x>20", "exp(x)/(1+exp(x)); 1 where x>20", false},
 };
 inline constexpr int kNumTransforms = sizeof(kTransforms) / sizeof(kTransforms[0]);
 
@@ -79,11 +78,17 @@ FUSEDTIE_HOST_DEVICE T where(bool condition, T if_true, T if_false) {
 #if !defined(__CUDACC__) && !defined(__HIPCC__)
 // Comparisons of Vectorized values give all-ones lane masks; where() selects lane by lane.
 template <typename T>
-inline at::vec::Vectorized<T> exp(const at::vec::Vectorized<T>& x) { return x.exp(); }
+inline at::vec::Vectorized<T> exp(const at::vec::Vectorized<T>& x) {
+  return x.exp();
+}
 template <typename T>
-inline at::vec::Vectorized<T> log1p(const at::vec::Vectorized<T>& x) { return x.log1p(); }
+inline at::vec::Vectorized<T> log1p(const at::vec::Vectorized<T>& x) {
+  return x.log1p();
+}
 template <typename T>
-inline at::vec::Vectorized<T> tanh(const at::vec::Vectorized<T>& x) { return x.tanh(); }
+inline at::vec::Vectorized<T> tanh(const at::vec::Vectorized<T>& x) {
+  return x.tanh();
+}
 // float32 tanh on CPU vectors. Vectorized<float>::tanh is SLEEF's 1-ulp tanhf, about 6x slower than
 // torch.tanh (MKL's vector math), which made tanh-tied layers pay for the transform itself. This is
 // x * P(x^2) / Q(x^2), a rational fit minimising the relative error on |x| <= 9 (beyond which tanh
@@ -107,10 +112,11 @@ inline at::vec::Vectorized<float> tanh(const at::vec::Vectorized<float>& x) {
   return at::vec::minimum(at::vec::maximum(t, Vec(-1.0f)), Vec(1.0f));
 }
 template <typename T>
-inline at::vec::Vectorized<T> abs(const at::vec::Vectorized<T>& x) { return x.abs(); }
+inline at::vec::Vectorized<T> abs(const at::vec::Vectorized<T>& x) {
+  return x.abs();
+}
 template <typename T>
-inline at::vec::Vectorized<T> where(const at::vec::Vectorized<T>& mask,
-                                    const at::vec::Vectorized<T>& if_true,
+inline at::vec::Vectorized<T> where(const at::vec::Vectorized<T>& mask, const at::vec::Vectorized<T>& if_true,
                                     const at::vec::Vectorized<T>& if_false) {
   return at::vec::Vectorized<T>::blendv(if_false, if_true, mask);
 }
@@ -120,45 +126,85 @@ inline at::vec::Vectorized<T> where(const at::vec::Vectorized<T>& mask,
 // Each transform: forward(x, alpha) = f(x), derivative(x, alpha) = f'(x). V is a float type or a
 // Vectorized of one; V(c) broadcasts a constant.
 struct IdentityTransform {
-  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) { return x; }
-  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V, V) { return V(1); }
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V forward(V x, V) {
+    return x;
+  }
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V derivative(V, V) {
+    return V(1);
+  }
 };
 struct SquareTransform {
-  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) { return x * x; }
-  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V x, V) { return x + x; }
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V forward(V x, V) {
+    return x * x;
+  }
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
+    return x + x;
+  }
 };
 struct AbsTransform {
-  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) { return math::abs(x); }
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V forward(V x, V) {
+    return math::abs(x);
+  }
   // sign(x), and 0 at 0 and at NaN: PyTorch's abs backward (grad * sgn(x)) exactly.
-  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
     return math::where(x > V(0), V(1), math::where(x < V(0), V(-1), V(0)));
   }
 };
 struct NegTransform {
   // -1 * x rather than 0 - x, which would turn -0 into +0 (torch.neg flips the sign of zero too).
-  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) { return V(-1) * x; }
-  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V, V) { return V(-1); }
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V forward(V x, V) {
+    return V(-1) * x;
+  }
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V derivative(V, V) {
+    return V(-1);
+  }
 };
 struct ScaleTransform {
-  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V alpha) { return alpha * x; }
-  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V, V alpha) { return alpha; }
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V forward(V x, V alpha) {
+    return alpha * x;
+  }
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V derivative(V, V alpha) {
+    return alpha;
+  }
 };
 struct ExpTransform {
-  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) { return math::exp(x); }
-  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V x, V) { return math::exp(x); }
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V forward(V x, V) {
+    return math::exp(x);
+  }
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
+    return math::exp(x);
+  }
 };
 struct SigmoidTransform {
-  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) {
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V forward(V x, V) {
     return V(1) / (V(1) + math::exp(V(0) - x));
   }
-  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
     V s = V(1) / (V(1) + math::exp(V(0) - x));
     return s * (V(1) - s);
   }
 };
 struct TanhTransform {
-  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) { return math::tanh(x); }
-  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V forward(V x, V) {
+    return math::tanh(x);
+  }
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
     V t = math::tanh(x);
     return V(1) - t * t;
   }
@@ -166,10 +212,12 @@ struct TanhTransform {
 // torch.nn.functional.softplus with beta=1, threshold=20: linear above the threshold, where
 // log1p(exp(x)) == x in float32 anyway. The derivative follows PyTorch's softplus_backward.
 struct SoftplusTransform {
-  template <typename V> static FUSEDTIE_HOST_DEVICE V forward(V x, V) {
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V forward(V x, V) {
     return math::where(x > V(20), x, math::log1p(math::exp(x)));
   }
-  template <typename V> static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
     V z = math::exp(x);
     return math::where(x > V(20), V(1), z / (z + V(1)));
   }

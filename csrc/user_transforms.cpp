@@ -44,8 +44,8 @@ class Registry {
 
   const Entry& entry(TransformKind kind) const {
     const int64_t index = int64_t(static_cast<int32_t>(kind)) - kUserTransformBase;
-    const Entry* e = (index >= 0 && index < kMaxUserTransforms) ? slots_[index].load(std::memory_order_acquire)
-                                                                  : nullptr;
+    const Entry* e =
+        (index >= 0 && index < kMaxUserTransforms) ? slots_[index].load(std::memory_order_acquire) : nullptr;
     TORCH_CHECK(e != nullptr, "fusedtie: no user transform has kind ", static_cast<int32_t>(kind));
     return *e;
   }
@@ -123,7 +123,8 @@ const Entry& compiled_entry(TransformKind kind) {
 const Entry& cuda_entry(TransformKind kind) {
   const Entry& e = compiled_entry(kind);
   TORCH_CHECK_NOT_IMPLEMENTED(e.table->cuda_forward != nullptr && e.table->cuda_chain_rule != nullptr,
-                              "user transform '", e.name, "' was compiled without CUDA kernels (it was created "
+                              "user transform '", e.name,
+                              "' was compiled without CUDA kernels (it was created "
                               "with cuda=False, or where fusedtie had no CUDA or CUDA was not available); to run "
                               "it on CUDA tensors, create it with cuda=True (under another name in this process: "
                               "a name keeps its first definition)");
@@ -196,8 +197,11 @@ void check_library_isa(void* handle, const std::string& name, const std::string&
   const int needed = isa_rank(isa);
   const int available = isa_rank(capability);
   TORCH_CHECK(needed == 0 || (needed > 0 && available >= needed), "fusedtie: the library of user transform '", name,
-              "' (", library_path, ") was compiled for the ", isa, " instruction set, which this process's CPU "
-              "capability (", capability, ", ATen's choice, lowered by ATEN_CPU_CAPABILITY) does not include; "
+              "' (", library_path, ") was compiled for the ", isa,
+              " instruction set, which this process's CPU "
+              "capability (",
+              capability,
+              ", ATen's choice, lowered by ATEN_CPU_CAPABILITY) does not include; "
               "delete its folder to rebuild it for this machine");
 }
 
@@ -218,19 +222,18 @@ void register_compiled_transform(const std::string& name, const std::string& def
   if (check_user_transform(name, definition)) return;
   // RTLD_LOCAL: the library's symbols stay its own (every user library defines the same names).
   void* handle = dlopen(library_path.c_str(), RTLD_NOW | RTLD_LOCAL);
-  TORCH_CHECK(handle != nullptr, "fusedtie: cannot load the library of user transform '", name, "' (",
-              library_path, "): ", dlerror());
+  TORCH_CHECK(handle != nullptr, "fusedtie: cannot load the library of user transform '", name, "' (", library_path,
+              "): ", dlerror());
   check_library_isa(handle, name, library_path);
   auto* table_fn = reinterpret_cast<FusedtieUserTransformTableFn>(dlsym(handle, FUSEDTIE_USER_TRANSFORM_TABLE_SYMBOL));
   TORCH_CHECK(table_fn != nullptr, "fusedtie: ", library_path, " exports no ", FUSEDTIE_USER_TRANSFORM_TABLE_SYMBOL,
               "(): not a fusedtie user transform library");
   const FusedtieUserTransformTable* table = table_fn();
-  TORCH_CHECK(table != nullptr && table->abi_version == FUSEDTIE_USER_TRANSFORM_ABI_VERSION,
-              "fusedtie: ", library_path, " was built for user-transform interface version ",
-              table == nullptr ? -1 : table->abi_version, ", this library has version ",
-              FUSEDTIE_USER_TRANSFORM_ABI_VERSION, "; delete it to rebuild it");
-  TORCH_CHECK_VALUE(table->num_params == static_cast<int32_t>(params.size()), "user transform '", name,
-                    "' takes ", table->num_params, " parameters, got ", params.size(), " values");
+  TORCH_CHECK(table != nullptr && table->abi_version == FUSEDTIE_USER_TRANSFORM_ABI_VERSION, "fusedtie: ", library_path,
+              " was built for user-transform interface version ", table == nullptr ? -1 : table->abi_version,
+              ", this library has version ", FUSEDTIE_USER_TRANSFORM_ABI_VERSION, "; delete it to rebuild it");
+  TORCH_CHECK_VALUE(table->num_params == static_cast<int32_t>(params.size()), "user transform '", name, "' takes ",
+                    table->num_params, " parameters, got ", params.size(), " values");
   TORCH_CHECK(table->cpu_forward != nullptr && table->cpu_chain_rule != nullptr, "fusedtie: ", library_path,
               " has no CPU functions");
   auto e = std::make_unique<Entry>();
@@ -277,8 +280,8 @@ void user_forward_pass(TransformKind kind, c10::ScalarType dtype, const void* in
   });
 }
 
-void user_chain_rule_pass(TransformKind kind, c10::ScalarType dtype, const void* grad, const void* source,
-                          void* out, int64_t numel) {
+void user_chain_rule_pass(TransformKind kind, c10::ScalarType dtype, const void* grad, const void* source, void* out,
+                          int64_t numel) {
   const Entry& e = Registry::get().entry(kind);
   if (e.table != nullptr) {
     check_result(e, e.table->cpu_chain_rule(static_cast<int32_t>(dtype), grad, source, out, numel, e.params.data()));
@@ -300,8 +303,8 @@ void user_cuda_forward_pass(TransformKind kind, c10::ScalarType dtype, const voi
 void user_cuda_chain_rule_pass(TransformKind kind, c10::ScalarType dtype, const void* grad, const void* source,
                                void* out, int64_t numel, void* stream) {
   const Entry& e = cuda_entry(kind);
-  check_result(e, e.table->cuda_chain_rule(static_cast<int32_t>(dtype), grad, source, out, numel, e.params.data(),
-                                           stream));
+  check_result(
+      e, e.table->cuda_chain_rule(static_cast<int32_t>(dtype), grad, source, out, numel, e.params.data(), stream));
 }
 
 }  // namespace fusedtie

@@ -65,8 +65,8 @@ const std::vector<ChainStage>* user_chain_stages(TransformKind kind);
 
 // The CPU passes of a user kind, with transform_passes.h's semantics (out may alias in / grad).
 void user_forward_pass(TransformKind kind, c10::ScalarType dtype, const void* in, void* out, int64_t numel);
-void user_chain_rule_pass(TransformKind kind, c10::ScalarType dtype, const void* grad, const void* source,
-                          void* out, int64_t numel);
+void user_chain_rule_pass(TransformKind kind, c10::ScalarType dtype, const void* grad, const void* source, void* out,
+                          int64_t numel);
 
 // The CUDA kernels of a compiled kind, launched on `stream` (a cudaStream_t) with device pointers;
 // NotImplementedError when its library was compiled without CUDA kernels. Chains do not come here

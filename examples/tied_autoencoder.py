@@ -59,17 +59,21 @@ class AutoEncoder(nn.Module):
         if tied:
             # Each layer takes its geometry from its source; output_padding=1 undoes the rounding
             # of the stride-2 convs (4x4 -> 2x2 -> 4x4 -> 8x8).
-            self.decoder = nn.ModuleList([
-                fusedtie.FusedTiedConvTranspose2d(e.conv3, transform, output_padding=1),
-                fusedtie.FusedTiedConvTranspose2d(e.conv2, transform, output_padding=1),
-                fusedtie.FusedTiedConvTranspose2d(e.conv1, transform),
-            ])
+            self.decoder = nn.ModuleList(
+                [
+                    fusedtie.FusedTiedConvTranspose2d(e.conv3, transform, output_padding=1),
+                    fusedtie.FusedTiedConvTranspose2d(e.conv2, transform, output_padding=1),
+                    fusedtie.FusedTiedConvTranspose2d(e.conv1, transform),
+                ]
+            )
         else:
-            self.decoder = nn.ModuleList([
-                nn.ConvTranspose2d(8, 32, 3, stride=2, padding=1, output_padding=1),
-                nn.ConvTranspose2d(32, 16, 3, stride=2, padding=1, output_padding=1),
-                nn.ConvTranspose2d(16, 1, 3, padding=1),
-            ])
+            self.decoder = nn.ModuleList(
+                [
+                    nn.ConvTranspose2d(8, 32, 3, stride=2, padding=1, output_padding=1),
+                    nn.ConvTranspose2d(32, 16, 3, stride=2, padding=1, output_padding=1),
+                    nn.ConvTranspose2d(16, 1, 3, padding=1),
+                ]
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder(x)
@@ -91,8 +95,7 @@ def reconstruction_loss(model: nn.Module, images: torch.Tensor) -> float:
     return loss
 
 
-def train(epochs: int, seed: int, transform: str, batch_size: int = 32, lr: float = 3e-3,
-          log=print) -> dict:
+def train(epochs: int, seed: int, transform: str, batch_size: int = 32, lr: float = 3e-3, log=print) -> dict:
     """Trains the tied model and its untied twin on the same batches; returns their history."""
     images = load_digits_tensor()
     generator = torch.Generator().manual_seed(seed)
@@ -106,22 +109,26 @@ def train(epochs: int, seed: int, transform: str, batch_size: int = 32, lr: floa
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=lr) for name, m in models.items()}
     history = {name: [reconstruction_loss(m, test)] for name, m in models.items()}
     counts = {name: parameter_count(m) for name, m in models.items()}
-    log(f"parameters: tied {counts['tied']:,}, untied {counts['untied']:,} "
-        f"(the tied decoder adds only its biases to the encoder's {parameter_count(models['tied'].encoder):,})")
+    log(
+        f"parameters: tied {counts['tied']:,}, untied {counts['untied']:,} "
+        f"(the tied decoder adds only its biases to the encoder's {parameter_count(models['tied'].encoder):,})"
+    )
     log(f"epoch  0: held-out MSE  tied {history['tied'][0]:.5f}   untied {history['untied'][0]:.5f}")
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         permutation = torch.randperm(len(train_set), generator=generator)
         for first in range(0, len(train_set), batch_size):
-            batch = train_set[permutation[first:first + batch_size]]
+            batch = train_set[permutation[first : first + batch_size]]
             for name, model in models.items():
                 optimizers[name].zero_grad(set_to_none=True)
                 F.mse_loss(model(batch), batch).backward()
                 optimizers[name].step()
         for name, model in models.items():
             history[name].append(reconstruction_loss(model, test))
-        log(f"epoch {epoch:2d}: held-out MSE  tied {history['tied'][-1]:.5f}   "
-            f"untied {history['untied'][-1]:.5f}   ({time.perf_counter() - start:.1f} s)")
+        log(
+            f"epoch {epoch:2d}: held-out MSE  tied {history['tied'][-1]:.5f}   "
+            f"untied {history['untied'][-1]:.5f}   ({time.perf_counter() - start:.1f} s)"
+        )
     return {"models": models, "history": history, "parameters": counts, "test": test}
 
 
@@ -155,8 +162,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--transform", default="identity",
-                        help=f"f for the tie, one of {', '.join(fusedtie.available_transforms())}")
+    parser.add_argument(
+        "--transform", default="identity", help=f"f for the tie, one of {', '.join(fusedtie.available_transforms())}"
+    )
     parser.add_argument("--png", default="tied_autoencoder.png", help="where to write the picture")
     # One thread: on 8x8 images every op is tiny, and waking a second thread costs more than it
     # saves (measured: 1.2 s an epoch on one thread, 7-13 s on two of a busy 2-core machine).

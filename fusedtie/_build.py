@@ -65,8 +65,10 @@ def cuda_build_decision() -> tuple[bool, str]:
             note = f" (nvcc's own toolkit; torch had guessed CUDA_HOME={cpp_extension.CUDA_HOME})"
             cpp_extension.CUDA_HOME = toolkit  # what the build reads (include, lib64, bin/nvcc)
     if not _is_toolkit(cpp_extension.CUDA_HOME):
-        return False, (f"CUDA_HOME={cpp_extension.CUDA_HOME} has no include/cuda_runtime.h "
-                       "(set CUDA_HOME to the CUDA toolkit, e.g. /usr/local/cuda)")
+        return False, (
+            f"CUDA_HOME={cpp_extension.CUDA_HOME} has no include/cuda_runtime.h "
+            "(set CUDA_HOME to the CUDA toolkit, e.g. /usr/local/cuda)"
+        )
     if not glob.glob(os.path.join(SOURCE_DIR, "cuda", "*.cu")):
         return False, "no CUDA kernels in csrc/cuda yet"
     return True, f"nvcc at {cpp_extension.CUDA_HOME}{note}, torch CUDA {torch.version.cuda}"
@@ -82,13 +84,14 @@ def _nvcc_toolkit() -> str | None:
     if nvcc is None:
         return None
     try:
-        run = subprocess.run([nvcc, "-dryrun", "-E", "-x", "cu", os.devnull], capture_output=True,
-                             text=True, timeout=60)
+        run = subprocess.run(
+            [nvcc, "-dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     for line in (run.stdout + run.stderr).splitlines():
         if line.startswith("#$ TOP="):
-            return os.path.realpath(line[len("#$ TOP="):].strip())
+            return os.path.realpath(line[len("#$ TOP=") :].strip())
     return None
 
 
@@ -114,8 +117,12 @@ def cuda_header_dirs() -> list[str]:
     spec = importlib.util.find_spec("nvidia")
     if spec is None or not spec.submodule_search_locations:
         return []
-    return [d for root in spec.submodule_search_locations
-            for d in sorted(glob.glob(os.path.join(root, "*", "include"))) if os.path.isdir(d)]
+    return [
+        d
+        for root in spec.submodule_search_locations
+        for d in sorted(glob.glob(os.path.join(root, "*", "include")))
+        if os.path.isdir(d)
+    ]
 
 
 def compile_flags(debug: bool, cuda: bool = False) -> dict[str, list[str]]:
@@ -143,8 +150,10 @@ def _cache_dir(cuda: bool) -> str:
     import torch
 
     root = os.environ.get("FUSEDTIE_CACHE_DIR") or (
-        os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "fusedtie") if os.environ.get("TORCH_EXTENSIONS_DIR")
-        else os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusedtie"))
+        os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "fusedtie")
+        if os.environ.get("TORCH_EXTENSIONS_DIR")
+        else os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusedtie")
+    )
     tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{'cuda' if cuda else 'cpu'}"
     return os.path.join(root, re.sub(r"[^A-Za-z0-9_.-]", "_", tag))
 
@@ -178,10 +187,14 @@ def _build_lock(build_dir: str) -> Iterator[None]:
                     raise RuntimeError(
                         f"fusedtie: waited {limit:.0f} s for {holder} to finish building in {build_dir} "
                         f"(lock {path}). If that process is stuck, stop it; raise FUSEDTIE_BUILD_WAIT_SECONDS "
-                        "to wait longer.") from None
+                        "to wait longer."
+                    ) from None
                 if not told:
-                    print(f"fusedtie: waiting for {holder}, which is building the extension in {build_dir}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"fusedtie: waiting for {holder}, which is building the extension in {build_dir}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     told = True
                 time.sleep(0.2)
         lock.seek(0)
@@ -213,8 +226,9 @@ def _jit_build() -> ModuleType:
     build_dir = _cache_dir(cuda)
     os.makedirs(build_dir, exist_ok=True)
     sources = source_files(cuda)
-    headers = [f for pattern in ("*.h", "*.cuh")
-               for f in glob.glob(os.path.join(SOURCE_DIR, "**", pattern), recursive=True)]
+    headers = [
+        f for pattern in ("*.h", "*.cuh") for f in glob.glob(os.path.join(SOURCE_DIR, "**", pattern), recursive=True)
+    ]
     headers += glob.glob(os.path.join(PACKAGE_DIR, "include", "*.h"))  # the user-transform interface
     debug = os.environ.get("FUSEDTIE_DEBUG", "0") == "1"
     flags = compile_flags(debug, cuda)

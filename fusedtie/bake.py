@@ -12,8 +12,14 @@ from .nn import _remove_source_hooks, _TiedLayer
 # The hooks a user may have registered on a tied layer that run around its forward or backward;
 # the baked conv takes them over, so a model with, say, a feature-extraction hook behaves the same.
 _CALL_HOOK_ATTRIBUTES = (
-    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_is_full_backward_hook",
 )
 
 

@@ -108,8 +108,13 @@ class _Stamp:
         self.device = t.device
 
     def matches(self, t: Tensor) -> bool:
-        return (self.ref() is t and self.data_ptr == t.data_ptr() and self.version == t._version
-                and self.dtype == t.dtype and self.device == t.device)
+        return (
+            self.ref() is t
+            and self.data_ptr == t.data_ptr()
+            and self.version == t._version
+            and self.dtype == t.dtype
+            and self.device == t.device
+        )
 
 
 def _stamp(t: Optional[Tensor]) -> Optional[_Stamp]:
@@ -134,8 +139,7 @@ class _Entry:
 def _cacheable(t: Tensor) -> bool:
     # Inference tensors have no version counter, fake/meta tensors no memory to identify them by,
     # and tensor subclasses may not store what they report: none of them are cached.
-    return (type(t) in (Tensor, nn.Parameter) and not t.is_inference()
-            and t.device.type not in ("meta",))
+    return type(t) in (Tensor, nn.Parameter) and not t.is_inference() and t.device.type not in ("meta",)
 
 
 def lookup(

@@ -96,8 +96,14 @@ class _TiedLayer(nn.Module):
         if type(weight) is not nn.Parameter:  # plain parameters (the common case) cannot be shards
             check_source_not_sharded(self, self._modules["source"], weight, input)
 
-    def _filled(self, layer: nn.Module, weight: Tensor, source_weight: Tensor, bias: Optional[Tensor],
-                source_bias: Optional[Tensor]) -> nn.Module:
+    def _filled(
+        self,
+        layer: nn.Module,
+        weight: Tensor,
+        source_weight: Tensor,
+        bias: Optional[Tensor],
+        source_bias: Optional[Tensor],
+    ) -> nn.Module:
         """``layer`` (a plain conv just built with this layer's geometry) holding copies of ``weight``
         and ``bias``, requiring grad as their sources do, in this layer's training mode."""
         with torch.no_grad():
@@ -152,8 +158,10 @@ class _TiedLayer(nn.Module):
     def __repr__(self) -> str:
         name = self._name_inside_source()
         if name is not None:  # repr should describe, not raise
-            return (f"{self._get_name()}({self.extra_repr()}, source=<the "
-                    f"{type(self._modules['source']).__name__} that holds this layer as '{name}': a cycle>)")
+            return (
+                f"{self._get_name()}({self.extra_repr()}, source=<the "
+                f"{type(self._modules['source']).__name__} that holds this layer as '{name}': a cycle>)"
+            )
         return super().__repr__()
 
     # --- state_dict without duplicate keys ----------------------------------------------------------
@@ -168,8 +176,9 @@ class _TiedLayer(nn.Module):
                 book.slot_prefixes.add(prefix + _SLOT)
         return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         self._check_no_cycle("load_state_dict()")
         slot = prefix + _SLOT
         book = _load_book(missing_keys)
@@ -183,14 +192,17 @@ class _TiedLayer(nn.Module):
             for key, value in own.items():
                 state_dict[slot + key] = value
             book.placeholders[id(self)] = (id(self.source), [slot + key for key in own])
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _geometry_repr(self, bias: str, *optional: tuple) -> str:
         """extra_repr as nn.Conv2d's: the fixed fields, then each (name, value, default) whose value
         differs from its default."""
-        fixed = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                 f"stride={self.stride}, transform={self.transform}, bias={bias}")
+        fixed = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, transform={self.transform}, bias={bias}"
+        )
         return fixed + "".join(f", {name}={value!r}" for name, value, default in optional if value != default)
 
 
@@ -220,10 +232,21 @@ class FusedTiedConv2d(_TiedLayer):
     """
 
     _DERIVED_ATTRIBUTES = frozenset({"weight", "bias"})
-    _FIXED_AT_CONSTRUCTION = frozenset({
-        "source", "transform", "bias_mode", "in_channels", "out_channels", "kernel_size", "stride", "padding",
-        "dilation", "groups", "padding_mode",
-    })
+    _FIXED_AT_CONSTRUCTION = frozenset(
+        {
+            "source",
+            "transform",
+            "bias_mode",
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "groups",
+            "padding_mode",
+        }
+    )
 
     def __init__(
         self,
@@ -311,8 +334,14 @@ class FusedTiedConv2d(_TiedLayer):
         bias_transform = t if bias == "transform" else Transform("identity")
         # Everything the operator needs besides the tensors, normalised once.
         self._op_args = (
-            t.name, t.op_alpha, bias_transform.name, bias_transform.op_alpha,
-            self.stride, op_padding, self.dilation, self.groups,
+            t.name,
+            t.op_alpha,
+            bias_transform.name,
+            bias_transform.op_alpha,
+            self.stride,
+            op_padding,
+            self.dilation,
+            self.groups,
         )
         # The same call on tensors that are already f(W) and g(b) (fusedtie.cached()'s path).
         self._op_args_derived = ("identity", 1.0, "identity", 1.0) + self._op_args[4:]
@@ -386,10 +415,17 @@ class FusedTiedConv2d(_TiedLayer):
             source_weight, source_bias = self._source_tensors()
             weight, bias = self._derive(source_weight, source_bias)
         conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-            padding=self.padding, dilation=self.dilation, groups=self.groups,
-            bias=bias is not None, padding_mode=self.padding_mode,
-            device=weight.device, dtype=weight.dtype,
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=bias is not None,
+            padding_mode=self.padding_mode,
+            device=weight.device,
+            dtype=weight.dtype,
         )
         return self._filled(conv, weight, source_weight, bias, source_bias)
 
@@ -397,9 +433,13 @@ class FusedTiedConv2d(_TiedLayer):
         return self.to_conv2d()
 
     def extra_repr(self) -> str:
-        return self._geometry_repr(repr(self.bias_mode), ("padding", self.padding, (0, 0)),
-                                   ("dilation", self.dilation, (1, 1)), ("groups", self.groups, 1),
-                                   ("padding_mode", self.padding_mode, "zeros"))
+        return self._geometry_repr(
+            repr(self.bias_mode),
+            ("padding", self.padding, (0, 0)),
+            ("dilation", self.dilation, (1, 1)),
+            ("groups", self.groups, 1),
+            ("padding_mode", self.padding_mode, "zeros"),
+        )
 
 
 class FusedTiedConvTranspose2d(_TiedLayer):
@@ -438,10 +478,21 @@ class FusedTiedConvTranspose2d(_TiedLayer):
     """
 
     _DERIVED_ATTRIBUTES = frozenset({"weight"})
-    _FIXED_AT_CONSTRUCTION = frozenset({
-        "source", "transform", "in_channels", "out_channels", "kernel_size", "stride", "padding",
-        "output_padding", "dilation", "groups", "padding_mode",
-    })
+    _FIXED_AT_CONSTRUCTION = frozenset(
+        {
+            "source",
+            "transform",
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "output_padding",
+            "dilation",
+            "groups",
+            "padding_mode",
+        }
+    )
 
     def __init__(
         self,
@@ -460,9 +511,7 @@ class FusedTiedConvTranspose2d(_TiedLayer):
         super().__init__()
         t = Transform.parse(transform)
         if not isinstance(bias, bool):
-            raise TypeError(
-                f"bias must be True or False (whether the layer has a bias of its own), got {bias!r}"
-            )
+            raise TypeError(f"bias must be True or False (whether the layer has a bias of its own), got {bias!r}")
         if padding_mode != "zeros":
             raise ValueError(
                 f'Only "zeros" padding mode is supported for FusedTiedConvTranspose2d (as for '
@@ -527,8 +576,15 @@ class FusedTiedConvTranspose2d(_TiedLayer):
             self._init_bias()
 
     def _op_args(self, output_padding: tuple[int, int], transform: Transform) -> tuple:
-        return (transform.name, transform.op_alpha, self.stride, self.padding, output_padding, self.dilation,
-                self.groups)
+        return (
+            transform.name,
+            transform.op_alpha,
+            self.stride,
+            self.padding,
+            output_padding,
+            self.dilation,
+            self.groups,
+        )
 
     def forward(self, input: Tensor, output_size: Optional[list[int]] = None) -> Tensor:
         """``output_size`` picks the output padding that gives that size, as ``nn.ConvTranspose2d``."""
@@ -536,17 +592,27 @@ class FusedTiedConvTranspose2d(_TiedLayer):
             output_padding = self.output_padding
         else:
             # nn.ConvTranspose2d's own computation (and messages), on this layer's geometry.
-            output_padding = tuple(nn.modules.conv._ConvTransposeNd._output_padding(
-                self, input, output_size, list(self.stride), list(self.padding), list(self.kernel_size),
-                2, list(self.dilation)))
+            output_padding = tuple(
+                nn.modules.conv._ConvTransposeNd._output_padding(
+                    self,
+                    input,
+                    output_size,
+                    list(self.stride),
+                    list(self.padding),
+                    list(self.kernel_size),
+                    2,
+                    list(self.dilation),
+                )
+            )
         weight = self._source_weight()
         self._check_not_sharded(weight, input)
         bias = self._parameters["bias"]
         if is_caching():
             derived = cache_lookup(self, weight, bias, self._derive)
             if derived is not None:
-                return run_tied_conv_transpose2d(input, derived[0], derived[1],
-                                                 self._op_args(output_padding, _IDENTITY))
+                return run_tied_conv_transpose2d(
+                    input, derived[0], derived[1], self._op_args(output_padding, _IDENTITY)
+                )
         return run_tied_conv_transpose2d(input, weight, bias, self._op_args(output_padding, self.transform))
 
     def _derive(self, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
@@ -563,9 +629,17 @@ class FusedTiedConvTranspose2d(_TiedLayer):
             weight = apply_transform(source_weight, self.transform)
         bias = self.bias
         conv = nn.ConvTranspose2d(
-            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
-            output_padding=self.output_padding, groups=self.groups, bias=bias is not None,
-            dilation=self.dilation, device=weight.device, dtype=weight.dtype,
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            output_padding=self.output_padding,
+            groups=self.groups,
+            bias=bias is not None,
+            dilation=self.dilation,
+            device=weight.device,
+            dtype=weight.dtype,
         )
         return self._filled(conv, weight, source_weight, bias, bias)
 
@@ -573,9 +647,13 @@ class FusedTiedConvTranspose2d(_TiedLayer):
         return self.to_conv_transpose2d()
 
     def extra_repr(self) -> str:
-        return self._geometry_repr(str(self.bias is not None), ("padding", self.padding, (0, 0)),
-                                   ("output_padding", self.output_padding, (0, 0)),
-                                   ("dilation", self.dilation, (1, 1)), ("groups", self.groups, 1))
+        return self._geometry_repr(
+            str(self.bias is not None),
+            ("padding", self.padding, (0, 0)),
+            ("output_padding", self.output_padding, (0, 0)),
+            ("dilation", self.dilation, (1, 1)),
+            ("groups", self.groups, 1),
+        )
 
 
 _IDENTITY = Transform("identity")
@@ -705,12 +783,10 @@ def _difference(first, second) -> Optional[str]:
         return None
     index = tuple(int(i) for i in unequal.nonzero()[0])
     at = f"[{', '.join(map(str, index))}]"
-    return (f"{count} of {first.numel()} elements, first at {at}: {first[index].item()!r} and "
-            f"{second[index].item()!r}")
+    return f"{count} of {first.numel()} elements, first at {at}: {first[index].item()!r} and {second[index].item()!r}"
 
 
-def _source_loading(module, state_dict, prefix, local_metadata, strict, missing_keys,
-                    unexpected_keys, error_msgs):
+def _source_loading(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """Every visit of a tied source during load_state_dict, except through a placeholder slot."""
     for inner in module.modules():  # a source holding its own tied layer: say so before recursing
         if isinstance(inner, _TiedLayer):
@@ -719,7 +795,7 @@ def _source_loading(module, state_dict, prefix, local_metadata, strict, missing_
     if prefix in book.placeholder_slots:
         return
     sid = id(module)
-    values = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    values = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if values:
         if sid in book.loaded:
             # The checkpoint holds the source twice (say "conv_1.weight" and "conv_2.source.weight").

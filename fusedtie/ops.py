@@ -25,6 +25,7 @@ PaddingLike = Union[str, int, Sequence[int]]
 
 def _pair(value: IntOrPair, name: str) -> tuple[int, int]:
     """An int, or a sequence of one or two ints (as F.conv2d takes them), as a pair."""
+
     def as_int(v):
         if isinstance(v, bool):
             raise TypeError
@@ -135,8 +136,15 @@ def tied_conv_transpose2d(
     padding2 = _pair(padding, "padding")
     if min(padding2) < 0:
         raise ValueError(f"negative padding is not supported, got {padding!r}")
-    op_args = (t.name, t.op_alpha, _pair(stride, "stride"), padding2, _pair(output_padding, "output_padding"),
-               _pair(dilation, "dilation"), groups)
+    op_args = (
+        t.name,
+        t.op_alpha,
+        _pair(stride, "stride"),
+        padding2,
+        _pair(output_padding, "output_padding"),
+        _pair(dilation, "dilation"),
+        groups,
+    )
     return run_tied_conv_transpose2d(input, weight, bias, op_args)
 
 
@@ -178,8 +186,7 @@ def _call_batched(call, op_name: str, input, weight, bias, op_args):
     if dim == 3:
         return call(input.unsqueeze(0), weight, bias, op_args).squeeze(0)
     raise ValueError(
-        f"Expected 3D (unbatched) or 4D (batched) input to {op_name}, but got input of size: "
-        f"{list(input.shape)}"
+        f"Expected 3D (unbatched) or 4D (batched) input to {op_name}, but got input of size: {list(input.shape)}"
     )
 
 
@@ -304,8 +311,7 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16
 def _check_supported_dtype(dtype: torch.dtype, op: str) -> None:
     if dtype not in _SUPPORTED_DTYPES:
         raise TypeError(
-            f"fusedtie::{op} supports floating-point tensors (float32, float64, bfloat16, float16), got "
-            f"{dtype}"
+            f"fusedtie::{op} supports floating-point tensors (float32, float64, bfloat16, float16), got {dtype}"
         )
 
 
@@ -316,13 +322,11 @@ def _check_operands_like_input(input, weight, bias) -> None:
             continue
         if t.dtype != input.dtype:
             raise TypeError(
-                f"expected input and {name} to have the same dtype, got input {input.dtype} and "
-                f"{name} {t.dtype}"
+                f"expected input and {name} to have the same dtype, got input {input.dtype} and {name} {t.dtype}"
             )
         if t.device != input.device:
             raise RuntimeError(
-                f"expected input and {name} on the same device, got input on {input.device} and "
-                f"{name} on {t.device}"
+                f"expected input and {name} on the same device, got input on {input.device} and {name} on {t.device}"
             )
 
 
@@ -336,8 +340,7 @@ def _check_geometry_values(stride, padding, dilation) -> None:
         raise ValueError(f"negative padding is not supported, got {list(padding)}")
 
 
-def _check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, padding, dilation,
-                       groups) -> None:
+def _check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, padding, dilation, groups) -> None:
     """The fake kernel's argument checks: the rules and messages of TiedConv2dParams::check
     (csrc/conv_params.h), which checks real tensors. Both are exercised by tests/test_bad_input.py."""
     check_transform_name(transform)
@@ -348,7 +351,9 @@ def _check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, p
     if groups <= 0:
         raise ValueError(f"groups must be a positive integer, got {groups}")
     if input.dim() != 4:
-        raise ValueError(f"fusedtie::tied_conv2d expects a 4-D input (N, C, H, W), got input of size {list(input.shape)}")
+        raise ValueError(
+            f"fusedtie::tied_conv2d expects a 4-D input (N, C, H, W), got input of size {list(input.shape)}"
+        )
     if weight.dim() != 4:
         raise ValueError(f"fusedtie::tied_conv2d expects a 4-D weight, got weight of size {list(weight.shape)}")
     _check_supported_dtype(input.dtype, "tied_conv2d")
@@ -373,24 +378,37 @@ def _check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, p
 
 
 @torch.library.register_fake("fusedtie::tied_conv2d")
-def _tied_conv2d_fake(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride,
-                      padding, dilation, groups):
+def _tied_conv2d_fake(
+    input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups
+):
     _check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, padding, dilation, groups)
     # The output's shape and memory format are aten.convolution's own, run on the fake tensors.
     top, bottom, left, right = padding
     sym_h, sym_w = min(top, bottom), min(left, right)
     if (top, left) != (bottom, right):
         input = F.pad(input, (left - sym_w, right - sym_w, top - sym_h, bottom - sym_h))
-    return torch.ops.aten.convolution(
-        input, weight, bias, stride, (sym_h, sym_w), dilation, False, (0, 0), groups
-    )
+    return torch.ops.aten.convolution(input, weight, bias, stride, (sym_h, sym_w), dilation, False, (0, 0), groups)
 
 
 @torch.library.register_fake("fusedtie::_tied_conv2d_backward")
-def _tied_conv2d_backward_fake(grad_output, input, weight, bias, transform, alpha, bias_transform,
-                               bias_alpha, stride, padding, dilation, groups, output_mask):
-    expected = _tied_conv2d_fake(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride,
-                                 padding, dilation, groups)
+def _tied_conv2d_backward_fake(
+    grad_output,
+    input,
+    weight,
+    bias,
+    transform,
+    alpha,
+    bias_transform,
+    bias_alpha,
+    stride,
+    padding,
+    dilation,
+    groups,
+    output_mask,
+):
+    expected = _tied_conv2d_fake(
+        input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups
+    )
     return _fake_gradients(grad_output, expected, input, weight, bias, output_mask)
 
 
@@ -426,8 +444,9 @@ def _check_output_padding(output_padding, stride, dilation) -> None:
             )
 
 
-def _check_tied_conv_transpose2d(input, weight, bias, transform, stride, padding, output_padding, dilation,
-                                 groups) -> None:
+def _check_tied_conv_transpose2d(
+    input, weight, bias, transform, stride, padding, output_padding, dilation, groups
+) -> None:
     """The fake kernel's argument checks: the rules and messages of TiedConvTranspose2dParams::check
     (csrc/conv_transpose_params.h), which checks real tensors; tests/test_conv_transpose.py runs
     both."""
@@ -468,8 +487,14 @@ def _check_tied_conv_transpose2d(input, weight, bias, transform, stride, padding
         raise ValueError(
             f"expected bias of size [{out_channels}] (out_channels = weight.size(1) * groups), got {list(bias.shape)}"
         )
-    out = [(input.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (weight.shape[2 + d] - 1)
-           + output_padding[d] + 1 for d in range(2)]
+    out = [
+        (input.shape[2 + d] - 1) * stride[d]
+        - 2 * padding[d]
+        + dilation[d] * (weight.shape[2 + d] - 1)
+        + output_padding[d]
+        + 1
+        for d in range(2)
+    ]
     if out[0] <= 0 or out[1] <= 0:
         raise ValueError(
             f"Given input size per channel: ({input.shape[2]} x {input.shape[3]}). Calculated output size per "
@@ -478,18 +503,21 @@ def _check_tied_conv_transpose2d(input, weight, bias, transform, stride, padding
 
 
 @torch.library.register_fake("fusedtie::tied_conv_transpose2d")
-def _tied_conv_transpose2d_fake(input, weight, bias, transform, alpha, stride, padding, output_padding, dilation,
-                                groups):
+def _tied_conv_transpose2d_fake(
+    input, weight, bias, transform, alpha, stride, padding, output_padding, dilation, groups
+):
     _check_tied_conv_transpose2d(input, weight, bias, transform, stride, padding, output_padding, dilation, groups)
     # The output's shape and memory format are aten.convolution's own, run on the fake tensors.
     return torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, True, output_padding, groups)
 
 
 @torch.library.register_fake("fusedtie::_tied_conv_transpose2d_backward")
-def _tied_conv_transpose2d_backward_fake(grad_output, input, weight, bias, transform, alpha, stride, padding,
-                                         output_padding, dilation, groups, output_mask):
-    expected = _tied_conv_transpose2d_fake(input, weight, bias, transform, alpha, stride, padding, output_padding,
-                                           dilation, groups)
+def _tied_conv_transpose2d_backward_fake(
+    grad_output, input, weight, bias, transform, alpha, stride, padding, output_padding, dilation, groups, output_mask
+):
+    expected = _tied_conv_transpose2d_fake(
+        input, weight, bias, transform, alpha, stride, padding, output_padding, dilation, groups
+    )
     return _fake_gradients(grad_output, expected, input, weight, bias, output_mask)
 
 

@@ -62,16 +62,22 @@ class Transform:
         row = _TABLE.get(self.name) or {"uses_alpha": False}  # user transforms carry their own constants
         if row["uses_alpha"]:
             if self.alpha is None:
-                raise ValueError(
-                    f"transform '{self.name}' needs its constant: Transform('{self.name}', alpha=...)"
-                )
+                raise ValueError(f"transform '{self.name}' needs its constant: Transform('{self.name}', alpha=...)")
             object.__setattr__(self, "alpha", float(self.alpha))
         elif self.alpha is not None:
             raise ValueError(f"transform '{self.name}' takes no alpha, got alpha={self.alpha}")
 
     @classmethod
-    def from_expression(cls, name: str, forward: str, derivative: str, *, cuda: Optional[bool] = None,
-                        check_domain: Optional[tuple[float, float]] = None, **params: float) -> "Transform":
+    def from_expression(
+        cls,
+        name: str,
+        forward: str,
+        derivative: str,
+        *,
+        cuda: Optional[bool] = None,
+        check_domain: Optional[tuple[float, float]] = None,
+        **params: float,
+    ) -> "Transform":
         """A user transform: f and f' as C++ expressions in ``x`` and named float parameters, compiled::
 
             cube = fusedtie.Transform.from_expression("cube", forward="x * x * x", derivative="3 * x * x")

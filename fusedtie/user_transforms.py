@@ -66,14 +66,27 @@ class ExpressionDefinition:
         return f"from_expression(forward={self.forward!r}, derivative={self.derivative!r}{params})"
 
     def create(self) -> Transform:
-        return from_expression(self.name, self.forward, self.derivative, cuda=self.cuda,
-                               check_domain=self.check_domain, **dict(self.params))
+        return from_expression(
+            self.name,
+            self.forward,
+            self.derivative,
+            cuda=self.cuda,
+            check_domain=self.check_domain,
+            **dict(self.params),
+        )
 
     def row(self) -> dict:
         built = _BUILT.get(self.name)
-        return {"name": self.name, "forward": self.forward, "derivative": self.derivative, "uses_alpha": False,
-                "builtin": False, "params": dict(self.params), "vectorized": vectorized(self.name),
-                "cpu_isa": built.isa if built is not None else None}
+        return {
+            "name": self.name,
+            "forward": self.forward,
+            "derivative": self.derivative,
+            "uses_alpha": False,
+            "builtin": False,
+            "params": dict(self.params),
+            "vectorized": vectorized(self.name),
+            "cpu_isa": built.isa if built is not None else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -86,25 +99,44 @@ class ChainDefinition:
     @staticmethod
     def canonical_name(stages: tuple[tuple[str, Optional[float]], ...]) -> str:
         """``chain(tanh, scale(alpha=2.0))``: the name of an unnamed chain, and every chain's definition."""
-        return "chain(" + ", ".join(name if alpha is None else f"{name}(alpha={alpha!r})" for name, alpha in stages) + ")"
+        return (
+            "chain(" + ", ".join(name if alpha is None else f"{name}(alpha={alpha!r})" for name, alpha in stages) + ")"
+        )
 
     def text(self) -> str:
         return self.canonical_name(self.stages)
 
     def create(self) -> Transform:
-        return chain(*(Transform(name, alpha) for name, alpha in self.stages),
-                     name=None if self.name == self.text() else self.name)
+        return chain(
+            *(Transform(name, alpha) for name, alpha in self.stages),
+            name=None if self.name == self.text() else self.name,
+        )
 
     def row(self) -> dict:
-        return {"name": self.name, "forward": self.text(), "derivative": "the chain rule of the stages",
-                "uses_alpha": False, "builtin": False, "params": {}, "vectorized": True, "cpu_isa": None}
+        return {
+            "name": self.name,
+            "forward": self.text(),
+            "derivative": "the chain rule of the stages",
+            "uses_alpha": False,
+            "builtin": False,
+            "params": {},
+            "vectorized": True,
+            "cpu_isa": None,
+        }
 
 
 UserDefinition = Union[ExpressionDefinition, ChainDefinition]
 
 
-def from_expression(name: str, forward: str, derivative: str, *, cuda: Optional[bool] = None,
-                    check_domain: Optional[tuple[float, float]] = None, **params: float) -> Transform:
+def from_expression(
+    name: str,
+    forward: str,
+    derivative: str,
+    *,
+    cuda: Optional[bool] = None,
+    check_domain: Optional[tuple[float, float]] = None,
+    **params: float,
+) -> Transform:
     """A transform from C++ expressions in ``x`` for f and f', compiled; see
     :meth:`fusedtie.Transform.from_expression`."""
     if not isinstance(name, str) or not _NAME.match(name):
@@ -120,15 +152,17 @@ def from_expression(name: str, forward: str, derivative: str, *, cuda: Optional[
     lo, hi = (float(v) for v in (check_domain or _CHECK_DOMAIN))
     if not lo < hi:
         raise ValueError(f"check_domain must be (low, high) with low < high, got {check_domain!r}")
-    definition = ExpressionDefinition(name, forward, derivative, tuple(values), (lo, hi),
-                                      None if cuda is None else bool(cuda))
+    definition = ExpressionDefinition(
+        name, forward, derivative, tuple(values), (lo, hi), None if cuda is None else bool(cuda)
+    )
 
     def register() -> None:
         import fusedtie
 
         with_cuda = bool(LIB.cuda_compiled) and torch.cuda.is_available() if cuda is None else bool(cuda)
-        built = _user_build.build_library(forward, derivative, [p for p, _ in values], cuda=with_cuda,
-                                          fusedtie_version=fusedtie.__version__)
+        built = _user_build.build_library(
+            forward, derivative, [p for p, _ in values], cuda=with_cuda, fusedtie_version=fusedtie.__version__
+        )
         LIB._register_compiled_transform(name, definition.text(), built.path, [v for _, v in values])
         _BUILT[name] = built
 
@@ -175,8 +209,12 @@ def chain(*stages, name: Optional[str] = None) -> Transform:
     if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
         raise ValueError(f"a chain's name must be an identifier (letters, digits, _), got {name!r}")
     definition = ChainDefinition(name or ChainDefinition.canonical_name(tuple(parsed)), tuple(parsed))
-    return _register(definition, lambda: LIB._register_chain_transform(
-        definition.name, definition.text(), [(n, 1.0 if a is None else a) for n, a in parsed]))
+    return _register(
+        definition,
+        lambda: LIB._register_chain_transform(
+            definition.name, definition.text(), [(n, 1.0 if a is None else a) for n, a in parsed]
+        ),
+    )
 
 
 def _register(definition: UserDefinition, register, check=None) -> Transform:

@@ -57,7 +57,8 @@ def parse(lines: list[str]) -> tuple[dict, list[str]]:
             # entry only (a callee's spills show in its caller's stack frame and in ptxas warnings).
             if props == entry:
                 result[source][arch][entry].update(
-                    stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+                    stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3))
+                )
             props = None
         elif (m := USED.search(line)) and entry is not None:
             info = result[source][arch][entry]
@@ -113,8 +114,9 @@ def table(state: dict, fresh: set[str], root: str) -> str:
         note = "" if source in fresh else "  (not recompiled: figures from an earlier build)"
         lines.append(f"{where}: {len(kernels)} kernel{'s' if len(kernels) != 1 else ''}{note}")
         lines.append("  " + "".join(f"{a:^{GROUP}} |" for a in archs))
-        lines.append("  " + "".join(f"{'regs':>5}{'spill st/ld':>13}{'stack':>7}{'smem':>7} |" for _ in archs)
-                     + " kernel")
+        lines.append(
+            "  " + "".join(f"{'regs':>5}{'spill st/ld':>13}{'stack':>7}{'smem':>7} |" for _ in archs) + " kernel"
+        )
         for k in kernels:
             row = "  "
             spills = False
@@ -125,13 +127,17 @@ def table(state: dict, fresh: set[str], root: str) -> str:
                     continue
                 st, ld = info.get("spill_stores", 0), info.get("spill_loads", 0)
                 spills |= bool(st or ld)
-                row += (f"{info.get('registers', '?'):>5}{f'{st}/{ld}':>13}{info.get('stack', 0):>7}"
-                        f"{info.get('smem', 0):>7} |")
+                row += (
+                    f"{info.get('registers', '?'):>5}{f'{st}/{ld}':>13}{info.get('stack', 0):>7}"
+                    f"{info.get('smem', 0):>7} |"
+                )
             total += 1
             spilling += spills
             lines.append(row + " " + short(names[k]) + ("   <-- SPILLS" if spills else ""))
-    lines.append(f"{total} kernels over {', '.join(archs) or 'no architecture'}; "
-                 f"{spilling} with spills" + (" (see above)" if spilling else ""))
+    lines.append(
+        f"{total} kernels over {', '.join(archs) or 'no architecture'}; "
+        f"{spilling} with spills" + (" (see above)" if spilling else "")
+    )
     return "\n".join(lines)
 
 
@@ -150,16 +156,18 @@ def main() -> int:
         with open(args.json) as f:
             state = json.load(f)
     state.update(parsed)
-    present = {os.path.realpath(os.path.join(args.sources, n)) for n in os.listdir(args.sources)
-               if n.endswith(".cu")} if os.path.isdir(args.sources) else set()
+    present = (
+        {os.path.realpath(os.path.join(args.sources, n)) for n in os.listdir(args.sources) if n.endswith(".cu")}
+        if os.path.isdir(args.sources)
+        else set()
+    )
     state = {s: v for s, v in state.items() if s in present or s in parsed}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(state, f, indent=1, sort_keys=True)
 
     if not state:
-        print("ptxas: no ptxas output in the log (no kernel compiled, or built without "
-              "FUSEDTIE_PTXAS_VERBOSE=1)")
+        print("ptxas: no ptxas output in the log (no kernel compiled, or built without FUSEDTIE_PTXAS_VERBOSE=1)")
         return 0
     print(table(state, set(parsed), os.path.realpath(args.root)))
     for w in warnings:

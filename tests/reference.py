@@ -35,8 +35,9 @@ def reference_f(name: str, w: torch.Tensor) -> torch.Tensor:
     return REFERENCE_TRANSFORMS[name](w, SCALE_ALPHA)
 
 
-def reference_conv2d(x, w, b, transform, bias_transform="identity", stride=1, padding=0, dilation=1,
-                     groups=1, padding_mode="zeros"):
+def reference_conv2d(
+    x, w, b, transform, bias_transform="identity", stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"
+):
     """Forward output and (grad_x, grad_w, grad_b) of sum(out * grad_out) in float64.
 
     Returns (out, grads_fn) where grads_fn(grad_out) gives the source gradients.
@@ -49,8 +50,15 @@ def reference_conv2d(x, w, b, transform, bias_transform="identity", stride=1, pa
         ph, pw = (padding, padding) if isinstance(padding, int) else padding
         xin = F.pad(x64, (pw, pw, ph, ph), mode=padding_mode)
         padding = 0
-    out = F.conv2d(xin, reference_f(transform, w64), None if b64 is None else reference_f(bias_transform, b64),
-                   stride, padding, dilation, groups)
+    out = F.conv2d(
+        xin,
+        reference_f(transform, w64),
+        None if b64 is None else reference_f(bias_transform, b64),
+        stride,
+        padding,
+        dilation,
+        groups,
+    )
 
     def grads(grad_out):
         inputs = [x64, w64] + ([b64] if b64 is not None else [])
@@ -65,8 +73,7 @@ def reference_conv_transpose2d(x, w, b, transform, stride=1, padding=0, output_p
     x64 = x.detach().double().requires_grad_(True)
     w64 = w.detach().double().requires_grad_(True)
     b64 = None if b is None else b.detach().double().requires_grad_(True)
-    out = F.conv_transpose2d(x64, reference_f(transform, w64), b64, stride, padding, output_padding, groups,
-                             dilation)
+    out = F.conv_transpose2d(x64, reference_f(transform, w64), b64, stride, padding, output_padding, groups, dilation)
 
     def grads(grad_out):
         inputs = [x64, w64] + ([b64] if b64 is not None else [])
@@ -79,6 +86,7 @@ def reference_conv_transpose2d(x, w, b, transform, stride=1, padding=0, output_p
 
 def nonfinite_mask_differences(ours_and_theirs):
     """For (name, ours, reference) triples: one message per NaN / +Inf / -Inf mask that differs."""
+
     def masks(t):
         return {"nan": torch.isnan(t), "+inf": torch.isposinf(t), "-inf": torch.isneginf(t)}
 
@@ -88,6 +96,8 @@ def nonfinite_mask_differences(ours_and_theirs):
         for kind, mask in masks(ours).items():
             expected = expected_masks[kind]
             if not torch.equal(mask, expected):
-                differences.append(f"{name} {kind}: fusedtie {int(mask.sum())} elements, F.conv2d "
-                                   f"{int(expected.sum())}, {int((mask != expected).sum())} differ")
+                differences.append(
+                    f"{name} {kind}: fusedtie {int(mask.sum())} elements, F.conv2d "
+                    f"{int(expected.sum())}, {int((mask != expected).sum())} differ"
+                )
     return differences

@@ -50,8 +50,12 @@ def _autocast_oracle(x, w, b, transform, bias_transform, dtype, grad_out, paddin
     x64 = x.detach().double().requires_grad_(True)
     w64 = w.detach().double().requires_grad_(True)
     b64 = b.detach().double().requires_grad_(True)
-    out = F.conv2d(_rounded(x64, dtype), _rounded(reference_f(transform, w64), dtype),
-                   _rounded(reference_f(bias_transform, b64), dtype), padding=padding)
+    out = F.conv2d(
+        _rounded(x64, dtype),
+        _rounded(reference_f(transform, w64), dtype),
+        _rounded(reference_f(bias_transform, b64), dtype),
+        padding=padding,
+    )
     grads = torch.autograd.grad(out, (x64, w64, b64), grad_out.double())
     return out.detach(), grads
 
@@ -75,11 +79,18 @@ def _check_autocast_against_oracle(device, dtype, transform, bias_transform):
     grad_out = torch.randn(2, 8, 10, 10, device=device).to(dtype)
 
     ours, our_grads = _run_autocast(
-        lambda x, w, b: fusedtie.tied_conv2d(x, w, b, t, bt, padding=1), x, w, b, device, dtype, grad_out)
+        lambda x, w, b: fusedtie.tied_conv2d(x, w, b, t, bt, padding=1), x, w, b, device, dtype, grad_out
+    )
     # PyTorch's own convolution under the same autocast, on f(W) and g(b) computed in float32
     builtin, builtin_grads = _run_autocast(
         lambda x, w, b: F.conv2d(x, reference_f(transform, w), reference_f(bias_transform, b), padding=1),
-        x, w, b, device, dtype, grad_out)
+        x,
+        w,
+        b,
+        device,
+        dtype,
+        grad_out,
+    )
     oracle, oracle_grads = _autocast_oracle(x, w, b, transform, bias_transform, dtype, grad_out)
 
     assert ours.dtype == dtype and ours.shape == oracle.shape
@@ -92,15 +103,19 @@ def _check_autocast_against_oracle(device, dtype, transform, bias_transform):
         scale = ref.abs().max().item()
         assert builtin_err <= 8 * eps * scale, f"{name}: the yardstick itself is off ({builtin_err})"
         assert err <= 2 * builtin_err + 1e-3 * eps * scale, (
-            f"{name}: error {err:.3g} against the float64 oracle, F.conv2d's is {builtin_err:.3g}")
+            f"{name}: error {err:.3g} against the float64 oracle, F.conv2d's is {builtin_err:.3g}"
+        )
 
 
-@pytest.mark.parametrize("transform, bias_transform", [
-    ("square", "identity"),  # unfused under autocast (f in float32, then cast)
-    ("tanh", "softplus"),    # both unfused
-    ("abs", "square"),       # weight fused (abs commutes with rounding), bias unfused
-    ("scale", "neg"),
-])
+@pytest.mark.parametrize(
+    "transform, bias_transform",
+    [
+        ("square", "identity"),  # unfused under autocast (f in float32, then cast)
+        ("tanh", "softplus"),  # both unfused
+        ("abs", "square"),  # weight fused (abs commutes with rounding), bias unfused
+        ("scale", "neg"),
+    ],
+)
 def test_autocast_cpu_bf16_matches_oracle(transform, bias_transform):
     _check_autocast_against_oracle("cpu", torch.bfloat16, transform, bias_transform)
 
@@ -349,8 +364,10 @@ def test_export_keeps_the_op_and_the_source_parameter():
     loaded = torch.export.load(buffer)
     assert len(_tied_nodes(loaded)) == 1
     sd = loaded.state_dict
-    assert sd["conv_1.weight"].data_ptr() == sd[loaded.graph_signature.inputs_to_parameters[
-        _tied_nodes(loaded)[0].args[1].name]].data_ptr()
+    assert (
+        sd["conv_1.weight"].data_ptr()
+        == sd[loaded.graph_signature.inputs_to_parameters[_tied_nodes(loaded)[0].args[1].name]].data_ptr()
+    )
     torch.testing.assert_close(loaded.module()(x), net(x), rtol=1e-5, atol=1e-5)
     dynamic = torch.export.export(net, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
     x3 = torch.randn(3, 8, 10, 10)

@@ -18,8 +18,7 @@ def test_gradcheck_float64(transform):
     t = transform_arg(transform)
 
     def fn(x, w, b):
-        return fusedtie.tied_conv2d(x, w, b, t, t, stride=(2, 1), padding="valid", dilation=(1, 2),
-                                    groups=2)
+        return fusedtie.tied_conv2d(x, w, b, t, t, stride=(2, 1), padding="valid", dilation=(1, 2), groups=2)
 
     assert torch.autograd.gradcheck(fn, (x, w, b))
     same = lambda x, w, b: fusedtie.tied_conv2d(x, w, b, t, t, padding="same", groups=2)  # noqa: E731
@@ -35,24 +34,44 @@ def test_apply_transform_matches_reference_and_gradcheck(transform):
 
 
 def _samples():
-    def make(shape_x, shape_w, bias, transform, bias_transform, stride, padding, dilation, groups,
-             channels_last=False, requires_grad=True):
+    def make(
+        shape_x,
+        shape_w,
+        bias,
+        transform,
+        bias_transform,
+        stride,
+        padding,
+        dilation,
+        groups,
+        channels_last=False,
+        requires_grad=True,
+    ):
         x = torch.randn(shape_x, requires_grad=requires_grad)
         w = torch.randn(shape_w, requires_grad=requires_grad)
         if channels_last:
             x = x.detach().to(memory_format=torch.channels_last).requires_grad_(requires_grad)
         b = torch.randn(shape_w[0], requires_grad=requires_grad) if bias else None
-        return (x, w, b, transform, 1.0 if transform != "scale" else 0.5, bias_transform, 1.0, stride,
-                padding, dilation, groups)
+        return (
+            x,
+            w,
+            b,
+            transform,
+            1.0 if transform != "scale" else 0.5,
+            bias_transform,
+            1.0,
+            stride,
+            padding,
+            dilation,
+            groups,
+        )
 
     return [
         make((2, 4, 8, 8), (6, 4, 3, 3), True, "square", "identity", [1, 1], [1, 1, 1, 1], [1, 1], 1),
         make((1, 4, 9, 7), (4, 2, 2, 3), False, "tanh", "identity", [2, 1], [0, 1, 1, 1], [1, 2], 2),
-        make((2, 4, 6, 6), (6, 4, 1, 1), True, "scale", "scale", [1, 1], [0, 0, 0, 0], [1, 1], 1,
-             channels_last=True),
+        make((2, 4, 6, 6), (6, 4, 1, 1), True, "scale", "scale", [1, 1], [0, 0, 0, 0], [1, 1], 1, channels_last=True),
         make((0, 4, 6, 6), (6, 4, 3, 3), True, "softplus", "exp", [1, 1], [1, 1, 1, 1], [1, 1], 1),
-        make((2, 4, 6, 6), (6, 4, 3, 3), True, "abs", "sigmoid", [1, 1], [1, 1, 1, 1], [1, 1], 1,
-             requires_grad=False),
+        make((2, 4, 6, 6), (6, 4, 3, 3), True, "abs", "sigmoid", [1, 1], [1, 1, 1, 1], [1, 1], 1, requires_grad=False),
     ]
 
 
@@ -73,8 +92,11 @@ def test_opcheck_backward_and_transform_ops():
         )
     wr = torch.randn(6, 4, 3, 3, requires_grad=True)
     torch.library.opcheck(torch.ops.fusedtie.transform.default, (wr, "exp", 1.0))
-    torch.library.opcheck(torch.ops.fusedtie._transform_backward.default, (torch.randn(6, 4, 3, 3), w, "exp", 1.0),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.fusedtie._transform_backward.default,
+        (torch.randn(6, 4, 3, 3), w, "exp", 1.0),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_meta_tensors_give_shapes():
@@ -154,16 +176,35 @@ def test_torch_compile_fullgraph_matches_eager(transform):
 def test_opcheck_layout_edge_cases():
     # _transform_backward with a gradient laid out differently from its source
     src = torch.randn(6, 4, 3, 3).to(memory_format=torch.channels_last)
-    torch.library.opcheck(torch.ops.fusedtie._transform_backward.default, (torch.randn(6, 4, 3, 3), src, "tanh", 1.0),
-                          test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.fusedtie._transform_backward.default,
-                          (torch.randn(6, 4, 3, 3), src, "identity", 1.0), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.fusedtie._transform_backward.default,
+        (torch.randn(6, 4, 3, 3), src, "tanh", 1.0),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        torch.ops.fusedtie._transform_backward.default,
+        (torch.randn(6, 4, 3, 3), src, "identity", 1.0),
+        test_utils=("test_schema", "test_faketensor"),
+    )
     # the backward of an empty batch with asymmetric padding
     x, w = torch.randn(0, 4, 6, 6), torch.randn(6, 4, 2, 2)
     torch.library.opcheck(
         torch.ops.fusedtie._tied_conv2d_backward.default,
-        (torch.randn(0, 6, 6, 6), x, w, None, "square", 1.0, "identity", 1.0, [1, 1], [0, 1, 0, 1], [1, 1], 1,
-         [True, True, False]),
+        (
+            torch.randn(0, 6, 6, 6),
+            x,
+            w,
+            None,
+            "square",
+            1.0,
+            "identity",
+            1.0,
+            [1, 1],
+            [0, 1, 0, 1],
+            [1, 1],
+            1,
+            [True, True, False],
+        ),
         test_utils=("test_schema", "test_faketensor"),
     )
 

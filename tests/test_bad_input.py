@@ -9,49 +9,92 @@ from fusedtie import FusedTiedConv2d
 
 
 def _tensors(device="cpu", cin=4, cout=6, k=3, hw=8, dtype=torch.float32):
-    return (torch.randn(2, cin, hw, hw, dtype=dtype, device=device),
-            torch.randn(cout, cin, k, k, dtype=dtype, device=device),
-            torch.randn(cout, dtype=dtype, device=device))
+    return (
+        torch.randn(2, cin, hw, hw, dtype=dtype, device=device),
+        torch.randn(cout, cin, k, k, dtype=dtype, device=device),
+        torch.randn(cout, dtype=dtype, device=device),
+    )
 
 
 # (name, call, exception, message pattern); each runs on real CPU tensors and on meta tensors.
 def _op_cases(device):
     x, w, b = _tensors(device)
     return [
-        ("in-channel mismatch", lambda: fusedtie.tied_conv2d(x[:, :3], w, b), ValueError,
-         "to have 4 channels, but got 3 channels"),
-        ("groups do not divide out_channels", lambda: fusedtie.tied_conv2d(x, w[:5, :1], None, groups=4),
-         (ValueError, RuntimeError), "divisible by groups"),
+        (
+            "in-channel mismatch",
+            lambda: fusedtie.tied_conv2d(x[:, :3], w, b),
+            ValueError,
+            "to have 4 channels, but got 3 channels",
+        ),
+        (
+            "groups do not divide out_channels",
+            lambda: fusedtie.tied_conv2d(x, w[:5, :1], None, groups=4),
+            (ValueError, RuntimeError),
+            "divisible by groups",
+        ),
         ("5-D input", lambda: fusedtie.tied_conv2d(x[None], w, b), ValueError, "Expected 3D .unbatched. or 4D"),
         ("dtype mismatch", lambda: fusedtie.tied_conv2d(x.double(), w, b), TypeError, "same dtype"),
         ("bias dtype mismatch", lambda: fusedtie.tied_conv2d(x, w, b.double()), TypeError, "same dtype"),
         ("integer input", lambda: fusedtie.tied_conv2d(x.long(), w.long(), None), TypeError, "floating-point"),
-        ("unknown transform", lambda: fusedtie.tied_conv2d(x, w, b, "cube"), ValueError,
-         "unknown transform 'cube'; valid transforms: identity, square"),
-        ("unknown bias transform", lambda: fusedtie.tied_conv2d(x, w, b, "square", "sqrt"), ValueError,
-         "unknown transform 'sqrt'"),
-        ("kernel larger than padded input", lambda: fusedtie.tied_conv2d(x[..., :2, :2], w, b),
-         (ValueError, RuntimeError), "Kernel size can't be greater than actual input size"),
-        ("same padding with stride", lambda: fusedtie.tied_conv2d(x, w, b, padding="same", stride=2),
-         ValueError, "padding='same' is not supported for strided convolutions"),
-        ("bad padding string", lambda: fusedtie.tied_conv2d(x, w, b, padding="full"), ValueError,
-         "Invalid padding string 'full'"),
+        (
+            "unknown transform",
+            lambda: fusedtie.tied_conv2d(x, w, b, "cube"),
+            ValueError,
+            "unknown transform 'cube'; valid transforms: identity, square",
+        ),
+        (
+            "unknown bias transform",
+            lambda: fusedtie.tied_conv2d(x, w, b, "square", "sqrt"),
+            ValueError,
+            "unknown transform 'sqrt'",
+        ),
+        (
+            "kernel larger than padded input",
+            lambda: fusedtie.tied_conv2d(x[..., :2, :2], w, b),
+            (ValueError, RuntimeError),
+            "Kernel size can't be greater than actual input size",
+        ),
+        (
+            "same padding with stride",
+            lambda: fusedtie.tied_conv2d(x, w, b, padding="same", stride=2),
+            ValueError,
+            "padding='same' is not supported for strided convolutions",
+        ),
+        (
+            "bad padding string",
+            lambda: fusedtie.tied_conv2d(x, w, b, padding="full"),
+            ValueError,
+            "Invalid padding string 'full'",
+        ),
         ("negative padding", lambda: fusedtie.tied_conv2d(x, w, b, padding=-1), ValueError, "negative padding"),
-        ("zero stride", lambda: fusedtie.tied_conv2d(x, w, b, stride=0), (ValueError, RuntimeError),
-         "stride"),
-        ("zero groups", lambda: fusedtie.tied_conv2d(x, w, b, groups=0), (ValueError, RuntimeError),
-         "groups"),
-        ("bias of wrong size", lambda: fusedtie.tied_conv2d(x, w, b[:5]), (ValueError, RuntimeError),
-         "bias"),
+        ("zero stride", lambda: fusedtie.tied_conv2d(x, w, b, stride=0), (ValueError, RuntimeError), "stride"),
+        ("zero groups", lambda: fusedtie.tied_conv2d(x, w, b, groups=0), (ValueError, RuntimeError), "groups"),
+        ("bias of wrong size", lambda: fusedtie.tied_conv2d(x, w, b[:5]), (ValueError, RuntimeError), "bias"),
         ("3-D weight", lambda: fusedtie.tied_conv2d(x, w[0], b), ValueError, "4-D weight"),
-        ("stride triple", lambda: fusedtie.tied_conv2d(x, w, b, stride=(1, 1, 1)), TypeError,
-         "stride must be an int or a pair"),
-        ("transform of wrong type", lambda: fusedtie.tied_conv2d(x, w, b, transform=torch.square), TypeError,
-         "expected a transform name"),
-        ("scale without alpha", lambda: fusedtie.tied_conv2d(x, w, b, transform="scale"), ValueError,
-         "needs its constant"),
-        ("alpha on a transform without one", lambda: fusedtie.Transform("square", alpha=2.0), ValueError,
-         "takes no alpha"),
+        (
+            "stride triple",
+            lambda: fusedtie.tied_conv2d(x, w, b, stride=(1, 1, 1)),
+            TypeError,
+            "stride must be an int or a pair",
+        ),
+        (
+            "transform of wrong type",
+            lambda: fusedtie.tied_conv2d(x, w, b, transform=torch.square),
+            TypeError,
+            "expected a transform name",
+        ),
+        (
+            "scale without alpha",
+            lambda: fusedtie.tied_conv2d(x, w, b, transform="scale"),
+            ValueError,
+            "needs its constant",
+        ),
+        (
+            "alpha on a transform without one",
+            lambda: fusedtie.Transform("square", alpha=2.0),
+            ValueError,
+            "takes no alpha",
+        ),
     ]
 
 
@@ -79,11 +122,13 @@ def test_the_direct_ops_check_names_masks_and_shapes(device):
         torch.ops.fusedtie.tied_conv2d(x, w, b, "cube", 1.0, "identity", 1.0, *geometry)
     grad = torch.randn(2, 6, 8, 8, device=device)
     with pytest.raises(ValueError, match="bias gradient, but bias is None"):
-        torch.ops.fusedtie._tied_conv2d_backward(grad, x, w, None, "square", 1.0, "identity", 1.0, *geometry,
-                                                 [True, True, True])
+        torch.ops.fusedtie._tied_conv2d_backward(
+            grad, x, w, None, "square", 1.0, "identity", 1.0, *geometry, [True, True, True]
+        )
     with pytest.raises(ValueError, match="expected grad_output of size"):
-        torch.ops.fusedtie._tied_conv2d_backward(grad[:, :5], x, w, b, "square", 1.0, "identity", 1.0, *geometry,
-                                                 [True, True, True])
+        torch.ops.fusedtie._tied_conv2d_backward(
+            grad[:, :5], x, w, b, "square", 1.0, "identity", 1.0, *geometry, [True, True, True]
+        )
     with pytest.raises(ValueError, match="unknown transform 'cube'"):
         torch.ops.fusedtie.transform(w, "cube", 1.0)
     with pytest.raises(TypeError, match="floating-point"):

@@ -22,9 +22,24 @@ CONTENDERS = ("plain", "fusedtie", "forum", "parametrize")
 
 def test_quick_case_runs_and_reports(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, BENCH, "--shapes", "depthwise 3x3 b1,decoder 3x3 s2 b1",
-           "--transforms", "tanh", "--reps", "4", "--warmup", "1", "--case-budget", "0.5",
-           "--compile", "none", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        BENCH,
+        "--shapes",
+        "depthwise 3x3 b1,decoder 3x3 s2 b1",
+        "--transforms",
+        "tanh",
+        "--reps",
+        "4",
+        "--warmup",
+        "1",
+        "--case-budget",
+        "0.5",
+        "--compile",
+        "none",
+        "--json",
+        str(out),
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| plain ms |" in result.stdout  # the ratio table was printed
@@ -76,8 +91,7 @@ def bench():
 
 def _small_decoder(bench, transform="tanh"):
     """A 2x4x5x5 -> 2x3x10x10 decoder (3x3, stride 2, padding 1, output_padding 1), its tie and h."""
-    shape = bench.ShapeCase("decoder test", 2, 4, 3, 5, 5, 3, stride=2, padding=1, output_padding=1,
-                            kind=bench.DECODER)
+    shape = bench.ShapeCase("decoder test", 2, 4, 3, 5, 5, 3, stride=2, padding=1, output_padding=1, kind=bench.DECODER)
     torch.manual_seed(0)
     source = shape.source_conv(torch.device("cpu"), torch.float32)
     h = shape.input(torch.device("cpu"), torch.float32)
@@ -102,8 +116,11 @@ def test_decoder_reference_is_the_encoders_adjoint(bench):
 def test_decoder_guard_passes_every_contender(bench, mode_name):
     _, tie, h, reference = _small_decoder(bench)
     mode = next(m for m in bench.MODES if m.name == mode_name)
-    runners = {c.name: c.build_decoder(tie, "tanh", mode.trains) for c in bench.CONTENDERS
-               if c.name != bench.COMPILED and mode_name in c.modes}
+    runners = {
+        c.name: c.build_decoder(tie, "tanh", mode.trains)
+        for c in bench.CONTENDERS
+        if c.name != bench.COMPILED and mode_name in c.modes
+    }
     assert set(runners) == set(CONTENDERS) | ({"fusedtie+cache"} if mode_name == "inference" else set())
     for runner in runners.values():
         runner.open_scope()
@@ -136,8 +153,10 @@ class _WrongDecoder(torch.nn.Module):
         return F.conv_transpose2d(h, w, b, s.stride, s.padding, op, s.groups, s.dilation)
 
 
-@pytest.mark.parametrize("fault,mode_name", [("transform", "inference"), ("output_padding", "inference"),
-                                             ("flipped", "inference"), ("derivative", "train")])
+@pytest.mark.parametrize(
+    "fault,mode_name",
+    [("transform", "inference"), ("output_padding", "inference"), ("flipped", "inference"), ("derivative", "train")],
+)
 def test_decoder_guard_rejects_a_wrong_decoder(bench, fault, mode_name):
     _, tie, h, reference = _small_decoder(bench)
     mode = next(m for m in bench.MODES if m.name == mode_name)
@@ -171,8 +190,10 @@ def test_targets_flag_every_miss_and_name_the_worst(bench):
     assert lines[1] == "worst fusedtie/forum: 1.08 (b | train)"
     assert lines[2] == "worst fusedtie+cache/plain: 1.03 (a | inference)"
     assert sorted((m.case, m.contender, m.against) for m in misses) == [
-        ("a | inference", "fusedtie+cache", "plain"), ("b | train", "fusedtie", "forum"),
-        ("b | train", "fusedtie", "plain")]
+        ("a | inference", "fusedtie+cache", "plain"),
+        ("b | train", "fusedtie", "forum"),
+        ("b | train", "fusedtie", "plain"),
+    ]
     assert targets.flagged("fusedtie", cases["b | train"]) and not targets.flagged("fusedtie", cases["a | inference"])
     # the cache's target covers inference only
     assert not targets.case_misses("t", _records(fusedtie_cache=1.5, mode="train"))
@@ -182,8 +203,13 @@ def test_cpu_passes_script_reports_every_shape():
     """benchmarks/cpu_passes.py (docs/cpu-algorithms.md's per-pass table) runs and prints a ratio
     per algorithm and pass for each of its shapes."""
     script = os.path.join(ROOT, "benchmarks", "cpu_passes.py")
-    result = subprocess.run([sys.executable, script, "--rounds", "2", "--algorithms", "library,brgemm"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, script, "--rounds", "2", "--algorithms", "library,brgemm"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| conv")]
     assert len(rows) == 6

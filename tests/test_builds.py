@@ -28,19 +28,30 @@ CHECK = textwrap.dedent(
 
 def _run(env_extra, timeout=1200):
     env = dict(os.environ, **env_extra)
-    return subprocess.run([sys.executable, "-c", CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _start(env_extra):
     env = dict(os.environ, **env_extra)
-    return subprocess.Popen([sys.executable, "-c", CHECK], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHECK],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _jit_env(cache_dir):
-    return {"FUSEDTIE_FORCE_JIT": "1", "FUSEDTIE_CACHE_DIR": str(cache_dir),
-            "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))}
+    return {
+        "FUSEDTIE_FORCE_JIT": "1",
+        "FUSEDTIE_CACHE_DIR": str(cache_dir),
+        "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 2)),
+    }
 
 
 def test_prebuilt_extension_is_used_when_installed():
@@ -50,8 +61,13 @@ def test_prebuilt_extension_is_used_when_installed():
 
 
 def test_import_without_importing_torch_first():
-    result = subprocess.run([sys.executable, "-c", "import fusedtie; print(fusedtie.available_transforms())"],
-                            cwd="/", capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", "import fusedtie; print(fusedtie.available_transforms())"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "square" in result.stdout
 
@@ -141,9 +157,13 @@ CAPABILITY_CHECK = textwrap.dedent(
 
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_every_cpu_capability_of_the_transform_passes(capability):
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability,
-               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", CAPABILITY_CHECK], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
+    env = dict(
+        os.environ,
+        ATEN_CPU_CAPABILITY=capability,
+        PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", CAPABILITY_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "capability" in result.stdout

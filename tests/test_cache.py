@@ -139,8 +139,17 @@ def _copy_into(layer):
         layer.source.weight.copy_(torch.randn_like(layer.source.weight))
 
 
-@pytest.mark.parametrize("change", [_optimizer_step, _in_place_under_no_grad, _bias_only_in_place,
-                                    _load_state_dict, _assign_new_parameter, _copy_into])
+@pytest.mark.parametrize(
+    "change",
+    [
+        _optimizer_step,
+        _in_place_under_no_grad,
+        _bias_only_in_place,
+        _load_state_dict,
+        _assign_new_parameter,
+        _copy_into,
+    ],
+)
 def test_changes_inside_the_scope_are_seen(change):
     layer = make_layer("tanh", bias="transform")
     x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
@@ -173,8 +182,7 @@ def test_training_inside_the_scope_is_exact_and_not_cached(derive_calls):
         for _ in range(2):  # a train step between two calls: each call sees the current weights
             out = layer(x)
             grads = torch.autograd.grad(out, [layer.source.weight, layer.source.bias], grad_out)
-            ref_out, ref_grads = reference_conv2d(x, layer.source.weight, layer.source.bias, "tanh", "tanh",
-                                                  padding=1)
+            ref_out, ref_grads = reference_conv2d(x, layer.source.weight, layer.source.bias, "tanh", "tanh", padding=1)
             torch.testing.assert_close(out, ref_out, **TOL)
             _, ref_gw, ref_gb = ref_grads(grad_out)
             torch.testing.assert_close(grads[0], ref_gw, **TOL)

@@ -15,8 +15,12 @@ import fusedtie.ops as ops
 # source weight shape). The transposed op reads its weight as (in_channels, out_channels, kH, kW).
 OPS = {
     "tied_conv2d": ("_tied_conv2d_op", fusedtie.tied_conv2d, F.conv2d, (4, 3, 3, 3)),
-    "tied_conv_transpose2d": ("_tied_conv_transpose2d_op", fusedtie.tied_conv_transpose2d, F.conv_transpose2d,
-                              (3, 4, 3, 3)),
+    "tied_conv_transpose2d": (
+        "_tied_conv_transpose2d_op",
+        fusedtie.tied_conv_transpose2d,
+        F.conv_transpose2d,
+        (3, 4, 3, 3),
+    ),
 }
 
 
@@ -41,8 +45,9 @@ def make(weight_shape):
 
 
 def check_against_reference(theirs, out, x, w, b):
-    torch.testing.assert_close(out.double(), theirs(x.double(), w.double() ** 2, b.double(), padding=1),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.double(), theirs(x.double(), w.double() ** 2, b.double(), padding=1), rtol=1e-5, atol=1e-5
+    )
     (gw,) = torch.autograd.grad(out.sum(), w)  # autograd is the dispatcher's, whichever path
     w64 = w.detach().double().requires_grad_(True)
     (ref_gw,) = torch.autograd.grad(theirs(x.double(), w64**2, b.double(), padding=1).sum(), w64)
@@ -90,12 +95,14 @@ def test_errors_are_the_same_on_both_paths():
     with pytest.raises(ValueError, match=r"expected input\[1, 5, 6, 6\] to have 3 channels, but got 5"):
         fusedtie.tied_conv2d(torch.randn(1, 5, 6, 6), w, b, "square")
     with pytest.raises(ValueError, match=r"expected input\[1, 5, 6, 6\] to have 3 channels, but got 5"):
-        torch.ops.fusedtie.tied_conv2d(torch.randn(1, 5, 6, 6), w, b, "square", 1.0, "identity", 1.0,
-                                       [1, 1], [0, 0, 0, 0], [1, 1], 1)
+        torch.ops.fusedtie.tied_conv2d(
+            torch.randn(1, 5, 6, 6), w, b, "square", 1.0, "identity", 1.0, [1, 1], [0, 0, 0, 0], [1, 1], 1
+        )
     _, w, b = make((3, 4, 3, 3))
     message = r"expected input\[1, 5, 6, 6\] to have 3 channels, but got 5"
     with pytest.raises(ValueError, match=message):
         fusedtie.tied_conv_transpose2d(torch.randn(1, 5, 6, 6), w, b, "square")
     with pytest.raises(ValueError, match=message):
-        torch.ops.fusedtie.tied_conv_transpose2d(torch.randn(1, 5, 6, 6), w, b, "square", 1.0, [1, 1], [0, 0],
-                                                 [0, 0], [1, 1], 1)
+        torch.ops.fusedtie.tied_conv_transpose2d(
+            torch.randn(1, 5, 6, 6), w, b, "square", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 1
+        )

@@ -203,8 +203,10 @@ def test_disagreeing_duplicates_are_refused_whichever_is_visited_first(strict):
     net.load_state_dict(state, strict=strict)  # equal duplicates load
     state["conv_1.weight"][1, 2, 0, 1] = 5.0
     first = state["conv_2.source.weight"][1, 2, 0, 1].item()
-    pattern = (r"'conv_2\.source\.weight' and 'conv_1\.weight' differ \(1 of 324 elements, first at "
-               rf"\[1, 2, 0, 1\]: {first!r} and 5\.0\)")
+    pattern = (
+        r"'conv_2\.source\.weight' and 'conv_1\.weight' differ \(1 of 324 elements, first at "
+        rf"\[1, 2, 0, 1\]: {first!r} and 5\.0\)"
+    )
     with pytest.raises(RuntimeError, match=pattern):
         net.load_state_dict(state, strict=strict)  # strict=False does not make it silent
 
@@ -215,8 +217,13 @@ def test_disagreeing_duplicates_of_a_source_held_only_by_tied_layers():
     state = _duplicated(net, {"b.source.weight": "a.source.weight", "b.source.bias": "a.source.bias"})
     state["b.source.bias"][2] += 1.0
     expected = (state["a.source.bias"][2].item(), state["b.source.bias"][2].item())
-    with pytest.raises(RuntimeError, match=(r"'a\.source\.bias' and 'b\.source\.bias' differ \(1 of 3 "
-                                            rf"elements, first at \[2\]: {expected[0]!r} and {expected[1]!r}\)")):
+    with pytest.raises(
+        RuntimeError,
+        match=(
+            r"'a\.source\.bias' and 'b\.source\.bias' differ \(1 of 3 "
+            rf"elements, first at \[2\]: {expected[0]!r} and {expected[1]!r}\)"
+        ),
+    ):
         net.load_state_dict(state)
 
 
@@ -224,8 +231,11 @@ def test_disagreeing_duplicates_of_another_shape_name_both_shapes():
     net = TiedNet()
     state = _duplicated(net, {"conv_2.source.bias": "conv_1.bias"})
     state["conv_2.source.bias"] = torch.zeros(4)
-    with pytest.raises(RuntimeError, match=r"'conv_1\.bias' and 'conv_2\.source\.bias' differ \(shapes \[6\] "
-                                           r"and \[4\]\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"'conv_1\.bias' and 'conv_2\.source\.bias' differ \(shapes \[6\] "
+        r"and \[4\]\)",
+    ):
         net.load_state_dict(state)
 
 
@@ -249,19 +259,28 @@ class MirroredConv(nn.Conv2d):
         self.mirror = FusedTiedConv2d(self, "neg")
 
 
-@pytest.mark.parametrize("call", [
-    ("train()/eval()", lambda m: m.eval()),
-    ("convert or move", lambda m: m.double()),
-    ("convert or move", lambda m: m.to_empty(device="cpu")),
-    ("apply()", lambda m: m.apply(lambda module: None)),
-    ("state_dict()", lambda m: m.state_dict()),
-    ("load_state_dict()", lambda m: m.load_state_dict({})),
-], ids=["eval", "double", "to_empty", "apply", "state_dict", "load_state_dict"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        ("train()/eval()", lambda m: m.eval()),
+        ("convert or move", lambda m: m.double()),
+        ("convert or move", lambda m: m.to_empty(device="cpu")),
+        ("apply()", lambda m: m.apply(lambda module: None)),
+        ("state_dict()", lambda m: m.state_dict()),
+        ("load_state_dict()", lambda m: m.load_state_dict({})),
+    ],
+    ids=["eval", "double", "to_empty", "apply", "state_dict", "load_state_dict"],
+)
 def test_a_source_holding_its_own_tied_layer_is_a_clear_error(call):
     action, fn = call
     conv = MirroredConv()
-    with pytest.raises(RuntimeError, match=(rf"cannot {re.escape(action)}.*registered inside its own source "
-                                            r"\(MirroredConv, as its submodule 'mirror'\).*source -> mirror -> source")):
+    with pytest.raises(
+        RuntimeError,
+        match=(
+            rf"cannot {re.escape(action)}.*registered inside its own source "
+            r"\(MirroredConv, as its submodule 'mirror'\).*source -> mirror -> source"
+        ),
+    ):
         fn(conv)
 
 
@@ -274,4 +293,3 @@ def test_repr_of_a_source_holding_its_own_tied_layer_describes_the_cycle():
     holder.mirror = FusedTiedConv2d(holder.conv, "neg")
     holder.eval().double()
     assert list(holder.state_dict()) == ["conv.weight", "conv.bias"]
-

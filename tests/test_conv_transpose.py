@@ -35,14 +35,14 @@ GEOMETRIES = [
     ((2, 4, 5, 6), (4, 3, 3, 3), 1, 0, 0, 1, 1),
     ((2, 4, 5, 6), (4, 3, 3, 3), 2, 1, 1, 1, 1),
     ((1, 4, 5, 4), (4, 2, 3, 2), (2, 1), (1, 0), (1, 0), 1, 1),
-    ((2, 6, 4, 5), (6, 2, 3, 3), 2, 1, 0, 3, 1),       # groups 3
-    ((2, 4, 5, 5), (4, 1, 3, 3), 1, 1, 0, 4, 1),       # depthwise
-    ((1, 4, 6, 5), (4, 3, 1, 1), 2, 0, 1, 1, 1),       # 1x1 kernel
-    ((2, 3, 4, 4), (3, 2, 2, 2), 2, 0, 0, 1, 1),       # 2x2 kernel, stride 2
-    ((1, 3, 4, 5), (3, 2, 4, 4), 2, 1, 0, 1, 1),       # 4x4 kernel
-    ((1, 4, 5, 5), (4, 2, 3, 3), 2, 2, 1, 2, 2),       # dilation 2 with groups and output_padding
-    ((4, 5, 5), (4, 3, 3, 3), 2, 1, 1, 1, 1),          # unbatched
-    ((0, 4, 5, 5), (4, 3, 3, 3), 2, 1, 1, 1, 1),       # empty batch
+    ((2, 6, 4, 5), (6, 2, 3, 3), 2, 1, 0, 3, 1),  # groups 3
+    ((2, 4, 5, 5), (4, 1, 3, 3), 1, 1, 0, 4, 1),  # depthwise
+    ((1, 4, 6, 5), (4, 3, 1, 1), 2, 0, 1, 1, 1),  # 1x1 kernel
+    ((2, 3, 4, 4), (3, 2, 2, 2), 2, 0, 0, 1, 1),  # 2x2 kernel, stride 2
+    ((1, 3, 4, 5), (3, 2, 4, 4), 2, 1, 0, 1, 1),  # 4x4 kernel
+    ((1, 4, 5, 5), (4, 2, 3, 3), 2, 2, 1, 2, 2),  # dilation 2 with groups and output_padding
+    ((4, 5, 5), (4, 3, 3, 3), 2, 1, 1, 1, 1),  # unbatched
+    ((0, 4, 5, 5), (4, 3, 3, 3), 2, 1, 1, 1, 1),  # empty batch
 ]
 
 
@@ -55,8 +55,7 @@ def test_parity_grid_float64_outputs_and_gradients(geometry, transform, bias):
     w = (torch.randn(shape_w, dtype=torch.float64) * 0.5).requires_grad_(True)
     b = torch.randn(shape_w[1] * groups, dtype=torch.float64, requires_grad=True) if bias else None
     out = tied_conv_transpose2d(x, w, b, transform_arg(transform), stride, padding, output_padding, groups, dilation)
-    ref, ref_grads = reference_conv_transpose2d(x, w, b, transform, stride, padding, output_padding, groups,
-                                                dilation)
+    ref, ref_grads = reference_conv_transpose2d(x, w, b, transform, stride, padding, output_padding, groups, dilation)
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     grad_out = torch.randn_like(ref)
@@ -89,8 +88,9 @@ def test_gradcheck_float64(transform):
     t = transform_arg(transform)
 
     def fn(x, w, b):
-        return tied_conv_transpose2d(x, w, b, t, stride=(2, 1), padding=(1, 0), output_padding=(1, 0), groups=2,
-                                     dilation=(1, 2))
+        return tied_conv_transpose2d(
+            x, w, b, t, stride=(2, 1), padding=(1, 0), output_padding=(1, 0), groups=2, dilation=(1, 2)
+        )
 
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
@@ -116,15 +116,24 @@ def test_in_place_change_of_source_between_forward_and_backward_raises():
 
 
 def _op_samples():
-    def make(shape_x, shape_w, bias, transform, stride, padding, output_padding, dilation, groups,
-             channels_last=False):
+    def make(shape_x, shape_w, bias, transform, stride, padding, output_padding, dilation, groups, channels_last=False):
         x = torch.randn(shape_x, requires_grad=True)
         if channels_last:
             x = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
         w = torch.randn(shape_w, requires_grad=True)
         b = torch.randn(shape_w[1] * groups, requires_grad=True) if bias else None
-        return (x, w, b, transform, 0.5 if transform == "scale" else 1.0, stride, padding, output_padding,
-                dilation, groups)
+        return (
+            x,
+            w,
+            b,
+            transform,
+            0.5 if transform == "scale" else 1.0,
+            stride,
+            padding,
+            output_padding,
+            dilation,
+            groups,
+        )
 
     return [
         make((2, 4, 5, 5), (4, 3, 3, 3), True, "square", [2, 2], [1, 1], [1, 1], [1, 1], 1),
@@ -175,8 +184,7 @@ class TiedAutoencoder(nn.Module):
 def _autoencoder_oracle(net, transform, x, grad_out):
     """float64 decoder(relu(encoder(x))) with F ops, and its gradients w.r.t. x, W, encoder b, decoder b."""
     enc, dec = net.encoder, net.decoder
-    x64, w64, eb64, db64 = (t.detach().double().requires_grad_(True)
-                            for t in (x, enc.weight, enc.bias, dec.bias))
+    x64, w64, eb64, db64 = (t.detach().double().requires_grad_(True) for t in (x, enc.weight, enc.bias, dec.bias))
     h = torch.relu(F.conv2d(x64, w64, eb64, enc.stride, enc.padding))
     out = F.conv_transpose2d(h, reference_f(transform, w64), db64, dec.stride, dec.padding, dec.output_padding)
     return out.detach(), torch.autograd.grad(out, (x64, w64, eb64, db64), grad_out.double())
@@ -216,14 +224,17 @@ def test_torch_compile_fullgraph_autoencoder_matches_eager(transform):
         torch.testing.assert_close(g.double(), r, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("kernel_size, stride, padding, output_padding, size", [
-    (3, 1, 1, 0, (9, 7)),
-    (3, 2, 1, 1, (10, 8)),     # even sizes: output_padding=1 restores them
-    (4, 2, 1, 0, (12, 6)),
-    (5, 2, 2, 1, (8, 8)),
-    (2, 2, 0, 0, (6, 10)),
-    (1, 1, 0, 0, (5, 3)),
-])
+@pytest.mark.parametrize(
+    "kernel_size, stride, padding, output_padding, size",
+    [
+        (3, 1, 1, 0, (9, 7)),
+        (3, 2, 1, 1, (10, 8)),  # even sizes: output_padding=1 restores them
+        (4, 2, 1, 0, (12, 6)),
+        (5, 2, 2, 1, (8, 8)),
+        (2, 2, 0, 0, (6, 10)),
+        (1, 1, 0, 0, (5, 3)),
+    ],
+)
 def test_decoder_of_encoder_has_the_input_shape(kernel_size, stride, padding, output_padding, size):
     net = TiedAutoencoder("identity", stride, padding, kernel_size, output_padding)
     x = torch.randn(2, 3, *size)
@@ -259,7 +270,12 @@ def test_source_geometry_is_the_default_and_overrides_apply():
     assert decoder.output_padding == (0, 0) and decoder.bias.shape == (4,)
     other = FusedTiedConvTranspose2d(encoder, stride=1, padding=2, dilation=1, groups=1, bias=False)
     assert (other.stride, other.padding, other.dilation, other.groups, other.out_channels) == (
-        (1, 1), (2, 2), (1, 1), 1, 2)
+        (1, 1),
+        (2, 2),
+        (1, 1),
+        1,
+        2,
+    )
     assert other.bias is None
     same = FusedTiedConvTranspose2d(nn.Conv2d(3, 5, 5, padding="same"))
     assert same.padding == (2, 2)
@@ -406,8 +422,11 @@ def test_layer_arguments_are_checked():
         FusedTiedConvTranspose2d(encoder, bias="same")
     with pytest.raises(ValueError, match="groups=4: the source weight \\[6, 4, 3, 3\\] gives 6 input channels"):
         FusedTiedConvTranspose2d(encoder, groups=4)
-    with pytest.raises(ValueError, match=r"output_padding must be smaller than either stride or dilation, "
-                                         r"got output_padding \[1, 1\], stride \[1, 1\], dilation \[1, 1\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"output_padding must be smaller than either stride or dilation, "
+        r"got output_padding \[1, 1\], stride \[1, 1\], dilation \[1, 1\]",
+    ):
         FusedTiedConvTranspose2d(encoder, output_padding=1)
     with pytest.raises(ValueError, match="unknown transform 'cube'"):
         FusedTiedConvTranspose2d(encoder, "cube")
@@ -419,39 +438,81 @@ def test_layer_arguments_are_checked():
 def _bad_op_calls():
     x, w, b = torch.randn(1, 4, 5, 5), torch.randn(4, 3, 3, 3), torch.randn(3)
     return [
-        ((x, w, b, "identity", 1.0, [1, 1], [0, 0], [1, 1], [1, 1], 1), ValueError,
-         r"output_padding must be smaller than either stride or dilation, got output_padding \[1, 1\], "
-         r"stride \[1, 1\], dilation \[1, 1\]"),
-        ((x, w, b, "identity", 1.0, [2, 2], [0, 0], [0, 0], [1, 1], 3), ValueError,
-         r"in_channels \(4, the weight's first dimension\) must be divisible by groups \(3\)"),
-        ((x, torch.randn(5, 3, 3, 3), b, "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 1), ValueError,
-         r"Given transposed=1, weight of size \[5, 3, 3, 3\], expected input\[1, 4, 5, 5\] to have 5 channels, "
-         r"but got 4 channels instead"),
-        ((x, w, torch.randn(4), "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 1), ValueError,
-         r"expected bias of size \[3\] \(out_channels = weight.size\(1\) \* groups\), got \[4\]"),
-        ((torch.randn(1, 4, 1, 1), w, b, "identity", 1.0, [1, 1], [3, 3], [0, 0], [1, 1], 1), ValueError,
-         r"Given input size per channel: \(1 x 1\). Calculated output size per channel: \(-3 x -3\). "
-         r"Output size is too small"),
-        ((x, w, b, "identity", 1.0, [1, 1], [-1, 0], [0, 0], [1, 1], 1), ValueError,
-         r"negative padding is not supported, got \[-1, 0\]"),
-        ((x, w, b, "identity", 1.0, [2, 2], [0, 0], [-1, 0], [1, 1], 1), ValueError,
-         r"negative output_padding is not supported, got \[-1, 0\]"),
-        ((x, w, b, "identity", 1.0, [0, 1], [0, 0], [0, 0], [1, 1], 1), ValueError,
-         r"stride must be positive, got \[0, 1\]"),
-        ((x, w, b, "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 0], 1), ValueError,
-         r"dilation must be positive, got \[1, 0\]"),
-        ((x, w, b, "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 0), ValueError,
-         r"groups must be a positive integer, got 0"),
+        (
+            (x, w, b, "identity", 1.0, [1, 1], [0, 0], [1, 1], [1, 1], 1),
+            ValueError,
+            r"output_padding must be smaller than either stride or dilation, got output_padding \[1, 1\], "
+            r"stride \[1, 1\], dilation \[1, 1\]",
+        ),
+        (
+            (x, w, b, "identity", 1.0, [2, 2], [0, 0], [0, 0], [1, 1], 3),
+            ValueError,
+            r"in_channels \(4, the weight's first dimension\) must be divisible by groups \(3\)",
+        ),
+        (
+            (x, torch.randn(5, 3, 3, 3), b, "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 1),
+            ValueError,
+            r"Given transposed=1, weight of size \[5, 3, 3, 3\], expected input\[1, 4, 5, 5\] to have 5 channels, "
+            r"but got 4 channels instead",
+        ),
+        (
+            (x, w, torch.randn(4), "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 1),
+            ValueError,
+            r"expected bias of size \[3\] \(out_channels = weight.size\(1\) \* groups\), got \[4\]",
+        ),
+        (
+            (torch.randn(1, 4, 1, 1), w, b, "identity", 1.0, [1, 1], [3, 3], [0, 0], [1, 1], 1),
+            ValueError,
+            r"Given input size per channel: \(1 x 1\). Calculated output size per channel: \(-3 x -3\). "
+            r"Output size is too small",
+        ),
+        (
+            (x, w, b, "identity", 1.0, [1, 1], [-1, 0], [0, 0], [1, 1], 1),
+            ValueError,
+            r"negative padding is not supported, got \[-1, 0\]",
+        ),
+        (
+            (x, w, b, "identity", 1.0, [2, 2], [0, 0], [-1, 0], [1, 1], 1),
+            ValueError,
+            r"negative output_padding is not supported, got \[-1, 0\]",
+        ),
+        (
+            (x, w, b, "identity", 1.0, [0, 1], [0, 0], [0, 0], [1, 1], 1),
+            ValueError,
+            r"stride must be positive, got \[0, 1\]",
+        ),
+        (
+            (x, w, b, "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 0], 1),
+            ValueError,
+            r"dilation must be positive, got \[1, 0\]",
+        ),
+        (
+            (x, w, b, "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 0),
+            ValueError,
+            r"groups must be a positive integer, got 0",
+        ),
         ((x, w, b, "cube", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 1), ValueError, r"unknown transform 'cube'"),
-        ((x[0], w, b, "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 1), ValueError,
-         r"expects a 4-D input \(N, C, H, W\), got input of size \[4, 5, 5\]"),
-        ((x, w[0], b, "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 1), ValueError,
-         r"expects a 4-D weight \(in_channels, out_channels/groups, kH, kW\), got weight of size \[3, 3, 3\]"),
-        ((x, w.double(), b, "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 1), TypeError,
-         r"expected input and weight to have the same dtype, got input Float and weight Double|"
-         r"expected input and weight to have the same dtype, got input torch.float32 and weight torch.float64"),
-        ((x.int(), w.int(), None, "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 1), TypeError,
-         r"fusedtie::tied_conv_transpose2d supports floating-point tensors"),
+        (
+            (x[0], w, b, "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 1),
+            ValueError,
+            r"expects a 4-D input \(N, C, H, W\), got input of size \[4, 5, 5\]",
+        ),
+        (
+            (x, w[0], b, "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 1),
+            ValueError,
+            r"expects a 4-D weight \(in_channels, out_channels/groups, kH, kW\), got weight of size \[3, 3, 3\]",
+        ),
+        (
+            (x, w.double(), b, "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 1),
+            TypeError,
+            r"expected input and weight to have the same dtype, got input Float and weight Double|"
+            r"expected input and weight to have the same dtype, got input torch.float32 and weight torch.float64",
+        ),
+        (
+            (x.int(), w.int(), None, "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 1),
+            TypeError,
+            r"fusedtie::tied_conv_transpose2d supports floating-point tensors",
+        ),
     ]
 
 
@@ -469,12 +530,14 @@ def test_bad_backward_arguments_are_named():
     for device in ("cpu", "meta"):
         args = [t.to(device) for t in (torch.randn(1, 3, 6, 6), x, w)]
         with pytest.raises(ValueError, match=r"expected grad_output of size \[1, 3, 7, 7\], got \[1, 3, 6, 6\]"):
-            torch.ops.fusedtie._tied_conv_transpose2d_backward(*args, None, "identity", 1.0, [1, 1], [0, 0],
-                                                                [0, 0], [1, 1], 1, [True, True, False])
+            torch.ops.fusedtie._tied_conv_transpose2d_backward(
+                *args, None, "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 1, [True, True, False]
+            )
         args[0] = torch.randn(1, 3, 7, 7, device=device)
         with pytest.raises(ValueError, match="output_mask asks for a bias gradient, but bias is None"):
-            torch.ops.fusedtie._tied_conv_transpose2d_backward(*args, None, "identity", 1.0, [1, 1], [0, 0],
-                                                                [0, 0], [1, 1], 1, [True, True, True])
+            torch.ops.fusedtie._tied_conv_transpose2d_backward(
+                *args, None, "identity", 1.0, [1, 1], [0, 0], [0, 0], [1, 1], 1, [True, True, True]
+            )
 
 
 def test_functional_arguments_are_checked_as_conv_transpose2d():
@@ -526,8 +589,9 @@ def test_autocast_cpu_bf16_within_twice_the_builtin_error(transform):
     # the float64 oracle on the rounded operands: round(x), round(f(W)) (f in float32, then
     # rounded), round(b), as the built-in conv under autocast sees them
     x64, w64, b64 = (t_.detach().double().requires_grad_(True) for t_ in (x, w, b))
-    oracle = F.conv_transpose2d(_rounded(x64, dtype), _rounded(reference_f(transform, w64), dtype),
-                                _rounded(b64, dtype), 2, 1)
+    oracle = F.conv_transpose2d(
+        _rounded(x64, dtype), _rounded(reference_f(transform, w64), dtype), _rounded(b64, dtype), 2, 1
+    )
     oracle_grads = torch.autograd.grad(oracle, (x64, w64, b64), grad_out.double())
     assert ours.dtype == dtype and ours.shape == oracle.shape
     eps = torch.finfo(dtype).eps
@@ -538,7 +602,8 @@ def test_autocast_cpu_bf16_within_twice_the_builtin_error(transform):
         builtin_err = (theirs.double() - ref).abs().max().item()
         scale = ref.abs().max().item()
         assert err <= 2 * builtin_err + 1e-3 * eps * scale, (
-            f"{name}: error {err:.3g} against the float64 oracle, F.conv_transpose2d's is {builtin_err:.3g}")
+            f"{name}: error {err:.3g} against the float64 oracle, F.conv_transpose2d's is {builtin_err:.3g}"
+        )
 
 
 def test_autocast_cpu_rounds_f_computed_in_float32():
@@ -564,8 +629,7 @@ def test_cuda_matches_the_float64_oracle(dtype, transform):
     w = (torch.randn(6, 2, 3, 3, device="cuda", dtype=dtype) * 0.5).requires_grad_(True)
     b = torch.randn(4, device="cuda", dtype=dtype, requires_grad=True)
     with torch.backends.cudnn.flags(allow_tf32=False):
-        out = tied_conv_transpose2d(x, w, b, transform_arg(transform), stride=2, padding=1, output_padding=1,
-                                    groups=2)
+        out = tied_conv_transpose2d(x, w, b, transform_arg(transform), stride=2, padding=1, output_padding=1, groups=2)
         grad_out = torch.randn_like(out)
         grads = torch.autograd.grad(out, (x, w, b), grad_out)
     ref, ref_grads = reference_conv_transpose2d(x.cpu(), w.cpu(), b.cpu(), transform, 2, 1, 1, 2)

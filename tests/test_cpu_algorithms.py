@@ -44,8 +44,7 @@ DILATED = [((3, 3), 2, 1, 2, (9, 8)), ((2, 3), 1, 2, 1, (9, 8))]  # dilation 2
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
-@pytest.mark.parametrize("transform,bias_mode", [("square", "identity"), ("tanh", "transform"),
-                                                 ("exp", "none")])
+@pytest.mark.parametrize("transform,bias_mode", [("square", "identity"), ("tanh", "transform"), ("exp", "none")])
 def test_forced_algorithm_matches_reference(algorithm, geometry, transform, bias_mode):
     kernel, batch, stride, padding, hw = geometry
     with fusedtie.use_cpu_conv_algorithm(algorithm):
@@ -57,12 +56,10 @@ def test_forced_algorithm_matches_reference(algorithm, geometry, transform, bias
 def test_forced_algorithm_with_dilation(algorithm, geometry):
     kernel, batch, stride, padding, hw = geometry
     with fusedtie.use_cpu_conv_algorithm(algorithm):
-        run_case("sigmoid", "transform", kernel, batch=batch, hw=hw, stride=stride, padding=padding,
-                 dilation=2)
+        run_case("sigmoid", "transform", kernel, batch=batch, hw=hw, stride=stride, padding=padding, dilation=2)
 
 
-@pytest.mark.parametrize("case", [dict(groups=2), dict(layout="channels_last"),
-                                  dict(layout="non_contiguous")], ids=str)
+@pytest.mark.parametrize("case", [dict(groups=2), dict(layout="channels_last"), dict(layout="non_contiguous")], ids=str)
 def test_gemm_hands_unsupported_cases_to_the_library(case):
     # groups and non-NCHW layouts are outside the GEMM path; these must still be right.
     with fusedtie.use_cpu_conv_algorithm("gemm"):
@@ -85,8 +82,9 @@ def test_setting_is_restored_and_validated():
     assert lib.cpu_conv_algorithm() == "auto"
     with fusedtie.use_cpu_conv_algorithm("gemm"):
         assert lib.cpu_conv_algorithm() == "gemm"
-        with pytest.raises(ValueError,
-                           match="unknown CPU convolution algorithm 'fast'.*auto, library, gemm, depthwise"):
+        with pytest.raises(
+            ValueError, match="unknown CPU convolution algorithm 'fast'.*auto, library, gemm, depthwise"
+        ):
             with fusedtie.use_cpu_conv_algorithm("fast"):
                 pass
         assert lib.cpu_conv_algorithm() == "gemm"
@@ -100,60 +98,68 @@ def ops_run(fn):
 
 
 def algorithm_used(names):
-    """"gemm" when BLAS was called directly, "library" when at::convolution(_backward) ran,
+    """ "gemm" when BLAS was called directly, "library" when at::convolution(_backward) ran,
     "brgemm" when the brgemm path's own profiler ranges ran, and "depthwise" when none did (the
     depthwise kernel calls no ATen convolution or GEMM)."""
     library = {"aten::convolution", "aten::convolution_backward"} & names
     gemm = {"aten::mm", "aten::addmm"} & names
     brgemm = {"fusedtie::brgemm_conv2d_forward", "fusedtie::brgemm_conv2d_backward"} & names
     assert len([used for used in (library, gemm, brgemm) if used]) <= 1, sorted(
-        n for n in names if "conv" in n or "mm" in n)
+        n for n in names if "conv" in n or "mm" in n
+    )
     return "gemm" if gemm else "library" if library else "brgemm" if brgemm else "depthwise"
 
 
-@pytest.mark.parametrize("algorithm,x_shape,w_shape,padding,stride,input_grad,expected", [
-    ("gemm", (2, 8, 30, 30), (8, 8, 3, 3), 1, 1, True, ("gemm", "gemm")),
-    ("library", (1, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, ("library", "library")),
-    # auto, up to batch 8: pointwise convs and the weight-heaviest (>= 10000x more weight elements
-    # than batch * output positions) run brgemm; others with >= 1000x run the GEMM where the BLAS
-    # is trusted; the rest the library
-    ("auto", (1, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, (AUTO_GEMM, AUTO_BACKWARD)),
-    ("auto", (8, 64, 7, 7), (64, 64, 1, 1), 0, 1, False, (AUTO_GEMM, AUTO_BACKWARD)),
-    ("auto", (9, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, ("library", "library")),
-    ("auto", (1, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),  # 147456 / 49
-    ("auto", (2, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),  # / 98
-    ("auto", (4, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, ("library", "library")),  # / 196 < 1000
-    # / 25 >= 10000: brgemm for a backward without the input gradient (col2im costs more than it saves)
-    ("auto", (1, 256, 5, 5), (256, 256, 3, 3), 1, 1, False, (AUTO_GEMM, AUTO_BACKWARD)),
-    ("auto", (1, 256, 5, 5), (256, 256, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),
-    ("auto", (1, 16, 40, 40), (16, 16, 3, 3), 1, 1, True, ("library", "library")),
-    # depthwise convs: auto takes the fused depthwise kernel for stride 1 and >= 10x10 outputs
-    ("auto", (1, 32, 10, 10), (32, 1, 3, 3), 1, 1, True, ("depthwise", "depthwise")),
-    ("auto", (2, 16, 28, 28), (32, 1, 5, 5), 2, 1, False, ("depthwise", "depthwise")),  # multiplier 2
-    ("auto", (8, 32, 7, 7), (32, 1, 3, 3), 1, 1, True, ("library", "library")),  # 7x7 outputs
-    ("auto", (1, 32, 28, 28), (32, 1, 3, 3), 1, 2, True, ("library", "library")),  # stride 2
-    ("depthwise", (1, 32, 28, 28), (32, 1, 3, 3), 1, 2, True, ("depthwise", "depthwise")),
-    # brgemm: groups 1, float32, batch 1 or outputs under 32x32 (the batch's one column matrix)
-    ("brgemm", (1, 8, 40, 40), (8, 8, 3, 3), 1, 1, True, ("brgemm", "brgemm")),
-    ("brgemm", (4, 8, 9, 9), (8, 8, 1, 1), 0, 1, False, ("brgemm", "brgemm")),
-    ("brgemm", (2, 8, 32, 32), (8, 8, 3, 3), 1, 1, True, ("library", "library")),  # 1024 outputs, batch 2
-    ("brgemm", (1, 8, 9, 9), (8, 4, 3, 3), 1, 1, True, ("library", "library")),  # groups 2
-    ("depthwise", (1, 8, 9, 9), (8, 4, 3, 3), 1, 1, True, ("library", "library")),  # groups 2
-    ("library", (1, 32, 10, 10), (32, 1, 3, 3), 1, 1, True, ("library", "library")),
-])
+@pytest.mark.parametrize(
+    "algorithm,x_shape,w_shape,padding,stride,input_grad,expected",
+    [
+        ("gemm", (2, 8, 30, 30), (8, 8, 3, 3), 1, 1, True, ("gemm", "gemm")),
+        ("library", (1, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, ("library", "library")),
+        # auto, up to batch 8: pointwise convs and the weight-heaviest (>= 10000x more weight elements
+        # than batch * output positions) run brgemm; others with >= 1000x run the GEMM where the BLAS
+        # is trusted; the rest the library
+        ("auto", (1, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, (AUTO_GEMM, AUTO_BACKWARD)),
+        ("auto", (8, 64, 7, 7), (64, 64, 1, 1), 0, 1, False, (AUTO_GEMM, AUTO_BACKWARD)),
+        ("auto", (9, 64, 7, 7), (64, 64, 1, 1), 0, 1, True, ("library", "library")),
+        ("auto", (1, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),  # 147456 / 49
+        ("auto", (2, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),  # / 98
+        ("auto", (4, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, ("library", "library")),  # / 196 < 1000
+        # / 25 >= 10000: brgemm for a backward without the input gradient (col2im costs more than it saves)
+        ("auto", (1, 256, 5, 5), (256, 256, 3, 3), 1, 1, False, (AUTO_GEMM, AUTO_BACKWARD)),
+        ("auto", (1, 256, 5, 5), (256, 256, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),
+        ("auto", (1, 16, 40, 40), (16, 16, 3, 3), 1, 1, True, ("library", "library")),
+        # depthwise convs: auto takes the fused depthwise kernel for stride 1 and >= 10x10 outputs
+        ("auto", (1, 32, 10, 10), (32, 1, 3, 3), 1, 1, True, ("depthwise", "depthwise")),
+        ("auto", (2, 16, 28, 28), (32, 1, 5, 5), 2, 1, False, ("depthwise", "depthwise")),  # multiplier 2
+        ("auto", (8, 32, 7, 7), (32, 1, 3, 3), 1, 1, True, ("library", "library")),  # 7x7 outputs
+        ("auto", (1, 32, 28, 28), (32, 1, 3, 3), 1, 2, True, ("library", "library")),  # stride 2
+        ("depthwise", (1, 32, 28, 28), (32, 1, 3, 3), 1, 2, True, ("depthwise", "depthwise")),
+        # brgemm: groups 1, float32, batch 1 or outputs under 32x32 (the batch's one column matrix)
+        ("brgemm", (1, 8, 40, 40), (8, 8, 3, 3), 1, 1, True, ("brgemm", "brgemm")),
+        ("brgemm", (4, 8, 9, 9), (8, 8, 1, 1), 0, 1, False, ("brgemm", "brgemm")),
+        ("brgemm", (2, 8, 32, 32), (8, 8, 3, 3), 1, 1, True, ("library", "library")),  # 1024 outputs, batch 2
+        ("brgemm", (1, 8, 9, 9), (8, 4, 3, 3), 1, 1, True, ("library", "library")),  # groups 2
+        ("depthwise", (1, 8, 9, 9), (8, 4, 3, 3), 1, 1, True, ("library", "library")),  # groups 2
+        ("library", (1, 32, 10, 10), (32, 1, 3, 3), 1, 1, True, ("library", "library")),
+    ],
+)
 def test_which_algorithm_runs(algorithm, x_shape, w_shape, padding, stride, input_grad, expected):
     groups = x_shape[1] // w_shape[1]
     x = torch.randn(x_shape, requires_grad=input_grad)
     w = torch.randn(w_shape, requires_grad=True)
     b = torch.randn(w_shape[0], requires_grad=True)
     with fusedtie.use_cpu_conv_algorithm(algorithm):
-        forward_ops, out = ops_run(lambda: fusedtie.tied_conv2d(x, w, b, "square", padding=padding,
-                                                                stride=stride, groups=groups))
+        forward_ops, out = ops_run(
+            lambda: fusedtie.tied_conv2d(x, w, b, "square", padding=padding, stride=stride, groups=groups)
+        )
         inputs = [x, w, b] if input_grad else [w, b]
         backward_ops, _ = ops_run(lambda: torch.autograd.grad(out.sum(), inputs))
-        reported = tuple(fusedtie.cpu_conv_algorithm_for(x, w, padding=padding, stride=stride, groups=groups,
-                                                         backward=backward, input_gradient=input_grad)
-                         for backward in (False, True))
+        reported = tuple(
+            fusedtie.cpu_conv_algorithm_for(
+                x, w, padding=padding, stride=stride, groups=groups, backward=backward, input_gradient=input_grad
+            )
+            for backward in (False, True)
+        )
     assert (algorithm_used(forward_ops), algorithm_used(backward_ops)) == expected
     assert reported == expected
 
@@ -172,8 +178,13 @@ AUTO_SHAPE_RULE = [
 
 def run_fusedtie(code: str, **env) -> dict:
     """Runs `code` in a fresh interpreter with `env` added; it prints one JSON object."""
-    run = subprocess.run([sys.executable, "-c", "import json, torch, fusedtie\n" + textwrap.dedent(code)],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    run = subprocess.run(
+        [sys.executable, "-c", "import json, torch, fusedtie\n" + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -181,13 +192,16 @@ def run_fusedtie(code: str, **env) -> dict:
 @pytest.mark.parametrize("forced", ["0", "1"])
 def test_auto_shape_rule_follows_the_blas_assessment(forced):
     """FUSEDTIE_GEMM_UNDER_AUTO overrides the assessment, so the shape rule is checked on any CPU."""
-    out = run_fusedtie(f"""
+    out = run_fusedtie(
+        f"""
         cases = {[(x, w, p) for x, w, p, _ in AUTO_SHAPE_RULE]!r}
         f64 = dict(dtype=torch.float64)  # brgemm is float32-only: float64 shows the GEMM's rule
         chosen = [fusedtie.cpu_conv_algorithm_for(torch.empty(x, **f64), torch.empty(w, **f64), padding=p)
                   for x, w, p in cases]
         print(json.dumps(dict(info=fusedtie.cpu_info(), chosen=chosen)))
-    """, FUSEDTIE_GEMM_UNDER_AUTO=forced)
+    """,
+        FUSEDTIE_GEMM_UNDER_AUTO=forced,
+    )
     assert out["info"]["gemm_under_auto"] is (forced == "1")
     assert out["info"]["reason"].startswith(f"FUSEDTIE_GEMM_UNDER_AUTO={forced}")
     expected = [e if forced == "1" else "library" for *_, e in AUTO_SHAPE_RULE]
@@ -198,9 +212,12 @@ def test_auto_takes_brgemm_on_weight_heavy_float32_backwards():
     """float32 under auto: the backward of pointwise shapes, and of the weight-heaviest ones when
     it wants no input gradient, runs brgemm wherever oneDNN's micro-kernel runs, whatever the BLAS
     (AVX2 or AVX-512, oneDNN enabled); the forward keeps the GEMM's rule."""
+
     def chosen(**kwargs):
-        return [fusedtie.cpu_conv_algorithm_for(torch.empty(x), torch.empty(w), padding=p, **kwargs)
-                for x, w, p, _ in AUTO_SHAPE_RULE]
+        return [
+            fusedtie.cpu_conv_algorithm_for(torch.empty(x), torch.empty(w), padding=p, **kwargs)
+            for x, w, p, _ in AUTO_SHAPE_RULE
+        ]
 
     gemm_rule = [AUTO_GEMM if e == "gemm" else "library" for *_, e in AUTO_SHAPE_RULE]
     assert chosen() == gemm_rule
@@ -215,32 +232,40 @@ def test_auto_takes_brgemm_on_weight_heavy_float32_backwards():
     assert chosen(backward=True) == with_input
     assert weight_only.count("brgemm") == (3 if BRGEMM_UNDER_AUTO else 0)
     assert with_input.count("brgemm") == (2 if BRGEMM_UNDER_AUTO else 0)
-    assert BRGEMM_UNDER_AUTO == (torch.backends.mkldnn.enabled
-                                 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+    assert BRGEMM_UNDER_AUTO == (
+        torch.backends.mkldnn.enabled and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    )
 
 
 def test_bad_gemm_override_is_a_clear_error():
-    run = subprocess.run([sys.executable, "-c", "import torch, fusedtie; fusedtie.cpu_info()"],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "FUSEDTIE_GEMM_UNDER_AUTO": "yes"})
+    run = subprocess.run(
+        [sys.executable, "-c", "import torch, fusedtie; fusedtie.cpu_info()"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "FUSEDTIE_GEMM_UNDER_AUTO": "yes"},
+    )
     assert run.returncode != 0
     assert "FUSEDTIE_GEMM_UNDER_AUTO must be 0 or 1, got 'yes'" in run.stderr
 
 
-@pytest.mark.parametrize("vendor,has_mkl,instructions,cbwr,trusted,why", [
-    ("GenuineIntel", True, "", "", True, "MKL on an Intel CPU"),
-    ("GenuineIntel", True, "AVX512", "", True, "MKL on an Intel CPU"),
-    ("GenuineIntel", True, "avx512_e1", "", True, "MKL on an Intel CPU"),
-    ("GenuineIntel", True, "AVX2", "", False, "MKL_ENABLE_INSTRUCTIONS=AVX2"),
-    ("GenuineIntel", True, "SSE4_2", "", False, "MKL_ENABLE_INSTRUCTIONS=SSE4_2"),
-    ("GenuineIntel", True, "", "COMPATIBLE", False, "MKL_CBWR=COMPATIBLE"),
-    ("GenuineIntel", True, "", "AVX2", False, "MKL_CBWR=AVX2"),
-    ("GenuineIntel", True, "", "AUTO", True, "MKL on an Intel CPU"),
-    ("AuthenticAMD", True, "", "", False, "non-Intel CPU (AuthenticAMD)"),
-    ("HygonGenuine", True, "", "", False, "non-Intel CPU (HygonGenuine)"),
-    ("", True, "", "", False, "unknown vendor"),
-    ("GenuineIntel", False, "", "", False, "not MKL"),
-])
+@pytest.mark.parametrize(
+    "vendor,has_mkl,instructions,cbwr,trusted,why",
+    [
+        ("GenuineIntel", True, "", "", True, "MKL on an Intel CPU"),
+        ("GenuineIntel", True, "AVX512", "", True, "MKL on an Intel CPU"),
+        ("GenuineIntel", True, "avx512_e1", "", True, "MKL on an Intel CPU"),
+        ("GenuineIntel", True, "AVX2", "", False, "MKL_ENABLE_INSTRUCTIONS=AVX2"),
+        ("GenuineIntel", True, "SSE4_2", "", False, "MKL_ENABLE_INSTRUCTIONS=SSE4_2"),
+        ("GenuineIntel", True, "", "COMPATIBLE", False, "MKL_CBWR=COMPATIBLE"),
+        ("GenuineIntel", True, "", "AVX2", False, "MKL_CBWR=AVX2"),
+        ("GenuineIntel", True, "", "AUTO", True, "MKL on an Intel CPU"),
+        ("AuthenticAMD", True, "", "", False, "non-Intel CPU (AuthenticAMD)"),
+        ("HygonGenuine", True, "", "", False, "non-Intel CPU (HygonGenuine)"),
+        ("", True, "", "", False, "unknown vendor"),
+        ("GenuineIntel", False, "", "", False, "not MKL"),
+    ],
+)
 def test_gemm_blas_rule(vendor, has_mkl, instructions, cbwr, trusted, why):
     a = fusedtie._LIB.assess_gemm_blas(vendor, "a model", has_mkl, instructions, cbwr)
     assert a["gemm_under_auto"] is trusted
@@ -254,9 +279,13 @@ def test_cpu_info_describes_this_machine():
         vendors = {line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")}
     assert vendors == {info["vendor"]}
     assert info["blas"] == ("MKL" if torch.backends.mkl.is_available() else "other")
-    expected = fusedtie._LIB.assess_gemm_blas(info["vendor"], info["model"], info["blas"] == "MKL",
-                                              os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
-                                              os.environ.get("MKL_CBWR", ""))
+    expected = fusedtie._LIB.assess_gemm_blas(
+        info["vendor"],
+        info["model"],
+        info["blas"] == "MKL",
+        os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
+        os.environ.get("MKL_CBWR", ""),
+    )
     if "FUSEDTIE_GEMM_UNDER_AUTO" not in os.environ:
         assert info["gemm_under_auto"] is expected["gemm_under_auto"]
     assert info["transform_capability"] in ("DEFAULT", "AVX2", "AVX512")
@@ -265,12 +294,15 @@ def test_cpu_info_describes_this_machine():
 def test_slowed_mkl_keeps_auto_off_the_gemm():
     """MKL held to AVX2 (as one would slow it on an Intel CPU): auto never takes the GEMM path (MKL);
     the brgemm path (oneDNN's micro-kernel, not MKL) stays where it runs."""
-    out = run_fusedtie("""
+    out = run_fusedtie(
+        """
         x, w = torch.randn(1, 512, 7, 7), torch.randn(512, 512, 3, 3)
         chosen = [fusedtie.cpu_conv_algorithm_for(x, w, padding=1, backward=b, input_gradient=False)
                   for b in (False, True)]
         print(json.dumps(dict(info=fusedtie.cpu_info(), chosen=chosen)))
-    """, MKL_ENABLE_INSTRUCTIONS="AVX2")
+    """,
+        MKL_ENABLE_INSTRUCTIONS="AVX2",
+    )
     assert out["info"]["gemm_under_auto"] is False
     assert out["chosen"] == ["library", "brgemm" if BRGEMM_UNDER_AUTO else "library"]
 
@@ -294,13 +326,25 @@ DEPTHWISE_GEOMETRIES = [
 
 
 @pytest.mark.parametrize("geometry", DEPTHWISE_GEOMETRIES, ids=str)
-@pytest.mark.parametrize("transform,bias_mode", [("square", "identity"), ("tanh", "transform"),
-                                                 ("exp", "none"), ("abs", "identity")])
+@pytest.mark.parametrize(
+    "transform,bias_mode", [("square", "identity"), ("tanh", "transform"), ("exp", "none"), ("abs", "identity")]
+)
 def test_depthwise_kernel_matches_reference(geometry, transform, bias_mode):
     kernel, batch, cin, multiplier, stride, padding, dilation, hw = geometry
     with fusedtie.use_cpu_conv_algorithm("depthwise"):
-        run_case(transform, bias_mode, kernel, batch=batch, cin=cin, cout=cin * multiplier, hw=hw,
-                 stride=stride, padding=padding, dilation=dilation, groups=cin)
+        run_case(
+            transform,
+            bias_mode,
+            kernel,
+            batch=batch,
+            cin=cin,
+            cout=cin * multiplier,
+            hw=hw,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=cin,
+        )
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "non_contiguous", "unbatched"])

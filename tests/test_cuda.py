@@ -175,8 +175,9 @@ def check_against_reference(name, ours, theirs, ref, precision, what="", allowan
 
 # --- the parity grid -------------------------------------------------------------------------------
 
-GEOMETRY_DEFAULTS = dict(kernel=(3, 3), stride=1, padding=0, dilation=1, groups=1, batch=3, cin=8, cout=12,
-                         hw=(9, 8), layout="contiguous")
+GEOMETRY_DEFAULTS = dict(
+    kernel=(3, 3), stride=1, padding=0, dilation=1, groups=1, batch=3, cin=8, cout=12, hw=(9, 8), layout="contiguous"
+)
 
 GEOMETRIES = [
     dict(id="1x1", kernel=(1, 1), hw=(7, 6)),
@@ -195,16 +196,25 @@ GEOMETRIES = [
     dict(id="3x3-p1-unbatched", padding=1, layout="unbatched"),
     dict(id="5x4-p(1,2)-g2-unbatched", kernel=(5, 4), padding=(1, 2), groups=2, layout="unbatched"),
     dict(id="3x3-p1-channels_last", padding=1, layout="channels_last"),
-    dict(id="5x4-s(2,1)-p(1,2)-d2-channels_last", kernel=(5, 4), stride=(2, 1), padding=(1, 2), dilation=2,
-         hw=(13, 12), layout="channels_last", batch=1),
+    dict(
+        id="5x4-s(2,1)-p(1,2)-d2-channels_last",
+        kernel=(5, 4),
+        stride=(2, 1),
+        padding=(1, 2),
+        dilation=2,
+        hw=(13, 12),
+        layout="channels_last",
+        batch=1,
+    ),
     dict(id="dw3x3-p1-channels_last", padding=1, cin=8, cout=8, groups=8, layout="channels_last"),
     dict(id="3x3-p1-non_contiguous", padding=1, layout="non_contiguous"),
     dict(id="1x1-s2-non_contiguous", kernel=(1, 1), stride=2, layout="non_contiguous"),
     # channel counts and sizes that are not multiples of any tile, and ones that are
     dict(id="3x3-p1-24to40-17x13", padding=1, cin=24, cout=40, hw=(17, 13), batch=2),
     dict(id="3x3-p1-64to64-16x16", padding=1, cin=64, cout=64, hw=(16, 16), batch=2),
-    dict(id="5x4-s2-p(2,1)-20to36-21x18", kernel=(5, 4), stride=2, padding=(2, 1), cin=20, cout=36, hw=(21, 18),
-         batch=2),
+    dict(
+        id="5x4-s2-p(2,1)-20to36-21x18", kernel=(5, 4), stride=2, padding=(2, 1), cin=20, cout=36, hw=(21, 18), batch=2
+    ),
     # strided, with channel counts the tensor-core input gradient takes in every precision
     dict(id="3x3-s2-p1-16to32-11x10", stride=2, padding=1, cin=16, cout=32, hw=(11, 10), batch=2),
 ]
@@ -274,9 +284,16 @@ def _grid():
             for ai, algorithm in enumerate(ALGORITHMS):
                 transform = TRANSFORMS[(gi + 2 * pi + 4 * ai) % len(TRANSFORMS)]
                 bias_mode = BIAS_MODES[(2 * gi + pi + ai) % len(BIAS_MODES)]
-                params.append(pytest.param(
-                    algorithm, precision, transform, bias_mode, geometry,
-                    id=f"{geometry['id']}-{precision}-{algorithm}-{transform}-bias_{bias_mode}"))
+                params.append(
+                    pytest.param(
+                        algorithm,
+                        precision,
+                        transform,
+                        bias_mode,
+                        geometry,
+                        id=f"{geometry['id']}-{precision}-{algorithm}-{transform}-bias_{bias_mode}",
+                    )
+                )
     return params
 
 
@@ -301,8 +318,7 @@ def test_channels_last_output_format_matches_conv2d(algorithm):
     with cuda_algorithm(algorithm):
         out = fusedtie.tied_conv2d(x, w, transform="square", padding=1)
     ref = F.conv2d(x, w * w, padding=1)
-    assert out.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(
-        memory_format=torch.channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(memory_format=torch.channels_last)
     assert out.stride() == ref.stride()
 
 
@@ -455,8 +471,9 @@ def test_to_cuda_keeps_the_tie():
     assert layer.source.weight.is_cuda and layer.source.bias.is_cuda
     xs = randn((1, 4, 8, 8))
     with cudnn_tf32(False):
-        torch.testing.assert_close(layer(xs), F.conv2d(xs, layer.source.weight**2, layer.source.bias),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            layer(xs), F.conv2d(xs, layer.source.weight**2, layer.source.bias), rtol=1e-5, atol=1e-5
+        )
     net.cpu()
     assert net.conv_2.source is net.conv_1 and not net.conv_1.weight.is_cuda
     assert net(x.cpu()).device.type == "cpu"
@@ -479,8 +496,12 @@ def test_cached_scope_on_cuda():
 
 # --- apply_transform and bad input on CUDA ------------------------------------------------------------
 
-TRANSFORM_RTOL = {torch.float64: 1e-12, torch.float32: 16 * torch.finfo(torch.float32).eps,
-                  torch.float16: torch.finfo(torch.float16).eps, torch.bfloat16: torch.finfo(torch.bfloat16).eps}
+TRANSFORM_RTOL = {
+    torch.float64: 1e-12,
+    torch.float32: 16 * torch.finfo(torch.float32).eps,
+    torch.float16: torch.finfo(torch.float16).eps,
+    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+}
 
 
 @pytest.mark.parametrize("dtype", list(TRANSFORM_RTOL), ids=str)
@@ -528,8 +549,9 @@ def cuda_kernels(fn):
     """(names of the CUDA kernels ``fn`` launched, its result), read with torch.profiler."""
     fn()  # warm: cuDNN handles, lazy module loading, the profiler's own first-use cost
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
         result = fn()
         torch.cuda.synchronize()
     names = set()
@@ -597,19 +619,24 @@ def test_fused_branch_runs_the_fused_kernels(dtype, channels_last):
     assert not ran(backward, TRANSFORM_KERNEL), f"the fused backward still ran {TRANSFORM_KERNEL}"
 
 
-@pytest.mark.parametrize("shape", [
-    ((1, 64, 7, 7), (64, 64, 3, 3), 1, 1),
-    ((8, 16, 32, 32), (16, 16, 3, 3), 1, 1),
-    ((4, 256, 14, 14), (256, 256, 1, 1), 0, 1),
-    ((2, 32, 28, 28), (32, 1, 3, 3), 1, 32),
-], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        ((1, 64, 7, 7), (64, 64, 3, 3), 1, 1),
+        ((8, 16, 32, 32), (16, 16, 3, 3), 1, 1),
+        ((4, 256, 14, 14), (256, 256, 1, 1), 0, 1),
+        ((2, 32, 28, 28), (32, 1, 3, 3), 1, 32),
+    ],
+    ids=str,
+)
 def test_auto_runs_exactly_one_branch_and_is_right(shape):
     x_shape, w_shape, padding, groups = shape
     x, w = randn(x_shape), randn(w_shape, scale=0.2)
     with cudnn_tf32(False):
         with cuda_algorithm("auto"):
-            names, out = cuda_kernels(lambda: fusedtie.tied_conv2d(x, w, None, "square", padding=padding,
-                                                                  groups=groups))
+            names, out = cuda_kernels(
+                lambda: fusedtie.tied_conv2d(x, w, None, "square", padding=padding, groups=groups)
+            )
         ref, _ = reference_conv2d(x, w, None, "square", padding=padding, groups=groups)
     fused, library = ran(names, FPROP), ran(names, TRANSFORM_KERNEL)
     assert fused != library, f"auto: fused fprop {fused}, library transform kernel {library}: {sorted(names)}"
@@ -650,8 +677,9 @@ def _checked_step(x_shape, w_shape, padding=1):
     grad_out = randn(tuple(out.shape))
     grads = torch.autograd.grad(out, (x, w, b), grad_out)
     ref_out, ref_grads = reference_conv2d(x, w, b, "tanh", "identity", padding=padding)
-    for name, ours, ref in zip(["output", "grad_input", "grad_weight", "grad_bias"], [out, *grads],
-                               [ref_out, *ref_grads(grad_out.double())]):
+    for name, ours, ref in zip(
+        ["output", "grad_input", "grad_weight", "grad_bias"], [out, *grads], [ref_out, *ref_grads(grad_out.double())]
+    ):
         err, scale = max_error(ours, ref), ref.abs().max().item()
         assert err <= 1e-5 * scale + 1e-6, f"autotune {name}: error {err:.3g}, largest |ref| {scale:.3g}"
 
@@ -713,8 +741,9 @@ def test_deterministic_mode_is_bitwise_repeatable(algorithm, dtype, case):
 BIG_FREE_BYTES = 40 * 2**30
 
 
-@pytest.mark.parametrize("algorithm,dtype", [("fused", torch.float16), ("library", torch.float16),
-                                             ("fused", torch.bfloat16)], ids=str)
+@pytest.mark.parametrize(
+    "algorithm,dtype", [("fused", torch.float16), ("library", torch.float16), ("fused", torch.bfloat16)], ids=str
+)
 def test_64bit_indexing(algorithm, dtype):
     """An input (and output) of more than 2**31 elements: 33 x 16 x 2048 x 2048, the last image
     starting at element 2**31. Images 0 and 32 are random, the rest zero; the outputs and input
@@ -772,8 +801,20 @@ def _check_64bit_indexing(algorithm, dtype):
 
 
 def _opcheck_samples():
-    def make(shape_x, shape_w, bias, transform, bias_transform, stride, padding, dilation, groups,
-             channels_last=False, requires_grad=True, dtype=torch.float32):
+    def make(
+        shape_x,
+        shape_w,
+        bias,
+        transform,
+        bias_transform,
+        stride,
+        padding,
+        dilation,
+        groups,
+        channels_last=False,
+        requires_grad=True,
+        dtype=torch.float32,
+    ):
         x = randn(shape_x, dtype)
         w = randn(shape_w, dtype, 0.5)
         if channels_last:
@@ -782,19 +823,27 @@ def _opcheck_samples():
         for t in (x, w, b):
             if t is not None:
                 t.requires_grad_(requires_grad)
-        return (x, w, b, transform, 0.5 if transform == "scale" else 1.0, bias_transform,
-                0.5 if bias_transform == "scale" else 1.0, stride, padding, dilation, groups)
+        return (
+            x,
+            w,
+            b,
+            transform,
+            0.5 if transform == "scale" else 1.0,
+            bias_transform,
+            0.5 if bias_transform == "scale" else 1.0,
+            stride,
+            padding,
+            dilation,
+            groups,
+        )
 
     return [
         make((2, 8, 8, 8), (12, 8, 3, 3), True, "square", "identity", [1, 1], [1, 1, 1, 1], [1, 1], 1),
         make((1, 4, 9, 7), (4, 2, 2, 3), False, "tanh", "identity", [2, 1], [0, 1, 1, 1], [1, 2], 2),
-        make((2, 4, 6, 6), (6, 4, 1, 1), True, "scale", "scale", [1, 1], [0, 0, 0, 0], [1, 1], 1,
-             channels_last=True),
+        make((2, 4, 6, 6), (6, 4, 1, 1), True, "scale", "scale", [1, 1], [0, 0, 0, 0], [1, 1], 1, channels_last=True),
         make((0, 4, 6, 6), (6, 4, 3, 3), True, "softplus", "exp", [1, 1], [1, 1, 1, 1], [1, 1], 1),
-        make((2, 4, 6, 6), (6, 4, 3, 3), True, "abs", "sigmoid", [1, 1], [1, 1, 1, 1], [1, 1], 1,
-             requires_grad=False),
-        make((2, 8, 7, 6), (8, 1, 3, 3), True, "exp", "tanh", [1, 1], [1, 1, 1, 1], [1, 1], 8,
-             dtype=torch.float64),
+        make((2, 4, 6, 6), (6, 4, 3, 3), True, "abs", "sigmoid", [1, 1], [1, 1, 1, 1], [1, 1], 1, requires_grad=False),
+        make((2, 8, 7, 6), (8, 1, 3, 3), True, "exp", "tanh", [1, 1], [1, 1, 1, 1], [1, 1], 8, dtype=torch.float64),
     ]
 
 
@@ -824,8 +873,11 @@ def test_opcheck_backward_and_transform_ops_on_cuda():
                     )
     wr = randn((6, 4, 3, 3)).requires_grad_(True)
     torch.library.opcheck(torch.ops.fusedtie.transform.default, (wr, "exp", 1.0))
-    torch.library.opcheck(torch.ops.fusedtie._transform_backward.default, (randn((6, 4, 3, 3)), w, "exp", 1.0),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.fusedtie._transform_backward.default,
+        (randn((6, 4, 3, 3)), w, "exp", 1.0),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 class _SmallSeedNet(nn.Module):
@@ -944,8 +996,16 @@ def _transpose_grid():
             for ai, algorithm in enumerate(ALGORITHMS):
                 transform = TRANSFORMS[(gi + 2 * pi + 4 * ai) % len(TRANSFORMS)]
                 bias = (gi + pi + ai) % 2 == 0
-                params.append(pytest.param(algorithm, precision, transform, bias, geometry,
-                                           id=f"{geometry[0]}-{precision}-{algorithm}-{transform}-bias_{bias}"))
+                params.append(
+                    pytest.param(
+                        algorithm,
+                        precision,
+                        transform,
+                        bias,
+                        geometry,
+                        id=f"{geometry[0]}-{precision}-{algorithm}-{transform}-bias_{bias}",
+                    )
+                )
     return params
 
 
@@ -970,10 +1030,8 @@ def _transpose_kernels(algorithm, dtype, stride, channels_last=False):
     x.requires_grad_(True)
     w.requires_grad_(True)
     with cuda_algorithm(algorithm):
-        forward, out = cuda_kernels(lambda: fusedtie.tied_conv_transpose2d(x, w, b, "square", stride=stride,
-                                                                          padding=1))
-        backward, _ = cuda_kernels(lambda: torch.autograd.grad(out, (x, w), torch.ones_like(out),
-                                                               retain_graph=True))
+        forward, out = cuda_kernels(lambda: fusedtie.tied_conv_transpose2d(x, w, b, "square", stride=stride, padding=1))
+        backward, _ = cuda_kernels(lambda: torch.autograd.grad(out, (x, w), torch.ones_like(out), retain_graph=True))
     return forward, backward
 
 

@@ -32,8 +32,8 @@ TRANSFORMS = ["identity", "square", "abs", "neg", "scale", "exp", "sigmoid", "ta
 # name -> (dtype, torch.backends.cudnn.allow_tf32, tolerance relative to max(1, largest |reference|))
 PRECISIONS = {
     "float64": (torch.float64, False, 1e-10),
-    "float32": (torch.float32, False, 2e-5),   # exact float32: the CUDA-core kernels
-    "tf32": (torch.float32, True, 5e-3),       # TF32 allowed: the tensor-core kernels where aligned
+    "float32": (torch.float32, False, 2e-5),  # exact float32: the CUDA-core kernels
+    "tf32": (torch.float32, True, 5e-3),  # TF32 allowed: the tensor-core kernels where aligned
     "bfloat16": (torch.bfloat16, False, 2e-2),
     "float16": (torch.float16, False, 4e-3),
 }
@@ -46,8 +46,10 @@ def emulated():
 
     build = ROOT / "build" / "cuda_emulation"
     build.mkdir(parents=True, exist_ok=True)
-    sources = [str(ROOT / "tests" / "cuda_emulation" / name)
-               for name in ("bindings.cpp", "host.cpp", "simt_kernels.cpp", "mma_kernels.cpp")]
+    sources = [
+        str(ROOT / "tests" / "cuda_emulation" / name)
+        for name in ("bindings.cpp", "host.cpp", "simt_kernels.cpp", "mma_kernels.cpp")
+    ]
     return cpp_extension.load(
         name="fusedtie_cuda_emulation",
         sources=sources,
@@ -104,8 +106,9 @@ def run_conv(emulated, precision, transform, bias_transform, geometry, has_bias=
     b = randn((g["cout"],), dtype, 0.5) if has_bias else None
     stride, dilation = _pair(g["stride"], "stride"), _pair(g["dilation"], "dilation")
     padding = normalize_padding(g["padding"], w.shape[2:], stride, dilation)
-    ref_out, ref_grads = reference_conv2d(x, w, b, transform, bias_transform, g["stride"], g["padding"],
-                                          g["dilation"], g["groups"])
+    ref_out, ref_grads = reference_conv2d(
+        x, w, b, transform, bias_transform, g["stride"], g["padding"], g["dilation"], g["groups"]
+    )
     grad_out = randn(tuple(ref_out.shape), dtype)
     ref_gx, ref_gw, _ = ref_grads(grad_out.double())
     x, w = with_layout(g["layout"], x, w)
@@ -122,16 +125,24 @@ def run_conv(emulated, precision, transform, bias_transform, geometry, has_bias=
     assert_close("grad_weight", gw, ref_gw, precision, what)
     if has_bias:  # before the bias chain rule (the dispatcher's elementwise kernel applies g')
         assert_close("grad_bias before g'", gb, grad_out.double().sum((0, 2, 3)), precision, what)
-    return (emulated.mma_supports(x, w, list(stride), g["groups"], False),
-            emulated.mma_supports(x, w, list(stride), g["groups"], True))
+    return (
+        emulated.mma_supports(x, w, list(stride), g["groups"], False),
+        emulated.mma_supports(x, w, list(stride), g["groups"], True),
+    )
 
 
 @pytest.mark.parametrize("geometry", CONV_CASES, ids=lambda g: g["id"])
 @pytest.mark.parametrize("precision", ["float64", "float32", "tf32", "bfloat16"])
 def test_conv_geometry_grid(emulated, precision, geometry):
     i = CONV_CASES.index(geometry)
-    run_conv(emulated, precision, TRANSFORMS[i % len(TRANSFORMS)], TRANSFORMS[(i + 3) % len(TRANSFORMS)], geometry,
-             has_bias=i % 3 != 0)
+    run_conv(
+        emulated,
+        precision,
+        TRANSFORMS[i % len(TRANSFORMS)],
+        TRANSFORMS[(i + 3) % len(TRANSFORMS)],
+        geometry,
+        has_bias=i % 3 != 0,
+    )
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
@@ -148,10 +159,23 @@ def tensor_cores_expected(precision, gathered_channels_per_group):
 
 # shapes whose forward the tensor-core kernels take in every 16-bit and TF32 precision; the strided
 # ones run the tensor-core input gradient with its stride-divisibility gather
-MMA_CASES = [g for g in CONV_CASES if g["id"] in ("3x3-p1-24to40-17x13", "3x3-p1-64to64-16x16", "3x3-p1", "1x1",
-                                                  "3x3-s2-p1-16to32-11x10")] + [
-    dict(id="5x4-s(2,3)-p(2,1)-d2-g2-16to16", kernel=(5, 4), stride=(2, 3), padding=(2, 1), dilation=2, groups=2,
-         cin=16, cout=16, hw=(13, 14), batch=2),
+MMA_CASES = [
+    g
+    for g in CONV_CASES
+    if g["id"] in ("3x3-p1-24to40-17x13", "3x3-p1-64to64-16x16", "3x3-p1", "1x1", "3x3-s2-p1-16to32-11x10")
+] + [
+    dict(
+        id="5x4-s(2,3)-p(2,1)-d2-g2-16to16",
+        kernel=(5, 4),
+        stride=(2, 3),
+        padding=(2, 1),
+        dilation=2,
+        groups=2,
+        cin=16,
+        cout=16,
+        hw=(13, 14),
+        batch=2,
+    ),
 ]
 
 
@@ -175,6 +199,7 @@ def test_a_wrong_kernel_result_is_caught(emulated):
 
 # --- tied_conv_transpose2d through the same kernels ------------------------------------------------
 
+
 def run_transpose(emulated, precision, transform, geometry, has_bias=True):
     gid, x_shape, w_shape, stride, padding, output_padding, groups, dilation, layout = geometry
     dtype, tf32, _ = PRECISIONS[precision]
@@ -188,8 +213,15 @@ def run_transpose(emulated, precision, transform, geometry, has_bias=True):
     ref_gx, ref_gw, _ = ref_grads(grad_out.double())
     x, w = with_layout(layout, x, w)
     name, alpha = transform_name_and_alpha(transform)
-    args = (name, alpha, list(_pair(stride, "stride")), list(_pair(padding, "padding")),
-            list(_pair(output_padding, "output_padding")), list(_pair(dilation, "dilation")), groups)
+    args = (
+        name,
+        alpha,
+        list(_pair(stride, "stride")),
+        list(_pair(padding, "padding")),
+        list(_pair(output_padding, "output_padding")),
+        list(_pair(dilation, "dilation")),
+        groups,
+    )
     what = f"transposed, {precision}, {transform}, {gid}"
     out = emulated.transpose_forward(x, w, b, *args)
     assert_close("output", out, ref_out, precision, what)
@@ -215,10 +247,23 @@ def test_transpose_every_transform(emulated, transform):
     run_transpose(emulated, "float64", transform, TRANSPOSE_GEOMETRIES[1])
 
 
-@pytest.mark.parametrize("geometry", [g for g in FUSED_TRANSPOSE_CASES if g[0] in
-                                      ("3x3-s1-p1", "64to64-3x3-s1-p1", "3x3-s1-p1-channels_last", "4x4-s2-p1",
-                                       "3x3-s2-p1-op1", "4x4-s2-p1-channels_last")],
-                         ids=lambda g: g[0])
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        g
+        for g in FUSED_TRANSPOSE_CASES
+        if g[0]
+        in (
+            "3x3-s1-p1",
+            "64to64-3x3-s1-p1",
+            "3x3-s1-p1-channels_last",
+            "4x4-s2-p1",
+            "3x3-s2-p1-op1",
+            "4x4-s2-p1-channels_last",
+        )
+    ],
+    ids=lambda g: g[0],
+)
 @pytest.mark.parametrize("precision", ["tf32", "bfloat16", "float16"])
 def test_transpose_tensor_core_kernels(emulated, precision, geometry):
     _, x_shape, w_shape, stride, _, _, groups, _, _ = geometry
@@ -233,10 +278,18 @@ def test_transpose_output_padding_past_the_stride_is_refused(emulated):
     """output_padding >= stride (allowed below the dilation) adds rows the convolution would not map
     back onto x: the fused kernels must refuse the call (the dispatcher then takes the library)."""
     (gid, x_shape, w_shape, stride, padding, output_padding, groups, dilation, _) = next(
-        g for g in TRANSPOSE_GEOMETRIES if "fallback" in g[0])
+        g for g in TRANSPOSE_GEOMETRIES if "fallback" in g[0]
+    )
     x, w = randn(x_shape, torch.float64), randn(w_shape, torch.float64)
-    args = ("identity", 1.0, list(_pair(stride, "s")), list(_pair(padding, "p")), list(_pair(output_padding, "o")),
-            list(_pair(dilation, "d")), groups)
+    args = (
+        "identity",
+        1.0,
+        list(_pair(stride, "s")),
+        list(_pair(padding, "p")),
+        list(_pair(output_padding, "o")),
+        list(_pair(dilation, "d")),
+        groups,
+    )
     assert not emulated.transpose_supported(x, w, None, *args)
     assert emulated.transpose_supported(x, w, None, args[0], args[1], args[2], args[3], [0, 0], args[5], args[6])
     with pytest.raises(RuntimeError, match="do not support"):

@@ -15,8 +15,9 @@ def test_setting_is_restored_and_validated():
             assert lib.cuda_conv_algorithm() == name
         assert lib.cuda_conv_algorithm() == "auto"
     with fusedtie.use_cuda_conv_algorithm("fused"):
-        with pytest.raises(ValueError,
-                           match="unknown CUDA convolution algorithm 'fast'.*auto, autotune, fused, library"):
+        with pytest.raises(
+            ValueError, match="unknown CUDA convolution algorithm 'fast'.*auto, autotune, fused, library"
+        ):
             with fusedtie.use_cuda_conv_algorithm("fast"):
                 pass
         assert lib.cuda_conv_algorithm() == "fused"

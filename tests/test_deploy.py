@@ -43,8 +43,11 @@ class PlainDeployNet(DeployNet):
         nn.Module.__init__(self)
         self.stem, self.conv_1 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
         self.conv_2, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2), nn.ReLU(),
-                                   nn.Conv2d(8, 4, (2, 3), padding="same", bias=False))
+        self.block = nn.Sequential(
+            nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2),
+            nn.ReLU(),
+            nn.Conv2d(8, 4, (2, 3), padding="same", bias=False),
+        )
 
 
 def _with_running_stats(net):
@@ -59,6 +62,7 @@ def _with_running_stats(net):
 
 def reference_forward(net, x):
     """DeployNet's forward in float64 from its (original, tied) parameters, without fusedtie."""
+
     def d(t):
         return None if t is None else t.detach().double()
 
@@ -76,8 +80,13 @@ def reference_forward(net, x):
     if c1.padding_mode == "zeros":
         h = F.conv2d(h, reference_f("tanh", d(c1.weight)), d(c1.bias), stride=2, padding=2, dilation=2)
     else:
-        h = F.conv2d(F.pad(h, (2, 2, 2, 2), mode=c1.padding_mode), reference_f("tanh", d(c1.weight)),
-                     d(c1.bias), stride=2, dilation=2)
+        h = F.conv2d(
+            F.pad(h, (2, 2, 2, 2), mode=c1.padding_mode),
+            reference_f("tanh", d(c1.weight)),
+            d(c1.bias),
+            stride=2,
+            dilation=2,
+        )
     h = F.relu(h)
     lone = net.block[2].source
     return F.conv2d(h, reference_f("exp", d(lone.weight)), None, padding="same")
@@ -96,8 +105,16 @@ def test_bake_replaces_every_tie_and_computes_the_same(padding_mode):
     for path in ("conv_2", "block.0", "block.2"):
         conv, layer = baked.get_submodule(path), net.get_submodule(path)
         assert type(conv) is nn.Conv2d
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                     "padding_mode"):
+        for name in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "groups",
+            "padding_mode",
+        ):
             assert getattr(conv, name) == getattr(layer, name), (path, name)
         assert conv.weight.dtype == torch.float64 and conv.weight.device == layer.source.weight.device
     assert baked.block[2].bias is None
@@ -147,9 +164,20 @@ def test_baked_model_is_plain_pytorch():
         assert not hasattr(module, "_fusedtie_hooks")
         assert not module._state_dict_hooks and not module._load_state_dict_pre_hooks
     assert list(baked.state_dict()) == [
-        "stem.weight", "stem.bias", "conv_1.weight", "conv_1.bias", "conv_2.weight", "conv_2.bias",
-        "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked",
-        "block.0.weight", "block.0.bias", "block.2.weight",
+        "stem.weight",
+        "stem.bias",
+        "conv_1.weight",
+        "conv_1.bias",
+        "conv_2.weight",
+        "conv_2.bias",
+        "bn.weight",
+        "bn.bias",
+        "bn.running_mean",
+        "bn.running_var",
+        "bn.num_batches_tracked",
+        "block.0.weight",
+        "block.0.bias",
+        "block.2.weight",
     ]
     # its state_dict loads (strict) into the same architecture written with nn.Conv2d only
     plain = PlainDeployNet()
@@ -200,8 +228,7 @@ def test_bake_a_tied_layer_alone_and_a_layer_registered_twice():
     baked = fusedtie.bake(layer)
     assert type(baked) is nn.Conv2d and baked.padding_mode == "reflect" and not baked.training
     x = torch.randn(1, 4, 7, 7, dtype=torch.float64)
-    expected = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), -0.5 * conv.weight.detach(),
-                        -0.5 * conv.bias.detach())
+    expected = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), -0.5 * conv.weight.detach(), -0.5 * conv.bias.detach())
     torch.testing.assert_close(baked(x), expected, rtol=1e-12, atol=1e-12)
     assert conv._fusedtie_hooks and layer.source is conv  # the original keeps its tie
     # one tied layer under two names stays one module under both names

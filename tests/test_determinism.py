@@ -19,8 +19,7 @@ import fusedtie
 from fusedtie import FusedTiedConv2d
 
 REPEATS = 4
-_FLAG_AT_IMPORT = (torch.are_deterministic_algorithms_enabled(),
-                   torch.is_deterministic_algorithms_warn_only_enabled())
+_FLAG_AT_IMPORT = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
 
 
 @pytest.fixture
@@ -165,5 +164,7 @@ def test_training_steps_are_bitwise_repeatable(deterministic, algorithm):
 
 def test_flag_is_restored():
     """The fixture put the global flag back (this runs after the tests above, in file order)."""
-    assert (torch.are_deterministic_algorithms_enabled(),
-            torch.is_deterministic_algorithms_warn_only_enabled()) == _FLAG_AT_IMPORT
+    assert (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    ) == _FLAG_AT_IMPORT

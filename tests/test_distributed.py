@@ -118,8 +118,9 @@ def _reference_steps(steps=2):
 def _entry(rank, target, world_size, init_method, out_dir, args):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only, whatever the hostname resolves to
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         result = target(rank, world_size, *args)
     except BaseException as error:  # report it to the test process, which prints it
@@ -131,8 +132,13 @@ def _entry(rank, target, world_size, init_method, out_dir, args):
 def _run(target, tmp_path, *args):
     """Runs target(rank, world_size, *args) in WORLD_SIZE spawned processes; returns their results."""
     init_method = f"file://{tmp_path}/rendezvous"
-    context = mp.start_processes(_entry, args=(target, WORLD_SIZE, init_method, str(tmp_path), args),
-                                 nprocs=WORLD_SIZE, join=False, start_method="spawn")
+    context = mp.start_processes(
+        _entry,
+        args=(target, WORLD_SIZE, init_method, str(tmp_path), args),
+        nprocs=WORLD_SIZE,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + DEADLINE_S
     try:
         while not context.join(timeout=1.0):
@@ -176,8 +182,13 @@ def _check_results(results):
     for rank, result in enumerate(results):
         for key in ("grads", "params1", "params2"):
             for name, expected in reference[key].items():
-                torch.testing.assert_close(result[key][name], expected, rtol=1e-10, atol=1e-12,
-                                           msg=lambda m: f"rank {rank}, {key}, {name}: {m}")
+                torch.testing.assert_close(
+                    result[key][name],
+                    expected,
+                    rtol=1e-10,
+                    atol=1e-12,
+                    msg=lambda m: f"rank {rank}, {key}, {name}: {m}",
+                )
 
 
 # --- the scenarios, all run by one pair of workers (a spawn costs about 10 s here) -----------------
@@ -260,8 +271,10 @@ def _all_scenarios(rank, world_size):
         try:
             results[scenario.__name__] = scenario(rank, world_size)
         except Exception as error:
-            results[scenario.__name__] = {"error": f"{type(error).__name__}: {error}",
-                                          "traceback": traceback.format_exc()}
+            results[scenario.__name__] = {
+                "error": f"{type(error).__name__}: {error}",
+                "traceback": traceback.format_exc(),
+            }
         dist.barrier()
     return results
 

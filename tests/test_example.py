@@ -41,8 +41,9 @@ def _by_hand(tied, x):
     layers = [(encoder.conv3, 2, 1), (encoder.conv2, 2, 1), (encoder.conv1, 1, 0)]
     for i, ((conv, stride, output_padding), decoder_layer) in enumerate(zip(layers, tied.decoder)):
         h = F.relu(h) if i else h
-        h = F.conv_transpose2d(h, conv.weight, decoder_layer.bias, stride=stride, padding=1,
-                               output_padding=output_padding)
+        h = F.conv_transpose2d(
+            h, conv.weight, decoder_layer.bias, stride=stride, padding=1, output_padding=output_padding
+        )
     return torch.sigmoid(h)
 
 
@@ -56,7 +57,10 @@ def test_parameter_counts(one_epoch):
     # Every parameter of the tied model is the encoder's or a decoder bias: no copy of a weight.
     names = [n for n, _ in tied.named_parameters()]
     assert sorted(n for n in names if not n.startswith("encoder.")) == [
-        "decoder.0.bias", "decoder.1.bias", "decoder.2.bias"]
+        "decoder.0.bias",
+        "decoder.1.bias",
+        "decoder.2.bias",
+    ]
 
 
 def test_tied_model_is_conv_transpose_of_the_encoder_weights(one_epoch):

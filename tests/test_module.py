@@ -128,8 +128,11 @@ def test_checkpoint_from_either_layout_loads_into_either_layout(derived_first):
             saved, saved_conv = build(saved_with_holder)
             loaded, loaded_conv = build(loaded_with_holder)
             keys = list(saved.state_dict())
-            assert keys == (["holder.weight", "holder.bias"] if saved_with_holder else
-                            ["derived.source.weight", "derived.source.bias"])
+            assert keys == (
+                ["holder.weight", "holder.bias"]
+                if saved_with_holder
+                else ["derived.source.weight", "derived.source.bias"]
+            )
             result = loaded.load_state_dict(saved.state_dict())  # strict
             assert not result.missing_keys and not result.unexpected_keys
             torch.testing.assert_close(loaded_conv.weight, saved_conv.weight)
@@ -141,8 +144,10 @@ def test_checkpoint_with_disagreeing_duplicate_keys_is_refused():
     with torch.no_grad():
         net.conv_1.weight[0, 0, 0, 0] = float("nan")  # NaN equals NaN for this check
     state = net.state_dict()
-    same = dict(state, **{"conv_2.source.weight": state["conv_1.weight"].clone(),
-                          "conv_2.source.bias": state["conv_1.bias"].clone()})
+    same = dict(
+        state,
+        **{"conv_2.source.weight": state["conv_1.weight"].clone(), "conv_2.source.bias": state["conv_1.bias"].clone()},
+    )
     net.load_state_dict(same)  # duplicates that agree (a parametrize-style checkpoint) load
     differ = dict(same, **{"conv_2.source.weight": state["conv_1.weight"] + 1})
     with pytest.raises(RuntimeError, match="'conv_1.weight' and 'conv_2.source.weight' differ"):
@@ -259,8 +264,9 @@ def test_not_a_conv2d_so_init_loops_touch_only_the_source():
 
 
 def test_extra_repr_shows_transform_bias_and_geometry():
-    layer = FusedTiedConv2d(nn.Conv2d(4, 4, 3, padding=1), fusedtie.Transform("scale", alpha=0.5),
-                            bias="transform", stride=2)
+    layer = FusedTiedConv2d(
+        nn.Conv2d(4, 4, 3, padding=1), fusedtie.Transform("scale", alpha=0.5), bias="transform", stride=2
+    )
     text = repr(layer)
     for piece in ("transform=scale(alpha=0.5)", "bias='transform'", "stride=(2, 2)", "padding=(1, 1)"):
         assert piece in text, text
@@ -294,8 +300,7 @@ def test_geometry_overrides():
     layer = FusedTiedConv2d(conv, "square", stride=2, padding=(1, 2), dilation=(1, 2), groups=2)
     assert layer.in_channels == 8 and layer.out_channels == 6
     x = torch.randn(1, 8, 11, 11, dtype=torch.float64)
-    ref, _ = reference_conv2d(x, conv.weight, conv.bias, "square", stride=2, padding=(1, 2), dilation=(1, 2),
-                              groups=2)
+    ref, _ = reference_conv2d(x, conv.weight, conv.bias, "square", stride=2, padding=(1, 2), dilation=(1, 2), groups=2)
     torch.testing.assert_close(layer(x), ref, rtol=1e-9, atol=1e-9)
 
 

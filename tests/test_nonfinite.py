@@ -76,8 +76,12 @@ def _place(where, value, x, w, grad_out):
 
 
 def _cases():
-    for where, values in (("weight", ("nan", "inf", "-inf")), ("exp-overflow", ("100",)),
-                          ("input", ("nan", "inf", "-inf")), ("grad_output", ("nan", "inf", "-inf"))):
+    for where, values in (
+        ("weight", ("nan", "inf", "-inf")),
+        ("exp-overflow", ("100",)),
+        ("input", ("nan", "inf", "-inf")),
+        ("grad_output", ("nan", "inf", "-inf")),
+    ):
         for value in values:
             yield where, value
 

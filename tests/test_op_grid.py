@@ -13,8 +13,21 @@ BIAS_MODES = ["none", "identity", "transform"]
 KERNELS = [(1, 1), (3, 3), (3, 1), (5, 4)]
 
 
-def run_case(transform, bias_mode, kernel, batch=2, cin=4, cout=6, hw=(9, 8), stride=1, padding=0,
-             dilation=1, groups=1, dtype=torch.float64, layout="contiguous"):
+def run_case(
+    transform,
+    bias_mode,
+    kernel,
+    batch=2,
+    cin=4,
+    cout=6,
+    hw=(9, 8),
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    dtype=torch.float64,
+    layout="contiguous",
+):
     if layout == "unbatched":
         batch = 1
     if layout == "expanded":  # stride-0 dimensions: one image and one filter repeated
@@ -25,8 +38,7 @@ def run_case(transform, bias_mode, kernel, batch=2, cin=4, cout=6, hw=(9, 8), st
         w = torch.randn(cout, cin // groups, *kernel, dtype=dtype) * 0.5
     b = None if bias_mode == "none" else torch.randn(cout, dtype=dtype) * 0.5
     bias_transform = transform if bias_mode == "transform" else "identity"
-    ref_out, ref_grads = reference_conv2d(x, w, b, transform, bias_transform, stride, padding, dilation,
-                                          groups)
+    ref_out, ref_grads = reference_conv2d(x, w, b, transform, bias_transform, stride, padding, dilation, groups)
 
     if layout == "unbatched":
         x = x[0]
@@ -40,8 +52,9 @@ def run_case(transform, bias_mode, kernel, batch=2, cin=4, cout=6, hw=(9, 8), st
     w.requires_grad_(True)
     if b is not None:
         b.requires_grad_(True)
-    out = fusedtie.tied_conv2d(x, w, b, transform_arg(transform), transform_arg(bias_transform),
-                               stride, padding, dilation, groups)
+    out = fusedtie.tied_conv2d(
+        x, w, b, transform_arg(transform), transform_arg(bias_transform), stride, padding, dilation, groups
+    )
     expected_shape = ref_out.shape[1:] if layout == "unbatched" else ref_out.shape
     assert out.shape == expected_shape
     assert out.dtype == dtype
@@ -103,8 +116,7 @@ def test_channels_last_output_format_matches_conv2d():
     w = torch.randn(6, 4, 3, 3)
     out = fusedtie.tied_conv2d(x, w, transform="square", padding=1)
     ref = torch.nn.functional.conv2d(x, w * w, padding=1)
-    assert out.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(
-        memory_format=torch.channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -116,9 +128,9 @@ def test_low_precision_error_within_twice_pytorch(transform, dtype):
     b = torch.randn(8) * 0.3
     ref, _ = reference_conv2d(x, w, b, transform, "identity", 1, 1)
     from reference import reference_f
+
     try:
-        torch_low = torch.nn.functional.conv2d(x.to(dtype), reference_f(transform, w.to(dtype)), b.to(dtype),
-                                               padding=1)
+        torch_low = torch.nn.functional.conv2d(x.to(dtype), reference_f(transform, w.to(dtype)), b.to(dtype), padding=1)
     except RuntimeError as error:  # a CPU build without this dtype's convolution
         pytest.skip(f"PyTorch's CPU conv2d has no {dtype}: {error}")
     ours = fusedtie.tied_conv2d(x.to(dtype), w.to(dtype), b.to(dtype), transform, padding=1)
@@ -135,10 +147,13 @@ def test_low_precision_error_within_twice_pytorch(transform, dtype):
     w_low = w.to(dtype).requires_grad_(True)
     (torch_grad,) = torch.autograd.grad(
         torch.nn.functional.conv2d(x.to(dtype), reference_f(transform, w_low), b.to(dtype), padding=1),
-        w_low, grad_out.to(dtype))
+        w_low,
+        grad_out.to(dtype),
+    )
     w_ours = w.to(dtype).requires_grad_(True)
-    (our_grad,) = torch.autograd.grad(fusedtie.tied_conv2d(x.to(dtype), w_ours, b.to(dtype), transform, padding=1),
-                                      w_ours, grad_out.to(dtype))
+    (our_grad,) = torch.autograd.grad(
+        fusedtie.tied_conv2d(x.to(dtype), w_ours, b.to(dtype), transform, padding=1), w_ours, grad_out.to(dtype)
+    )
     assert our_grad.dtype == dtype
     gerr_torch = (torch_grad.double() - ref_grad).abs().max().item()
     gerr_ours = (our_grad.double() - ref_grad).abs().max().item()

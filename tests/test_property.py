@@ -99,16 +99,75 @@ REGRESSIONS = [
     # Hand-picked corners kept always-on: an empty grouped batch; the depthwise kernel with an even
     # kernel and "same" (asymmetric padding); reflect with "same" and an even dilated kernel;
     # circular padding as wide as the input; an unbatched, strided, dilated call forced to gemm.
-    Case(n=0, groups=3, cin_per_group=2, cout_per_group=1, h=4, w=5, kernel=(3, 2), padding=(1, 0),
-         transform="tanh", bias="transform"),
-    Case(n=2, groups=3, cin_per_group=1, cout_per_group=2, h=11, w=12, kernel=(4, 2), padding="same",
-         transform="softplus", bias="identity", algorithm="depthwise"),
-    Case(n=1, groups=1, cin_per_group=2, cout_per_group=3, h=6, w=7, kernel=(2, 4), padding="same",
-         dilation=(3, 1), padding_mode="reflect", via="module", transform="exp", bias="transform"),
-    Case(n=2, groups=2, cin_per_group=1, cout_per_group=1, h=2, w=3, kernel=(3, 3), padding=(2, 3),
-         padding_mode="circular", via="module", transform="abs", bias="none"),
-    Case(n=None, groups=1, cin_per_group=3, cout_per_group=2, h=9, w=8, kernel=(3, 3), stride=(2, 3),
-         padding=1, dilation=2, transform=TRANSFORMS[-1], bias="identity", algorithm="gemm"),
+    Case(
+        n=0,
+        groups=3,
+        cin_per_group=2,
+        cout_per_group=1,
+        h=4,
+        w=5,
+        kernel=(3, 2),
+        padding=(1, 0),
+        transform="tanh",
+        bias="transform",
+    ),
+    Case(
+        n=2,
+        groups=3,
+        cin_per_group=1,
+        cout_per_group=2,
+        h=11,
+        w=12,
+        kernel=(4, 2),
+        padding="same",
+        transform="softplus",
+        bias="identity",
+        algorithm="depthwise",
+    ),
+    Case(
+        n=1,
+        groups=1,
+        cin_per_group=2,
+        cout_per_group=3,
+        h=6,
+        w=7,
+        kernel=(2, 4),
+        padding="same",
+        dilation=(3, 1),
+        padding_mode="reflect",
+        via="module",
+        transform="exp",
+        bias="transform",
+    ),
+    Case(
+        n=2,
+        groups=2,
+        cin_per_group=1,
+        cout_per_group=1,
+        h=2,
+        w=3,
+        kernel=(3, 3),
+        padding=(2, 3),
+        padding_mode="circular",
+        via="module",
+        transform="abs",
+        bias="none",
+    ),
+    Case(
+        n=None,
+        groups=1,
+        cin_per_group=3,
+        cout_per_group=2,
+        h=9,
+        w=8,
+        kernel=(3, 3),
+        stride=(2, 3),
+        padding=1,
+        dilation=2,
+        transform=TRANSFORMS[-1],
+        bias="identity",
+        algorithm="gemm",
+    ),
 ]
 
 
@@ -148,14 +207,19 @@ def cases(draw):
     dilation = draw(_int_or_pair(1, 3))
     padding_kinds = ["int", "pair", "valid"] + (["same"] if _as_pair(stride) == (1, 1) else [])
     kind = draw(st.sampled_from(padding_kinds))
-    padding = {"int": lambda: draw(st.integers(0, 3)),
-               "pair": lambda: (draw(st.integers(0, 3)), draw(st.integers(0, 3))),
-               "valid": lambda: "valid", "same": lambda: "same"}[kind]()
+    padding = {
+        "int": lambda: draw(st.integers(0, 3)),
+        "pair": lambda: (draw(st.integers(0, 3)), draw(st.integers(0, 3))),
+        "valid": lambda: "valid",
+        "same": lambda: "same",
+    }[kind]()
     padding_mode = draw(st.sampled_from(PADDING_MODES))
     top, bottom, left, right = _padding_sides(padding, kernel, _as_pair(dilation))
     size = []
-    for (k, d, before, after) in ((kernel[0], _as_pair(dilation)[0], top, bottom),
-                                  (kernel[1], _as_pair(dilation)[1], left, right)):
+    for k, d, before, after in (
+        (kernel[0], _as_pair(dilation)[0], top, bottom),
+        (kernel[1], _as_pair(dilation)[1], left, right),
+    ):
         smallest = max(1, d * (k - 1) + 1 - before - after)  # the dilated kernel fits the padded input
         if padding_mode == "reflect":
             smallest = max(smallest, before + 1, after + 1)  # reflect: padding < input size
@@ -164,14 +228,25 @@ def cases(draw):
         size.append(smallest + draw(st.integers(0, 8)))
     n = draw(st.sampled_from([None, 0, 1, 2, 3]))
     via = "module" if padding_mode != "zeros" else draw(st.sampled_from(["functional", "module"]))
-    layout = "contiguous" if n is None else draw(st.sampled_from(["contiguous", "channels_last",
-                                                                  "non_contiguous"]))
+    layout = "contiguous" if n is None else draw(st.sampled_from(["contiguous", "channels_last", "non_contiguous"]))
     return Case(
-        n=n, groups=groups, cin_per_group=cin_per_group, cout_per_group=cout_per_group, h=size[0],
-        w=size[1], kernel=kernel, stride=stride, padding=padding, dilation=dilation,
-        padding_mode=padding_mode, transform=draw(st.sampled_from(TRANSFORMS)),
-        bias=draw(st.sampled_from(["none", "identity", "transform"])), via=via, layout=layout,
-        algorithm=draw(st.sampled_from(ALGORITHMS)), seed=draw(st.integers(0, 2**31 - 1)),
+        n=n,
+        groups=groups,
+        cin_per_group=cin_per_group,
+        cout_per_group=cout_per_group,
+        h=size[0],
+        w=size[1],
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        padding_mode=padding_mode,
+        transform=draw(st.sampled_from(TRANSFORMS)),
+        bias=draw(st.sampled_from(["none", "identity", "transform"])),
+        via=via,
+        layout=layout,
+        algorithm=draw(st.sampled_from(ALGORITHMS)),
+        seed=draw(st.integers(0, 2**31 - 1)),
         # Mostly one thread: on these tiny tensors a thread pool costs more than the work (4x the
         # run time on a loaded 2-core machine); every fourth case keeps two for the parallel splits.
         threads=draw(st.sampled_from([1, 1, 1, 2])),
@@ -185,17 +260,38 @@ def _reference(case, x4, w, b):
     """(out, grads_fn) in float64 for a 4-D input, by tests/reference.py where it applies."""
     bias_transform = case.transform if case.bias == "transform" else "identity"
     if case.padding_mode == "zeros" or not isinstance(case.padding, str):
-        return reference_conv2d(x4, w, b, case.transform, bias_transform, case.stride, case.padding,
-                                case.dilation, case.groups, case.padding_mode)
+        return reference_conv2d(
+            x4,
+            w,
+            b,
+            case.transform,
+            bias_transform,
+            case.stride,
+            case.padding,
+            case.dilation,
+            case.groups,
+            case.padding_mode,
+        )
     # "same"/"valid" with a padding_mode: nn.Conv2d's own padding (a meta conv, weights unused),
     # on f(W) and g(b) written in torch ops.
-    conv = nn.Conv2d(case.cin, case.cout, case.kernel, case.stride, case.padding, case.dilation,
-                     case.groups, bias=False, padding_mode=case.padding_mode, device="meta")
+    conv = nn.Conv2d(
+        case.cin,
+        case.cout,
+        case.kernel,
+        case.stride,
+        case.padding,
+        case.dilation,
+        case.groups,
+        bias=False,
+        padding_mode=case.padding_mode,
+        device="meta",
+    )
     x64 = x4.detach().double().requires_grad_(True)
     w64 = w.detach().double().requires_grad_(True)
     b64 = None if b is None else b.detach().double().requires_grad_(True)
-    out = conv._conv_forward(x64, reference_f(case.transform, w64),
-                             None if b64 is None else reference_f(bias_transform, b64))
+    out = conv._conv_forward(
+        x64, reference_f(case.transform, w64), None if b64 is None else reference_f(bias_transform, b64)
+    )
 
     def grads(grad_out):
         inputs = [x64, w64] + ([b64] if b64 is not None else [])
@@ -241,12 +337,31 @@ def _check_case(case: Case) -> None:
             w_in = _with_layout(w, case.layout).requires_grad_(True)
             b_in = None if b is None else b.clone().requires_grad_(True)
             bias_transform = case.transform if case.bias == "transform" else "identity"
-            out = fusedtie.tied_conv2d(x, w_in, b_in, transform_arg(case.transform), transform_arg(bias_transform),
-                                       case.stride, case.padding, case.dilation, case.groups)
+            out = fusedtie.tied_conv2d(
+                x,
+                w_in,
+                b_in,
+                transform_arg(case.transform),
+                transform_arg(bias_transform),
+                case.stride,
+                case.padding,
+                case.dilation,
+                case.groups,
+            )
             params = [w_in] + ([b_in] if b_in is not None else [])
         else:
-            source = nn.Conv2d(case.cin, case.cout, case.kernel, case.stride, case.padding, case.dilation,
-                               case.groups, bias=True, padding_mode=case.padding_mode, dtype=torch.float64)
+            source = nn.Conv2d(
+                case.cin,
+                case.cout,
+                case.kernel,
+                case.stride,
+                case.padding,
+                case.dilation,
+                case.groups,
+                bias=True,
+                padding_mode=case.padding_mode,
+                dtype=torch.float64,
+            )
             with torch.no_grad():
                 source.weight = nn.Parameter(_with_layout(w, case.layout).clone())
                 source.bias.copy_(b if has_bias else torch.zeros(case.cout, dtype=torch.float64))
@@ -257,12 +372,14 @@ def _check_case(case: Case) -> None:
         assert out.dtype == torch.float64
         assert tuple(out.shape) == (tuple(ref_out.shape[1:]) if case.n is None else tuple(ref_out.shape))
         torch.testing.assert_close(out.reshape(ref_out.shape), ref_out, **TOL)
-        grad_out = torch.randn(ref_out.shape, dtype=torch.float64,
-                               generator=torch.Generator().manual_seed(grad_out_seed))
+        grad_out = torch.randn(
+            ref_out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(grad_out_seed)
+        )
         grads = torch.autograd.grad(out, [x] + params, grad_out.reshape(out.shape))
     expected = ref_grads(grad_out)
-    torch.testing.assert_close(grads[0].reshape(expected[0].shape), expected[0], **TOL,
-                               msg=lambda m: "input grad: " + m)
+    torch.testing.assert_close(
+        grads[0].reshape(expected[0].shape), expected[0], **TOL, msg=lambda m: "input grad: " + m
+    )
     torch.testing.assert_close(grads[1], expected[1], **TOL, msg=lambda m: "weight grad: " + m)
     if has_bias:
         torch.testing.assert_close(grads[2], expected[2], **TOL, msg=lambda m: "bias grad: " + m)
@@ -302,9 +419,20 @@ def raw_calls(draw):
     dilation = draw(_int_or_pair(-1, 3))
     padding = draw(st.one_of(_int_or_pair(-1, 3), st.sampled_from(["same", "valid", "full"])))
     bias_size = draw(st.sampled_from([None, cout, cout, cout + 1]))
-    return dict(n=draw(st.integers(0, 2)), cin=cin, w_in=w_in, cout=cout, kernel=kernel, hw=hw,
-                stride=stride, dilation=dilation, padding=padding, groups=groups, bias_size=bias_size,
-                seed=draw(st.integers(0, 2**31 - 1)))
+    return dict(
+        n=draw(st.integers(0, 2)),
+        cin=cin,
+        w_in=w_in,
+        cout=cout,
+        kernel=kernel,
+        hw=hw,
+        stride=stride,
+        dilation=dilation,
+        padding=padding,
+        groups=groups,
+        bias_size=bias_size,
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 @settings(PROPERTY_SETTINGS, max_examples=max(1, EXAMPLES // 2))
@@ -347,8 +475,13 @@ def _broken_rule(call):
 
 
 @settings(PROPERTY_SETTINGS, max_examples=max(1, EXAMPLES // 3))
-@given(mode=st.sampled_from(PADDING_MODES[1:]), padding=_int_or_pair(0, 4), kernel=st.integers(1, 3),
-       hw=st.tuples(st.integers(1, 4), st.integers(1, 4)), unbatched=st.booleans())
+@given(
+    mode=st.sampled_from(PADDING_MODES[1:]),
+    padding=_int_or_pair(0, 4),
+    kernel=st.integers(1, 3),
+    hw=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    unbatched=st.booleans(),
+)
 def test_padding_mode_input_too_small_errors_like_conv2d(mode, padding, kernel, hw, unbatched):
     """reflect needs padding < input size, circular padding <= input size: checked at forward. The
     layer raises where nn.Conv2d raises, and agrees where it does not."""
@@ -374,10 +507,19 @@ def _nonfinite_params():
     params = []
     for algorithm in ALGORITHMS:
         for dtype in (torch.float32, torch.float64):
-            for where, value in (("weight", "nan"), ("weight", "inf"), ("weight", "-inf"), ("input", "nan"),
-                                 ("input", "inf"), ("input", "-inf"), ("bias", "nan"), ("bias", "-inf")):
-                params.append(pytest.param(algorithm, dtype, where, value,
-                                           id=f"{algorithm}-{str(dtype)[6:]}-{where}-{value}"))
+            for where, value in (
+                ("weight", "nan"),
+                ("weight", "inf"),
+                ("weight", "-inf"),
+                ("input", "nan"),
+                ("input", "inf"),
+                ("input", "-inf"),
+                ("bias", "nan"),
+                ("bias", "-inf"),
+            ):
+                params.append(
+                    pytest.param(algorithm, dtype, where, value, id=f"{algorithm}-{str(dtype)[6:]}-{where}-{value}")
+                )
     return params
 
 
@@ -404,23 +546,41 @@ def test_nan_and_inf_propagate_like_conv2d(algorithm, dtype, where, value):
         b[2] = v
     transform = bias_transform = "identity" if value == "-inf" else "square"  # square(-inf) = +inf
     ref_params = [t.clone().requires_grad_(True) for t in (x, w, b)]
-    ref = F.conv2d(ref_params[0], reference_f(transform, ref_params[1]),
-                   reference_f(bias_transform, ref_params[2]), padding=1, groups=groups)
+    ref = F.conv2d(
+        ref_params[0],
+        reference_f(transform, ref_params[1]),
+        reference_f(bias_transform, ref_params[2]),
+        padding=1,
+        groups=groups,
+    )
     grad_out = torch.randn(ref.shape, dtype=dtype, generator=g)
     ref_grads = torch.autograd.grad(ref, ref_params, grad_out)
     ours_params = [t.clone().requires_grad_(True) for t in (x, w, b)]
     with fusedtie.use_cpu_conv_algorithm(algorithm):
-        out = fusedtie.tied_conv2d(ours_params[0], ours_params[1], ours_params[2], transform, bias_transform,
-                                   padding=1, groups=groups)
+        out = fusedtie.tied_conv2d(
+            ours_params[0], ours_params[1], ours_params[2], transform, bias_transform, padding=1, groups=groups
+        )
         grads = torch.autograd.grad(out, ours_params, grad_out)
     differences = nonfinite_mask_differences(
-        zip(("output", "input grad", "weight grad", "bias grad"), (out, *grads), (ref, *ref_grads)))
+        zip(("output", "input grad", "weight grad", "bias grad"), (out, *grads), (ref, *ref_grads))
+    )
     assert not differences, "; ".join(differences)
     assert torch.isfinite(ref).sum() > 0  # the check is not vacuous: some outputs stay finite
 
 
-@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32,
-                                   torch.complex64, torch.complex128, torch.float8_e4m3fn])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.complex64,
+        torch.complex128,
+        torch.float8_e4m3fn,
+    ],
+)
 def test_non_floating_dtypes_raise_clear_errors(dtype):
     """Integer, bool, complex and float8 tensors: a TypeError naming the supported dtypes, from the
     function, the layer (a source converted in place) and apply_transform."""
@@ -432,8 +592,9 @@ def test_non_floating_dtypes_raise_clear_errors(dtype):
     with pytest.raises(TypeError, match=pattern):
         fusedtie.apply_transform(w, "square")
     with pytest.raises(TypeError, match=pattern):
-        torch.ops.fusedtie.tied_conv2d(x.to("meta"), w.to("meta"), None, "square", 1.0, "identity", 1.0,
-                                       [1, 1], [0, 0, 0, 0], [1, 1], 1)
+        torch.ops.fusedtie.tied_conv2d(
+            x.to("meta"), w.to("meta"), None, "square", 1.0, "identity", 1.0, [1, 1], [0, 0, 0, 0], [1, 1], 1
+        )
     source = nn.Conv2d(2, 3, 3, bias=False)
     source.weight = nn.Parameter(w, requires_grad=False)
     with pytest.raises(TypeError, match=pattern):
@@ -479,9 +640,11 @@ BIG = 2**31
 
 def test_sizes_past_2_31_elements_on_meta():
     """Shape and memory-format arithmetic in 64 bits: a 2^32-element input (and output) on meta."""
-    cases = [((1, 1, 2**16, 2**16), (1, 1, 3, 3), dict(padding=1)),
-             ((2**16, 4, 128, 64), (8, 4, 1, 1), dict()),
-             ((1, 2, 2**17, 2**15), (4, 1, 3, 2), dict(stride=(1, 2), padding="valid", groups=2))]
+    cases = [
+        ((1, 1, 2**16, 2**16), (1, 1, 3, 3), dict(padding=1)),
+        ((2**16, 4, 128, 64), (8, 4, 1, 1), dict()),
+        ((1, 2, 2**17, 2**15), (4, 1, 3, 2), dict(stride=(1, 2), padding="valid", groups=2)),
+    ]
     for xs, ws, kw in cases:
         x, w = torch.empty(xs, device="meta"), torch.empty(ws, device="meta")
         assert x.numel() >= BIG
@@ -524,8 +687,9 @@ def _available_memory_bytes():
     return 0
 
 
-@pytest.mark.skipif(os.environ.get("FUSEDTIE_LARGE_TESTS") != "1",
-                    reason="needs 8+ GiB of RAM; set FUSEDTIE_LARGE_TESTS=1 to run")
+@pytest.mark.skipif(
+    os.environ.get("FUSEDTIE_LARGE_TESTS") != "1", reason="needs 8+ GiB of RAM; set FUSEDTIE_LARGE_TESTS=1 to run"
+)
 @pytest.mark.parametrize("algorithm", ["library", "gemm", "depthwise"])
 def test_strided_sampling_past_2_31_elements(algorithm):
     h, w = 2**15 + 1, 2**16  # 2^31 + 2^16 elements; the last corner's flat index is past 2^31

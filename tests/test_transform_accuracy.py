@@ -14,15 +14,26 @@ from reference import reference_f, transform_arg
 
 # Largest error in float32 ulps of the true value. tanh is a rational fit (see transforms.h); the
 # rest are exact or SLEEF's 1-ulp functions, composed.
-ULP_BOUND = {"identity": 0, "square": 0.5, "abs": 0, "neg": 0, "scale": 0.5, "exp": 1, "sigmoid": 3,
-             "tanh": 6, "softplus": 2}
+ULP_BOUND = {
+    "identity": 0,
+    "square": 0.5,
+    "abs": 0,
+    "neg": 0,
+    "scale": 0.5,
+    "exp": 1,
+    "sigmoid": 3,
+    "tanh": 6,
+    "softplus": 2,
+}
 
-GRID = torch.cat([
-    torch.linspace(-30, 30, 200_001),
-    torch.logspace(-10, 1.5, 4000),
-    -torch.logspace(-10, 1.5, 4000),
-    torch.tensor([0.0, -0.0]),
-])
+GRID = torch.cat(
+    [
+        torch.linspace(-30, 30, 200_001),
+        torch.logspace(-10, 1.5, 4000),
+        -torch.logspace(-10, 1.5, 4000),
+        torch.tensor([0.0, -0.0]),
+    ]
+)
 
 
 def ulp_error(got: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:

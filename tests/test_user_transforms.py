@@ -82,8 +82,9 @@ def cube(cache_dir):
 
 @pytest.fixture(scope="module")
 def quad(cache_dir):
-    return Transform.from_expression("user_quad", forward="a * x + b * x * x", derivative="a + 2 * b * x",
-                                     a=QUAD_A, b=QUAD_B)
+    return Transform.from_expression(
+        "user_quad", forward="a * x + b * x * x", derivative="a + 2 * b * x", a=QUAD_A, b=QUAD_B
+    )
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +158,11 @@ def test_apply_transform_in_every_dtype(user_transform, dtype):
     expected = f(w.double())
     got = fusedtie.apply_transform(w, t)
     assert got.dtype == dtype
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else (
-        dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2))
+    tol = (
+        dict(rtol=1e-12, atol=1e-12)
+        if dtype == torch.float64
+        else (dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2))
+    )
     torch.testing.assert_close(got.double(), expected, **tol)
 
 
@@ -168,7 +172,8 @@ def test_gradcheck(user_transform):
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, w, b: fusedtie.tied_conv2d(x, w, b, transform=t, bias_transform=t, padding=1), (x, w, b))
+        lambda x, w, b: fusedtie.tied_conv2d(x, w, b, transform=t, bias_transform=t, padding=1), (x, w, b)
+    )
     assert torch.autograd.gradcheck(lambda w: fusedtie.apply_transform(w, t), (w,))
 
 
@@ -193,16 +198,30 @@ def test_torch_compile_fullgraph_and_opcheck(cube, tanh2):
     for got, expected in zip(grads, ref_grads):
         torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=1e-3)
 
-    args = (torch.randn(2, 4, 6, 6, requires_grad=True), torch.randn(5, 4, 3, 3, requires_grad=True),
-            torch.randn(5, requires_grad=True), cube.name, 1.0, tanh2.name, 1.0, [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    args = (
+        torch.randn(2, 4, 6, 6, requires_grad=True),
+        torch.randn(5, 4, 3, 3, requires_grad=True),
+        torch.randn(5, requires_grad=True),
+        cube.name,
+        1.0,
+        tanh2.name,
+        1.0,
+        [1, 1],
+        [1, 1, 1, 1],
+        [1, 1],
+        1,
+    )
     torch.library.opcheck(torch.ops.fusedtie.tied_conv2d.default, args)
     torch.library.opcheck(torch.ops.fusedtie.transform.default, (torch.randn(5, 4, requires_grad=True), cube.name, 1.0))
 
 
 def test_wrong_derivative_is_a_value_error_with_the_worst_point(cache_dir):
-    with pytest.raises(ValueError, match=r"transform 'user_cube_wrong': the derivative '2 \* x \* x' disagrees with the "
-                                         r"forward 'x \* x \* x' at \d+ of 1000 points.*worst at x = .*"
-                                         r"central difference"):
+    with pytest.raises(
+        ValueError,
+        match=r"transform 'user_cube_wrong': the derivative '2 \* x \* x' disagrees with the "
+        r"forward 'x \* x \* x' at \d+ of 1000 points.*worst at x = .*"
+        r"central difference",
+    ):
         Transform.from_expression("user_cube_wrong", forward="x * x * x", derivative="2 * x * x")
     # nothing was left registered under the name
     with pytest.raises(ValueError, match="unknown transform 'user_cube_wrong'"):
@@ -218,16 +237,19 @@ def test_compile_error_quotes_the_compiler(cache_dir):
         Transform("user_broken")
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(name="square", forward="x", derivative="1"), "'square' is a built-in transform"),
-    (dict(name="two words", forward="x", derivative="1"), "must be an identifier"),
-    (dict(name="t", forward="x; x", derivative="1"), "a single C\\+\\+ expression in x, without ';'"),
-    (dict(name="t", forward="", derivative="1"), "non-empty C\\+\\+ expression"),
-    (dict(name="t", forward="x", derivative="1", int=1.0), "'int' is a C\\+\\+ keyword"),
-    (dict(name="t", forward="x", derivative="1", fusedtie_a=1.0), "reserved"),
-    (dict(name="t", forward="x", derivative="1", a=float("nan")), "parameter a must be a finite real number"),
-    (dict(name="t", forward="x", derivative="1", a=True), "parameter a must be a finite real number"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(name="square", forward="x", derivative="1"), "'square' is a built-in transform"),
+        (dict(name="two words", forward="x", derivative="1"), "must be an identifier"),
+        (dict(name="t", forward="x; x", derivative="1"), "a single C\\+\\+ expression in x, without ';'"),
+        (dict(name="t", forward="", derivative="1"), "non-empty C\\+\\+ expression"),
+        (dict(name="t", forward="x", derivative="1", int=1.0), "'int' is a C\\+\\+ keyword"),
+        (dict(name="t", forward="x", derivative="1", fusedtie_a=1.0), "reserved"),
+        (dict(name="t", forward="x", derivative="1", a=float("nan")), "parameter a must be a finite real number"),
+        (dict(name="t", forward="x", derivative="1", a=True), "parameter a must be a finite real number"),
+    ],
+)
 def test_invalid_definitions_raise_before_compiling(monkeypatch, kwargs, message):
     calls = CompilerCalls(monkeypatch)
     with pytest.raises(ValueError, match=message):
@@ -242,9 +264,12 @@ def test_parameter_x_is_refused():
 
 def test_redefinition_names_both_definitions(monkeypatch, cube):
     calls = CompilerCalls(monkeypatch)
-    with pytest.raises(ValueError, match=r"transform 'user_cube' is already defined as from_expression\(forward='x \* x \* x', "
-                                         r"derivative='3 \* x \* x'\); cannot redefine it as from_expression\("
-                                         r"forward='x \* x', derivative='2 \* x'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"transform 'user_cube' is already defined as from_expression\(forward='x \* x \* x', "
+        r"derivative='3 \* x \* x'\); cannot redefine it as from_expression\("
+        r"forward='x \* x', derivative='2 \* x'\)",
+    ):
         Transform.from_expression("user_cube", forward="x * x", derivative="2 * x")
     with pytest.raises(ValueError, match="'tanh' is a built-in transform"):
         Transform.chain("exp", "neg", name="tanh")
@@ -256,7 +281,9 @@ def test_second_creation_does_not_compile(monkeypatch, cube, quad):
     # the same definition: the registered transform
     assert Transform.from_expression("user_cube", forward="x * x * x", derivative="3 * x * x") == cube
     # new names for compiled expressions, other parameter values: the cached library
-    quad2 = Transform.from_expression("user_quad2", forward="a * x + b * x * x", derivative="a + 2 * b * x", a=-1.0, b=2.0)
+    quad2 = Transform.from_expression(
+        "user_quad2", forward="a * x + b * x * x", derivative="a + 2 * b * x", a=-1.0, b=2.0
+    )
     assert calls.count == 0
     w = torch.randn(50, dtype=torch.float64)
     torch.testing.assert_close(fusedtie.apply_transform(w, quad2), -w + 2 * w * w)
@@ -274,8 +301,9 @@ def run_python(code: str) -> str:
     """)
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(tests_dir), os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
-                         env=env, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert run.returncode == 0, run.stderr
     return run.stdout
 
@@ -297,8 +325,9 @@ def test_new_process_loads_the_cache_without_compiling(cube, quad):
 
 def test_pickle_round_trip_in_a_new_process(tmp_path, cube, quad, tanh2):
     source = nn.Conv2d(4, 4, 3, padding=1)
-    model = nn.Sequential(source, fusedtie.FusedTiedConv2d(source, quad, bias="transform"),
-                          fusedtie.FusedTiedConv2d(source, tanh2))
+    model = nn.Sequential(
+        source, fusedtie.FusedTiedConv2d(source, quad, bias="transform"), fusedtie.FusedTiedConv2d(source, tanh2)
+    )
     x = torch.randn(1, 4, 6, 6)
     path = tmp_path / "model.pt"
     torch.save({"model": model, "x": x, "y": model(x), "transforms": [cube, quad, tanh2]}, path)
@@ -331,8 +360,14 @@ def test_tables_list_user_transforms_on_request(cube, quad, tanh2):
     # what its CPU loops are depends on the machine (plain arithmetic vectorises wherever vectors exist)
     assert quad_row.pop("vectorized") is VECTOR_ISA
     assert quad_row.pop("cpu_isa") == (CPU_CAPABILITY if VECTOR_ISA else "DEFAULT")
-    assert quad_row == {"name": "user_quad", "forward": "a * x + b * x * x", "derivative": "a + 2 * b * x",
-                        "uses_alpha": False, "builtin": False, "params": {"a": QUAD_A, "b": QUAD_B}}
+    assert quad_row == {
+        "name": "user_quad",
+        "forward": "a * x + b * x * x",
+        "derivative": "a + 2 * b * x",
+        "uses_alpha": False,
+        "builtin": False,
+        "params": {"a": QUAD_A, "b": QUAD_B},
+    }
     assert rows[tanh2.name]["vectorized"] is True  # chains run the built-in vector passes
     assert rows["tanh"]["builtin"] is True
     assert rows[tanh2.name]["forward"] == "chain(tanh, scale(alpha=2.0))"
@@ -373,8 +408,11 @@ def test_cuda_matches_reference(user_transform, algorithm):
 
 
 def test_check_domain(cache_dir):
-    with pytest.raises(ValueError, match=r"transform 'user_log_t': the forward 'log\(x\)' is not finite anywhere on the "
-                                         r"check domain \(-2.0, -1.0\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"transform 'user_log_t': the forward 'log\(x\)' is not finite anywhere on the "
+        r"check domain \(-2.0, -1.0\)",
+    ):
         Transform.from_expression("user_log_t", forward="log(x)", derivative="1 / x", check_domain=(-2, -1))
     log_t = Transform.from_expression("user_log_t", forward="log(x)", derivative="1 / x", check_domain=(0.1, 4))
     w = torch.linspace(0.1, 4, 100, dtype=torch.float64, requires_grad=True)
@@ -389,16 +427,23 @@ def test_check_domain(cache_dir):
 # part of the expression's meaning.
 
 CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
-VECTOR_ISA = (CPU_CAPABILITY in ("AVX2", "AVX512") and sys.platform.startswith("linux")
-              and platform.machine().lower() in ("x86_64", "amd64")
-              and os.environ.get("FUSEDTIE_USER_VECTORIZE", "1") != "0")
+VECTOR_ISA = (
+    CPU_CAPABILITY in ("AVX2", "AVX512")
+    and sys.platform.startswith("linux")
+    and platform.machine().lower() in ("x86_64", "amd64")
+    and os.environ.get("FUSEDTIE_USER_VECTORIZE", "1") != "0"
+)
 needs_vector_isa = pytest.mark.skipif(not VECTOR_ISA, reason="vector loops need AVX2 or AVX-512 (x86-64 Linux)")
 ALL_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # lengths around every vector width (8 and 16 float lanes) and a long odd one: the empty pass, the
 # tail alone, whole vectors, whole vectors and a tail
 LENGTHS = [0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 1001]
-VALUE_TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5),
-                    torch.bfloat16: dict(rtol=1e-2, atol=1e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+VALUE_TOLERANCES = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+}
 SOFT_ABS_ALPHA = 0.5
 SQRT_PI, LN2, LN10 = math.sqrt(math.pi), math.log(2.0), math.log(10.0)
 
@@ -409,61 +454,159 @@ def _round_half_away(x):
 
 # name -> (forward, derivative, params, check_domain, f, f', inputs(n, generator)) with f and f' in torch ops
 VECTOR_CASES = {
-    "tanh": ("tanh(x)", "1 - tanh(x) * tanh(x)", {}, None,
-             torch.tanh, lambda x: 1 - torch.tanh(x) * torch.tanh(x), None),
-    "gauss": ("exp(-x * x)", "-2 * x * exp(-x * x)", {}, None,
-              lambda x: torch.exp(-x * x), lambda x: -2 * x * torch.exp(-x * x), None),
-    "swish": ("x / (1 + exp(-x))", "(1 + exp(-x) + x * exp(-x)) / ((1 + exp(-x)) * (1 + exp(-x)))", {}, None,
-              lambda x: x / (1 + torch.exp(-x)),
-              lambda x: (1 + torch.exp(-x) + x * torch.exp(-x)) / ((1 + torch.exp(-x)) * (1 + torch.exp(-x))), None),
-    "soft_abs": ("sqrt(x * x + alpha)", "x / sqrt(x * x + alpha)", {"alpha": SOFT_ABS_ALPHA}, None,
-                 lambda x: torch.sqrt(x * x + SOFT_ABS_ALPHA), lambda x: x / torch.sqrt(x * x + SOFT_ABS_ALPHA), None),
+    "tanh": (
+        "tanh(x)",
+        "1 - tanh(x) * tanh(x)",
+        {},
+        None,
+        torch.tanh,
+        lambda x: 1 - torch.tanh(x) * torch.tanh(x),
+        None,
+    ),
+    "gauss": (
+        "exp(-x * x)",
+        "-2 * x * exp(-x * x)",
+        {},
+        None,
+        lambda x: torch.exp(-x * x),
+        lambda x: -2 * x * torch.exp(-x * x),
+        None,
+    ),
+    "swish": (
+        "x / (1 + exp(-x))",
+        "(1 + exp(-x) + x * exp(-x)) / ((1 + exp(-x)) * (1 + exp(-x)))",
+        {},
+        None,
+        lambda x: x / (1 + torch.exp(-x)),
+        lambda x: (1 + torch.exp(-x) + x * torch.exp(-x)) / ((1 + torch.exp(-x)) * (1 + torch.exp(-x))),
+        None,
+    ),
+    "soft_abs": (
+        "sqrt(x * x + alpha)",
+        "x / sqrt(x * x + alpha)",
+        {"alpha": SOFT_ABS_ALPHA},
+        None,
+        lambda x: torch.sqrt(x * x + SOFT_ABS_ALPHA),
+        lambda x: x / torch.sqrt(x * x + SOFT_ABS_ALPHA),
+        None,
+    ),
     # the log of test_check_domain: log(0) = -inf, log(-1) = NaN
-    "log_t": ("log(x)", "1 / x", {}, (0.1, 4), torch.log, lambda x: 1 / x,
-              lambda n, g: torch.rand(n, generator=g, dtype=torch.float64) * 4 + 0.05),
+    "log_t": (
+        "log(x)",
+        "1 / x",
+        {},
+        (0.1, 4),
+        torch.log,
+        lambda x: 1 / x,
+        lambda n, g: torch.rand(n, generator=g, dtype=torch.float64) * 4 + 0.05,
+    ),
     # a mix of functions, and C++'s promotions: 0.5 * x and pow(x, 2) are double for a float x
-    "mix": ("sin(x) * cos(0.5f * x) + log1p(x * x) + atan(x) + pow(x, 2) + erf(x) + exp2(x) - sinh(0.5 * x)"
-            " + 0.25f * cosh(x)",
-            "cos(x) * cos(0.5f * x) - 0.5f * sin(x) * sin(0.5f * x) + 2 * x / (1 + x * x) + 1 / (1 + x * x) + 2 * x"
-            f" + {2 / SQRT_PI!r} * exp(-x * x) + {LN2!r} * exp2(x) - 0.5 * cosh(0.5 * x) + 0.25f * sinh(x)", {}, None,
-            lambda x: (torch.sin(x) * torch.cos(0.5 * x) + torch.log1p(x * x) + torch.atan(x) + x ** 2 + torch.erf(x)
-                       + torch.exp2(x) - torch.sinh(0.5 * x) + 0.25 * torch.cosh(x)),
-            lambda x: (torch.cos(x) * torch.cos(0.5 * x) - 0.5 * torch.sin(x) * torch.sin(0.5 * x) + 2 * x / (1 + x * x)
-                       + 1 / (1 + x * x) + 2 * x + 2 / SQRT_PI * torch.exp(-x * x) + LN2 * torch.exp2(x)
-                       - 0.5 * torch.cosh(0.5 * x) + 0.25 * torch.sinh(x)), None),
+    "mix": (
+        "sin(x) * cos(0.5f * x) + log1p(x * x) + atan(x) + pow(x, 2) + erf(x) + exp2(x) - sinh(0.5 * x)"
+        " + 0.25f * cosh(x)",
+        "cos(x) * cos(0.5f * x) - 0.5f * sin(x) * sin(0.5f * x) + 2 * x / (1 + x * x) + 1 / (1 + x * x) + 2 * x"
+        f" + {2 / SQRT_PI!r} * exp(-x * x) + {LN2!r} * exp2(x) - 0.5 * cosh(0.5 * x) + 0.25f * sinh(x)",
+        {},
+        None,
+        lambda x: (
+            torch.sin(x) * torch.cos(0.5 * x)
+            + torch.log1p(x * x)
+            + torch.atan(x)
+            + x**2
+            + torch.erf(x)
+            + torch.exp2(x)
+            - torch.sinh(0.5 * x)
+            + 0.25 * torch.cosh(x)
+        ),
+        lambda x: (
+            torch.cos(x) * torch.cos(0.5 * x)
+            - 0.5 * torch.sin(x) * torch.sin(0.5 * x)
+            + 2 * x / (1 + x * x)
+            + 1 / (1 + x * x)
+            + 2 * x
+            + 2 / SQRT_PI * torch.exp(-x * x)
+            + LN2 * torch.exp2(x)
+            - 0.5 * torch.cosh(0.5 * x)
+            + 0.25 * torch.sinh(x)
+        ),
+        None,
+    ),
     # more functions; the literals are exact in float (0.375f), or double (and the expression with them)
-    "mix2": ("log(3 + x) + sqrt(3 + x) + cbrt(5 + x) + tan(0.375f * x) + asin(0.25f * x) + acos(0.375f * x) + asinh(x)"
-             " + atanh(0.375f * x) + expm1(0.5f * x) + log2(3 + x) + log10(4 + x) + erfc(x) + acosh(2 + x * x)",
-             "1 / (3 + x) + 0.5f / sqrt(3 + x) + 1 / (3 * cbrt(5 + x) * cbrt(5 + x))"
-             " + 0.375f / (cos(0.375f * x) * cos(0.375f * x)) + 0.25f / sqrt(1 - 0.0625f * x * x)"
-             " - 0.375f / sqrt(1 - 0.140625f * x * x) + 1 / sqrt(1 + x * x) + 0.375f / (1 - 0.140625f * x * x)"
-             f" + 0.5f * exp(0.5f * x) + 1 / ((3 + x) * {LN2!r}) + 1 / ((4 + x) * {LN10!r})"
-             f" - {2 / SQRT_PI!r} * exp(-x * x) + 2 * x / sqrt((2 + x * x) * (2 + x * x) - 1)",
-             {}, None,
-             lambda x: (torch.log(3 + x) + torch.sqrt(3 + x) + (5 + x).pow(1 / 3) + torch.tan(0.375 * x)
-                        + torch.asin(0.25 * x) + torch.acos(0.375 * x) + torch.asinh(x) + torch.atanh(0.375 * x)
-                        + torch.expm1(0.5 * x) + torch.log2(3 + x) + torch.log10(4 + x) + torch.erfc(x)
-                        + torch.acosh(2 + x * x)),
-             lambda x: (1 / (3 + x) + 0.5 / torch.sqrt(3 + x) + 1 / (3 * (5 + x).pow(2 / 3))
-                        + 0.375 / torch.cos(0.375 * x) ** 2 + 0.25 / torch.sqrt(1 - 0.0625 * x * x)
-                        - 0.375 / torch.sqrt(1 - 0.140625 * x * x) + 1 / torch.sqrt(1 + x * x)
-                        + 0.375 / (1 - 0.140625 * x * x) + 0.5 * torch.exp(0.5 * x) + 1 / ((3 + x) * LN2)
-                        + 1 / ((4 + x) * LN10) - 2 / SQRT_PI * torch.exp(-x * x)
-                        + 2 * x / torch.sqrt((2 + x * x) ** 2 - 1)),
-             lambda n, g: torch.rand(n, generator=g, dtype=torch.float64) * 4 - 2),
+    "mix2": (
+        "log(3 + x) + sqrt(3 + x) + cbrt(5 + x) + tan(0.375f * x) + asin(0.25f * x) + acos(0.375f * x) + asinh(x)"
+        " + atanh(0.375f * x) + expm1(0.5f * x) + log2(3 + x) + log10(4 + x) + erfc(x) + acosh(2 + x * x)",
+        "1 / (3 + x) + 0.5f / sqrt(3 + x) + 1 / (3 * cbrt(5 + x) * cbrt(5 + x))"
+        " + 0.375f / (cos(0.375f * x) * cos(0.375f * x)) + 0.25f / sqrt(1 - 0.0625f * x * x)"
+        " - 0.375f / sqrt(1 - 0.140625f * x * x) + 1 / sqrt(1 + x * x) + 0.375f / (1 - 0.140625f * x * x)"
+        f" + 0.5f * exp(0.5f * x) + 1 / ((3 + x) * {LN2!r}) + 1 / ((4 + x) * {LN10!r})"
+        f" - {2 / SQRT_PI!r} * exp(-x * x) + 2 * x / sqrt((2 + x * x) * (2 + x * x) - 1)",
+        {},
+        None,
+        lambda x: (
+            torch.log(3 + x)
+            + torch.sqrt(3 + x)
+            + (5 + x).pow(1 / 3)
+            + torch.tan(0.375 * x)
+            + torch.asin(0.25 * x)
+            + torch.acos(0.375 * x)
+            + torch.asinh(x)
+            + torch.atanh(0.375 * x)
+            + torch.expm1(0.5 * x)
+            + torch.log2(3 + x)
+            + torch.log10(4 + x)
+            + torch.erfc(x)
+            + torch.acosh(2 + x * x)
+        ),
+        lambda x: (
+            1 / (3 + x)
+            + 0.5 / torch.sqrt(3 + x)
+            + 1 / (3 * (5 + x).pow(2 / 3))
+            + 0.375 / torch.cos(0.375 * x) ** 2
+            + 0.25 / torch.sqrt(1 - 0.0625 * x * x)
+            - 0.375 / torch.sqrt(1 - 0.140625 * x * x)
+            + 1 / torch.sqrt(1 + x * x)
+            + 0.375 / (1 - 0.140625 * x * x)
+            + 0.5 * torch.exp(0.5 * x)
+            + 1 / ((3 + x) * LN2)
+            + 1 / ((4 + x) * LN10)
+            - 2 / SQRT_PI * torch.exp(-x * x)
+            + 2 * x / torch.sqrt((2 + x * x) ** 2 - 1)
+        ),
+        lambda n, g: torch.rand(n, generator=g, dtype=torch.float64) * 4 - 2,
+    ),
     # exact functions, with C's rules; the derivative keeps its scalar loop (?:), the forward does not
-    "rounding": ("floor(x) + 2 * ceil(x) + 4 * trunc(x) + 8 * round(x) + fmod(x, 3) + copysign(1.5f, x) + fmin(x, 1)"
-                 " + fmax(x, -1) + min(x, T(2)) + max(x, T(-2)) + fabs(x - 0.75f) + abs(x)",
-                 "1 + (x < 1 ? 1 : 0) + (x > -1 ? 1 : 0) + (x < 2 ? 1 : 0) + (x > -2 ? 1 : 0) + (x > 0.75f ? 1 : -1)"
-                 " + (x > 0 ? 1 : -1)", {}, (0.05, 0.7),
-                 lambda x: (torch.floor(x) + 2 * torch.ceil(x) + 4 * torch.trunc(x) + 8 * _round_half_away(x)
-                            + torch.fmod(x, 3) + torch.copysign(torch.full_like(x, 1.5), x)
-                            + torch.fmin(x, torch.ones_like(x))
-                            + torch.fmax(x, -torch.ones_like(x)) + torch.where(2 < x, 2.0, x).to(x.dtype)
-                            + torch.where(x < -2, -2.0, x).to(x.dtype) + torch.abs(x - 0.75) + torch.abs(x)),
-                 lambda x: (1 + (x < 1).to(x.dtype) + (x > -1).to(x.dtype) + (x < 2).to(x.dtype) + (x > -2).to(x.dtype)
-                            + torch.where(x > 0.75, 1.0, -1.0).to(x.dtype) + torch.where(x > 0, 1.0, -1.0).to(x.dtype)),
-                 lambda n, g: torch.randint(-40, 41, (n,), generator=g).to(torch.float64) * 0.25),
+    "rounding": (
+        "floor(x) + 2 * ceil(x) + 4 * trunc(x) + 8 * round(x) + fmod(x, 3) + copysign(1.5f, x) + fmin(x, 1)"
+        " + fmax(x, -1) + min(x, T(2)) + max(x, T(-2)) + fabs(x - 0.75f) + abs(x)",
+        "1 + (x < 1 ? 1 : 0) + (x > -1 ? 1 : 0) + (x < 2 ? 1 : 0) + (x > -2 ? 1 : 0) + (x > 0.75f ? 1 : -1)"
+        " + (x > 0 ? 1 : -1)",
+        {},
+        (0.05, 0.7),
+        lambda x: (
+            torch.floor(x)
+            + 2 * torch.ceil(x)
+            + 4 * torch.trunc(x)
+            + 8 * _round_half_away(x)
+            + torch.fmod(x, 3)
+            + torch.copysign(torch.full_like(x, 1.5), x)
+            + torch.fmin(x, torch.ones_like(x))
+            + torch.fmax(x, -torch.ones_like(x))
+            + torch.where(2 < x, 2.0, x).to(x.dtype)
+            + torch.where(x < -2, -2.0, x).to(x.dtype)
+            + torch.abs(x - 0.75)
+            + torch.abs(x)
+        ),
+        lambda x: (
+            1
+            + (x < 1).to(x.dtype)
+            + (x > -1).to(x.dtype)
+            + (x < 2).to(x.dtype)
+            + (x > -2).to(x.dtype)
+            + torch.where(x > 0.75, 1.0, -1.0).to(x.dtype)
+            + torch.where(x > 0, 1.0, -1.0).to(x.dtype)
+        ),
+        lambda n, g: torch.randint(-40, 41, (n,), generator=g).to(torch.float64) * 0.25,
+    ),
 }
 VECTOR_PASSES = {name: (True, name != "rounding") for name in VECTOR_CASES}  # (forward, chain rule) vectorised
 
@@ -476,8 +619,9 @@ def vector_transforms(cache_dir):
     def get(name):
         if name not in created:
             forward, derivative, params, domain, *_ = VECTOR_CASES[name]
-            created[name] = Transform.from_expression(f"user_v_{name}", forward=forward, derivative=derivative,
-                                                      check_domain=domain, **params)
+            created[name] = Transform.from_expression(
+                f"user_v_{name}", forward=forward, derivative=derivative, check_domain=domain, **params
+            )
         return created[name]
 
     return get
@@ -514,8 +658,9 @@ def test_vector_passes_match_reference(vector_transforms, name, dtype, layout):
         assert y.dtype == chain.dtype == dtype and y.shape == chain.shape == (n,)
         x64 = x.double()
         torch.testing.assert_close(y.double(), f(x64), **VALUE_TOLERANCES[dtype], msg=lambda m: f"forward, n={n}: {m}")
-        torch.testing.assert_close(chain.double(), g.double() * df(x64), **VALUE_TOLERANCES[dtype],
-                                   msg=lambda m: f"chain rule, n={n}: {m}")
+        torch.testing.assert_close(
+            chain.double(), g.double() * df(x64), **VALUE_TOLERANCES[dtype], msg=lambda m: f"chain rule, n={n}: {m}"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -524,7 +669,7 @@ def test_16bit_values_convert_and_round_as_torch(cache_dir, dtype):
     # float: an exact product, half of them halfway between two 16-bit values, so the rounding of
     # the result (to nearest, ties to even) shows bit for bit
     t = Transform.from_expression("user_v_scale", forward="x * 1.5f", derivative="1.5f")
-    x = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     ours = fusedtie.apply_transform(x, t)
     theirs = (x.float() * 1.5).to(dtype)
     chain = torch.ops.fusedtie._transform_backward(x, x, t.name, 1.0)  # grad * 1.5, the same products
@@ -545,19 +690,21 @@ def test_vector_passes_propagate_nan_and_inf_as_torch(vector_transforms, name, d
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
     # every special value in every lane position: 37 elements shifted 0..kLanes times
     for shift in range(17):
-        x = torch.tensor((SPECIALS * 3)[shift:shift + 37], dtype=torch.float64).to(dtype)
+        x = torch.tensor((SPECIALS * 3)[shift : shift + 37], dtype=torch.float64).to(dtype)
         g = torch.full_like(x, 1.5)
         ours_f = fusedtie.apply_transform(x, t)
         ours_chain = torch.ops.fusedtie._transform_backward(g, x, t.name, 1.0)
         xo = x.to(opmath)
         theirs_f = f(xo).to(dtype)
         theirs_chain = (g.to(opmath) * df(xo)).to(dtype)
-        differences = nonfinite_mask_differences([("forward", ours_f, theirs_f),
-                                                  ("chain rule", ours_chain, theirs_chain)])
+        differences = nonfinite_mask_differences(
+            [("forward", ours_f, theirs_f), ("chain rule", ours_chain, theirs_chain)]
+        )
         assert not differences, (differences, x, ours_f, theirs_f, ours_chain, theirs_chain)
         finite = torch.isfinite(theirs_f)
-        torch.testing.assert_close(ours_f[finite].double(), f(x.double())[finite].to(dtype).double(),
-                                   **VALUE_TOLERANCES[dtype])
+        torch.testing.assert_close(
+            ours_f[finite].double(), f(x.double())[finite].to(dtype).double(), **VALUE_TOLERANCES[dtype]
+        )
 
 
 @needs_vector_isa
@@ -576,10 +723,18 @@ def test_math_function_expressions_are_vectorized(vector_transforms, name):
 # std::max<T>, which the requires-expression lets through but whose body does not compile for the
 # vector type (the vector build fails; the scalar library is built instead).
 FALLBACK_CASES = {
-    "elu": ("x > 0 ? x : exp(x) - 1", "x > 0 ? 1 : exp(x)",
-            lambda x: torch.where(x > 0, x, torch.expm1(x)), lambda x: torch.where(x > 0, 1.0, torch.exp(x))),
-    "relu_std": ("std::max<T>(x, T(0)) + 0.5f * x", "(x > 0 ? 1 : 0) + 0.5f",
-                 lambda x: torch.clamp(x, min=0) + 0.5 * x, lambda x: (x > 0).double() + 0.5),
+    "elu": (
+        "x > 0 ? x : exp(x) - 1",
+        "x > 0 ? 1 : exp(x)",
+        lambda x: torch.where(x > 0, x, torch.expm1(x)),
+        lambda x: torch.where(x > 0, 1.0, torch.exp(x)),
+    ),
+    "relu_std": (
+        "std::max<T>(x, T(0)) + 0.5f * x",
+        "(x > 0 ? 1 : 0) + 0.5f",
+        lambda x: torch.clamp(x, min=0) + 0.5 * x,
+        lambda x: (x > 0).double() + 0.5,
+    ),
 }
 
 
@@ -598,8 +753,11 @@ def test_expressions_without_vector_form_fall_back_to_scalar_loops(cache_dir, na
         x = (torch.randn(n, generator=generator, dtype=torch.float64) * 2).to(dtype)
         g = torch.randn(n, generator=generator, dtype=torch.float64).to(dtype)
         torch.testing.assert_close(fusedtie.apply_transform(x, t).double(), f(x.double()), **VALUE_TOLERANCES[dtype])
-        torch.testing.assert_close(torch.ops.fusedtie._transform_backward(g, x, t.name, 1.0).double(),
-                                   g.double() * df(x.double()), **VALUE_TOLERANCES[dtype])
+        torch.testing.assert_close(
+            torch.ops.fusedtie._transform_backward(g, x, t.name, 1.0).double(),
+            g.double() * df(x.double()),
+            **VALUE_TOLERANCES[dtype],
+        )
 
 
 def test_vectorized_is_for_user_transforms(cube, tanh2):
@@ -627,8 +785,9 @@ CHECK_IN_SUBPROCESS = """
 """
 
 
-@pytest.mark.skipif(CPU_CAPABILITY != "AVX512" or not VECTOR_ISA,
-                    reason="the AVX2 build is tested from an AVX-512 machine")
+@pytest.mark.skipif(
+    CPU_CAPABILITY != "AVX512" or not VECTOR_ISA, reason="the AVX2 build is tested from an AVX-512 machine"
+)
 def test_avx2_vector_loops_in_a_process_capped_at_avx2(cache_dir):
     out = run_python_compiling(CHECK_IN_SUBPROCESS, ATEN_CPU_CAPABILITY="avx2")
     assert out.split() == ["AVX2", "True", "AVX2"]
@@ -642,14 +801,17 @@ def test_scalar_loops_only_with_fusedtie_user_vectorize_0(cache_dir):
 @needs_vector_isa
 def test_loader_refuses_a_library_for_a_wider_instruction_set(vector_transforms):
     library = user_transforms._BUILT[vector_transforms("tanh").name].path
-    out = run_python_compiling(f"""
+    out = run_python_compiling(
+        f"""
         import fusedtie
         from fusedtie._library import LIB
         try:
             LIB._register_compiled_transform("user_isa_probe", "probe", {library!r}, [])
         except RuntimeError as error:
             print(str(error).splitlines()[0])
-    """, ATEN_CPU_CAPABILITY="default")
+    """,
+        ATEN_CPU_CAPABILITY="default",
+    )
     assert f"was compiled for the {CPU_CAPABILITY} instruction set, which this process's CPU capability (DEFAULT" in out
 
 
@@ -657,10 +819,12 @@ def run_python_compiling(code: str, **env) -> str:
     """Runs code in a fresh interpreter with the given environment (the session's cache folder
     included); compiling is allowed. Returns its stdout."""
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, **env,
-               PYTHONPATH=os.pathsep.join([os.path.dirname(tests_dir), os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                         timeout=600)
+    env = dict(
+        os.environ, **env, PYTHONPATH=os.pathsep.join([os.path.dirname(tests_dir), os.environ.get("PYTHONPATH", "")])
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert run.returncode == 0, run.stderr
     return run.stdout
 

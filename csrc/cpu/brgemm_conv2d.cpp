@@ -43,8 +43,8 @@ void brgemm(int64_t m, int64_t n, int64_t k, int64_t ld_a, int64_t ld_b, int64_t
 
 // f over rows [row0, row0 + rows) and columns [col0, col0 + cols) of the [R, ld] matrix `source`,
 // into tile rows of tile_ld floats.
-void transform_rows(const TransformSpec& f, const float* source, int64_t ld, int64_t row0, int64_t rows,
-                    int64_t col0, int64_t cols, float* tile, int64_t tile_ld) {
+void transform_rows(const TransformSpec& f, const float* source, int64_t ld, int64_t row0, int64_t rows, int64_t col0,
+                    int64_t cols, float* tile, int64_t tile_ld) {
   const TransformPasses& passes = cpu_transform_passes();
   for (int64_t r = 0; r < rows; ++r) {
     passes.forward(f.kind, at::kFloat, source + (row0 + r) * ld + col0, tile + r * tile_ld, cols, f.alpha);
@@ -75,8 +75,8 @@ void forward_gemm(const float* weight, const TransformSpec& f, const float* cols
 
 // dcols[K, N] = f(W)^T[K, O] . dY[O, N]: each task owns kGradRows rows of dcols and sums over all
 // output channels; the f(W)^T tile is f over a [o-block, k-block] tile of W, transposed.
-void input_grad_gemm(const float* weight, const TransformSpec& f, const float* grad, float* dcols, int64_t O,
-                     int64_t K, int64_t N) {
+void input_grad_gemm(const float* weight, const TransformSpec& f, const float* grad, float* dcols, int64_t O, int64_t K,
+                     int64_t N) {
   const int64_t blocks = (K + kGradRows - 1) / kGradRows;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tile(kGradDepth * kGradRows), tile_t(kGradRows * kGradDepth);
@@ -149,8 +149,8 @@ bool brgemm_applies(const at::Tensor& input, const at::Tensor& weight, const Tie
 }
 
 at::Tensor brgemm_conv2d_forward(const at::Tensor& input, const at::Tensor& source, const TransformSpec& f,
-                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
+                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation) {
   RECORD_FUNCTION("fusedtie::brgemm_conv2d_forward", std::vector<c10::IValue>());
   const Geometry g(input, source, stride, padding, dilation);
   const int64_t batch = input.size(0), O = source.size(0), K = g.rows(), L = g.positions(), N = batch * L;
@@ -164,9 +164,11 @@ at::Tensor brgemm_conv2d_forward(const at::Tensor& input, const at::Tensor& sour
   return images_first(result, batch, L).view({batch, O, g.out_h, g.out_w});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> brgemm_conv2d_backward(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& source, const TransformSpec& f,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, std::array<bool, 3> output_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> brgemm_conv2d_backward(const at::Tensor& grad_output,
+                                                                      const at::Tensor& input, const at::Tensor& source,
+                                                                      const TransformSpec& f, at::IntArrayRef stride,
+                                                                      at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                                      std::array<bool, 3> output_mask) {
   RECORD_FUNCTION("fusedtie::brgemm_conv2d_backward", std::vector<c10::IValue>());
   const Geometry g(input, source, stride, padding, dilation);
   const int64_t batch = input.size(0), O = source.size(0), K = g.rows(), L = g.positions(), N = batch * L;
@@ -175,8 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> brgemm_conv2d_backward(
   at::Tensor grad_input, grad_weight, grad_bias;
   if (output_mask[0]) {
     at::Tensor dcols = at::empty({K, N}, input.options());
-    input_grad_gemm(weight.const_data_ptr<float>(), f, grad.const_data_ptr<float>(), dcols.mutable_data_ptr<float>(),
-                    O, K, N);
+    input_grad_gemm(weight.const_data_ptr<float>(), f, grad.const_data_ptr<float>(), dcols.mutable_data_ptr<float>(), O,
+                    K, N);
     if (g.pointwise) {
       grad_input = images_first(dcols, batch, L).view(input.sizes());
     } else {

@@ -26,13 +26,15 @@ bool brgemm_micro_kernel_available();
 
 // conv(input, f(source)) + bias, bias already transformed.
 at::Tensor brgemm_conv2d_forward(const at::Tensor& input, const at::Tensor& source, const TransformSpec& f,
-                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                 at::IntArrayRef padding, at::IntArrayRef dilation);
+                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation);
 
 // (dL/dinput, dL/dsource, dL/d bias), each undefined where output_mask is false; the weight
 // gradient is already through the chain rule.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> brgemm_conv2d_backward(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& source, const TransformSpec& f,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, std::array<bool, 3> output_mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> brgemm_conv2d_backward(const at::Tensor& grad_output,
+                                                                      const at::Tensor& input, const at::Tensor& source,
+                                                                      const TransformSpec& f, at::IntArrayRef stride,
+                                                                      at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                                      std::array<bool, 3> output_mask);
 
 }  // namespace fusedtie

@@ -112,8 +112,8 @@ const BlasAssessment& gemm_blas_assessment() {
 
 bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
   const auto dtype = input.scalar_type();
-  return p.groups == 1 && (dtype == at::kFloat || dtype == at::kDouble) && input.numel() > 0 &&
-         weight.numel() > 0 && is_nchw_call(input, weight);
+  return p.groups == 1 && (dtype == at::kFloat || dtype == at::kDouble) && input.numel() > 0 && weight.numel() > 0 &&
+         is_nchw_call(input, weight);
 }
 
 // Pointwise convolutions up to batch 8, and im2col ones up to batch 8 whose weight has at least
@@ -164,9 +164,9 @@ CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& wei
   // brgemm's backward saves the passes over W (f for the input gradient, f' and the library's
   // re-pack of dW); its forward saves one but pays for im2col, and measured no faster than the
   // library. An input gradient adds col2im, which only pointwise convolutions do without.
-  const bool brgemm_pass = pass == ConvPass::kWeightBackward ||
-                           (pass == ConvPass::kBackward && is_pointwise(weight.size(2), weight.size(3), p.stride,
-                                                                        p.padding));
+  const bool brgemm_pass =
+      pass == ConvPass::kWeightBackward ||
+      (pass == ConvPass::kBackward && is_pointwise(weight.size(2), weight.size(3), p.stride, p.padding));
   if (brgemm_pass && brgemm_micro_kernel_available() && brgemm_applies(input, weight, p) &&
       brgemm_wins(input, weight, p)) {
     return CpuConvAlgorithm::kBrgemm;
@@ -212,8 +212,7 @@ std::string set_cpu_conv_algorithm(const std::string& name) {
 std::string cpu_conv_algorithm() { return algorithm_name(g_conv_algorithm.load()); }
 
 std::string cpu_conv_algorithm_for(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                   ConvPass pass) {
+                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, ConvPass pass) {
   const auto p = TiedConv2dParams::from_schema("identity", 1.0, "identity", 1.0, stride, padding, dilation, groups);
   p.check(input, weight, std::nullopt);
   return algorithm_name(choose_algorithm(input, weight, p, pass));

@@ -68,8 +68,7 @@ CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& wei
                                   ConvPass pass);
 // choose_algorithm's answer by name, for a call with these geometry arguments (the operator's schema).
 std::string cpu_conv_algorithm_for(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                   ConvPass pass);
+                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, ConvPass pass);
 bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p);
 
 // Whether auto may send a convolution to the GEMM path on this machine, and why. The GEMM path calls

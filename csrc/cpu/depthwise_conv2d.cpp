@@ -57,9 +57,8 @@ FUSEDTIE_ALWAYS_INLINE void flat_correlate_fixed(const T* src, const int64_t* of
 }
 
 template <typename T>
-FUSEDTIE_ALWAYS_INLINE void flat_correlate_any(const T* src, const int64_t* offsets, const T* taps,
-                                               int64_t num_taps, T bias, bool accumulate, T* __restrict__ out,
-                                               int64_t n) {
+FUSEDTIE_ALWAYS_INLINE void flat_correlate_any(const T* src, const int64_t* offsets, const T* taps, int64_t num_taps,
+                                               T bias, bool accumulate, T* __restrict__ out, int64_t n) {
   if (!accumulate) std::fill(out, out + n, bias);
   for (int64_t t = 0; t < num_taps; ++t) {
     const T w = taps[t];
@@ -168,32 +167,32 @@ FUSEDTIE_ALWAYS_INLINE void rows_weight_sums(PlaneView<const T> grad, PlaneView<
 // The multi-versioned entry points, one set per dtype (function multi-versioning takes functions,
 // not templates). The tap counts of 3x3, 5x5 and 7x7 kernels (MobileNet, EfficientNet, ConvNeXt)
 // are unrolled, so each output is written once; other kernels take one pass per tap.
-#define FUSEDTIE_DEPTHWISE_PLANE_KERNELS(T)                                                                   \
-  FUSEDTIE_VECTOR_CLONES void flat_correlate(const T* src, const int64_t* offsets, const T* taps,          \
-                                             int64_t num_taps, T bias, bool accumulate, T* out, int64_t n) { \
-    switch (num_taps) {                                                                                       \
-      case 9: return flat_correlate_fixed<9>(src, offsets, taps, bias, accumulate, out, n);                   \
-      case 25: return flat_correlate_fixed<25>(src, offsets, taps, bias, accumulate, out, n);                 \
-      case 49: return flat_correlate_fixed<49>(src, offsets, taps, bias, accumulate, out, n);                 \
-      default: return flat_correlate_any(src, offsets, taps, num_taps, bias, accumulate, out, n);             \
-    }                                                                                                         \
-  }                                                                                                           \
-  FUSEDTIE_VECTOR_CLONES T flat_sum(const T* values, int64_t n) { return lane_sum(values, n); }    \
-  FUSEDTIE_VECTOR_CLONES void flat_dots(const T* grad, const T* src, const int64_t* offsets, int64_t num_taps, \
-                                        T* tap_sums, int64_t n) {                                             \
-    for (int64_t t = 0; t < num_taps; ++t) tap_sums[t] += flat_dot(grad, src + offsets[t], n);               \
-  }                                                                                                           \
-  FUSEDTIE_VECTOR_CLONES void rows_correlate(PlaneView<const T> src, const T* taps, T bias, PlaneView<T> out, \
-                                             const Correlation& c) {                                          \
-    rows_correlate<T>(src, taps, bias, out, c);                                                               \
-  }                                                                                                           \
-  FUSEDTIE_VECTOR_CLONES void rows_scatter(PlaneView<const T> grad, const T* taps, PlaneView<T> dst,         \
-                                           const Correlation& c) {                                            \
-    rows_scatter<T>(grad, taps, dst, c);                                                                      \
-  }                                                                                                           \
-  FUSEDTIE_VECTOR_CLONES void rows_weight_sums(PlaneView<const T> grad, PlaneView<const T> src, T* tap_sums, \
-                                               const Correlation& c) {                                        \
-    rows_weight_sums<T>(grad, src, tap_sums, c);                                                              \
+#define FUSEDTIE_DEPTHWISE_PLANE_KERNELS(T)                                                                         \
+  FUSEDTIE_VECTOR_CLONES void flat_correlate(const T* src, const int64_t* offsets, const T* taps, int64_t num_taps, \
+                                             T bias, bool accumulate, T* out, int64_t n) {                          \
+    switch (num_taps) {                                                                                             \
+      case 9: return flat_correlate_fixed<9>(src, offsets, taps, bias, accumulate, out, n);                         \
+      case 25: return flat_correlate_fixed<25>(src, offsets, taps, bias, accumulate, out, n);                       \
+      case 49: return flat_correlate_fixed<49>(src, offsets, taps, bias, accumulate, out, n);                       \
+      default: return flat_correlate_any(src, offsets, taps, num_taps, bias, accumulate, out, n);                   \
+    }                                                                                                               \
+  }                                                                                                                 \
+  FUSEDTIE_VECTOR_CLONES T flat_sum(const T* values, int64_t n) { return lane_sum(values, n); }                     \
+  FUSEDTIE_VECTOR_CLONES void flat_dots(const T* grad, const T* src, const int64_t* offsets, int64_t num_taps,      \
+                                        T* tap_sums, int64_t n) {                                                   \
+    for (int64_t t = 0; t < num_taps; ++t) tap_sums[t] += flat_dot(grad, src + offsets[t], n);                      \
+  }                                                                                                                 \
+  FUSEDTIE_VECTOR_CLONES void rows_correlate(PlaneView<const T> src, const T* taps, T bias, PlaneView<T> out,       \
+                                             const Correlation& c) {                                                \
+    rows_correlate<T>(src, taps, bias, out, c);                                                                     \
+  }                                                                                                                 \
+  FUSEDTIE_VECTOR_CLONES void rows_scatter(PlaneView<const T> grad, const T* taps, PlaneView<T> dst,                \
+                                           const Correlation& c) {                                                  \
+    rows_scatter<T>(grad, taps, dst, c);                                                                            \
+  }                                                                                                                 \
+  FUSEDTIE_VECTOR_CLONES void rows_weight_sums(PlaneView<const T> grad, PlaneView<const T> src, T* tap_sums,        \
+                                               const Correlation& c) {                                              \
+    rows_weight_sums<T>(grad, src, tap_sums, c);                                                                    \
   }
 FUSEDTIE_DEPTHWISE_PLANE_KERNELS(float)
 FUSEDTIE_DEPTHWISE_PLANE_KERNELS(double)
@@ -206,12 +205,22 @@ struct DepthwiseGeometry {
   int64_t stride_h, stride_w, dilation_h, dilation_w;
 
   DepthwiseGeometry(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p)
-      : batch(input.size(0)), in_channels(input.size(1)), out_channels(weight.size(0)),
-        multiplier(weight.size(0) / input.size(1)), in_h(input.size(2)), in_w(input.size(3)),
-        kernel_h(weight.size(2)), kernel_w(weight.size(3)), pad_top(p.padding[0]),
-        pad_left(p.padding[2]), padded_h(input.size(2) + p.padding[0] + p.padding[1]),
-        padded_w(input.size(3) + p.padding[2] + p.padding[3]), stride_h(p.stride[0]),
-        stride_w(p.stride[1]), dilation_h(p.dilation[0]), dilation_w(p.dilation[1]) {
+      : batch(input.size(0)),
+        in_channels(input.size(1)),
+        out_channels(weight.size(0)),
+        multiplier(weight.size(0) / input.size(1)),
+        in_h(input.size(2)),
+        in_w(input.size(3)),
+        kernel_h(weight.size(2)),
+        kernel_w(weight.size(3)),
+        pad_top(p.padding[0]),
+        pad_left(p.padding[2]),
+        padded_h(input.size(2) + p.padding[0] + p.padding[1]),
+        padded_w(input.size(3) + p.padding[2] + p.padding[3]),
+        stride_h(p.stride[0]),
+        stride_w(p.stride[1]),
+        dilation_h(p.dilation[0]),
+        dilation_w(p.dilation[1]) {
     const auto out = p.output_size(input, weight);
     out_h = out[2];
     out_w = out[3];
@@ -222,9 +231,7 @@ struct DepthwiseGeometry {
   int64_t padded_plane() const { return padded_h * padded_w; }
   bool has_padding() const { return padded_h != in_h || padded_w != in_w; }
   bool unit_stride() const { return stride_h == 1 && stride_w == 1; }
-  Correlation forward() const {
-    return {out_h, out_w, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w};
-  }
+  Correlation forward() const { return {out_h, out_w, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w}; }
   // The flat offset of every tap (row-major) in a plane of row width `row_width`.
   std::vector<int64_t> tap_offsets(int64_t row_width) const {
     std::vector<int64_t> offsets;
@@ -234,9 +241,7 @@ struct DepthwiseGeometry {
     return offsets;
   }
   // Planes per parallel task: enough multiply-adds (about 32k) that a task outweighs its scheduling.
-  int64_t planes_per_task() const {
-    return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, out_plane() * taps()));
-  }
+  int64_t planes_per_task() const { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, out_plane() * taps())); }
 };
 
 // A zero-bordered plane whose interior is rewritten plane after plane: zeroed once when sized, after
@@ -275,8 +280,8 @@ struct TaskBuffers {
   // the output gradient at the padded input's row width (weight gradient).
   PaddedPlane<T> input, grad, grad_rows;
   int64_t taps_channel = -1, flipped_channel = -1;  // whose taps current_taps and `flipped` hold
-  const T* current_taps = nullptr;  // channel taps_channel's taps: in `taps`, or the source (identity)
-  bool taps_finite = true;          // whether every tap this task loaded was finite (depthwise_conv2d.h)
+  const T* current_taps = nullptr;                  // channel taps_channel's taps: in `taps`, or the source (identity)
+  bool taps_finite = true;  // whether every tap this task loaded was finite (depthwise_conv2d.h)
 };
 
 // Output channel c's kh*kw weights as the convolution uses them: f(W) computed by the shared
@@ -355,8 +360,8 @@ void input_grad_plane(const T* grad_out, const T* weight, int64_t first, int64_t
     for (int64_t i = 0; i < count; ++i) {
       const int64_t channel = first + i;
       const T* flipped = flipped_channel_taps(weight, channel, g.taps(), spec, buffers);
-      const T* padded = buffers.grad.place(grad_out + channel * g.out_plane(), g.out_h, g.out_w, height, width,
-                                           margin_h, margin_w);
+      const T* padded =
+          buffers.grad.place(grad_out + channel * g.out_plane(), g.out_h, g.out_w, height, width, margin_h, margin_w);
       flat_correlate(padded + origin, offsets.data(), flipped, g.taps(), T(0),
                      /*accumulate=*/i > 0, buffers.result.data(), n);
     }
@@ -424,8 +429,8 @@ at::Tensor depthwise_conv2d_forward(const at::Tensor& input, const at::Tensor& s
         const int64_t c = i / g.batch, n = i % g.batch;
         const scalar_t* taps = channel_taps(weight, c, g.taps(), p.weight_transform, buffers);
         forward_plane(in + (n * g.in_channels + c / g.multiplier) * g.in_plane(), taps,
-                      b != nullptr ? b[c] : scalar_t(0), o + (n * g.out_channels + c) * g.out_plane(), g,
-                      offsets, buffers);
+                      b != nullptr ? b[c] : scalar_t(0), o + (n * g.out_channels + c) * g.out_plane(), g, offsets,
+                      buffers);
       }
       if (!buffers.taps_finite) all_taps_finite.store(false, std::memory_order_relaxed);
     });
@@ -435,8 +440,8 @@ at::Tensor depthwise_conv2d_forward(const at::Tensor& input, const at::Tensor& s
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& source_weight,
-    const TiedConv2dParams& p, std::array<bool, 3> output_mask, bool* taps_finite) {
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& source_weight, const TiedConv2dParams& p,
+    std::array<bool, 3> output_mask, bool* taps_finite) {
   const DepthwiseGeometry g(input, source_weight, p);
   std::atomic<bool> all_taps_finite{true};
   const at::Tensor grad = grad_output.contiguous();

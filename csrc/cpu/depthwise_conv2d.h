@@ -37,7 +37,7 @@ at::Tensor depthwise_conv2d_forward(const at::Tensor& input, const at::Tensor& s
 // already carries the chain rule; the bias gradient does not (it is dL/d g(b), as for the library).
 // Only the input gradient reads the taps (*taps_finite stays true without it).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& source_weight,
-    const TiedConv2dParams& p, std::array<bool, 3> output_mask, bool* taps_finite);
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& source_weight, const TiedConv2dParams& p,
+    std::array<bool, 3> output_mask, bool* taps_finite);
 
 }  // namespace fusedtie

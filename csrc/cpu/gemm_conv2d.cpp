@@ -7,9 +7,8 @@ namespace fusedtie {
 
 using namespace columns_detail;
 
-at::Tensor gemm_conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
-                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation) {
+at::Tensor gemm_conv2d_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   const Geometry g(input, weight, stride, padding, dilation);
   const int64_t batch = input.size(0), out_channels = weight.size(0), L = g.positions();
   const at::Tensor weight_matrix = weight.view({out_channels, g.rows()});
@@ -30,10 +29,11 @@ at::Tensor gemm_conv2d_forward(const at::Tensor& input, const at::Tensor& weight
   return out.view({batch, out_channels, g.out_h, g.out_w});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_conv2d_backward(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    std::array<bool, 3> output_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_conv2d_backward(const at::Tensor& grad_output,
+                                                                    const at::Tensor& input, const at::Tensor& weight,
+                                                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                                                    at::IntArrayRef dilation,
+                                                                    std::array<bool, 3> output_mask) {
   const Geometry g(input, weight, stride, padding, dilation);
   const int64_t batch = input.size(0), out_channels = weight.size(0), L = g.positions();
   const at::Tensor grad = grad_output.reshape({batch, out_channels, L});

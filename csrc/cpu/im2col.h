@@ -19,12 +19,19 @@ struct Geometry {
   int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
   bool pointwise;  // the image is already the column matrix
 
-  Geometry(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-           at::IntArrayRef padding, at::IntArrayRef dilation)
-      : channels(input.size(1)), height(input.size(2)), width(input.size(3)),
-        kernel_h(weight.size(2)), kernel_w(weight.size(3)),
-        stride_h(stride[0]), stride_w(stride[1]), pad_h(padding[0]), pad_w(padding[1]),
-        dilation_h(dilation[0]), dilation_w(dilation[1]),
+  Geometry(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+           at::IntArrayRef dilation)
+      : channels(input.size(1)),
+        height(input.size(2)),
+        width(input.size(3)),
+        kernel_h(weight.size(2)),
+        kernel_w(weight.size(3)),
+        stride_h(stride[0]),
+        stride_w(stride[1]),
+        pad_h(padding[0]),
+        pad_w(padding[1]),
+        dilation_h(dilation[0]),
+        dilation_w(dilation[1]),
         pointwise(is_pointwise(kernel_h, kernel_w, stride, padding)) {
     out_h = (height + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) / stride_h + 1;
     out_w = (width + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) / stride_w + 1;
@@ -109,8 +116,7 @@ inline bool batched(const at::Tensor& input, const Geometry& g) {
 
 // Images [n0, n0 + count) as columns: [C*kh*kw, count*L], image n0 + i in columns [i*L, (i+1)*L).
 // im2col writes into `cols`, allocated at the first call and reused by the next groups of images.
-inline at::Tensor columns(const at::Tensor& input, int64_t n0, int64_t count, const Geometry& g,
-                   at::Tensor& cols) {
+inline at::Tensor columns(const at::Tensor& input, int64_t n0, int64_t count, const Geometry& g, at::Tensor& cols) {
   const int64_t L = g.positions();
   if (g.pointwise) {
     const at::Tensor images = input.narrow(0, n0, count).view({count, g.channels, L});
@@ -119,8 +125,7 @@ inline at::Tensor columns(const at::Tensor& input, int64_t n0, int64_t count, co
   if (!cols.defined()) cols = at::empty({g.rows(), count * L}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fusedtie_im2col", [&] {
     for (int64_t i = 0; i < count; ++i) {
-      im2col(input[n0 + i].const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>() + i * L,
-             count * L, g);
+      im2col(input[n0 + i].const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>() + i * L, count * L, g);
     }
   });
   return cols;

@@ -28,8 +28,8 @@ at::Tensor transform_cpu(const at::Tensor& source, c10::string_view transform, d
   return spec.is_identity() ? source.clone() : apply_transform(source, spec);
 }
 
-at::Tensor transform_backward_cpu(const at::Tensor& grad, const at::Tensor& source,
-                                  c10::string_view transform, double alpha) {
+at::Tensor transform_backward_cpu(const at::Tensor& grad, const at::Tensor& source, c10::string_view transform,
+                                  double alpha) {
   check_transform_backward(grad, source);
   const TransformSpec spec{parse_transform(transform), alpha};
   // The result takes the source's layout whatever the gradient's (the fake kernel's rule), so the
@@ -96,13 +96,11 @@ bool all_finite(const at::Tensor& t) {
                                     [&] { return all_finite(t.const_data_ptr<scalar_t>(), t.numel()); });
 }
 
-at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
-                           const std::optional<at::Tensor>& bias, c10::string_view transform,
-                           double alpha, c10::string_view bias_transform, double bias_alpha,
-                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                           int64_t groups) {
-  const auto p = TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride,
-                                               padding, dilation, groups);
+at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           c10::string_view transform, double alpha, c10::string_view bias_transform, double bias_alpha,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const auto p =
+      TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups);
   p.check(input, weight, bias);
   std::optional<at::Tensor> derived_bias;
   if (bias.has_value()) {
@@ -118,14 +116,14 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   }
   // The brgemm path applies f to each weight tile as it packs it for oneDNN's micro-kernel.
   if (algorithm == CpuConvAlgorithm::kBrgemm) {
-    at::Tensor out = brgemm_conv2d_forward(pad_asymmetric_remainder(input, p), weight, p.weight_transform,
-                                           derived_bias, p.stride, p.symmetric_part(), p.dilation);
+    at::Tensor out = brgemm_conv2d_forward(pad_asymmetric_remainder(input, p), weight, p.weight_transform, derived_bias,
+                                           p.stride, p.symmetric_part(), p.dilation);
     if (!pads(p) || all_finite(out)) return out;
   }
   const at::Tensor weight_for_conv = derived_for_conv(weight, p.weight_transform, kCpuPasses);
   if (algorithm == CpuConvAlgorithm::kGemm) {
-    at::Tensor out = gemm_conv2d_forward(pad_asymmetric_remainder(input, p), weight_for_conv, derived_bias,
-                                         p.stride, p.symmetric_part(), p.dilation);
+    at::Tensor out = gemm_conv2d_forward(pad_asymmetric_remainder(input, p), weight_for_conv, derived_bias, p.stride,
+                                         p.symmetric_part(), p.dilation);
     if (!pads(p) || all_finite(out)) return out;
   }
   return library_conv2d_forward(input, weight_for_conv, derived_bias, p);
@@ -152,14 +150,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_or_library_backward(
   return {grad_input, grad_weight, grad_bias};
 }
 
-std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
-tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
-                         const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                         c10::string_view transform, double alpha, c10::string_view bias_transform,
-                         double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
-                         at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
-  const auto p = TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride,
-                                               padding, dilation, groups);
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> tied_conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, c10::string_view transform, double alpha, c10::string_view bias_transform,
+    double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask) {
+  const auto p =
+      TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups);
   p.check_backward(grad_output, input, weight, bias, output_mask);
   const CpuConvAlgorithm algorithm =
       choose_algorithm(input, weight, p, output_mask[0] ? ConvPass::kBackward : ConvPass::kWeightBackward);
@@ -183,9 +180,8 @@ tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
     if (output_mask[0]) grad_input = crop_input_gradient(grad_input, input, p);
   } else if (algorithm == CpuConvAlgorithm::kGemm) {
     by_library[1] = output_mask[1] && pads(p) && !all_finite(grad_output);
-    std::tie(grad_input, grad_weight, grad_bias) =
-        gemm_or_library_backward(algorithm, grad_output, input, weight, p,
-                                 {output_mask[0], output_mask[1] && !by_library[1], output_mask[2]});
+    std::tie(grad_input, grad_weight, grad_bias) = gemm_or_library_backward(
+        algorithm, grad_output, input, weight, p, {output_mask[0], output_mask[1] && !by_library[1], output_mask[2]});
   } else {
     by_library = output_mask;  // the library algorithm: every gradient
   }

@@ -18,10 +18,9 @@ namespace fusedtie {
 
 struct TransformPasses {
   const char* capability;
-  void (*forward)(TransformKind kind, c10::ScalarType dtype, const void* in, void* out, int64_t numel,
-                  double alpha);
-  void (*chain_rule)(TransformKind kind, c10::ScalarType dtype, const void* grad, const void* source,
-                     void* out, int64_t numel, double alpha);
+  void (*forward)(TransformKind kind, c10::ScalarType dtype, const void* in, void* out, int64_t numel, double alpha);
+  void (*chain_rule)(TransformKind kind, c10::ScalarType dtype, const void* grad, const void* source, void* out,
+                     int64_t numel, double alpha);
 };
 
 // Each returns nullptr when its translation unit was compiled without that instruction set.

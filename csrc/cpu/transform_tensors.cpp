@@ -27,8 +27,8 @@ void transform_into(const at::Tensor& src, at::Tensor& out, const TransformSpec&
   auto* out_bytes = static_cast<char*>(out.mutable_data_ptr());
   const int64_t item = src.element_size();
   at::parallel_for(0, src.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
-    passes.forward(spec.kind, src.scalar_type(), in_bytes + begin * item, out_bytes + begin * item,
-                   end - begin, spec.alpha);
+    passes.forward(spec.kind, src.scalar_type(), in_bytes + begin * item, out_bytes + begin * item, end - begin,
+                   spec.alpha);
   });
 }
 

@@ -63,8 +63,8 @@ inline bool measure_fused_wins(const std::function<void()>& fused, const std::fu
 // empty in the forward), whether there is a bias, the gradients asked for, and the TF32 setting.
 inline void describe_operands(std::ostream& key, const at::Tensor& input, const at::Tensor& weight, bool has_bias,
                               at::IntArrayRef grad_strides, std::array<bool, 3> output_mask, bool allow_tf32) {
-  key << input.device() << '|' << input.scalar_type() << '|' << input.sizes() << input.strides() << grad_strides
-      << '|' << weight.sizes() << weight.strides() << '|' << has_bias << '|' << output_mask[0] << output_mask[1]
+  key << input.device() << '|' << input.scalar_type() << '|' << input.sizes() << input.strides() << grad_strides << '|'
+      << weight.sizes() << weight.strides() << '|' << has_bias << '|' << output_mask[0] << output_mask[1]
       << output_mask[2] << '|' << allow_tf32;
 }
 

@@ -106,8 +106,7 @@ bool mma_supports(const at::Tensor& input, const at::Tensor& weight, const TiedC
 at::Tensor fused_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const TiedConv2dParams& p) {
   const auto out_size = p.output_size(input, weight);
-  at::Tensor out = at::empty(out_size, input.options().memory_format(
-                                           conv_output_memory_format(input, weight)));
+  at::Tensor out = at::empty(out_size, input.options().memory_format(conv_output_memory_format(input, weight)));
   std::optional<at::Tensor> bias_values;
   if (bias.has_value()) bias_values = bias->contiguous();
   const DeviceTransform wt = device_transform(p.weight_transform), bt = device_transform(p.bias_transform);
@@ -176,10 +175,10 @@ bool mma_supports_transpose(const at::Tensor& input, const at::Tensor& weight, c
 at::Tensor fused_transpose_forward(const at::Tensor& input, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias, const TiedConvTranspose2dParams& p) {
   const TiedConv2dParams c = convolution_of_transpose(p);
-  at::Tensor out = at::empty(p.output_size(input, weight), input.options().memory_format(
-                                                               conv_output_memory_format(input, weight)));
-  TORCH_INTERNAL_ASSERT(c.output_size(out, weight) == (std::array<int64_t, 4>{input.size(0), input.size(1),
-                                                                               input.size(2), input.size(3)}),
+  at::Tensor out =
+      at::empty(p.output_size(input, weight), input.options().memory_format(conv_output_memory_format(input, weight)));
+  TORCH_INTERNAL_ASSERT(c.output_size(out, weight) ==
+                            (std::array<int64_t, 4>{input.size(0), input.size(1), input.size(2), input.size(3)}),
                         "fusedtie: the transposed convolution's output does not map back onto its input");
   std::optional<at::Tensor> bias_values;
   if (bias.has_value()) bias_values = bias->contiguous();
@@ -187,14 +186,14 @@ at::Tensor fused_transpose_forward(const at::Tensor& input, const at::Tensor& we
   return out;
 }
 
-at::Tensor fused_transpose_input_grad(const at::Tensor& grad_output, const at::Tensor& input,
-                                      const at::Tensor& weight, const TiedConvTranspose2dParams& p) {
+at::Tensor fused_transpose_input_grad(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                                      const TiedConvTranspose2dParams& p) {
   return fused_forward(grad_output, weight, std::nullopt, convolution_of_transpose(p))
       .contiguous(input.suggest_memory_format());
 }
 
-at::Tensor fused_transpose_weight_grad(const at::Tensor& grad_output, const at::Tensor& input,
-                                       const at::Tensor& weight, const TiedConvTranspose2dParams& p) {
+at::Tensor fused_transpose_weight_grad(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                                       const TiedConvTranspose2dParams& p) {
   // c's weight gradient correlates its output gradient (here x) with its input (here dy).
   return std::get<0>(fused_weight_and_bias_grad(/*grad_output=*/input, /*input=*/grad_output, weight,
                                                 convolution_of_transpose(p), /*weight_grad=*/true,

@@ -82,11 +82,11 @@ bool mma_supports_transpose(const at::Tensor& input, const at::Tensor& weight, c
                             bool input_grad);
 at::Tensor fused_transpose_forward(const at::Tensor& input, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias, const TiedConvTranspose2dParams& p);
-at::Tensor fused_transpose_input_grad(const at::Tensor& grad_output, const at::Tensor& input,
-                                      const at::Tensor& weight, const TiedConvTranspose2dParams& p);
+at::Tensor fused_transpose_input_grad(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                                      const TiedConvTranspose2dParams& p);
 // dL/dW_src with the chain rule applied, in the source weight's layout.
-at::Tensor fused_transpose_weight_grad(const at::Tensor& grad_output, const at::Tensor& input,
-                                       const at::Tensor& weight, const TiedConvTranspose2dParams& p);
+at::Tensor fused_transpose_weight_grad(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                                       const TiedConvTranspose2dParams& p);
 
 // The CUDA-core and tensor-core launchers behind fused_forward / fused_input_grad (internal).
 void launch_simt_conv(const at::Tensor& src, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

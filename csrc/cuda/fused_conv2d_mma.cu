@@ -42,8 +42,8 @@ namespace cuda {
 namespace {
 
 constexpr int kBlockM = 128, kBlockN = 64, kThreads = 128, kStages = 3;
-constexpr int kRowBytes = 64;         // one K-tile row of A or B
-constexpr int kPaddedRowBytes = 80;   // + 16: rows stay 16-byte aligned, fragment loads spread over banks
+constexpr int kRowBytes = 64;        // one K-tile row of A or B
+constexpr int kPaddedRowBytes = 80;  // + 16: rows stay 16-byte aligned, fragment loads spread over banks
 constexpr int kStageBytes = (kBlockM + kBlockN) * kPaddedRowBytes;
 constexpr int kSharedBytes = kStages * kStageBytes;  // 46080: under the 48 KiB of static shared memory
 static_assert(kSharedBytes <= 48 * 1024, "static shared memory");
@@ -185,8 +185,8 @@ __device__ __forceinline__ void conv_mma_body(const scalar_t* __restrict__ src, 
                                               const scalar_t* __restrict__ bias, scalar_t* __restrict__ dst,
                                               const ConvGeometry& g, DeviceTransform wt, DeviceTransform bt) {
 #if FUSEDTIE_MMA_CODE
-  constexpr int kElems = kRowBytes / int(sizeof(scalar_t));   // K elements per tile row
-  constexpr int kVector = 16 / int(sizeof(scalar_t));         // elements per cp.async
+  constexpr int kElems = kRowBytes / int(sizeof(scalar_t));  // K elements per tile row
+  constexpr int kVector = 16 / int(sizeof(scalar_t));        // elements per cp.async
   constexpr int kStep = MmaTraits<scalar_t>::kStep;
   __shared__ __align__(128) char shared[kSharedBytes];
 
@@ -197,7 +197,7 @@ __device__ __forceinline__ void conv_mma_body(const scalar_t* __restrict__ src, 
   const int64_t channels = kInputGrad ? g.out_per_group : g.in_per_group;  // gathered channels per group
   const int64_t depth = int64_t(g.kernel_h) * g.kernel_w * channels;
   const int channels32 = static_cast<int>(channels);
-  const int64_t* src_stride = kInputGrad ? g.y_stride : g.x_stride;        // channels-last: stride[1] == 1
+  const int64_t* src_stride = kInputGrad ? g.y_stride : g.x_stride;  // channels-last: stride[1] == 1
   const int64_t src_h = kInputGrad ? g.out_h : g.in_h, src_w = kInputGrad ? g.out_w : g.in_w;
   const int64_t channel0 = group_index * channels;
   const int64_t row0 = blockIdx.x * int64_t(kBlockM), col0 = blockIdx.y * int64_t(kBlockN);

@@ -22,8 +22,8 @@ constexpr int kTileM = 64, kTileN = 64, kTileK = 16, kThreads = 256;
 // acc (this thread's 4x4 block at rows ty*4.., columns tx*4..) += a_tile^T . b_tile over one K-step.
 template <typename acc_t>
 __device__ __forceinline__ void multiply_tiles(const acc_t (&a_tile)[kTileK][kTileM + 4],
-                                               const acc_t (&b_tile)[kTileK][kTileN + 4], acc_t (&acc)[4][4],
-                                               int tx, int ty) {
+                                               const acc_t (&b_tile)[kTileK][kTileN + 4], acc_t (&acc)[4][4], int tx,
+                                               int ty) {
 #pragma unroll
   for (int kk = 0; kk < kTileK; ++kk) {
     acc_t a[4], b[4];
@@ -50,7 +50,8 @@ __device__ __forceinline__ void multiply_tiles(const acc_t (&a_tile)[kTileK][kTi
 //                   B[k][ci] = f(W[co][ci][r][s]); epilogue + g(b[ci]) when there is a bias (the
 //                   transposed convolution's forward, fused_transpose_forward; never a gradient).
 template <typename scalar_t, bool kInputGrad>
-__device__ __forceinline__ void implicit_gemm_tile(const scalar_t* __restrict__ src, const scalar_t* __restrict__ weight,
+__device__ __forceinline__ void implicit_gemm_tile(const scalar_t* __restrict__ src,
+                                                   const scalar_t* __restrict__ weight,
                                                    const scalar_t* __restrict__ bias, scalar_t* __restrict__ dst,
                                                    const ConvGeometry& g, DeviceTransform wt, DeviceTransform bt) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -339,8 +340,9 @@ void launch_simt_conv(const at::Tensor& src, const at::Tensor& weight, const std
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_weight_and_bias_grad(const at::Tensor& grad_output, const at::Tensor& input,
-                                                              const at::Tensor& source_weight, const TiedConv2dParams& p,
-                                                              bool weight_grad, bool bias_grad) {
+                                                              const at::Tensor& source_weight,
+                                                              const TiedConv2dParams& p, bool weight_grad,
+                                                              bool bias_grad) {
   // The kernels read W_src and write dL/dW_src at the same offsets: one layout for both.
   const at::Tensor weight = source_weight.contiguous(source_weight.suggest_memory_format());
   const ConvGeometry g = make_geometry(input, weight, p, input.strides(), grad_output.strides());
@@ -372,15 +374,14 @@ std::tuple<at::Tensor, at::Tensor> fused_weight_and_bias_grad(const at::Tensor& 
           grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
           splits == 1 ? weight.const_data_ptr<scalar_t>() : nullptr,
           splits == 1 ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr,
-          splits > 1 ? partial.mutable_data_ptr<acc_t>() : nullptr, g, static_cast<int>(splits),
-          pixels_per_split, wt);
+          splits > 1 ? partial.mutable_data_ptr<acc_t>() : nullptr, g, static_cast<int>(splits), pixels_per_split, wt);
       FUSEDTIE_LAUNCH_CHECK();
       if (splits > 1) {
         const int64_t total = g.out_channels * g.in_per_group * taps;
         const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(total, kThreads), 8 * sms));
         FUSEDTIE_LAUNCH(fusedtie_conv2d_wgrad_reduce_kernel<scalar_t>, blocks, kThreads, stream)(
-            partial.const_data_ptr<acc_t>(), weight.const_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
-            g, static_cast<int>(splits), wt);
+            partial.const_data_ptr<acc_t>(), weight.const_data_ptr<scalar_t>(),
+            grad_weight.mutable_data_ptr<scalar_t>(), g, static_cast<int>(splits), wt);
         FUSEDTIE_LAUNCH_CHECK();
       }
     }

@@ -59,7 +59,8 @@ Gradients library_backward(const at::Tensor& grad_output, const at::Tensor& inpu
   // f(W) is needed only for the input gradient; the weight gradient reads W's shape alone.
   const at::Tensor weight_for_conv =
       output_mask[0] ? derived_for_conv(weight, p.weight_transform, cuda::kCudaPasses) : weight;
-  auto [grad_input, grad_weight, grad_bias] = library_conv2d_backward(grad_output, input, weight_for_conv, p, output_mask);
+  auto [grad_input, grad_weight, grad_bias] =
+      library_conv2d_backward(grad_output, input, weight_for_conv, p, output_mask);
   if (output_mask[1]) {
     grad_weight = gradient_through_transform(grad_weight, weight, p.weight_transform, cuda::kCudaPasses);
   }
@@ -88,8 +89,8 @@ at::Tensor tied_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, c
                             c10::string_view transform, double alpha, c10::string_view bias_transform,
                             double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups) {
-  const auto p = TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride, padding,
-                                               dilation, groups);
+  const auto p =
+      TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups);
   p.check(input, weight, bias);
   const c10::cuda::CUDAGuard guard(input.device());
   const bool fused = use_fused(Pass::kForward, input, weight, bias, p, {true, true, true}, {}, [&] {
@@ -99,14 +100,13 @@ at::Tensor tied_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, c
   return fused ? cuda::fused_forward(input, weight, bias, p) : library_forward(input, weight, bias, p);
 }
 
-std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
-tied_conv2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-                          const std::optional<at::Tensor>& bias, c10::string_view transform, double alpha,
-                          c10::string_view bias_transform, double bias_alpha, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                          std::array<bool, 3> output_mask) {
-  const auto p = TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride, padding,
-                                               dilation, groups);
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> tied_conv2d_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, c10::string_view transform, double alpha, c10::string_view bias_transform,
+    double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask) {
+  const auto p =
+      TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups);
   p.check_backward(grad_output, input, weight, bias, output_mask);
   const c10::cuda::CUDAGuard guard(input.device());
   const bool fused = use_fused(Pass::kBackward, input, weight, bias, p, output_mask, grad_output.strides(), [&] {

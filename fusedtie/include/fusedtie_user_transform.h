@@ -37,21 +37,20 @@ extern "C" {
 // in/out (and grad/out) may be the same memory. The CUDA functions take device pointers and launch
 // on `stream` (a cudaStream_t) without synchronising.
 typedef const char* (*FusedtieUserForwardFn)(int32_t dtype, const void* in, void* out, int64_t numel,
-                                              const double* params);
-typedef const char* (*FusedtieUserChainRuleFn)(int32_t dtype, const void* grad, const void* source,
-                                                void* out, int64_t numel, const double* params);
+                                             const double* params);
+typedef const char* (*FusedtieUserChainRuleFn)(int32_t dtype, const void* grad, const void* source, void* out,
+                                               int64_t numel, const double* params);
 typedef const char* (*FusedtieUserCudaForwardFn)(int32_t dtype, const void* in, void* out, int64_t numel,
-                                                  const double* params, void* stream);
-typedef const char* (*FusedtieUserCudaChainRuleFn)(int32_t dtype, const void* grad, const void* source,
-                                                    void* out, int64_t numel, const double* params,
-                                                    void* stream);
+                                                 const double* params, void* stream);
+typedef const char* (*FusedtieUserCudaChainRuleFn)(int32_t dtype, const void* grad, const void* source, void* out,
+                                                   int64_t numel, const double* params, void* stream);
 
 struct FusedtieUserTransformTable {
   int32_t abi_version;  // FUSEDTIE_USER_TRANSFORM_ABI_VERSION of the library
   int32_t num_params;
-  FusedtieUserForwardFn cpu_forward;          // out = f(in)
-  FusedtieUserChainRuleFn cpu_chain_rule;     // out = grad * f'(source)
-  FusedtieUserCudaForwardFn cuda_forward;     // nullptr: compiled without CUDA kernels
+  FusedtieUserForwardFn cpu_forward;       // out = f(in)
+  FusedtieUserChainRuleFn cpu_chain_rule;  // out = grad * f'(source)
+  FusedtieUserCudaForwardFn cuda_forward;  // nullptr: compiled without CUDA kernels
   FusedtieUserCudaChainRuleFn cuda_chain_rule;
 };
 
@@ -115,8 +114,9 @@ typedef const FusedtieUserTransformTable* (*FusedtieUserTransformTableFn)();
 #if defined(FUSEDTIE_USER_CPU_ELSEWHERE)
 // A CUDA library compiles its CPU code in a .cpp source of its own (for the vector instruction set,
 // which the host pass of nvcc does not get), which defines these two (hidden: the library's own).
-extern "C" __attribute__((visibility("hidden"))) const char* fusedtie_user_cpu_forward(
-    int32_t dtype, const void* in, void* out, int64_t numel, const double* params);
+extern "C" __attribute__((visibility("hidden"))) const char* fusedtie_user_cpu_forward(int32_t dtype, const void* in,
+                                                                                       void* out, int64_t numel,
+                                                                                       const double* params);
 extern "C" __attribute__((visibility("hidden"))) const char* fusedtie_user_cpu_chain_rule(
     int32_t dtype, const void* grad, const void* source, void* out, int64_t numel, const double* params);
 #endif
@@ -323,8 +323,7 @@ inline const char* launch_error() {
 }
 
 template <typename F>
-const char* cuda_forward(int32_t dtype, const void* in, void* out, int64_t numel, const double* params,
-                         void* stream) {
+const char* cuda_forward(int32_t dtype, const void* in, void* out, int64_t numel, const double* params, void* stream) {
   if (numel == 0) return nullptr;
   return dispatch_dtype(dtype, [&](auto tag) -> const char* {
     using scalar_t = decltype(tag);

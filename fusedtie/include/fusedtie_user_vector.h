@@ -92,46 +92,46 @@ struct NativeOf<double> {
 // The SLEEF functions used below, as libtorch_cpu exports them (the unsuffixed names dispatch to
 // the best implementation for the CPU, as ATen's Vectorized calls them). const, as sleef.h declares
 // them: 1 - tanh(x) * tanh(x) calls tanh once.
-#define FUSEDTIE_SLEEF_DECLARE_1(fn, acc_f, acc_d)                                                    \
-  extern "C" __attribute__((const)) fusedtie_user::simd::NativeF FUSEDTIE_SLEEF_F(fn, acc_f)(        \
-      fusedtie_user::simd::NativeF);                                                                  \
-  extern "C" __attribute__((const)) fusedtie_user::simd::NativeD FUSEDTIE_SLEEF_D(fn, acc_d)(        \
-      fusedtie_user::simd::NativeD);
-#define FUSEDTIE_SLEEF_DECLARE_2(fn, acc_f, acc_d)                                                    \
-  extern "C" __attribute__((const)) fusedtie_user::simd::NativeF FUSEDTIE_SLEEF_F(fn, acc_f)(        \
-      fusedtie_user::simd::NativeF, fusedtie_user::simd::NativeF);                                    \
-  extern "C" __attribute__((const)) fusedtie_user::simd::NativeD FUSEDTIE_SLEEF_D(fn, acc_d)(        \
+#define FUSEDTIE_SLEEF_DECLARE_1(fn, acc_f, acc_d)                                                                   \
+  extern "C"                                                                                                         \
+      __attribute__((const)) fusedtie_user::simd::NativeF FUSEDTIE_SLEEF_F(fn, acc_f)(fusedtie_user::simd::NativeF); \
+  extern "C"                                                                                                         \
+      __attribute__((const)) fusedtie_user::simd::NativeD FUSEDTIE_SLEEF_D(fn, acc_d)(fusedtie_user::simd::NativeD);
+#define FUSEDTIE_SLEEF_DECLARE_2(fn, acc_f, acc_d)                                            \
+  extern "C" __attribute__((const)) fusedtie_user::simd::NativeF FUSEDTIE_SLEEF_F(fn, acc_f)( \
+      fusedtie_user::simd::NativeF, fusedtie_user::simd::NativeF);                            \
+  extern "C" __attribute__((const)) fusedtie_user::simd::NativeD FUSEDTIE_SLEEF_D(fn, acc_d)( \
       fusedtie_user::simd::NativeD, fusedtie_user::simd::NativeD);
 // float lanes: SLEEF's 3.5-ulp variant where it has one (see the top of this file); double lanes:
 // the most accurate. sqrt without a suffix is the instruction itself (checked bit for bit against
 // vsqrtps/vsqrtpd on 10^7 random bit patterns, NaNs included).
-#define FUSEDTIE_SLEEF_UNARY(X)  \
-  X(exp, _u10, _u10)             \
-  X(exp2, _u35, _u10)            \
-  X(expm1, _u10, _u10)           \
-  X(log, _u35, _u10)             \
-  X(log2, _u35, _u10)            \
-  X(log10, _u10, _u10)           \
-  X(log1p, _u10, _u10)           \
-  X(sin, _u35, _u10)             \
-  X(cos, _u35, _u10)             \
-  X(tan, _u35, _u10)             \
-  X(asin, _u35, _u10)            \
-  X(acos, _u35, _u10)            \
-  X(atan, _u35, _u10)            \
-  X(sinh, _u35, _u10)            \
-  X(cosh, _u35, _u10)            \
-  X(tanh, _u35, _u10)            \
-  X(asinh, _u10, _u10)           \
-  X(acosh, _u10, _u10)           \
-  X(atanh, _u10, _u10)           \
-  X(cbrt, _u35, _u10)            \
-  X(erf, _u10, _u10)             \
-  X(erfc, _u15, _u15)            \
-  X(sqrt, , )                    \
-  X(floor, , )                   \
-  X(ceil, , )                    \
-  X(trunc, , )                   \
+#define FUSEDTIE_SLEEF_UNARY(X) \
+  X(exp, _u10, _u10)            \
+  X(exp2, _u35, _u10)           \
+  X(expm1, _u10, _u10)          \
+  X(log, _u35, _u10)            \
+  X(log2, _u35, _u10)           \
+  X(log10, _u10, _u10)          \
+  X(log1p, _u10, _u10)          \
+  X(sin, _u35, _u10)            \
+  X(cos, _u35, _u10)            \
+  X(tan, _u35, _u10)            \
+  X(asin, _u35, _u10)           \
+  X(acos, _u35, _u10)           \
+  X(atan, _u35, _u10)           \
+  X(sinh, _u35, _u10)           \
+  X(cosh, _u35, _u10)           \
+  X(tanh, _u35, _u10)           \
+  X(asinh, _u10, _u10)          \
+  X(acosh, _u10, _u10)          \
+  X(atanh, _u10, _u10)          \
+  X(cbrt, _u35, _u10)           \
+  X(erf, _u10, _u10)            \
+  X(erfc, _u15, _u15)           \
+  X(sqrt, , )                   \
+  X(floor, , )                  \
+  X(ceil, , )                   \
+  X(trunc, , )                  \
   X(round, , )
 #define FUSEDTIE_SLEEF_BINARY(X) \
   X(pow, _u10, _u10)             \
@@ -244,19 +244,19 @@ template <typename E>
 inline Vec<E> select(typename Vec<E>::Bits mask, const Vec<E>& a, const Vec<E>& b) {
   using Bits = typename Vec<E>::Bits;
   return Vec<E>::of(reinterpret_cast<typename Vec<E>::Wide>((mask & reinterpret_cast<Bits>(a.v)) |
-                                                             (~mask & reinterpret_cast<Bits>(b.v))));
+                                                            (~mask & reinterpret_cast<Bits>(b.v))));
 }
 
 // ---- arithmetic: the usual arithmetic conversions decide the lane type, as for scalars
 template <typename X, typename Y>
 using ArithLane = decltype(std::declval<LaneOf<X>>() + std::declval<LaneOf<Y>>());
 
-#define FUSEDTIE_VEC_OPERATOR(op)                                                  \
-  template <typename X, typename Y>                                                \
-    requires(VecOperands<X, Y> && kIsLane<ArithLane<X, Y>>)                        \
-  inline Vec<ArithLane<X, Y>> operator op(const X& x, const Y& y) {                \
-    using R = ArithLane<X, Y>;                                                     \
-    return Vec<R>::of(as<R>(x).v op as<R>(y).v);                                   \
+#define FUSEDTIE_VEC_OPERATOR(op)                                   \
+  template <typename X, typename Y>                                 \
+    requires(VecOperands<X, Y> && kIsLane<ArithLane<X, Y>>)         \
+  inline Vec<ArithLane<X, Y>> operator op(const X& x, const Y& y) { \
+    using R = ArithLane<X, Y>;                                      \
+    return Vec<R>::of(as<R>(x).v op as<R>(y).v);                    \
   }
 FUSEDTIE_VEC_OPERATOR(+)
 FUSEDTIE_VEC_OPERATOR(-)
@@ -274,14 +274,14 @@ inline Vec<E> operator+(const Vec<E>& x) {
 }
 
 // ---- math functions of one argument: Vec<E> -> Vec<E>, as std::f(E) -> E
-#define FUSEDTIE_VEC_UNARY(fn, acc_f, acc_d)                                                  \
-  template <typename E>                                                                      \
-  inline Vec<E> fn(const Vec<E>& x) {                                                        \
-    if constexpr (std::is_same_v<E, float>) {                                                \
-      return per_register(x, [](NativeF r) { return FUSEDTIE_SLEEF_F(fn, acc_f)(r); });      \
-    } else {                                                                                 \
-      return per_register(x, [](NativeD r) { return FUSEDTIE_SLEEF_D(fn, acc_d)(r); });      \
-    }                                                                                        \
+#define FUSEDTIE_VEC_UNARY(fn, acc_f, acc_d)                                            \
+  template <typename E>                                                                 \
+  inline Vec<E> fn(const Vec<E>& x) {                                                   \
+    if constexpr (std::is_same_v<E, float>) {                                           \
+      return per_register(x, [](NativeF r) { return FUSEDTIE_SLEEF_F(fn, acc_f)(r); }); \
+    } else {                                                                            \
+      return per_register(x, [](NativeD r) { return FUSEDTIE_SLEEF_D(fn, acc_d)(r); }); \
+    }                                                                                   \
   }
 FUSEDTIE_SLEEF_UNARY(FUSEDTIE_VEC_UNARY)
 #undef FUSEDTIE_VEC_UNARY
@@ -301,19 +301,16 @@ inline Vec<E> abs(const Vec<E>& x) {
 
 // ---- math functions of two arguments: the lane type is the one std::f gives for the lane types
 // (pow(float, int) is double in C++, pow(float, float) float).
-#define FUSEDTIE_VEC_BINARY(fn, acc_f, acc_d)                                                            \
-  template <typename X, typename Y>                                                                      \
-    requires(VecOperands<X, Y> &&                                                                        \
-             kIsLane<decltype(std::fn(std::declval<LaneOf<X>>(), std::declval<LaneOf<Y>>()))>)           \
-  inline auto fn(const X& x, const Y& y) {                                                               \
-    using R = decltype(std::fn(std::declval<LaneOf<X>>(), std::declval<LaneOf<Y>>()));                  \
-    if constexpr (std::is_same_v<R, float>) {                                                            \
-      return per_register(as<R>(x), as<R>(y),                                                            \
-                          [](NativeF a, NativeF b) { return FUSEDTIE_SLEEF_F(fn, acc_f)(a, b); });       \
-    } else {                                                                                             \
-      return per_register(as<R>(x), as<R>(y),                                                            \
-                          [](NativeD a, NativeD b) { return FUSEDTIE_SLEEF_D(fn, acc_d)(a, b); });       \
-    }                                                                                                    \
+#define FUSEDTIE_VEC_BINARY(fn, acc_f, acc_d)                                                                          \
+  template <typename X, typename Y>                                                                                    \
+    requires(VecOperands<X, Y> && kIsLane<decltype(std::fn(std::declval<LaneOf<X>>(), std::declval<LaneOf<Y>>()))>)    \
+  inline auto fn(const X& x, const Y& y) {                                                                             \
+    using R = decltype(std::fn(std::declval<LaneOf<X>>(), std::declval<LaneOf<Y>>()));                                 \
+    if constexpr (std::is_same_v<R, float>) {                                                                          \
+      return per_register(as<R>(x), as<R>(y), [](NativeF a, NativeF b) { return FUSEDTIE_SLEEF_F(fn, acc_f)(a, b); }); \
+    } else {                                                                                                           \
+      return per_register(as<R>(x), as<R>(y), [](NativeD a, NativeD b) { return FUSEDTIE_SLEEF_D(fn, acc_d)(a, b); }); \
+    }                                                                                                                  \
   }
 FUSEDTIE_SLEEF_BINARY(FUSEDTIE_VEC_BINARY)
 #undef FUSEDTIE_VEC_BINARY
@@ -362,14 +359,10 @@ inline Bits32 pick(Mask32 mask, Bits32 a, Bits32 b) {
   return (a & m) | (b & ~m);
 }
 
-inline Vec<float> float_from_bits(Bits32 bits) {
-  return Vec<float>::of(reinterpret_cast<Vec<float>::Wide>(bits));
-}
+inline Vec<float> float_from_bits(Bits32 bits) { return Vec<float>::of(reinterpret_cast<Vec<float>::Wide>(bits)); }
 
 // bfloat16 is the top half of a float.
-inline Vec<float> bfloat16_to_float(Bits16 h) {
-  return float_from_bits(__builtin_convertvector(h, Bits32) << 16);
-}
+inline Vec<float> bfloat16_to_float(Bits16 h) { return float_from_bits(__builtin_convertvector(h, Bits32) << 16); }
 
 inline Bits16 float_to_bfloat16(const Vec<float>& f) {
   const Bits32 u = reinterpret_cast<Bits32>(f.v);

@@ -18,21 +18,18 @@
 namespace {
 
 using TiedConv2dFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                c10::string_view, double, c10::string_view, double, at::IntArrayRef,
-                                at::IntArrayRef, at::IntArrayRef, int64_t);
+                                c10::string_view, double, c10::string_view, double, at::IntArrayRef, at::IntArrayRef,
+                                at::IntArrayRef, int64_t);
 using OptionalGrads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
 using BackwardFn = OptionalGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 const std::optional<at::Tensor>&, c10::string_view, double,
-                                 c10::string_view, double, at::IntArrayRef, at::IntArrayRef,
-                                 at::IntArrayRef, int64_t, std::array<bool, 3>);
+                                 const std::optional<at::Tensor>&, c10::string_view, double, c10::string_view, double,
+                                 at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 3>);
 
 c10::TypedOperatorHandle<TiedConv2dFn> tied_conv2d_op() {
   return c10::Dispatcher::singleton().findSchemaOrThrow("fusedtie::tied_conv2d", "").typed<TiedConv2dFn>();
 }
 c10::TypedOperatorHandle<BackwardFn> backward_op() {
-  return c10::Dispatcher::singleton()
-      .findSchemaOrThrow("fusedtie::_tied_conv2d_backward", "")
-      .typed<BackwardFn>();
+  return c10::Dispatcher::singleton().findSchemaOrThrow("fusedtie::_tied_conv2d_backward", "").typed<BackwardFn>();
 }
 
 // f written in ATen ops: the reference never touches transforms.h.
@@ -95,13 +92,13 @@ at::Tensor reference_forward(const Case& c, const at::Tensor& x, const at::Tenso
     return at::conv2d(x, derived_weight, derived_bias, c.stride, symmetric, c.dilation, c.groups);
   }
   const std::array<int64_t, 2> none{0, 0};
-  return at::conv2d(at::constant_pad_nd(x, {p[2], p[3], p[0], p[1]}, 0), derived_weight, derived_bias,
-                    c.stride, none, c.dilation, c.groups);
+  return at::conv2d(at::constant_pad_nd(x, {p[2], p[3], p[0], p[1]}, 0), derived_weight, derived_bias, c.stride, none,
+                    c.dilation, c.groups);
 }
 
 at::Tensor call_forward(const Case& c, const Inputs& in) {
-  return tied_conv2d_op().call(in.x, in.w, in.b, c.transform, c.alpha, c.bias_transform, c.bias_alpha,
-                               c.stride, c.padding, c.dilation, c.groups);
+  return tied_conv2d_op().call(in.x, in.w, in.b, c.transform, c.alpha, c.bias_transform, c.bias_alpha, c.stride,
+                               c.padding, c.dilation, c.groups);
 }
 
 // Empty when `actual` matches `expected` in float64, else what differs.
@@ -141,8 +138,7 @@ void check(const std::string& name, const std::function<std::string()>& body) {
 }
 
 // A check that `body` throws a c10::Error whose message contains `expected_text`.
-void check_throws(const std::string& name, const std::string& expected_text,
-                  const std::function<void()>& body) {
+void check_throws(const std::string& name, const std::string& expected_text, const std::function<void()>& body) {
   check(name, [&]() -> std::string {
     try {
       body();
@@ -176,8 +172,8 @@ void check_backward_against_autograd(const Case& c) {
     reference_forward(c, x, w, b).backward(grad_output);
 
     const auto [gx, gw, gb] =
-        backward_op().call(grad_output, in.x, in.w, in.b, c.transform, c.alpha, c.bias_transform,
-                           c.bias_alpha, c.stride, c.padding, c.dilation, c.groups, {true, true, true});
+        backward_op().call(grad_output, in.x, in.w, in.b, c.transform, c.alpha, c.bias_transform, c.bias_alpha,
+                           c.stride, c.padding, c.dilation, c.groups, {true, true, true});
     if (!gx || !gw || !gb) return "a requested gradient is None";
     for (const auto& problem : {compare("grad_input", *gx, x.grad()), compare("grad_weight", *gw, w.grad()),
                                 compare("grad_bias", *gb, b.grad())}) {
@@ -194,15 +190,15 @@ void check_weight_chain_rule(const Case& c, const std::function<at::Tensor(const
     const Inputs in = make_inputs(c);
     TORCH_CHECK(c.padding[0] == c.padding[1] && c.padding[2] == c.padding[3], "case needs symmetric padding");
     const at::Tensor grad_output = at::randn_like(call_forward(c, in));
-    const auto conv_grads = at::convolution_backward(
-        grad_output, in.x, reference_f(c.transform, in.w, c.alpha), std::nullopt, c.stride,
-        {c.padding[0], c.padding[2]}, c.dilation, /*transposed=*/false, /*output_padding=*/{0, 0},
-        c.groups, {false, true, false});
+    const auto conv_grads =
+        at::convolution_backward(grad_output, in.x, reference_f(c.transform, in.w, c.alpha), std::nullopt, c.stride,
+                                 {c.padding[0], c.padding[2]}, c.dilation, /*transposed=*/false,
+                                 /*output_padding=*/{0, 0}, c.groups, {false, true, false});
     const at::Tensor expected = f_prime(in.w) * std::get<1>(conv_grads);
 
     const auto [gx, gw, gb] =
-        backward_op().call(grad_output, in.x, in.w, in.b, c.transform, c.alpha, c.bias_transform,
-                           c.bias_alpha, c.stride, c.padding, c.dilation, c.groups, {false, true, false});
+        backward_op().call(grad_output, in.x, in.w, in.b, c.transform, c.alpha, c.bias_transform, c.bias_alpha,
+                           c.stride, c.padding, c.dilation, c.groups, {false, true, false});
     if (gx || gb) return "a gradient that was not requested is not None";
     if (!gw) return "grad_weight is None";
     return compare("grad_weight", *gw, expected);
@@ -282,8 +278,7 @@ int main() {
     c.with_bias = true;
     c.bias_transform = "cube";
     const Inputs biased = make_inputs(c);
-    check_throws("unknown bias_transform throws", "unknown transform 'cube'",
-                 [&] { call_forward(c, biased); });
+    check_throws("unknown bias_transform throws", "unknown transform 'cube'", [&] { call_forward(c, biased); });
   }
   {
     Case c;
