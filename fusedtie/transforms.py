@@ -97,8 +97,9 @@ class Transform:
         Raises ValueError if an expression does not compile (quoting the compiler), if the derivative
         disagrees with central differences of the forward on random points of ``check_domain``
         ((-2, 2) by default; give one where f is defined, e.g. (0.1, 4) for ``log(x)``), giving the
-        worst point, or if ``name`` is a built-in or already defined otherwise in this process. ``name``, ``forward``, ``derivative``, ``cuda`` and ``check_domain`` cannot be
-        parameter names.
+        worst point, or if ``name`` is a built-in or already defined otherwise in this process.
+        ``name``, ``forward``, ``derivative``, ``cuda`` and ``check_domain`` cannot be parameter
+        names.
         """
         from .user_transforms import from_expression
 

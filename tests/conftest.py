@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import fusedtie  # noqa: E402  (builds or loads the extension once, before any test)
+import fusedtie  # noqa: E402, F401  (builds or loads the extension once, before any test)
 
 
 @pytest.fixture(autouse=True)

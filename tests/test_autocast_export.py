@@ -15,12 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from functorch.compile import make_boxed_func
+from reference import reference_conv2d, reference_f, transform_arg
 from torch._dynamo.backends.common import aot_autograd
 from torch._prims_common import check_significant_strides, suggest_memory_format
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusedtie
-from reference import reference_conv2d, reference_f, transform_arg
 
 TRANSFORMS = fusedtie.available_transforms()
 # Where round(f(w)) == f(round(w)) for every w: the autocast kernel keeps these fused.

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn as nn
+from reference import reference_f, transform_arg
 
 import fusedtie
-from reference import reference_f, transform_arg
 
 TRANSFORMS = fusedtie.available_transforms()
 

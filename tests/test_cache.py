@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.init as init
+from reference import reference_conv2d
 
 import fusedtie
 from fusedtie import FusedTiedConv2d
-from reference import reference_conv2d
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 

@@ -12,9 +12,9 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reference import reference_f
 
 from fusedtie import FusedTiedConv2d
-from reference import reference_f
 
 
 class TiedNet(nn.Module):

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reference import reference_conv_transpose2d, reference_f, transform_arg
 
 import fusedtie
 from fusedtie.nn import FusedTiedConv2d, FusedTiedConvTranspose2d
 from fusedtie.ops import tied_conv_transpose2d
-from reference import reference_conv_transpose2d, reference_f, transform_arg
 
 GRID_TRANSFORMS = ["identity", "square", "tanh", "scale", "exp"]
 

@@ -14,10 +14,10 @@ import textwrap
 
 import pytest
 import torch
-
-import fusedtie
 from reference import reference_conv2d
 from test_op_grid import run_case
+
+import fusedtie
 
 ALGORITHMS = ["library", "gemm", "brgemm"]
 # Whether auto may take the GEMM path in this process (MKL on an Intel CPU at full speed; not on AMD).

@@ -40,13 +40,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reference import reference_conv2d, reference_conv_transpose2d, reference_f, transform_arg
+from test_bad_input import _op_cases
 from torch.autograd import DeviceType
 from torch.overrides import TorchFunctionMode
 
 import fusedtie
 from fusedtie import FusedTiedConv2d
-from reference import reference_conv2d, reference_conv_transpose2d, reference_f, transform_arg
-from test_bad_input import _op_cases
 
 # cuBLAS refuses to run under torch.use_deterministic_algorithms(True) without this; it must be
 # set before cuBLAS starts, and test modules are imported before any test runs.

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from fusedtie.ops import _pair, normalize_padding
 from reference import reference_conv2d, reference_conv_transpose2d, transform_arg
 from test_cuda import GEOMETRIES, GEOMETRY_DEFAULTS, TRANSPOSE_GEOMETRIES, with_layout
+
+from fusedtie.ops import _pair, normalize_padding
 
 ROOT = Path(__file__).resolve().parent.parent
 TRANSFORMS = ["identity", "square", "abs", "neg", "scale", "exp", "sigmoid", "tanh", "softplus"]

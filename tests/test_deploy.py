@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reference import reference_f
 
 import fusedtie
 from fusedtie import FusedTiedConv2d
-from reference import reference_f
 
 
 class DeployNet(nn.Module):

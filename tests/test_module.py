@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.init as init
+from reference import reference_conv2d, transform_arg
 
 import fusedtie
 from fusedtie import FusedTiedConv2d
-from reference import reference_conv2d, reference_f, transform_arg
 
 
 def weights_init(m):  # the seed's own initialiser: writes through .data

@@ -18,9 +18,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import nonfinite_mask_differences, reference_f
 
 import fusedtie
-from reference import nonfinite_mask_differences, reference_f
 
 NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 

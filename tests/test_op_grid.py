@@ -4,9 +4,9 @@ import itertools
 
 import pytest
 import torch
+from reference import reference_conv2d, transform_arg
 
 import fusedtie
-from reference import reference_conv2d, transform_arg
 
 TRANSFORMS = fusedtie.available_transforms()
 BIAS_MODES = ["none", "identity", "transform"]

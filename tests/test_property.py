@@ -34,10 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import nonfinite_mask_differences, reference_conv2d, reference_f, transform_arg
 
 import fusedtie
 from fusedtie import FusedTiedConv2d
-from reference import nonfinite_mask_differences, reference_conv2d, reference_f, transform_arg
 
 # PyTorch's own note on even kernels with padding="same" (the reference pads a copy, as it says)
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")

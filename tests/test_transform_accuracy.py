@@ -8,9 +8,9 @@ f in float32 is held to a bound in units in the last place, over a dense grid co
 import numpy as np
 import pytest
 import torch
+from reference import reference_f, transform_arg
 
 import fusedtie
-from reference import reference_f, transform_arg
 
 # Largest error in float32 ulps of the true value. tanh is a rational fit (see transforms.h); the
 # rest are exact or SLEEF's 1-ulp functions, composed.

@@ -26,11 +26,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reference import nonfinite_mask_differences
 
 import fusedtie
-from fusedtie import Transform
-from fusedtie import user_transforms
-from reference import nonfinite_mask_differences
+from fusedtie import Transform, user_transforms
 
 QUAD_A, QUAD_B = 0.5, 1.5
 # fixture name -> the reference f in torch ops
