@@ -208,8 +208,14 @@ def _build_lock(build_dir: str) -> Iterator[None]:
 
 
 def _clear_torch_lock(build_dir: str) -> None:
-    """torch's own lock file in the build folder. Under our lock no live fusedtie build holds it,
-    so it is a leftover of an interrupted one, on which torch's load() would wait forever."""
+    """torch's own lock file in the build folder, where torch waits on the file's mere existence
+    (FileBaton, torch <= 2.13; later releases lock it with flock and leave it in place). Under our
+    lock no live fusedtie build holds it, so it is a leftover of an interrupted one, on which torch's
+    load() would wait forever."""
+    from torch.utils import cpp_extension
+
+    if getattr(cpp_extension, "FileLock", None) is not None:
+        return
     stale = os.path.join(build_dir, "lock")
     if fcntl is not None and os.path.exists(stale):
         print(f"fusedtie: removing {stale}, left by an interrupted build", file=sys.stderr, flush=True)
