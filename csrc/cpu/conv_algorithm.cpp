@@ -128,7 +128,7 @@ bool weight_heavy(const at::Tensor& input, const at::Tensor& weight, const TiedC
 }
 
 // Where the GEMM beat the library on the one CPU it won on (Ice Lake Xeon, MKL; the figures are in
-// the README's Performance section): ratio 1000.
+// docs/performance.md): ratio 1000.
 bool gemm_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
   return weight_heavy(input, weight, p, 1000);
 }

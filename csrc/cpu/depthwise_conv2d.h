@@ -8,7 +8,7 @@
 // Why a kernel of our own: at::convolution on a float NCHW depthwise conv goes to oneDNN, which
 // re-orders the activations into its blocked layout and back on every call; a 3x3 depthwise conv
 // on 256 channels of 28x28 took 1.5 ms forward there, for 1.8M multiply-adds. Each plane here is a
-// handful of vectorised row updates (README, Performance, has the measurements).
+// handful of vectorised row updates (docs/performance.md has the measurements).
 #include <ATen/ATen.h>
 
 #include <array>
