@@ -1699,6 +1699,7 @@ def write_json(
     skipped: dict[str, str],
     wall: float,
 ) -> None:
+    worst, misses = target_report(results)
     out = {
         "environment": env,
         "settings": {
@@ -1732,10 +1733,7 @@ def write_json(
             "wall_seconds": wall,
         },
         "compile_times": compile_times(results),
-        "targets": {
-            "worst": target_report(results)[0],
-            "missed": [dataclasses.asdict(m) for m in target_report(results)[1]],
-        },
+        "targets": {"worst": worst, "missed": [dataclasses.asdict(m) for m in misses]},
         "results": results,
     }
     parent = os.path.dirname(os.path.abspath(path))

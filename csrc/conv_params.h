@@ -165,7 +165,6 @@ struct TiedConv2dParams {
       TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == out_channels, "expected bias of size [", out_channels,
                         "] (out_channels), got ", b.sizes());
     }
-    std::array<int64_t, 4> out_sizes{input.size(0), out_channels, 0, 0};
     for (int d = 0; d < 2; ++d) {
       // In 64 bits with overflow checks: a padding or dilation near 2^63 must be an error, not a
       // wrapped size that a kernel then indexes with.
@@ -181,8 +180,9 @@ struct TiedConv2dParams {
           padded >= extent, "Calculated padded input size per channel: (", input.size(2) + padding[0] + padding[1],
           " x ", input.size(3) + padding[2] + padding[3], "). Kernel size: (", dilation[0] * (weight.size(2) - 1) + 1,
           " x ", dilation[1] * (weight.size(3) - 1) + 1, "). Kernel size can't be greater than actual input size");
-      out_sizes[2 + d] = (padded - extent) / stride[d] + 1;
     }
+    // output_size's arithmetic cannot overflow past the checks above; its product can.
+    const auto out_sizes = output_size(input, weight);
     int64_t out_numel = 1;
     for (const int64_t size : out_sizes) {
       TORCH_CHECK(!c10::mul_overflows(out_numel, size, &out_numel), "fusedtie::tied_conv2d: the output of size ",

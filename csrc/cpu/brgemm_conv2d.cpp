@@ -135,8 +135,12 @@ at::Tensor batch_grad_columns(const at::Tensor& grad_output, int64_t out_channel
 }  // namespace
 
 bool brgemm_micro_kernel_available() {
-  const std::string capability = at::get_cpu_capability();
-  return at::globalContext().userEnabledMkldnn() && (capability == "AVX2" || capability == "AVX512");
+  // The capability is fixed for the process; oneDNN can be switched off at run time.
+  static const bool isa_supported = [] {
+    const std::string capability = at::get_cpu_capability();
+    return capability == "AVX2" || capability == "AVX512";
+  }();
+  return isa_supported && at::globalContext().userEnabledMkldnn();
 }
 
 bool brgemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {

@@ -171,17 +171,20 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
         depthwise_conv2d_backward(grad_output, input, weight, p, output_mask, &taps_finite);
     by_library[0] = output_mask[0] && !taps_finite;
     by_library[1] = output_mask[1] && !all_finite(grad_weight);
-  } else if (algorithm == CpuConvAlgorithm::kBrgemm) {
-    // f and f' are applied tile by tile inside the GEMMs; the rule for non-finite values is the GEMM's.
+  } else if (algorithm == CpuConvAlgorithm::kBrgemm || algorithm == CpuConvAlgorithm::kGemm) {
+    // Both pad by im2col: the same rule for non-finite values (above).
     by_library[1] = output_mask[1] && pads(p) && !all_finite(grad_output);
-    std::tie(grad_input, grad_weight, grad_bias) = brgemm_conv2d_backward(
-        grad_output, pad_asymmetric_remainder(input, p), weight, p.weight_transform, p.stride, p.symmetric_part(),
-        p.dilation, {output_mask[0], output_mask[1] && !by_library[1], output_mask[2]});
-    if (output_mask[0]) grad_input = crop_input_gradient(grad_input, input, p);
-  } else if (algorithm == CpuConvAlgorithm::kGemm) {
-    by_library[1] = output_mask[1] && pads(p) && !all_finite(grad_output);
-    std::tie(grad_input, grad_weight, grad_bias) = gemm_or_library_backward(
-        algorithm, grad_output, input, weight, p, {output_mask[0], output_mask[1] && !by_library[1], output_mask[2]});
+    const std::array<bool, 3> mask{output_mask[0], output_mask[1] && !by_library[1], output_mask[2]};
+    if (algorithm == CpuConvAlgorithm::kBrgemm) {
+      // f and f' are applied tile by tile inside the GEMMs.
+      std::tie(grad_input, grad_weight, grad_bias) =
+          brgemm_conv2d_backward(grad_output, pad_asymmetric_remainder(input, p), weight, p.weight_transform, p.stride,
+                                 p.symmetric_part(), p.dilation, mask);
+      if (output_mask[0]) grad_input = crop_input_gradient(grad_input, input, p);
+    } else {
+      std::tie(grad_input, grad_weight, grad_bias) =
+          gemm_or_library_backward(algorithm, grad_output, input, weight, p, mask);
+    }
   } else {
     by_library = output_mask;  // the library algorithm: every gradient
   }
