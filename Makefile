@@ -3,6 +3,7 @@
 #   make bench       the same set-up, then the benchmark (quick run; table on stdout, JSON and PNG in bench-results/)
 #   make cmake-test  the Python-free CMake build of the operator library and its C++ test (ctest)
 #   make build       only (re)build fusedtie/_C in place
+#   make docs        the documentation site (mkdocs-material + mkdocstrings) into site/, warnings as errors
 #   make lint        ruff (lint and format) and clang-format, checking only; make format applies them
 #   make cuda-build  the CUDA extension, no GPU needed: .venv-cuda (torch 2.14.1, CUDA 13.0), an
 #                    out-of-place build in build-cuda/ (sm_80, sm_90 + PTX), the suite against it,
@@ -14,7 +15,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cuh' -o -name
 CMAKE_BUILD := build/cmake
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: test bench build cmake-test clean cuda-build cuda-clean lint format
+.PHONY: test bench build cmake-test clean cuda-build cuda-clean lint format docs sdist-check
 
 # The venv with the pinned dependencies and fusedtie installed editable. FUSEDTIE_SKIP_EXT=1 makes
 # the editable install only register the package; the extension is built by the rule below, in
@@ -52,6 +53,15 @@ format: $(VENV)/.deps
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/clang-format --style=file -i $(CXX_SOURCES)
+
+# The documentation site: docs/ and the docstrings (griffe reads them from the source: nothing is
+# imported, so no _C is needed) into site/.
+$(VENV)/.docs-deps: $(VENV)/.deps requirements-docs.txt
+	$(PY) -m pip install --quiet -r requirements-docs.txt
+	touch $@
+
+docs: $(VENV)/.docs-deps
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 cmake-test: $(VENV)/.deps
 	@start=$$(date +%s); \

@@ -6,8 +6,10 @@ the transform inside the convolution and the chain rule inside its backward.
 """
 
 from ._library import LIB as _LIB
+from ._version import __version__ as __version__
 from .bake import bake
 from .cache import cached
+from .info import build_info, clear_cuda_autotune_cache, cpu_capability
 from .nn import FusedTiedConv2d, FusedTiedConvTranspose2d
 from .ops import (
     apply_transform,
@@ -20,8 +22,16 @@ from .ops import (
 )
 from .transforms import Transform, available_transforms, transform_table
 
-__version__ = "0.1.0"
 cuda_compiled: bool = bool(_LIB.cuda_compiled)
+"""Whether the loaded extension has the CUDA kernels (a CUDA build of ``fusedtie._C``).
+
+False for a CPU-only build. It does not say whether a GPU is present (``torch.cuda.is_available()``
+does); ``build_info()`` gives the GPU architectures the build holds.
+
+Examples:
+    >>> fusedtie.cuda_compiled  # a CPU-only build
+    False
+"""
 
 __all__ = [
     "FusedTiedConv2d",
@@ -29,7 +39,10 @@ __all__ = [
     "Transform",
     "apply_transform",
     "bake",
+    "build_info",
     "cached",
+    "clear_cuda_autotune_cache",
+    "cpu_capability",
     "cpu_conv_algorithm_for",
     "cpu_info",
     "available_transforms",

@@ -28,6 +28,10 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 SOURCE_DIR = os.path.join(os.path.dirname(PACKAGE_DIR), "csrc")
 JIT_NAME = "fusedtie_jit"
 
+# How load_library found the extension, for fusedtie.build_info(): "how" is "prebuilt" or "jit",
+# "why" says why (and, for a JIT build, "cuda" why it has or lacks the CUDA kernels). Empty until then.
+LOADED: dict[str, str] = {}
+
 
 def source_files(cuda: bool) -> list[str]:
     """The C++ (and, with ``cuda``, CUDA) sources of the extension; setup.py uses the same list."""
@@ -229,6 +233,7 @@ def _jit_build() -> ModuleType:
     from ._user_build import compiler_errors
 
     cuda, why = cuda_build_decision()
+    LOADED["cuda"] = why
     build_dir = _cache_dir(cuda)
     os.makedirs(build_dir, exist_ok=True)
     sources = source_files(cuda)
@@ -286,11 +291,16 @@ def load_library() -> ModuleType:
         spec = importlib.util.find_spec("fusedtie._C")
         if spec is not None:
             try:
-                return importlib.import_module("fusedtie._C")
+                module = importlib.import_module("fusedtie._C")
             except ImportError as error:
                 raise ImportError(
                     f"fusedtie: the prebuilt extension {spec.origin} failed to load: {error}. It was "
                     "probably built against another torch. Rebuild it (`pip install --no-build-isolation "
                     ".` or `make build`), or delete it to use the JIT build."
                 ) from error
+            LOADED.update(how="prebuilt", why="fusedtie._C is installed")
+            return module
+        LOADED.update(how="jit", why="no prebuilt fusedtie._C is installed")
+    else:
+        LOADED.update(how="jit", why="FUSEDTIE_FORCE_JIT=1")
     return _jit_build()

@@ -24,17 +24,17 @@ _CALL_HOOK_ATTRIBUTES = (
 
 
 def bake(model: nn.Module) -> nn.Module:
-    r"""A deep copy of ``model`` in which every :class:`FusedTiedConv2d` is a plain ``nn.Conv2d``
-    and every :class:`FusedTiedConvTranspose2d` a plain ``nn.ConvTranspose2d``.
+    r"""A deep copy of ``model`` in which every ``FusedTiedConv2d`` is a plain ``nn.Conv2d``
+    and every ``FusedTiedConvTranspose2d`` a plain ``nn.ConvTranspose2d``.
 
-    Each tied layer becomes the ``nn.Conv2d`` of :meth:`FusedTiedConv2d.to_conv2d` (the
-    ``nn.ConvTranspose2d`` of :meth:`FusedTiedConvTranspose2d.to_conv_transpose2d`, with a copy of
-    that layer's own bias): f(W) and g(b)
-    computed once from the source's current values and stored as that conv's own parameters, with
-    the layer's geometry (``padding_mode`` included), dtype, device, training flag, ``requires_grad``
-    and forward/backward hooks. Everything else is the deep copy: the sources stay (with their own
-    parameters), so do submodules of every kind (``nn.Sequential``, ``nn.ModuleDict``, custom
-    modules); a tied layer registered under two names becomes one conv registered under both. The
+    Each tied layer becomes the ``nn.Conv2d`` of ``FusedTiedConv2d.to_conv2d`` (the
+    ``nn.ConvTranspose2d`` of ``FusedTiedConvTranspose2d.to_conv_transpose2d``, with a copy of
+    that layer's own bias): f(W) and g(b) computed once from the source's current values and stored
+    as that conv's own parameters, with the layer's geometry (``padding_mode`` included), dtype,
+    device, training flag, ``requires_grad`` and forward/backward hooks. Everything else is the
+    deep copy: the sources stay (with their own parameters), so do submodules of every kind
+    (``nn.Sequential``, ``nn.ModuleDict``, custom modules); a tied layer registered under two names
+    becomes one conv registered under both. The
     result computes what ``model`` computes and has no tie left: it needs nothing from fusedtie to
     run or to be saved and loaded, so conv-BN folding (``torch.ao.quantization.fuse_modules``,
     ``torch.nn.utils.fusion.fuse_conv_bn_eval``), TorchScript, ONNX and other tools that expect
@@ -43,13 +43,28 @@ def bake(model: nn.Module) -> nn.Module:
     The baked weights are a snapshot: training the baked model trains the copies independently (the
     source and the baked conv are no longer tied), so bake for deployment, after training.
 
-    ``model`` may itself be a tied layer; the result is then its plain counterpart.
+    Args:
+        model: any ``nn.Module``; it may itself be a tied layer, whose plain counterpart is then
+            returned.
 
-    Example::
+    Returns:
+        The baked deep copy; ``model`` itself is not modified.
 
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+
+    Examples:
+        >>> conv = nn.Conv2d(8, 8, 3, padding=1)
+        >>> tied = fusedtie.FusedTiedConv2d(conv, "square")
+        >>> net = nn.Sequential(conv, nn.ReLU(), tied, nn.BatchNorm2d(8))
         >>> deployable = fusedtie.bake(net).eval()
-        >>> deployable = torch.ao.quantization.fuse_modules(deployable, [["conv_2", "bn"]])
-        >>> torch.jit.script(deployable).save("net.pt")
+        >>> type(deployable[2]).__name__
+        'Conv2d'
+        >>> x = torch.randn(1, 8, 16, 16)
+        >>> torch.allclose(deployable(x), net.eval()(x), atol=1e-5)
+        True
+        >>> # conv-BN folding, as for any nn.Conv2d
+        >>> folded = torch.ao.quantization.fuse_modules(deployable, [["2", "3"]])
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedtie.bake takes an nn.Module, got {type(model).__name__}")

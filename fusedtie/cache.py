@@ -52,18 +52,33 @@ def cached(*modules: nn.Module) -> Iterator[None]:
     The layers are FusedTiedConv2d (f(W) and g(b)) and FusedTiedConvTranspose2d (f(W); its bias is
     its own parameter and needs no derivation).
 
-    With no arguments every FusedTiedConv2d is cached; ``cached(backbone, head)`` caches only the
-    fusedtie layers inside those modules (for example a frozen part of a model that also trains).
+    A cached value is used only by calls that record no autograd graph (``torch.no_grad()``,
+    ``inference_mode()``, or a frozen source), and is recomputed when the source tensor is replaced,
+    moved, converted or changed in place by anything autograd can see (an optimizer step, any
+    in-place op even under ``no_grad``, ``load_state_dict``). torch.compile and export traces
+    bypass it. Everything is dropped when the outermost scope exits. The scope is process-wide and
+    re-entrant. Writes through ``.data`` (``w.data.normal_()``) are invisible to PyTorch's version
+    counters: make them outside the scope. The module docstring of ``fusedtie.cache`` gives the
+    whole contract.
 
-    Example::
+    Args:
+        *modules: with none, every fusedtie layer is cached; ``cached(backbone, head)`` caches only
+            the fusedtie layers inside those modules (for example a frozen part of a model that
+            also trains).
 
-        model.eval()
-        with torch.inference_mode(), fusedtie.cached():
-            for batch in loader:
-                predictions = model(batch)   # f(W) computed once per layer, at its first call
+    Yields:
+        Nothing; the cache lives as long as the ``with`` block.
 
-    See :mod:`fusedtie.cache` for exactly when a cached value is reused. Writes through ``.data``
-    are invisible to PyTorch's version counters: make them outside the scope.
+    Raises:
+        TypeError: an argument that is not an ``nn.Module``.
+
+    Examples:
+        >>> conv = nn.Conv2d(16, 16, 3, padding=1)
+        >>> model = nn.Sequential(conv, nn.ReLU(), fusedtie.FusedTiedConv2d(conv, "square"))
+        >>> model = model.eval()
+        >>> with torch.inference_mode(), fusedtie.cached():
+        ...     for batch in torch.randn(4, 2, 16, 8, 8):
+        ...         predictions = model(batch)  # f(W) computed at the first call only
     """
     for m in modules:
         if not isinstance(m, nn.Module):

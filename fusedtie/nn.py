@@ -209,26 +209,51 @@ class _TiedLayer(nn.Module):
 class FusedTiedConv2d(_TiedLayer):
     r"""A 2-D convolution whose weight is ``f(source.weight)``: the tie as one fused operator.
 
+    A drop-in for ``nn.Conv2d`` computing ``F.conv2d(x, f(W), g(b), ...)`` with W and b the
+    source's parameters, through ``tied_conv2d``. The layer owns no parameters: ``parameters()`` of
+    a network holding both layers yields the source's tensors once, and its ``state_dict()`` has
+    only the source's keys. Used alone, the layer carries its source (as the submodule ``source``),
+    moves it with ``.to()`` and saves it under ``source.*``; deepcopy, ``torch.save``/``load`` and
+    ``fusedtie.cached()`` keep the tie. Geometry and transform are fixed at construction (assigning
+    ``layer.stride`` later raises rather than being silently ignored). It is deliberately not an
+    ``nn.Conv2d`` subclass, so init loops (``if isinstance(m, nn.Conv2d): init(m.weight)``) reach
+    the source, never a derived temporary.
+
     Args:
-        source: the ``nn.Conv2d`` that owns the parameters.
-        transform: f, a name from :func:`fusedtie.available_transforms` or a
-            :class:`fusedtie.Transform` (``Transform("scale", alpha=0.5)``).
+        source: the ``nn.Conv2d`` that owns the parameters (a parametrized one is read through its
+            parametrization on every call). Not a transposed conv, nor another fusedtie layer.
+        transform: f: a name from ``available_transforms()`` or a ``Transform``
+            (``Transform("scale", alpha=0.5)``).
         bias: ``"same"``: the source's bias as it is (none if the source has none);
-            ``"transform"``: f(source.bias); ``None`` (or ``False``): no bias.
-        stride, padding, dilation, groups, padding_mode: default to the source's.
-        in_channels, out_channels, kernel_size: optional; if given they must equal what the tie
-            implies, so a tie that cannot work fails here and says why.
+            ``"transform"``: f(source.bias), the forum's ``bias ** 2``; ``None`` (or ``False``): no
+            bias.
+        stride: defaults to the source's.
+        padding: an int, a pair, ``"same"`` or ``"valid"``; defaults to the source's.
+        dilation: defaults to the source's.
+        groups: defaults to the source's; another value changes ``in_channels`` to
+            ``source.weight.shape[1] * groups``.
+        padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``; defaults to the
+            source's.
+        in_channels: optional; if given, it must equal what the tie implies, so a tie that cannot
+            work fails here and says why.
+        out_channels: optional; checked as ``in_channels``.
+        kernel_size: optional; checked as ``in_channels``.
 
-    The layer owns no parameters: ``parameters()`` of a network holding both layers yields the
-    source's tensors once, and its ``state_dict()`` has only the source's keys. Used alone, the
-    layer carries its source (as the submodule ``source``), moves it with ``.to()`` and saves it
-    under ``source.*``.
+    Raises:
+        TypeError: a source that is not an ``nn.Conv2d``, or is a fusedtie layer (ties do not chain).
+        ValueError: an unknown transform or bias mode, ``bias="transform"`` on a source without a
+            bias, a lazy source not yet initialised, groups that do not divide the source's output
+            channels, bad geometry, or ``in_channels``/``out_channels``/``kernel_size`` that the tie
+            cannot give.
 
-    Example::
-
+    Examples:
         >>> conv_1 = nn.Conv2d(16, 16, 3, padding=1)
-        >>> conv_2 = fusedtie.FusedTiedConv2d(conv_1, "square")   # weight = conv_1.weight ** 2
-        >>> y = conv_2(conv_1(torch.randn(1, 16, 300, 300)))
+        >>> conv_2 = fusedtie.FusedTiedConv2d(conv_1, "square")  # weight = conv_1.weight ** 2
+        >>> net = nn.Sequential(conv_1, conv_2)
+        >>> list(net.state_dict())
+        ['0.weight', '0.bias']
+        >>> net(torch.randn(1, 16, 32, 32)).shape
+        torch.Size([1, 16, 32, 32])
     """
 
     _DERIVED_ATTRIBUTES = frozenset({"weight", "bias"})
@@ -351,18 +376,27 @@ class FusedTiedConv2d(_TiedLayer):
 
     @property
     def weight(self) -> Tensor:
-        """f(source.weight), differentiable with respect to the source."""
+        """f(source.weight), computed on each read and differentiable with respect to the source.
+
+        Read-only: assigning it raises ``AttributeError`` (the source owns the parameter).
+        """
         return apply_transform(self.source.weight, self.transform)
 
     @property
     def bias(self) -> Optional[Tensor]:
-        """The derived bias: the source's bias itself, f(source.bias), or None."""
+        """The derived bias: the source's bias itself (``bias="same"``), f(source.bias)
+        (``bias="transform"``), or None. Read-only, as ``weight``."""
         source_bias = self.source.bias
         if self.bias_mode is None or source_bias is None:
             return None
         return source_bias if self.bias_mode == "same" else apply_transform(source_bias, self.transform)
 
     def reset_parameters(self) -> None:
+        """Refused: the layer owns no parameters; reset the source (``layer.source.reset_parameters()``).
+
+        Raises:
+            RuntimeError: always, saying so.
+        """
         raise RuntimeError(
             "FusedTiedConv2d owns no parameters: its weight is f(source.weight). Reset the source "
             "layer instead (layer.source.reset_parameters())."
@@ -383,6 +417,34 @@ class FusedTiedConv2d(_TiedLayer):
         return weight, bias
 
     def forward(self, input: Tensor) -> Tensor:
+        """The convolution with f(source.weight) and the derived bias: one operator call.
+
+        Inside ``fusedtie.cached()``, a call that records no autograd graph reuses f(W) computed at
+        the layer's first such call.
+
+        Args:
+            input: ``(N, in_channels, H, W)``, or unbatched ``(in_channels, H, W)``.
+
+        Returns:
+            ``(N, out_channels, H_out, W_out)`` (without N for unbatched input), differentiable with
+                respect to ``input`` and the source's parameters.
+
+        Raises:
+            ValueError: input whose channel count is not ``in_channels`` (the message names the count
+                expected), of another rank, or smaller than the kernel.
+
+        Examples:
+            >>> conv_1 = nn.Conv2d(3, 8, 3, padding=1)
+            >>> conv_2 = fusedtie.FusedTiedConv2d(conv_1, "tanh", bias="transform", in_channels=3)
+            >>> x = torch.randn(2, 3, 16, 16)
+            >>> y = conv_2(x)
+            >>> g_w, g_b = torch.tanh(conv_1.weight), torch.tanh(conv_1.bias)
+            >>> torch.allclose(y, F.conv2d(x, g_w, g_b, padding=1), atol=1e-5)
+            True
+            >>> y.sum().backward()  # the gradient reaches conv_1.weight and conv_1.bias
+            >>> conv_1.weight.grad.shape
+            torch.Size([8, 3, 3, 3])
+        """
         if self.padding_mode != "zeros":
             if input.dim() not in (3, 4):  # before F.pad, whose error for other ranks is unclear
                 raise ValueError(
@@ -409,7 +471,16 @@ class FusedTiedConv2d(_TiedLayer):
 
         The conv has this layer's geometry (``padding_mode`` included) and training flag, the
         source's dtype and device, and its parameters require grad as the source's do. The values
-        are a snapshot of f(W) and g(b) now. :func:`fusedtie.bake` does this for a whole model.
+        are a snapshot of f(W) and g(b) now. ``fusedtie.bake`` does this for a whole model.
+
+        Returns:
+            A new ``nn.Conv2d`` owning copies of f(W) and g(b); training it leaves the source alone.
+
+        Examples:
+            >>> conv_1 = nn.Conv2d(3, 8, 3)
+            >>> plain = fusedtie.FusedTiedConv2d(conv_1, "tanh").to_conv2d()
+            >>> type(plain).__name__, torch.allclose(plain.weight, torch.tanh(conv_1.weight))
+            ('Conv2d', True)
         """
         with torch.no_grad():
             source_weight, source_bias = self._source_tensors()
@@ -450,31 +521,43 @@ class FusedTiedConvTranspose2d(_TiedLayer):
     x's shape for matching geometry: it maps the source's ``out_channels`` back to its
     ``in_channels``.
 
-    Args:
-        source: the ``nn.Conv2d`` (the encoder layer) that owns the weight.
-        transform: f, a name from :func:`fusedtie.available_transforms` or a
-            :class:`fusedtie.Transform`; ``"identity"`` (the default) is the classic tied
-            autoencoder, W^T as the decoder.
-        bias: whether the layer has a bias of its own (``out_channels`` values, initialised as
-            ``nn.ConvTranspose2d``'s). It is this layer's parameter, not derived from the source.
-        stride, padding, dilation, groups: default to the source's (``padding="same"`` of an odd
-            kernel becomes its symmetric padding, ``"valid"`` 0).
-        output_padding: the extra rows/columns on the bottom/right, as ``nn.ConvTranspose2d``'s (for
-            a stride-2 encoder with an even input size, ``output_padding=1`` restores the size), or
-            give ``output_size`` to ``forward``.
-        padding_mode: only ``"zeros"``, as ``nn.ConvTranspose2d`` (the source's is not inherited).
-
     The tie is FusedTiedConv2d's: the layer owns no weight, ``parameters()`` of a network holding
     both layers yields the source's weight once (plus this layer's bias), ``state_dict()`` has the
     source's keys only under the source's own name (``source.*`` when the layer is used alone),
-    and deepcopy, ``torch.save``/``load`` and ``.to()`` keep the tie.
+    and deepcopy, ``torch.save``/``load``, ``.to()`` and ``fusedtie.cached()`` keep the tie.
 
-    Example::
+    Args:
+        source: the ``nn.Conv2d`` (the encoder layer) that owns the weight; not a transposed conv,
+            nor a fusedtie layer.
+        transform: f: a name from ``available_transforms()`` or a ``Transform``; ``"identity"``
+            (the default) is the classic tied autoencoder, W^T as the decoder.
+        bias: whether the layer has a bias of its own (``out_channels`` values, initialised as
+            ``nn.ConvTranspose2d``'s). It is this layer's parameter, not derived from the source.
+        stride: defaults to the source's.
+        padding: an int or a pair; defaults to the source's (``padding="same"`` of an odd kernel
+            becomes its symmetric padding, ``"valid"`` 0; an asymmetric "same" must be given
+            explicitly).
+        output_padding: the extra rows/columns on the bottom/right, as ``nn.ConvTranspose2d``'s (for
+            a stride-2 encoder with an even input size, ``output_padding=1`` restores the size), or
+            give ``output_size`` to ``forward``.
+        dilation: defaults to the source's.
+        groups: defaults to the source's.
+        padding_mode: only ``"zeros"``, as ``nn.ConvTranspose2d`` (the source's is not inherited).
 
+    Raises:
+        TypeError: a source that is not an ``nn.Conv2d`` (or is a fusedtie layer), or a ``bias``
+            that is not a bool.
+        ValueError: an unknown transform, a ``padding_mode`` other than ``"zeros"``, groups that do
+            not divide the source's output channels, or bad geometry.
+
+    Examples:
         >>> encoder = nn.Conv2d(3, 16, 4, stride=2, padding=1)
-        >>> decoder = fusedtie.FusedTiedConvTranspose2d(encoder)         # weight = encoder.weight
+        >>> decoder = fusedtie.FusedTiedConvTranspose2d(encoder)  # weight = encoder.weight
         >>> x = torch.randn(8, 3, 32, 32)
-        >>> decoder(torch.relu(encoder(x))).shape                        # torch.Size([8, 3, 32, 32])
+        >>> decoder(torch.relu(encoder(x))).shape
+        torch.Size([8, 3, 32, 32])
+        >>> [name for name, _ in nn.Sequential(encoder, decoder).named_parameters()]
+        ['0.weight', '0.bias', '1.bias']
     """
 
     _DERIVED_ATTRIBUTES = frozenset({"weight"})
@@ -559,7 +642,10 @@ class FusedTiedConvTranspose2d(_TiedLayer):
 
     @property
     def weight(self) -> Tensor:
-        """f(source.weight), differentiable with respect to the source."""
+        """f(source.weight), computed on each read and differentiable with respect to the source.
+
+        Read-only: assigning it raises ``AttributeError`` (the source owns the parameter).
+        """
         return apply_transform(self.source.weight, self.transform)
 
     def _init_bias(self) -> None:
@@ -570,8 +656,10 @@ class FusedTiedConvTranspose2d(_TiedLayer):
             self.bias.uniform_(-bound, bound)
 
     def reset_parameters(self) -> None:
-        """Re-initialises the layer's own bias (as ``nn.ConvTranspose2d`` does); the weight is the
-        source's, reset through the source (``layer.source.reset_parameters()``)."""
+        """Re-initialises the layer's own bias (as ``nn.ConvTranspose2d`` does), and only it.
+
+        The weight is the source's, reset through the source (``layer.source.reset_parameters()``).
+        """
         if self.bias is not None:
             self._init_bias()
 
@@ -587,7 +675,32 @@ class FusedTiedConvTranspose2d(_TiedLayer):
         )
 
     def forward(self, input: Tensor, output_size: Optional[list[int]] = None) -> Tensor:
-        """``output_size`` picks the output padding that gives that size, as ``nn.ConvTranspose2d``."""
+        """The transposed convolution with f(source.weight) and the layer's own bias: one operator call.
+
+        Args:
+            input: ``(N, in_channels, H, W)``, or unbatched ``(in_channels, H, W)``, where
+                ``in_channels`` is the source's ``out_channels``.
+            output_size: optional; the output's spatial size (``(H_out, W_out)``, or a full shape),
+                from which the output padding is computed exactly as ``nn.ConvTranspose2d`` does
+                (overriding ``output_padding`` for this call).
+
+        Returns:
+            ``(N, out_channels, H_out, W_out)`` (without N for unbatched input), differentiable with
+                respect to ``input``, the source's weight and the bias.
+
+        Raises:
+            ValueError: input whose channel count is not ``in_channels``, or an ``output_size`` that
+                no output padding can give.
+
+        Examples:
+            >>> encoder = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            >>> decoder = fusedtie.FusedTiedConvTranspose2d(encoder)
+            >>> x = torch.randn(1, 3, 32, 32)
+            >>> decoder(encoder(x)).shape
+            torch.Size([1, 3, 31, 31])
+            >>> decoder(encoder(x), output_size=x.shape[-2:]).shape
+            torch.Size([1, 3, 32, 32])
+        """
         if output_size is None:
             output_padding = self.output_padding
         else:
@@ -623,7 +736,17 @@ class FusedTiedConvTranspose2d(_TiedLayer):
         """A plain ``nn.ConvTranspose2d`` with f(W) baked in and a copy of this layer's bias
         (untied, for export and deployment): this layer's geometry and training flag, the source's
         dtype and device, ``requires_grad`` as the source weight's and the bias's. A snapshot now;
-        :func:`fusedtie.bake` does this for a whole model."""
+        ``fusedtie.bake`` does this for a whole model.
+
+        Returns:
+            A new ``nn.ConvTranspose2d`` owning copies of f(W) and of the bias.
+
+        Examples:
+            >>> encoder = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            >>> decoder = fusedtie.FusedTiedConvTranspose2d(encoder, output_padding=1)
+            >>> decoder.to_conv_transpose2d()
+            ConvTranspose2d(8, 3, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), output_padding=(1, 1))
+        """
         with torch.no_grad():
             source_weight = self._source_weight()
             weight = apply_transform(source_weight, self.transform)

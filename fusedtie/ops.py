@@ -79,13 +79,40 @@ def tied_conv2d(
     """``F.conv2d(input, f(weight), g(bias), stride, padding, dilation, groups)`` as one operator.
 
     ``weight`` and ``bias`` are the *source* tensors; f = ``transform`` and g = ``bias_transform``
-    are applied inside the operator, and gradients reach the source through f' and g'.
+    are applied inside the operator, and gradients reach the source through f' and g'. It accepts
+    what ``F.conv2d`` accepts: unbatched 3-D input, channels_last and non-contiguous tensors, batch
+    0, meta tensors (shape only); float32, float64, bfloat16 and float16.
 
-    Example::
+    Args:
+        input: ``(N, C_in, H, W)``, or unbatched ``(C_in, H, W)``.
+        weight: the source weight W, ``(C_out, C_in / groups, kH, kW)``; the convolution uses f(W).
+        bias: the source bias b, ``(C_out,)``, or None; the convolution uses g(b).
+        transform: f: a name from ``available_transforms()`` or a ``Transform``.
+        bias_transform: g, applied to ``bias``; ``"identity"`` (the default) uses the bias as it is.
+        stride: an int, or a sequence of one or two ints.
+        padding: an int, a sequence of one or two ints, ``"valid"`` or ``"same"`` (stride 1 only; for
+            an even kernel the odd pixel goes at the bottom/right, as in ``F.conv2d``).
+        dilation: an int, or a sequence of one or two ints.
+        groups: the number of groups; it divides ``C_out``, and ``C_in = weight.shape[1] * groups``.
 
+    Returns:
+        The output ``(N, C_out, H_out, W_out)`` (``(C_out, H_out, W_out)`` for unbatched input),
+            differentiable with respect to ``input``, ``weight`` and ``bias``.
+
+    Raises:
+        ValueError: an unknown transform; channels or groups that do not fit the weight; a
+            non-positive stride or dilation, negative padding, or a kernel larger than the padded
+            input.
+        TypeError: a dtype other than the four floating types, operands of different dtypes, or a
+            stride, padding or dilation that is not an int or a pair.
+
+    Examples:
         >>> w = torch.randn(16, 16, 3, 3, requires_grad=True)
-        >>> y = fusedtie.tied_conv2d(torch.randn(1, 16, 8, 8), w, transform="square", padding=1)
-        >>> y.sum().backward()   # w.grad == 2 * w * dL/d(w**2)
+        >>> x = torch.randn(1, 16, 8, 8)
+        >>> y = fusedtie.tied_conv2d(x, w, transform="square", padding=1)
+        >>> torch.allclose(y, F.conv2d(x, w * w, padding=1), atol=1e-3)
+        True
+        >>> y.sum().backward()  # w.grad is 2 * w * dL/d(w ** 2)
     """
     t = Transform.parse(transform)
     bt = Transform.parse(bias_transform)
@@ -123,13 +150,38 @@ def tied_conv_transpose2d(
     ``weight`` is the *source* tensor, typically an encoder ``nn.Conv2d``'s weight (its output
     channels are this op's input channels); f = ``transform`` is applied inside the operator and the
     gradient reaches the source through f'. ``bias`` is taken as it is (the decoder's own). The
-    arguments are ``F.conv_transpose2d``'s, in its order: ints or pairs, unbatched 3-D input.
+    arguments are ``F.conv_transpose2d``'s, in its order; unbatched 3-D input, batch 0 and meta
+    tensors are accepted as there.
 
-    Example::
+    Args:
+        input: ``(N, C_in, H, W)``, or unbatched ``(C_in, H, W)``, where ``C_in = weight.shape[0]``.
+        weight: the source weight W, ``(C_in, C_out / groups, kH, kW)`` (an encoder's
+            ``(out_channels, in_channels / groups, kH, kW)``); the convolution uses f(W).
+        bias: ``(C_out,)`` or None, used as it is.
+        transform: f: a name from ``available_transforms()`` or a ``Transform``.
+        stride: an int, or a sequence of one or two ints.
+        padding: an int, or a sequence of one or two ints (symmetric, as ``F.conv_transpose2d``'s).
+        output_padding: the extra rows/columns at the bottom/right; smaller than the stride or the
+            dilation.
+        groups: the number of groups; it divides ``C_in``, and ``C_out = weight.shape[1] * groups``.
+        dilation: an int, or a sequence of one or two ints.
 
-        >>> w = torch.randn(8, 3, 4, 4, requires_grad=True)            # an encoder's 3 -> 8 weight
-        >>> h = F.conv2d(torch.randn(1, 3, 32, 32), w, stride=2, padding=1)   # (1, 8, 16, 16)
-        >>> x = fusedtie.tied_conv_transpose2d(h, w, stride=2, padding=1)    # (1, 3, 32, 32)
+    Returns:
+        The output ``(N, C_out, H_out, W_out)`` (``(C_out, H_out, W_out)`` for unbatched input),
+            differentiable with respect to ``input``, ``weight`` and ``bias``.
+
+    Raises:
+        ValueError: an unknown transform, channels or groups that do not fit the weight, or bad
+            geometry (negative padding, an output padding too large, an empty output).
+        TypeError: a dtype other than the four floating types, or operands of different dtypes.
+
+    Examples:
+        >>> w = torch.randn(8, 3, 4, 4, requires_grad=True)  # an encoder's 3 -> 8 weight
+        >>> h = F.conv2d(torch.randn(1, 3, 32, 32), w, stride=2, padding=1)
+        >>> h.shape
+        torch.Size([1, 8, 16, 16])
+        >>> fusedtie.tied_conv_transpose2d(h, w, stride=2, padding=1).shape
+        torch.Size([1, 3, 32, 32])
     """
     t = Transform.parse(transform)
     _check_weight_and_groups(weight, groups, "(in_channels, out_channels/groups, kH, kW)")
@@ -201,7 +253,28 @@ def run_tied_conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tens
 
 
 def apply_transform(source: Tensor, transform: TransformLike) -> Tensor:
-    """f(source) as a new tensor, differentiable: ``apply_transform(w, "square")`` is ``w * w``."""
+    """f(source) as a new tensor, differentiable: ``apply_transform(w, "square")`` is ``w * w``.
+
+    The same CPU pass (or CUDA kernel) the operators run on the weight; its backward applies f'.
+
+    Args:
+        source: a floating-point tensor of any shape (float32, float64, bfloat16 or float16).
+        transform: f: a name from ``available_transforms()`` or a ``Transform``.
+
+    Returns:
+        f(source), a new tensor of ``source``'s shape, dtype and device.
+
+    Raises:
+        ValueError: an unknown transform, or ``"scale"`` without its constant.
+        TypeError: a transform that is neither a name nor a ``Transform``, or a non-floating dtype.
+
+    Examples:
+        >>> w = torch.tensor([-2.0, 0.5, 3.0])
+        >>> fusedtie.apply_transform(w, "square")
+        tensor([4.0000, 0.2500, 9.0000])
+        >>> fusedtie.apply_transform(w, fusedtie.Transform("scale", alpha=0.5))
+        tensor([-1.0000,  0.2500,  1.5000])
+    """
     t = Transform.parse(transform)
     return torch.ops.fusedtie.transform(source, t.name, t.op_alpha)
 
@@ -222,6 +295,23 @@ def use_cpu_conv_algorithm(name: str) -> Iterator[None]:
     contiguous NCHW, batch 1 or outputs under 32x32). Where the forced one does not apply, the library
     runs. All compute the same convolution; this is a knob for benchmarks and tests. See
     docs/cpu-algorithms.md.
+
+    Args:
+        name: ``"auto"``, ``"library"``, ``"gemm"``, ``"depthwise"`` or ``"brgemm"``.
+
+    Yields:
+        Nothing; the setting holds inside the ``with`` block and the previous one is restored on
+            exit, however the block ends.
+
+    Raises:
+        ValueError: an unknown name (on entering the block).
+
+    Examples:
+        >>> x, w = torch.randn(1, 8, 16, 16), torch.randn(8, 1, 3, 3)
+        >>> with fusedtie.use_cpu_conv_algorithm("depthwise"):
+        ...     y = fusedtie.tied_conv2d(x, w, transform="tanh", padding=1, groups=8)
+        ...     fusedtie.cpu_conv_algorithm_for(x, w, padding=1, groups=8)
+        'depthwise'
     """
     previous = LIB.set_cpu_conv_algorithm(name)
     try:
@@ -233,14 +323,19 @@ def use_cpu_conv_algorithm(name: str) -> Iterator[None]:
 def cpu_info() -> dict:
     """What the CPU path runs on and how ``auto`` chooses there.
 
-    Returns a dict: ``vendor`` and ``model`` (cpuid's strings), ``blas`` (``"MKL"`` or ``"other"``),
-    ``gemm_under_auto`` (whether ``auto`` may take the GEMM path), ``reason`` (why),
-    ``brgemm_micro_kernel`` (whether oneDNN's micro-kernel runs the brgemm path), and
-    ``transform_capability`` (the instruction set of the transform passes: DEFAULT, AVX2, AVX512).
+    Returns:
+        A dict with ``vendor`` and ``model`` (cpuid's strings), ``blas`` (``"MKL"`` or ``"other"``),
+            ``gemm_under_auto`` (whether ``auto`` may take the GEMM path), ``reason`` (why, in words),
+            ``brgemm_micro_kernel`` (whether oneDNN's micro-kernel runs the brgemm path), and
+            ``transform_capability`` (the instruction set of the transform passes: ``"DEFAULT"``,
+            ``"AVX2"`` or ``"AVX512"``).
 
-    Example::
-
-        >>> fusedtie.cpu_info()["gemm_under_auto"]   # False on AMD: MKL runs slow paths there
+    Examples:
+        >>> info = fusedtie.cpu_info()
+        >>> sorted(info)
+        ['blas', 'brgemm_micro_kernel', 'gemm_under_auto', 'model', 'reason', 'transform_capability', 'vendor']
+        >>> isinstance(info["gemm_under_auto"], bool)  # False on AMD CPUs
+        True
     """
     info = dict(LIB.gemm_blas_assessment())
     info["brgemm_micro_kernel"] = LIB.brgemm_micro_kernel_available()
@@ -260,17 +355,30 @@ def cpu_conv_algorithm_for(
     input_gradient: bool = True,
 ) -> str:
     """The CPU algorithm ``tied_conv2d`` runs for this call's forward or, with ``backward=True``,
-    its backward (one that computes the input gradient, or with ``input_gradient=False`` one that
-    computes only the weight and bias gradients) under the current setting.
+    its backward, under the current setting (``use_cpu_conv_algorithm``).
 
-    One of ``"library"``, ``"gemm"``, ``"depthwise"`` or ``"brgemm"``: ``auto``'s choice, or the
-    forced setting where it applies (``auto`` may run the passes differently). Arguments as
-    ``tied_conv2d`` takes them (4-D input).
+    Nothing is computed: the rule ``auto`` applies (or the forced setting, where it applies) is
+    evaluated on the tensors' shapes, dtypes and layouts.
 
-    Example::
+    Args:
+        input: a 4-D input ``(N, C_in, H, W)`` (or a meta tensor of that shape).
+        weight: the source weight, as ``tied_conv2d`` takes it.
+        stride: as ``tied_conv2d`` takes it.
+        padding: as ``tied_conv2d`` takes it.
+        dilation: as ``tied_conv2d`` takes it.
+        groups: as ``tied_conv2d`` takes it.
+        backward: name the backward's algorithm rather than the forward's.
+        input_gradient: with ``backward=True``, whether the backward computes the input gradient
+            (False: only the weight and bias gradients, as for a network's first layer).
 
-        >>> fusedtie.cpu_conv_algorithm_for(torch.randn(1, 64, 56, 56), torch.randn(64, 64, 3, 3), padding=1)
-        'library'
+    Returns:
+        ``"library"``, ``"gemm"``, ``"depthwise"`` or ``"brgemm"``, ``auto``'s choice or the forced
+            setting where it applies (where it does not, ``"library"``).
+
+    Examples:
+        >>> x, w = torch.randn(1, 64, 56, 56), torch.randn(64, 1, 3, 3)
+        >>> fusedtie.cpu_conv_algorithm_for(x, w, padding=1, groups=64)
+        'depthwise'
     """
     stride2 = _pair(stride, "stride")
     dilation2 = _pair(dilation, "dilation")
@@ -289,7 +397,24 @@ def use_cuda_conv_algorithm(name: str) -> Iterator[None]:
     support the call; ``"library"`` runs one elementwise kernel for f(W), then cuDNN
     (``at::convolution``), then one for f'(W) * dL/dW. All compute the same convolution. It applies
     to both operators (``tied_conv2d`` and ``tied_conv_transpose2d``). In a build without CUDA the
-    setting is kept and has nothing to act on.
+    setting is kept and has nothing to act on. ``fusedtie.clear_cuda_autotune_cache()`` forgets the
+    choices ``"autotune"`` measured.
+
+    Args:
+        name: ``"auto"``, ``"autotune"``, ``"fused"`` or ``"library"``.
+
+    Yields:
+        Nothing; the setting holds inside the ``with`` block and the previous one is restored on
+            exit, however the block ends.
+
+    Raises:
+        ValueError: an unknown name (on entering the block).
+
+    Examples:
+        >>> conv = nn.Conv2d(16, 16, 3, padding=1)
+        >>> tied = fusedtie.FusedTiedConv2d(conv, "tanh")
+        >>> with fusedtie.use_cuda_conv_algorithm("autotune"):  # on CUDA tensors
+        ...     y = tied(torch.randn(2, 16, 32, 32))
     """
     previous = LIB.set_cuda_conv_algorithm(name)
     try:

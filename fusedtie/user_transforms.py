@@ -170,15 +170,29 @@ def from_expression(
 
 
 def vectorized(transform: Union[str, Transform]) -> bool:
-    """Whether a user transform's CPU passes, f and the chain rule both, run vector loops: True for a
-    chain (the built-in vector passes, stage by stage); for a compiled one, whether its expressions
-    compiled for the vector type on a CPU with AVX2 or AVX-512 (False: scalar loops, correct but
-    slower for an expression calling tanh, exp...: 29x for tanh(x) with AVX-512)::
+    """Whether a user transform's CPU passes, f and the chain rule both, run vector loops.
 
-        t = fusedtie.Transform.from_expression("swish", forward="x / (1 + exp(-x))", derivative=...)
-        fusedtie.user_transforms.vectorized(t)   # True on AVX2 / AVX-512 machines
+    Args:
+        transform: a user transform of this process, by name or as a ``Transform``.
 
-    ValueError for a built-in or unknown name.
+    Returns:
+        True for a chain (the built-in vector passes, stage by stage); for a compiled one, whether
+            its expressions compiled for the vector type on a CPU with AVX2 or AVX-512 (False: scalar
+            loops, correct but slower for an expression calling tanh, exp...: 29x for tanh(x) with
+            AVX-512).
+
+    Raises:
+        ValueError: a built-in or unknown name.
+
+    Examples:
+        >>> t = fusedtie.Transform.from_expression(
+        ...     "cube", forward="x * x * x", derivative="3 * x * x"
+        ... )
+        >>> fusedtie.user_transforms.vectorized(t)  # on a CPU with AVX2 or AVX-512
+        True
+        >>> chained = fusedtie.Transform.chain("tanh", "square")
+        >>> fusedtie.user_transforms.vectorized(chained)
+        True
     """
     name = Transform.parse(transform).name
     definition = _USER.get(name)
