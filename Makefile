@@ -4,6 +4,7 @@
 #   make cmake-test  the Python-free CMake build of the operator library and its C++ test (ctest)
 #   make build       only (re)build fusedtie/_C in place
 #   make docs        the documentation site (mkdocs-material + mkdocstrings) into site/, warnings as errors
+#   make sdist-check the sdist round trip: build, install in a fresh venv, python -m fusedtie there
 #   make lint        ruff (lint and format) and clang-format, checking only; make format applies them
 #   make cuda-build  the CUDA extension, no GPU needed: .venv-cuda (torch 2.14.1, CUDA 13.0), an
 #                    out-of-place build in build-cuda/ (sm_80, sm_90 + PTX), the suite against it,
@@ -62,6 +63,11 @@ $(VENV)/.docs-deps: $(VENV)/.deps requirements-docs.txt
 
 docs: $(VENV)/.docs-deps
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# The sdist on its own: build it, check it holds every source, install it in a fresh venv, run
+# `python -m fusedtie` there.
+sdist-check: $(VENV)/.deps
+	scripts/sdist_roundtrip.sh
 
 cmake-test: $(VENV)/.deps
 	@start=$$(date +%s); \

@@ -7,15 +7,22 @@ FUSEDTIE_PTXAS_VERBOSE=1 has ptxas report each kernel's registers and spills. FU
 installs the Python package alone (the Makefile then builds the extension in place with
 `setup.py build_ext --inplace`, incrementally). `make cuda-build` builds out of place
 (`setup.py build --build-base build-cuda`) with a CUDA torch in .venv-cuda: scripts/cuda_build.sh.
+The metadata lives in pyproject.toml, the version in fusedtie/_version.py; this file adds the
+extension and the torch requirement, which depends on the build (torch_requirement below).
 """
 
 import importlib.util
 import os
+import re
+import sys
 
+import torch
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The oldest torch fusedtie supports (verified with 2.13.0).
+MIN_TORCH = "2.13"
 # fusedtie/_build.py holds the source list and the CUDA decision for both builds; load it by path so
 # that setup.py does not import the package (which would try to load the extension being built).
 _spec = importlib.util.spec_from_file_location("fusedtie_build", os.path.join(ROOT, "fusedtie", "_build.py"))
@@ -46,16 +53,29 @@ skip_extension = os.environ.get("FUSEDTIE_SKIP_EXT", "0") == "1"
 if skip_extension:
     print("fusedtie setup: FUSEDTIE_SKIP_EXT=1, installing the Python package without the extension")
 
+
+def torch_requirement() -> str:
+    """The install requirement on torch. torch keeps no C++ ABI across minor releases, so a wheel
+    whose _C was compiled against torch X.Y asks for X.Y (as torchvision's wheels name the torch
+    they were built with): pip then refuses to pair it with another torch, instead of the import
+    failing later on undefined symbols. Without the extension (the editable dev install,
+    FUSEDTIE_SKIP_EXT=1, whose _C the Makefile builds in place) and in the sdist (which builds
+    against whatever torch is installed) the requirement stays loose."""
+    # The sdist: PEP 517's build_sdist (setuptools.build_meta) runs this file as `setup.py sdist`.
+    if skip_extension or "sdist" in sys.argv[1:]:
+        return f"torch>={MIN_TORCH}"
+    release = torch.__version__.split("+")[0]  # "2.13.0+cpu" -> "2.13.0"
+    if not re.fullmatch(r"\d+\.\d+\.\d+", release):  # a pre-release or nightly: that build only
+        return f"torch=={release}"
+    major, minor = (int(part) for part in release.split(".")[:2])
+    return f"torch>={major}.{minor},<{major}.{minor + 1}"
+
+
+requirement = torch_requirement()
+print(f"fusedtie setup: requires {requirement}", flush=True)
+
 setup(
-    name="fusedtie",
-    version="0.1.0",
-    description="Tie one conv layer's weights to a function of another's, fused into one operator",
-    packages=["fusedtie"],
-    # The header that Transform.from_expression compiles user transforms against (the operator
-    # library includes it from here too): shipped in the wheel, since csrc/ is not.
-    package_data={"fusedtie": ["include/*.h"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.13"],
+    install_requires=[requirement],
     ext_modules=[] if skip_extension else [extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,2 +1,3 @@
-# The one place the version is written: setup.py reads it by path, fusedtie/__init__.py imports it.
+# The one place the version is written: pyproject.toml reads it ([tool.setuptools.dynamic]) and
+# fusedtie/__init__.py imports it.
 __version__ = "0.1.0"
