@@ -216,3 +216,19 @@ def test_cpu_passes_script_reports_every_shape():
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == 7 and all(float(c) > 0 for c in cells[1:])
+
+
+def test_cpu_network_script_reports_every_stack():
+    """benchmarks/cpu_network.py (docs/cpu-algorithms.md's network table) runs and prints a ratio per
+    algorithm for each of its stacks."""
+    script = os.path.join(ROOT, "benchmarks", "cpu_network.py")
+    result = subprocess.run(
+        [sys.executable, script, "--rounds", "2", "--algorithms", "library,brgemm,auto", "--mode", "train"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| conv")]
+    assert len(rows) == 2 and all(len(row.split("|")) == 7 for row in rows), result.stdout

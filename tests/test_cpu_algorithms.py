@@ -59,6 +59,50 @@ def test_forced_algorithm_with_dilation(algorithm, geometry):
         run_case("sigmoid", "transform", kernel, batch=batch, hw=hw, stride=stride, padding=padding, dilation=2)
 
 
+# float32 shapes that cross the brgemm path's tiles: output channels across and off its 64-channel
+# blocks, depth (cin * kh * kw) across and off its 256-deep packed tiles, a batch's images side by
+# side, and positions split between threads (one channel block, three threads).
+BRGEMM_TILE_EDGES = [  # (batch, cin, cout, kernel, hw, padding, threads)
+    (1, 37, 130, (3, 3), (11, 9), 1, None),
+    (1, 300, 40, (1, 1), (9, 9), 0, 3),
+    (3, 29, 70, (3, 3), (5, 5), 1, None),
+    (1, 16, 8, (3, 3), (13, 13), 0, 3),
+]
+
+
+@pytest.mark.parametrize("case", BRGEMM_TILE_EDGES, ids=str)
+@pytest.mark.parametrize("transform,bias_mode", [("square", "identity"), ("tanh", "transform"), ("exp", "none")])
+def test_brgemm_float32_across_its_tile_edges(case, transform, bias_mode):
+    batch, cin, cout, kernel, hw, padding, threads = case
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        with fusedtie.use_cpu_conv_algorithm("brgemm"):
+            run_case(transform, bias_mode, kernel, batch, cin, cout, hw, padding=padding, dtype=torch.float32)
+            x = torch.randn(batch, cin, *hw, requires_grad=True)
+            w = torch.randn(cout, cin, *kernel, requires_grad=True)
+            names, _ = ops_run(lambda: fusedtie.tied_conv2d(x, w, None, transform, padding=padding).sum().backward())
+    finally:
+        torch.set_num_threads(previous)
+    assert algorithm_used(names) == "brgemm"  # the path under test, not a hand-back to the library
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_brgemm_packing_under_each_cpu_capability(capability):
+    """The packing (f and a transpose in one pass) is compiled per instruction set; the tests above
+    run the widest this CPU has, so the narrower ones run here, in a child process each."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "tile_edges"],
+        cwd=os.path.dirname(__file__),
+        env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert f"{3 * len(BRGEMM_TILE_EDGES)} passed" in result.stdout, result.stdout[-3000:]
+
+
 @pytest.mark.parametrize("case", [dict(groups=2), dict(layout="channels_last"), dict(layout="non_contiguous")], ids=str)
 def test_gemm_hands_unsupported_cases_to_the_library(case):
     # groups and non-NCHW layouts are outside the GEMM path; these must still be right.

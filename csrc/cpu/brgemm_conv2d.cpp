@@ -1,7 +1,7 @@
 // See brgemm_conv2d.h. Every GEMM here is C = A . B over row-major blocks, run by
 // at::native::cpublas::brgemm (batch size 1), parallel over disjoint blocks of C only, so each
 // result is summed in one fixed order whatever the thread count.
-//   forward:      Y[O, N]  = f(W)[O, K] . cols[K, N]        A = f(W) tile, packed here
+//   forward:      Yt[N, O] = cols_t[N, K] . f(W)^T[K, O]   B = f(W)^T tile, packed here
 //   input grad:   dcols[K, N] = f(W)^T[K, O] . dY[O, N]     A = f(W)^T tile, packed here
 //   weight grad:  dW[O, K] = dY[O, N] . cols^T[N, K]        then dW *= f'(W) on the same tile
 // with K = C*kh*kw and N = batch * output positions (the batch's columns side by side).
@@ -25,51 +25,66 @@ using namespace columns_detail;
 
 namespace {
 
-// Tile sizes: a weight tile of kTileRows x kTileDepth floats (256 KiB) stays in L2 while the
-// micro-kernel streams the columns past it.
+// Weight-gradient tiles: kTileRows x kWeightCols of dW, reduced over kPositionsPerStep positions at
+// a time.
 constexpr int64_t kTileRows = 64;
-constexpr int64_t kTileDepth = 1024;
+constexpr int64_t kWeightCols = 256;
+constexpr int64_t kPositionsPerStep = 1024;
+// Forward: output channels per packed f(W)^T tile (whole AVX-512 or AVX2 vectors), the depth of
+// each tile (128 KiB, L2-resident), and the fewest positions worth a split of their own.
+constexpr int64_t kChannelBlock = 64;
+constexpr int64_t kPackDepth = 512;
+constexpr int64_t kMinSplitPositions = 32;
+constexpr int64_t kTransposeRows = 64;
 // Rows of dcols per input-gradient task and output channels per reduction step.
 constexpr int64_t kGradRows = 64;
 constexpr int64_t kGradDepth = 256;
-// Weight-gradient tiles: kTileRows x kWeightCols, reduced over positions kPositionsPerStep at a time.
-constexpr int64_t kWeightCols = 256;
-constexpr int64_t kPositionsPerStep = 1024;
 
 void brgemm(int64_t m, int64_t n, int64_t k, int64_t ld_a, int64_t ld_b, int64_t ld_c, bool add_c, const float* a,
             const float* b, float* c) {
   at::native::cpublas::brgemm(m, n, k, ld_a, ld_b, ld_c, add_c, a, b, c, /*is_vnni=*/false);
 }
 
-// f over rows [row0, row0 + rows) and columns [col0, col0 + cols) of the [R, ld] matrix `source`,
-// into tile rows of tile_ld floats.
-void transform_rows(const TransformSpec& f, const float* source, int64_t ld, int64_t row0, int64_t rows, int64_t col0,
-                    int64_t cols, float* tile, int64_t tile_ld) {
-  const TransformPasses& passes = cpu_transform_passes();
-  for (int64_t r = 0; r < rows; ++r) {
-    passes.forward(f.kind, at::kFloat, source + (row0 + r) * ld + col0, tile + r * tile_ld, cols, f.alpha);
-  }
-}
-
-// Y[O, N] (= out, ld N) = f(W)[O, K] . cols[K, N] (+ bias per row).
-void forward_gemm(const float* weight, const TransformSpec& f, const float* cols, const float* bias, float* out,
+// Yt[N, O] (= out_t, ld O) = cols_t[N, K] . f(W)^T[K, O] (+ bias per column). Output channels sit in
+// the vector lanes (64 per tile, whole vectors), as in oneDNN's own kernels; positions are the GEMM's
+// rows, so a 7x7 output wastes no lanes. Each task owns a block of output channels (and, where
+// those are fewer than the threads, a range of positions) and sums over K in one fixed order.
+void forward_gemm(const float* weight, const TransformSpec& f, const float* cols_t, const float* bias, float* out_t,
                   int64_t O, int64_t K, int64_t N) {
-  const int64_t blocks = (O + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(kTileRows * kTileDepth);
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t o0 = block * kTileRows, rows = std::min(kTileRows, O - o0);
-      float* y = out + o0 * N;
+  const TransformPasses& passes = cpu_transform_passes();
+  const int64_t channel_blocks = (O + kChannelBlock - 1) / kChannelBlock;
+  // Splitting positions repacks the same tiles once per split, so split only to occupy threads.
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = std::clamp<int64_t>((threads + channel_blocks - 1) / channel_blocks, 1,
+                                             std::max<int64_t>(1, N / kMinSplitPositions));
+  const int64_t split_rows = (N + splits - 1) / splits;
+  at::parallel_for(0, channel_blocks * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(kPackDepth * kChannelBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t o0 = (task / splits) * kChannelBlock, channels = std::min(kChannelBlock, O - o0);
+      const int64_t n0 = (task % splits) * split_rows, rows = std::min(split_rows, N - n0);
+      if (rows <= 0) continue;
+      float* y = out_t + n0 * O + o0;
       if (bias != nullptr) {
-        for (int64_t r = 0; r < rows; ++r) std::fill(y + r * N, y + (r + 1) * N, bias[o0 + r]);
+        for (int64_t n = 0; n < rows; ++n) std::copy(bias + o0, bias + o0 + channels, y + n * O);
       }
-      for (int64_t k0 = 0; k0 < K; k0 += kTileDepth) {
-        const int64_t depth = std::min(kTileDepth, K - k0);
-        transform_rows(f, weight, K, o0, rows, k0, depth, tile.data(), kTileDepth);
-        brgemm(rows, N, depth, kTileDepth, N, N, bias != nullptr || k0 > 0, tile.data(), cols + k0 * N, y);
+      for (int64_t k0 = 0; k0 < K; k0 += kPackDepth) {
+        const int64_t depth = std::min(kPackDepth, K - k0);
+        passes.forward_transposed(f.kind, weight + o0 * K + k0, K, tile.data(), channels, channels, depth, f.alpha);
+        brgemm(rows, channels, depth, K, channels, O, bias != nullptr || k0 > 0, cols_t + n0 * K + k0, tile.data(), y);
       }
     }
     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  });
+}
+
+// dst[c * ld_dst + r] = src[r * ld_src + c], rows x cols, in parallel over row blocks.
+void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
+  const TransformPasses& passes = cpu_transform_passes();
+  const TransformSpec identity{};
+  at::parallel_for(0, rows, kTransposeRows, [&](int64_t begin, int64_t end) {
+    passes.forward_transposed(identity.kind, src + begin * ld_src, ld_src, dst + begin, ld_dst, end - begin, cols,
+                              identity.alpha);
   });
 }
 
@@ -78,16 +93,14 @@ void forward_gemm(const float* weight, const TransformSpec& f, const float* cols
 void input_grad_gemm(const float* weight, const TransformSpec& f, const float* grad, float* dcols, int64_t O, int64_t K,
                      int64_t N) {
   const int64_t blocks = (K + kGradRows - 1) / kGradRows;
+  const TransformPasses& passes = cpu_transform_passes();
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(kGradDepth * kGradRows), tile_t(kGradRows * kGradDepth);
+    std::vector<float> tile_t(kGradRows * kGradDepth);
     for (int64_t block = begin; block < end; ++block) {
       const int64_t k0 = block * kGradRows, rows = std::min(kGradRows, K - k0);
       for (int64_t o0 = 0; o0 < O; o0 += kGradDepth) {
         const int64_t depth = std::min(kGradDepth, O - o0);
-        transform_rows(f, weight, K, o0, depth, k0, rows, tile.data(), kGradRows);
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t d = 0; d < depth; ++d) tile_t[r * kGradDepth + d] = tile[d * kGradRows + r];
-        }
+        passes.forward_transposed(f.kind, weight + o0 * K + k0, K, tile_t.data(), kGradDepth, depth, rows, f.alpha);
         brgemm(rows, N, depth, kGradDepth, N, N, o0 > 0, tile_t.data(), grad + o0 * N, dcols + k0 * N);
       }
     }
@@ -159,13 +172,20 @@ at::Tensor brgemm_conv2d_forward(const at::Tensor& input, const at::Tensor& sour
   const Geometry g(input, source, stride, padding, dilation);
   const int64_t batch = input.size(0), O = source.size(0), K = g.rows(), L = g.positions(), N = batch * L;
   const at::Tensor cols = batch_columns(input, g);
+  at::Tensor cols_t = at::empty({N, K}, input.options());
+  transpose(cols.const_data_ptr<float>(), N, cols_t.mutable_data_ptr<float>(), K, K, N);
   const at::Tensor weight = source.contiguous();
   const at::Tensor bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor result = at::empty({O, N}, input.options());
-  forward_gemm(weight.const_data_ptr<float>(), f, cols.const_data_ptr<float>(),
-               bias_values.defined() ? bias_values.const_data_ptr<float>() : nullptr, result.mutable_data_ptr<float>(),
-               O, K, N);
-  return images_first(result, batch, L).view({batch, O, g.out_h, g.out_w});
+  at::Tensor result_t = at::empty({N, O}, input.options());
+  forward_gemm(weight.const_data_ptr<float>(), f, cols_t.const_data_ptr<float>(),
+               bias_values.defined() ? bias_values.const_data_ptr<float>() : nullptr,
+               result_t.mutable_data_ptr<float>(), O, K, N);
+  // Back to NCHW, the layout at::convolution returns for an NCHW input: [L, O] -> [O, L] per image.
+  at::Tensor result = at::empty({batch, O, g.out_h, g.out_w}, input.options());
+  for (int64_t i = 0; i < batch; ++i) {
+    transpose(result_t.const_data_ptr<float>() + i * L * O, O, result.mutable_data_ptr<float>() + i * O * L, L, L, O);
+  }
+  return result;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> brgemm_conv2d_backward(const at::Tensor& grad_output,

@@ -21,6 +21,10 @@ struct TransformPasses {
   void (*forward)(TransformKind kind, c10::ScalarType dtype, const void* in, void* out, int64_t numel, double alpha);
   void (*chain_rule)(TransformKind kind, c10::ScalarType dtype, const void* grad, const void* source, void* out,
                      int64_t numel, double alpha);
+  // Float32 packing of a weight tile with f applied: out[c * ld_out + r] = f(in[r * ld_in + c]) for
+  // r < rows, c < cols, the transpose done in registers so that f and the pack are one pass.
+  void (*forward_transposed)(TransformKind kind, const float* in, int64_t ld_in, float* out, int64_t ld_out,
+                             int64_t rows, int64_t cols, double alpha);
 };
 
 // Each returns nullptr when its translation unit was compiled without that instruction set.

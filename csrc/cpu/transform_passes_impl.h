@@ -8,6 +8,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "../transforms.h"
 #include "../user_transforms.h"
 #include "transform_passes.h"
@@ -53,10 +56,55 @@ void chain_rule_pass(TransformKind kind, c10::ScalarType dtype, const void* grad
   });
 }
 
+// One V x V block at a time: f on each row's vector, stored to an L1 block, transposed out of it
+// (at::vec's in-register transpose where this capability has one; masked at the edges on AVX-512).
+template <typename Transform>
+void forward_transposed_loop(const float* in, int64_t ld_in, float* out, int64_t ld_out, int64_t rows, int64_t cols,
+                             double alpha) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t V = Vec::size();
+  const Vec alpha_vec(static_cast<float>(alpha));
+  alignas(64) float block[V * V];
+  for (int64_t r0 = 0; r0 < rows; r0 += V) {
+    const int64_t block_rows = std::min(V, rows - r0);
+    for (int64_t c0 = 0; c0 < cols; c0 += V) {
+      const int64_t block_cols = std::min(V, cols - c0);
+      for (int64_t r = 0; r < block_rows; ++r) {
+        const float* row = in + (r0 + r) * ld_in + c0;
+        const Vec x = block_cols == V ? Vec::loadu(row) : Vec::loadu(row, block_cols);
+        Transform::forward(x, alpha_vec).store(block + r * V);
+      }
+      float* target = out + c0 * ld_out + r0;
+      if (block_rows == V && block_cols == V) {
+        at::vec::transpose_mxn<float, V, V>(block, V, target, ld_out);
+      } else {
+        at::vec::transpose_mxn<float>(block, V, target, ld_out, static_cast<int>(block_rows),
+                                      static_cast<int>(block_cols));
+      }
+    }
+  }
+}
+
+void forward_transposed_pass(TransformKind kind, const float* in, int64_t ld_in, float* out, int64_t ld_out,
+                             int64_t rows, int64_t cols, double alpha) {
+  if (is_user_transform(kind)) {
+    // A user transform runs through its own pass, a row at a time, then the identity packs it.
+    std::vector<float> staged(rows * cols);
+    for (int64_t r = 0; r < rows; ++r) {
+      user_forward_pass(kind, c10::ScalarType::Float, in + r * ld_in, staged.data() + r * cols, cols);
+    }
+    return forward_transposed_loop<IdentityTransform>(staged.data(), cols, out, ld_out, rows, cols, alpha);
+  }
+  dispatch_transform(kind, [&](auto transform) {
+    forward_transposed_loop<decltype(transform)>(in, ld_in, out, ld_out, rows, cols, alpha);
+  });
+}
+
 }  // namespace
 
 const TransformPasses* FUSEDTIE_PASSES_FN() {
-  static const TransformPasses passes{FUSEDTIE_CAPABILITY_NAME, &forward_pass, &chain_rule_pass};
+  static const TransformPasses passes{FUSEDTIE_CAPABILITY_NAME, &forward_pass, &chain_rule_pass,
+                                      &forward_transposed_pass};
   return &passes;
 }
 
