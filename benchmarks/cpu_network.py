@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -29,6 +27,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import fusedtie  # noqa: E402
+from interleaved import interleaved_medians  # noqa: E402
 
 # name: (input shape, channels, kernel, padding) of a stack of four layers
 STACKS = {
@@ -83,17 +82,7 @@ def main(argv=None) -> int:
             return call
 
         calls = {"untied": run(untied, "library")} | {a: run(tied, a) for a in algorithms}
-        names = list(calls)
-        samples = {n: [] for n in names}
-        for n in names:  # warm: kernels generated, scratch allocated
-            calls[n]()
-        for i in range(args.rounds):
-            shift = i % len(names)
-            for n in names[shift:] + names[:shift]:
-                start = time.perf_counter()
-                calls[n]()
-                samples[n].append(time.perf_counter() - start)
-        median = {n: statistics.median(v) for n, v in samples.items()}
+        median = interleaved_medians(calls, args.rounds)
         cells = [f"{median[a] / median['untied']:.2f}" for a in algorithms]
         print(f"| {name} | " + " | ".join(cells) + f" | {1e3 * median['untied']:.3f} |")
     return 0

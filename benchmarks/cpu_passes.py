@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -26,6 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fusedtie  # noqa: E402
+from interleaved import interleaved_medians  # noqa: E402
 
 # name: (input shape, weight shape, padding)
 SHAPES = {
@@ -89,17 +88,7 @@ def main(argv=None) -> int:
             x_shape[0], w_shape[0], x_shape[2] + 2 * padding - w_shape[2] + 1, x_shape[3] + 2 * padding - w_shape[3] + 1
         )
         calls = contenders(x, w, b, grad, args.transform, padding, algorithms)
-        names = list(calls)
-        samples = {n: [] for n in names}
-        for n in names:  # warm: kernels generated, scratch allocated
-            calls[n]()
-        for i in range(args.rounds):
-            shift = i % len(names)
-            for n in names[shift:] + names[:shift]:
-                start = time.perf_counter()
-                calls[n]()
-                samples[n].append(time.perf_counter() - start)
-        median = {n: statistics.median(v) for n, v in samples.items()}
+        median = interleaved_medians(calls, args.rounds)
         cells = [
             f"{median[f'{a} {p}'] / median[f'torch {p}']:.2f}" for p in ("forward", "backward") for a in algorithms
         ]
