@@ -16,6 +16,7 @@
 #include "conv_algorithm.h"
 #include "depthwise_conv2d.h"
 #include "gemm_conv2d.h"
+#include "nonfinite.h"
 #include "transform_tensors.h"
 
 namespace fusedtie {
@@ -37,63 +38,6 @@ at::Tensor transform_backward_cpu(const at::Tensor& grad, const at::Tensor& sour
   at::Tensor out = at::empty_like(source);
   out.copy_(grad);
   return spec.is_identity() ? out : apply_chain_rule_in_place(out, source, spec);
-}
-
-// ---- NaN and Inf: one rule for the gemm and depthwise kernels.
-// Those kernels multiply zeros that they insert themselves by the other operand, where the library
-// (oneDNN in float32) skips those positions: im2col's zero padding and the depthwise kernel's
-// zero-padded planes (forward: padding x f(W); weight gradient: padding x grad_output), the depthwise
-// input gradient's zero margins (margin x f(W)) and the zero columns between rows of its flat weight
-// gradient loop (zero x input). With finite operands the extra products are exactly 0 and change
-// nothing; with a non-finite one they are NaN (0 * Inf), which the library's result need not have.
-// So a fast result is exact (equal to the library's up to rounding) when the operand its inserted
-// zeros multiply is all finite, or when the result itself is all finite (then every product was);
-// where neither holds, the library computes that result, whose NaN/Inf pattern is F.conv2d's because
-// F.conv2d runs the same at::convolution (in float32 oneDNN keeps the border outputs finite; in
-// float64 PyTorch's im2col path gives NaN there too; the fallback agrees with either).
-// Each result takes the cheaper of the two tests, so finite data pays next to nothing:
-//   (the brgemm path's results follow the gemm rules: it pads by im2col in the same way)
-//   gemm output:           the output is finite (it is small where gemm wins: the weight-heavy
-//                          shapes), tested only when the call pads (unpadded im2col, pointwise
-//                          included, inserts no zeros);
-//   gemm weight gradient:  grad_output is finite (as small), tested first, only when the call pads;
-//   gemm input gradient:   always exact (col2im drops the products at padded positions);
-//   depthwise output and input gradient: every f(W) tap is finite, which the kernel notes as it
-//                          loads each channel's taps (no pass of its own);
-//   depthwise weight gradient: the result (kh*kw values per channel) is finite;
-//   bias gradients:        always exact (sums of grad_output).
-// A non-finite value costs the fast kernel's work and then the library's; finite data is the case to
-// keep fast. Measured on finite data, before against after this rule (3x3, float32, one thread's CPU
-// time on a shared 2-core machine, 30 interleaved pairs from 3 fresh process pairs; median paired
-// ratio after/before): depthwise 256 x 28x28 b1/b8, 512 x 14x14 b1, 256 x 10x10 b1: inference
-// 0.98-1.02, training 1.01-1.05; gemm 512 x 7x7 b1/b8, 256 x 14x14 b1, 1x1 1024->256 14x14 b1:
-// 0.99-1.01; every interquartile range spans 1.0. The noise floor: the same build on both sides gave
-// 0.96-1.10 on the same cases.
-
-bool pads(const TiedConv2dParams& p) {
-  return std::any_of(p.padding.begin(), p.padding.end(), [](int64_t side) { return side > 0; });
-}
-
-// Whether every element of `t` is finite: x - x is 0 for finite x and NaN for Inf and NaN, and a
-// NaN survives the sum. Lanes the compiler turns into vector registers; no temporary tensor.
-template <typename T>
-bool all_finite(const T* data, int64_t n) {
-  constexpr int kLanes = 64 / sizeof(T);
-  T lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] += data[i + l] - data[i + l];
-  }
-  T sum = 0;
-  for (; i < n; ++i) sum += data[i] - data[i];
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-  return sum == 0;
-}
-
-bool all_finite(const at::Tensor& t) {
-  if (!t.is_contiguous()) return at::isfinite(t).all().item<bool>();  // an expanded grad_output, say
-  return AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fusedtie_all_finite",
-                                    [&] { return all_finite(t.const_data_ptr<scalar_t>(), t.numel()); });
 }
 
 at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -161,7 +105,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
   const CpuConvAlgorithm algorithm =
       choose_algorithm(input, weight, p, output_mask[0] ? ConvPass::kBackward : ConvPass::kWeightBackward);
   at::Tensor grad_input, grad_weight, grad_bias;  // dL/dx, dL/dW_src, dL/d g(b)
-  // The gradients the library computes after all (the rule for non-finite values above).
+  // The gradients the library computes after all (nonfinite.h).
   std::array<bool, 3> by_library{false, false, false};
   if (algorithm == CpuConvAlgorithm::kDepthwise) {
     // The depthwise kernel applies f to the weights it reads and the chain rule to the weight
@@ -172,7 +116,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
     by_library[0] = output_mask[0] && !taps_finite;
     by_library[1] = output_mask[1] && !all_finite(grad_weight);
   } else if (algorithm == CpuConvAlgorithm::kBrgemm || algorithm == CpuConvAlgorithm::kGemm) {
-    // Both pad by im2col: the same rule for non-finite values (above).
+    // Both pad by im2col: the same rule for non-finite values (nonfinite.h).
     by_library[1] = output_mask[1] && pads(p) && !all_finite(grad_output);
     const std::array<bool, 3> mask{output_mask[0], output_mask[1] && !by_library[1], output_mask[2]};
     if (algorithm == CpuConvAlgorithm::kBrgemm) {
