@@ -7,7 +7,8 @@ import copy
 
 from torch import nn
 
-from .nn import _remove_source_hooks, _TiedLayer
+from ._state_dict import remove_source_hooks
+from .nn import _TiedLayer
 
 # The hooks a user may have registered on a tied layer that run around its forward or backward;
 # the baked conv takes them over, so a model with, say, a feature-extraction hook behaves the same.
@@ -71,7 +72,7 @@ def bake(model: nn.Module) -> nn.Module:
     copied = copy.deepcopy(model)
     if isinstance(copied, _TiedLayer):
         root = _baked(copied)
-        _remove_source_hooks(root)
+        remove_source_hooks(root)
         return root
     baked: dict[int, nn.Module] = {}  # one conv per tied layer, however many names it has
     # remove_duplicate=False: a layer registered under two names is replaced under both.
@@ -82,7 +83,7 @@ def bake(model: nn.Module) -> nn.Module:
                     baked[id(child)] = _baked(child)
                 parent._modules[name] = baked[id(child)]
     for module in copied.modules():
-        _remove_source_hooks(module)
+        remove_source_hooks(module)
     return copied
 
 
