@@ -4,17 +4,9 @@ transforms (compiled from expressions, or chains of built-ins) are defined in us
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Union
 
-from ._library import LIB
-
-if TYPE_CHECKING:
-    from .user_transforms import UserDefinition
-
-_TABLE: dict[str, dict] = {row["name"]: {**row, "builtin": True} for row in LIB.transforms()}
-# The user transforms created in this process, by name, in creation order (user_transforms.py
-# fills it, in step with the operator library's registry).
-_USER: dict[str, "UserDefinition"] = {}
+from ._catalog import BUILT_IN, USER
 
 
 def available_transforms(include_user: bool = False) -> list[str]:
@@ -31,12 +23,12 @@ def available_transforms(include_user: bool = False) -> list[str]:
         >>> fusedtie.available_transforms()
         ['identity', 'square', 'abs', 'neg', 'scale', 'exp', 'sigmoid', 'tanh', 'softplus']
     """
-    return list(_TABLE) + (list(_USER) if include_user else [])
+    return list(BUILT_IN) + (list(USER) if include_user else [])
 
 
 def check_transform_name(name: str) -> None:
     """ValueError naming an unknown transform and listing the valid ones (the C++ message too)."""
-    if name not in _TABLE and name not in _USER:
+    if name not in BUILT_IN and name not in USER:
         raise ValueError(
             f"unknown transform '{name}'; valid transforms: {', '.join(available_transforms(include_user=True))}"
             " (a user transform exists in a process once Transform.from_expression or Transform.chain has "
@@ -60,8 +52,8 @@ def transform_table(include_user: bool = False) -> list[dict]:
         >>> fusedtie.transform_table()[1]
         {'name': 'square', 'forward': 'x*x', 'derivative': '2*x', 'uses_alpha': False, 'builtin': True}
     """
-    rows = [dict(row) for row in _TABLE.values()]
-    return rows + ([definition.row() for definition in _USER.values()] if include_user else [])
+    rows = [dict(row) for row in BUILT_IN.values()]
+    return rows + ([definition.row() for definition in USER.values()] if include_user else [])
 
 
 @dataclass(frozen=True)
@@ -102,7 +94,7 @@ class Transform:
         if not isinstance(self.name, str):
             raise TypeError(f"a transform is named by a string, got {type(self.name).__name__}")
         check_transform_name(self.name)
-        row = _TABLE.get(self.name) or {"uses_alpha": False}  # user transforms carry their own constants
+        row = BUILT_IN.get(self.name) or {"uses_alpha": False}  # user transforms carry their own constants
         if row["uses_alpha"]:
             if self.alpha is None:
                 raise ValueError(f"transform '{self.name}' needs its constant: Transform('{self.name}', alpha=...)")
@@ -207,7 +199,7 @@ class Transform:
     def __reduce__(self):
         # A user transform pickles as its definition, so that unpickling creates it again (in a new
         # process too; a compiled one from the disk cache).
-        definition = _USER.get(self.name)
+        definition = USER.get(self.name)
         if definition is not None:
             return (definition.create, ())
         return (Transform, (self.name, self.alpha))
@@ -235,7 +227,7 @@ class Transform:
         if isinstance(value, str):
             return cls(value)
         raise TypeError(
-            f"expected a transform name (one of {', '.join(_TABLE)}) or a fusedtie.Transform, "
+            f"expected a transform name (one of {', '.join(BUILT_IN)}) or a fusedtie.Transform, "
             f"got {type(value).__name__}"
         )
 

@@ -34,8 +34,9 @@ from typing import Optional, Union
 import torch
 
 from . import _user_build
+from ._catalog import BUILT_IN, USER
 from ._library import LIB
-from .transforms import _TABLE, _USER, Transform
+from .transforms import Transform
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # The derivative check: central differences with gradcheck's step and tolerances, on float64.
@@ -195,7 +196,7 @@ def vectorized(transform: Union[str, Transform]) -> bool:
         True
     """
     name = Transform.parse(transform).name
-    definition = _USER.get(name)
+    definition = USER.get(name)
     if definition is None:
         raise ValueError(f"'{name}' is not a user transform of this process")
     if isinstance(definition, ChainDefinition):
@@ -214,9 +215,9 @@ def chain(*stages, name: Optional[str] = None) -> Transform:
                 raise ValueError(f"a chain stage given as a tuple is (name, alpha), got {stage!r}")
             stage = Transform(*stage)
         stage = Transform.parse(stage)
-        if stage.name not in _TABLE:
+        if stage.name not in BUILT_IN:
             raise ValueError(
-                f"a chain composes built-in transforms ({', '.join(_TABLE)}); '{stage.name}' is a user "
+                f"a chain composes built-in transforms ({', '.join(BUILT_IN)}); '{stage.name}' is a user "
                 "transform: write the composition into its expression instead"
             )
         parsed.append((stage.name, stage.alpha))
@@ -236,15 +237,15 @@ def _register(definition: UserDefinition, register, check=None) -> Transform:
     (from the operator library, which quotes both) if to another; else register() and check()."""
     with _LOCK:
         if LIB._check_user_transform(definition.name, definition.text()):
-            _USER.setdefault(definition.name, definition)
+            USER.setdefault(definition.name, definition)
             return Transform(definition.name)
         register()
-        _USER[definition.name] = definition
+        USER[definition.name] = definition
         try:
             if check is not None:
                 check(definition)
         except BaseException:
-            del _USER[definition.name]
+            del USER[definition.name]
             _BUILT.pop(definition.name, None)
             LIB._unregister_user_transform(definition.name)
             raise
