@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import fusedtie  # noqa: E402
-from interleaved import interleaved_medians  # noqa: E402
+from cpu_bench_common import add_common_arguments, interleaved_medians, machine_line  # noqa: E402
 
 # name: (input shape, channels, kernel, padding) of a stack of four layers
 STACKS = {
@@ -46,20 +46,11 @@ def stack(channels: int, kernel: int, padding: int, transform: str | None) -> nn
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--transform", default="square")
-    parser.add_argument("--rounds", type=int, default=300)
-    parser.add_argument("--algorithms", default="library,auto", help="comma-separated CPU algorithms")
-    parser.add_argument("--threads", type=int, default=None)
+    add_common_arguments(parser, rounds=300, algorithms="library,auto")
     parser.add_argument("--mode", choices=("inference", "train"), default="inference")
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     algorithms = args.algorithms.split(",")
-    info = fusedtie.cpu_info()
-    print(
-        f"{info['vendor']} {info['model']}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"f = {args.transform}, {args.rounds} rounds, {args.mode}; median / the untied network's median\n"
-    )
+    print(f"{machine_line(args)}, {args.mode}; median / the untied network's median\n")
     header = ["stack"] + [f"tied, {a}" for a in algorithms] + ["untied ms"]
     print("| " + " | ".join(header) + " |\n|" + "---|" + "---:|" * (len(header) - 1))
     for name, (x_shape, channels, kernel, padding) in STACKS.items():

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fusedtie  # noqa: E402
-from interleaved import interleaved_medians  # noqa: E402
+from cpu_bench_common import add_common_arguments, interleaved_medians, machine_line  # noqa: E402
 
 # name: (input shape, weight shape, padding)
 SHAPES = {
@@ -64,19 +64,10 @@ def contenders(x, w, b, grad, transform, padding, algorithms):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--transform", default="square")
-    parser.add_argument("--rounds", type=int, default=150)
-    parser.add_argument("--algorithms", default="library,brgemm", help="comma-separated CPU algorithms")
-    parser.add_argument("--threads", type=int, default=None)
+    add_common_arguments(parser, rounds=150, algorithms="library,brgemm")
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     algorithms = args.algorithms.split(",")
-    info = fusedtie.cpu_info()
-    print(
-        f"{info['vendor']} {info['model']}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"f = {args.transform}, {args.rounds} rounds; median / torch's median on f(W)\n"
-    )
+    print(f"{machine_line(args)}; median / torch's median on f(W)\n")
     header = (
         ["shape"] + [f"{a} {p}" for p in ("forward", "backward") for a in algorithms] + ["torch fwd ms", "torch bwd ms"]
     )

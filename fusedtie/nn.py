@@ -168,7 +168,7 @@ class _TiedLayer(nn.Module):
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
         self._check_no_cycle("state_dict()")
         # Called by a parent, the source may also be saved under its own name elsewhere in the same
-        # state_dict; the source's hook then keeps that entry and drops ours (see _state_dict.source_saved).
+        # state_dict; the source's hook then keeps that entry and drops ours (see _state_dict._source_saved).
         if destination is not None:
             book = save_book(destination)
             if book is not None:

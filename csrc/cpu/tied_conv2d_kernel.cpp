@@ -4,11 +4,7 @@
 // (brgemm_conv2d.h: f and f' applied tile by tile inside the GEMMs) or the depthwise kernel
 // (depthwise_conv2d.h: f and f' inside the convolution).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
-
-#include <algorithm>
 
 #include "../conv_params.h"
 #include "../library_conv.h"

@@ -88,8 +88,10 @@ void forward_transposed_loop(const float* in, int64_t ld_in, float* out, int64_t
 void forward_transposed_pass(TransformKind kind, const float* in, int64_t ld_in, float* out, int64_t ld_out,
                              int64_t rows, int64_t cols, double alpha) {
   if (is_user_transform(kind)) {
-    // A user transform runs through its own pass, a row at a time, then the identity packs it.
-    std::vector<float> staged(rows * cols);
+    // A user transform runs through its own pass, a row at a time, then the identity packs it. The
+    // staging block is this thread's, grown once: the pass runs per tile, inside the GEMM loops.
+    thread_local std::vector<float> staged;
+    if (static_cast<int64_t>(staged.size()) < rows * cols) staged.resize(rows * cols);
     for (int64_t r = 0; r < rows; ++r) {
       user_forward_pass(kind, c10::ScalarType::Float, in + r * ld_in, staged.data() + r * cols, cols);
     }
