@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -79,24 +80,31 @@ def test_quick_case_runs_and_reports(tmp_path):
 
 @pytest.fixture(scope="module")
 def bench():
+    """The benchmark's modules, as bench.py imports them: loading bench.py by its path puts
+    benchmarks/ on sys.path, and its siblings (cases, contenders, guard, bench_targets) come from
+    there."""
     spec = importlib.util.spec_from_file_location("fusedtie_bench_under_test", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     try:
         spec.loader.exec_module(module)
-        yield module
+        yield types.SimpleNamespace(
+            **{name: importlib.import_module(name) for name in ("cases", "contenders", "guard", "bench_targets")}
+        )
     finally:
         del sys.modules[spec.name]
 
 
 def _small_decoder(bench, transform="tanh"):
     """A 2x4x5x5 -> 2x3x10x10 decoder (3x3, stride 2, padding 1, output_padding 1), its tie and h."""
-    shape = bench.ShapeCase("decoder test", 2, 4, 3, 5, 5, 3, stride=2, padding=1, output_padding=1, kind=bench.DECODER)
+    shape = bench.cases.ShapeCase(
+        "decoder test", 2, 4, 3, 5, 5, 3, stride=2, padding=1, output_padding=1, kind=bench.cases.DECODER
+    )
     torch.manual_seed(0)
     source = shape.source_conv(torch.device("cpu"), torch.float32)
     h = shape.input(torch.device("cpu"), torch.float32)
-    tie = bench.make_decoder_tie(shape, source)
-    return shape, tie, h, bench.decoder_reference(tie, transform, h)
+    tie = bench.contenders.make_decoder_tie(shape, source)
+    return shape, tie, h, bench.guard.decoder_reference(tie, transform, h)
 
 
 def test_decoder_reference_is_the_encoders_adjoint(bench):
@@ -115,17 +123,17 @@ def test_decoder_reference_is_the_encoders_adjoint(bench):
 @pytest.mark.parametrize("mode_name", ["inference", "train"])
 def test_decoder_guard_passes_every_contender(bench, mode_name):
     _, tie, h, reference = _small_decoder(bench)
-    mode = next(m for m in bench.MODES if m.name == mode_name)
+    mode = next(m for m in bench.cases.MODES if m.name == mode_name)
     runners = {
         c.name: c.build_decoder(tie, "tanh", mode.trains)
-        for c in bench.CONTENDERS
-        if c.name != bench.COMPILED and mode_name in c.modes
+        for c in bench.contenders.CONTENDERS
+        if c.name != bench.contenders.COMPILED and mode_name in c.modes
     }
     assert set(runners) == set(CONTENDERS) | ({"fusedtie+cache"} if mode_name == "inference" else set())
     for runner in runners.values():
         runner.open_scope()
     try:
-        bench.guard(runners, reference, h, mode)
+        bench.guard.guard(runners, reference, h, mode)
     finally:
         for runner in runners.values():
             runner.close_scope()
@@ -159,12 +167,12 @@ class _WrongDecoder(torch.nn.Module):
 )
 def test_decoder_guard_rejects_a_wrong_decoder(bench, fault, mode_name):
     _, tie, h, reference = _small_decoder(bench)
-    mode = next(m for m in bench.MODES if m.name == mode_name)
-    good = bench.Runner(_WrongDecoder(tie, None), tie.leaves)
-    bench.guard({"good": good}, reference, h, mode)  # the unbroken module passes
-    wrong = bench.Runner(_WrongDecoder(tie, fault), tie.leaves)
-    with pytest.raises(bench.GuardError):
-        bench.guard({"wrong": wrong}, reference, h, mode)
+    mode = next(m for m in bench.cases.MODES if m.name == mode_name)
+    good = bench.contenders.Runner(_WrongDecoder(tie, None), tie.leaves)
+    bench.guard.guard({"good": good}, reference, h, mode)  # the unbroken module passes
+    wrong = bench.contenders.Runner(_WrongDecoder(tie, fault), tie.leaves)
+    with pytest.raises(bench.guard.GuardError):
+        bench.guard.guard({"wrong": wrong}, reference, h, mode)
 
 
 # --- the targets' check, on made-up records ----------------------------------------------------------
