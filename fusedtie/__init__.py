@@ -5,6 +5,7 @@ same variable: it owns no parameters, and one operator (``torch.ops.fusedtie.tie
 the transform inside the convolution and the chain rule inside its backward.
 """
 
+from . import user_transforms as user_transforms  # fusedtie.user_transforms.vectorized, without an import
 from ._library import LIB as _LIB
 from ._version import __version__ as __version__
 from .bake import bake

@@ -4,7 +4,21 @@ A tie is two paths to one module (parent.conv_1 and parent.conv_2.source). state
 source's entries under its own path, and under the tied layer's "source." path only when no other
 path to the source exists in that state_dict. load_state_dict() accepts either. The hooks here are
 installed on each source (install_source_hooks) and on each tied layer (derived_loaded); the tied
-layer's own _save_to_state_dict / _load_from_state_dict consult the same per-call books.
+layer's own state_dict / _load_from_state_dict (fusedtie/_tied_layer.py) call slot_saving and
+slot_loading, which consult the same per-call books.
+
+PyTorch's public hook API registers every hook here (register_state_dict_post_hook,
+register_load_state_dict_pre_hook, register_load_state_dict_post_hook). Only removal
+(remove_source_hooks, for bake) reads nn.Module's private hook tables (_state_dict_hooks,
+_load_state_dict_pre_hooks), because the one public way to remove a hook is the RemovableHandle
+its registration returned, and the modules bake cleans hold no such handle: bake works on a deep
+copy, and models saved whole (torch.save) by any version so far carry the hooks without handles.
+Keeping handles on each source from now on would add them to every pickle of a model and still
+leave those checkpoints to the scan, so the hooks are found by identity instead. The tied layer
+overrides state_dict and _load_from_state_dict instead of registering hooks of its own for the
+reasons given there: a state_dict pre-hook is not given the destination (which names the call's
+book), and a per-instance load pre-hook would be missing from layers saved whole by earlier
+versions.
 """
 
 from __future__ import annotations
@@ -69,6 +83,15 @@ def _source_saved(module, destination, prefix, local_metadata):
             _drop_prefix(destination, slot)
 
 
+def slot_saving(destination, slot: str) -> None:
+    """A tied layer's state_dict() is about to write its source under ``slot`` ("...source.").
+    Called by a parent, the source may also be saved under its own name elsewhere in the same
+    state_dict; the source's hook then keeps that entry and drops this one (see _source_saved)."""
+    book = save_book(destination)
+    if book is not None:
+        book.slot_prefixes.add(slot)
+
+
 class LoadBook:
     """Per load_state_dict() call: which tied sources were loaded, and which keys were reported."""
 
@@ -101,6 +124,21 @@ def load_book(missing_keys: list) -> LoadBook:
     return book
 
 
+def slot_loading(layer: nn.Module, source: nn.Module, state_dict, slot: str, missing_keys: list) -> None:
+    """A tied layer's _load_from_state_dict is about to load its source from ``slot`` ("...source.")."""
+    book = load_book(missing_keys)
+    book.slots.add(slot)
+    if not any(key.startswith(slot) for key in state_dict):
+        # The checkpoint stores the source under its own name (or nowhere). Let the source's
+        # visit through this layer load its current values onto itself, and report the keys
+        # missing only if no other visit loads the source in this call (see derived_loaded).
+        book.placeholder_slots.add(slot)
+        own = source.state_dict(keep_vars=True)
+        for key, value in own.items():
+            state_dict[slot + key] = value
+        book.placeholders[id(layer)] = (id(source), [slot + key for key in own])
+
+
 def _difference(first, second) -> Optional[str]:
     """None if two copies of one tensor agree (NaN equals NaN), else how they differ, with values."""
     if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)):
@@ -123,7 +161,7 @@ def _difference(first, second) -> Optional[str]:
 def _source_loading(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """Every visit of a tied source during load_state_dict, except through a placeholder slot."""
     for inner in module.modules():  # a source holding its own tied layer: say so before recursing
-        check_no_cycle = getattr(inner, "_check_no_cycle", None)  # a tied layer's (nn.py)
+        check_no_cycle = getattr(inner, "_check_no_cycle", None)  # a tied layer's (_tied_layer.py)
         if check_no_cycle is not None:
             check_no_cycle("load_state_dict()")
     book = load_book(missing_keys)

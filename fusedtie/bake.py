@@ -8,7 +8,7 @@ import copy
 from torch import nn
 
 from ._state_dict import remove_source_hooks
-from .nn import _TiedLayer
+from ._tied_layer import _TiedLayer
 
 # The hooks a user may have registered on a tied layer that run around its forward or backward;
 # the baked conv takes them over, so a model with, say, a feature-extraction hook behaves the same.

@@ -1,59 +1,27 @@
-"""Transform names and parameters. The table itself (names, f, f') lives in csrc/transforms.h; user
-transforms (compiled from expressions, or chains of built-ins) are defined in user_transforms.py."""
+"""``Transform``: the value a ``transform=`` argument takes, and the definitions of user transforms.
+
+The table of built-in transforms (names, f, f') lives in csrc/transforms.h; the registry of the
+names this process knows is fusedtie/_catalog.py's. User transforms (compiled from expressions, or
+chains of built-ins) are defined here, next to the ``Transform`` they create and are created
+again from when a ``Transform`` is unpickled; fusedtie/user_transforms.py is their public module.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
+import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from ._catalog import BUILT_IN, USER
+from . import _user_build
+from ._catalog import BUILT_IN, LIBRARIES, USER, register_chain, register_expression
+from ._catalog import available_transforms as available_transforms
+from ._catalog import check_transform_name as check_transform_name
+from ._catalog import transform_table as transform_table
 
-
-def available_transforms(include_user: bool = False) -> list[str]:
-    """Names of the transforms a ``transform=`` argument accepts.
-
-    Args:
-        include_user: also list the user transforms created in this process
-            (``Transform.from_expression``, ``Transform.chain``), after the built-ins.
-
-    Returns:
-        The names, built-ins first in the order of ``csrc/transforms.h``.
-
-    Examples:
-        >>> fusedtie.available_transforms()
-        ['identity', 'square', 'abs', 'neg', 'scale', 'exp', 'sigmoid', 'tanh', 'softplus']
-    """
-    return list(BUILT_IN) + (list(USER) if include_user else [])
-
-
-def check_transform_name(name: str) -> None:
-    """ValueError naming an unknown transform and listing the valid ones (the C++ message too)."""
-    if name not in BUILT_IN and name not in USER:
-        raise ValueError(
-            f"unknown transform '{name}'; valid transforms: {', '.join(available_transforms(include_user=True))}"
-            " (a user transform exists in a process once Transform.from_expression or Transform.chain has "
-            "created it there)"
-        )
-
-
-def transform_table(include_user: bool = False) -> list[dict]:
-    """The formulas of the transforms, read from ``csrc/transforms.h`` (the one definition of f and f').
-
-    Args:
-        include_user: also give the user transforms created in this process, after the built-ins.
-
-    Returns:
-        One dict per transform, with ``name``, ``forward`` (f), ``derivative`` (f'), ``uses_alpha``
-            and ``builtin``. A user transform's row also gives ``params`` (the values of its named
-            parameters), ``vectorized`` and ``cpu_isa`` (the instruction set its CPU loops were compiled
-            for; None for a chain).
-
-    Examples:
-        >>> fusedtie.transform_table()[1]
-        {'name': 'square', 'forward': 'x*x', 'derivative': '2*x', 'uses_alpha': False, 'builtin': True}
-    """
-    rows = [dict(row) for row in BUILT_IN.values()]
-    return rows + ([definition.row() for definition in USER.values()] if include_user else [])
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_CHECK_DOMAIN = (-2.0, 2.0)  # where from_expression checks f' against f, unless told otherwise
 
 
 @dataclass(frozen=True)
@@ -161,8 +129,6 @@ class Transform:
             >>> fusedtie.apply_transform(torch.tensor([2.0]), "quad")  # by name, once created
             tensor([4.])
         """
-        from .user_transforms import from_expression
-
         return from_expression(name, forward, derivative, cuda=cuda, check_domain=check_domain, **params)
 
     @classmethod
@@ -192,8 +158,6 @@ class Transform:
             >>> fusedtie.apply_transform(torch.tensor([0.5]), t)
             tensor([0.9242])
         """
-        from .user_transforms import chain
-
         return chain(*stages, name=name)
 
     def __reduce__(self):
@@ -238,3 +202,149 @@ class Transform:
 
     def __str__(self) -> str:
         return self.name if self.alpha is None else f"{self.name}(alpha={self.alpha:g})"
+
+
+@dataclass(frozen=True)
+class ExpressionDefinition:
+    """What ``Transform.from_expression`` was given; enough to create the transform again."""
+
+    name: str
+    forward: str
+    derivative: str
+    params: tuple[tuple[str, float], ...]  # sorted by name
+    check_domain: tuple[float, float]
+    cuda: Optional[bool]  # as asked: None decides where the transform is created
+
+    def text(self) -> str:
+        """The definition as the registry compares and quotes it (the check domain is not part of it)."""
+        params = "".join(f", {name}={value!r}" for name, value in self.params)
+        return f"from_expression(forward={self.forward!r}, derivative={self.derivative!r}{params})"
+
+    def create(self) -> Transform:
+        return from_expression(
+            self.name,
+            self.forward,
+            self.derivative,
+            cuda=self.cuda,
+            check_domain=self.check_domain,
+            **dict(self.params),
+        )
+
+    def vectorized(self) -> bool:
+        """Whether its compiled CPU loops, f and the chain rule both, are vector loops."""
+        built = LIBRARIES.get(self.name)
+        return built is not None and built.vectorized
+
+    def row(self) -> dict:
+        built = LIBRARIES.get(self.name)
+        return {
+            "name": self.name,
+            "forward": self.forward,
+            "derivative": self.derivative,
+            "uses_alpha": False,
+            "builtin": False,
+            "params": dict(self.params),
+            "vectorized": self.vectorized(),
+            "cpu_isa": built.isa if built is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class ChainDefinition:
+    """What ``Transform.chain`` was given: built-in stages, first applied first."""
+
+    name: str
+    stages: tuple[tuple[str, Optional[float]], ...]
+
+    @staticmethod
+    def canonical_name(stages: tuple[tuple[str, Optional[float]], ...]) -> str:
+        """``chain(tanh, scale(alpha=2.0))``: the name of an unnamed chain, and every chain's definition."""
+        return (
+            "chain(" + ", ".join(name if alpha is None else f"{name}(alpha={alpha!r})" for name, alpha in stages) + ")"
+        )
+
+    def text(self) -> str:
+        return self.canonical_name(self.stages)
+
+    def create(self) -> Transform:
+        return chain(
+            *(Transform(name, alpha) for name, alpha in self.stages),
+            name=None if self.name == self.text() else self.name,
+        )
+
+    def vectorized(self) -> bool:
+        """Always: the built-in vector passes run stage by stage."""
+        return True
+
+    def row(self) -> dict:
+        return {
+            "name": self.name,
+            "forward": self.text(),
+            "derivative": "the chain rule of the stages",
+            "uses_alpha": False,
+            "builtin": False,
+            "params": {},
+            "vectorized": True,
+            "cpu_isa": None,
+        }
+
+
+UserDefinition = Union[ExpressionDefinition, ChainDefinition]
+
+# Pickles of user transforms name their definition's class by module: fusedtie.user_transforms, which
+# defined them before they moved here and re-exports them, so that pickles load in either version.
+ExpressionDefinition.__module__ = ChainDefinition.__module__ = "fusedtie.user_transforms"
+
+
+def from_expression(
+    name: str,
+    forward: str,
+    derivative: str,
+    *,
+    cuda: Optional[bool] = None,
+    check_domain: Optional[tuple[float, float]] = None,
+    **params: float,
+) -> Transform:
+    """A transform from C++ expressions in ``x`` for f and f', compiled; see
+    :meth:`fusedtie.Transform.from_expression`."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"a user transform's name must be an identifier (letters, digits, _), got {name!r}")
+    _user_build.check_expression("forward", forward)
+    _user_build.check_expression("derivative", derivative)
+    values = []
+    for param, value in sorted(params.items()):
+        _user_build.check_parameter_name(param)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"parameter {param} must be a finite real number, got {value!r}")
+        values.append((param, float(value)))
+    lo, hi = (float(v) for v in (check_domain or _CHECK_DOMAIN))
+    if not lo < hi:
+        raise ValueError(f"check_domain must be (low, high) with low < high, got {check_domain!r}")
+    definition = ExpressionDefinition(
+        name, forward, derivative, tuple(values), (lo, hi), None if cuda is None else bool(cuda)
+    )
+    register_expression(definition)
+    return Transform(definition.name)
+
+
+def chain(*stages, name: Optional[str] = None) -> Transform:
+    """The composition of built-in transforms, first stage applied first; see
+    :meth:`fusedtie.Transform.chain`."""
+    parsed: list[tuple[str, Optional[float]]] = []
+    for stage in stages:
+        if isinstance(stage, tuple):
+            if len(stage) != 2:
+                raise ValueError(f"a chain stage given as a tuple is (name, alpha), got {stage!r}")
+            stage = Transform(*stage)
+        stage = Transform.parse(stage)
+        if stage.name not in BUILT_IN:
+            raise ValueError(
+                f"a chain composes built-in transforms ({', '.join(BUILT_IN)}); '{stage.name}' is a user "
+                "transform: write the composition into its expression instead"
+            )
+        parsed.append((stage.name, stage.alpha))
+    if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
+        raise ValueError(f"a chain's name must be an identifier (letters, digits, _), got {name!r}")
+    definition = ChainDefinition(name or ChainDefinition.canonical_name(tuple(parsed)), tuple(parsed))
+    register_chain(definition)
+    return Transform(definition.name)

@@ -1,0 +1,155 @@
+"""The operators' argument checks that the fake (meta) kernels run, with the rules and messages of
+the C++ checks of real tensors (csrc/conv_params.h, csrc/conv_transpose_params.h), so that a traced
+call fails as an eager one does; the layers share the output padding rule."""
+
+from __future__ import annotations
+
+import torch
+
+from ._catalog import check_transform_name
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_supported_dtype(dtype: torch.dtype, op: str) -> None:
+    if dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(
+            f"fusedtie::{op} supports floating-point tensors (float32, float64, bfloat16, float16), got {dtype}"
+        )
+
+
+def check_operands_like_input(input, weight, bias) -> None:
+    """Weight and bias (if any) share the input's dtype and device."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise TypeError(
+                f"expected input and {name} to have the same dtype, got input {input.dtype} and {name} {t.dtype}"
+            )
+        if t.device != input.device:
+            raise RuntimeError(
+                f"expected input and {name} on the same device, got input on {input.device} and {name} on {t.device}"
+            )
+
+
+def check_geometry_values(stride, padding, dilation) -> None:
+    """The value rules both convolution operators share (their C++ params structs' messages)."""
+    if min(stride) <= 0:
+        raise ValueError(f"stride must be positive, got {list(stride)}")
+    if min(dilation) <= 0:
+        raise ValueError(f"dilation must be positive, got {list(dilation)}")
+    if min(padding) < 0:
+        raise ValueError(f"negative padding is not supported, got {list(padding)}")
+
+
+def check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, padding, dilation, groups) -> None:
+    """The fake kernel's argument checks: the rules and messages of TiedConv2dParams::check
+    (csrc/conv_params.h), which checks real tensors. Both are exercised by tests/test_bad_input.py."""
+    check_transform_name(transform)
+    check_transform_name(bias_transform)
+    if len(stride) != 2 or len(dilation) != 2 or len(padding) != 4:
+        raise ValueError(f"expected stride and dilation pairs and 4 paddings, got {stride}, {dilation}, {padding}")
+    check_geometry_values(stride, padding, dilation)
+    if groups <= 0:
+        raise ValueError(f"groups must be a positive integer, got {groups}")
+    if input.dim() != 4:
+        raise ValueError(
+            f"fusedtie::tied_conv2d expects a 4-D input (N, C, H, W), got input of size {list(input.shape)}"
+        )
+    if weight.dim() != 4:
+        raise ValueError(f"fusedtie::tied_conv2d expects a 4-D weight, got weight of size {list(weight.shape)}")
+    check_supported_dtype(input.dtype, "tied_conv2d")
+    check_operands_like_input(input, weight, bias)
+    out_channels = weight.shape[0]
+    if out_channels % groups != 0:
+        raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
+    if input.shape[1] != weight.shape[1] * groups:
+        raise ValueError(
+            f"Given groups={groups}, weight of size {list(weight.shape)}, expected input{list(input.shape)} "
+            f"to have {weight.shape[1] * groups} channels, but got {input.shape[1]} channels instead"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_channels):
+        raise ValueError(f"expected bias of size [{out_channels}] (out_channels), got {list(bias.shape)}")
+    padded = [input.shape[2] + padding[0] + padding[1], input.shape[3] + padding[2] + padding[3]]
+    extent = [dilation[d] * (weight.shape[2 + d] - 1) + 1 for d in range(2)]
+    if padded[0] < extent[0] or padded[1] < extent[1]:
+        raise ValueError(
+            f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
+            f"({extent[0]} x {extent[1]}). Kernel size can't be greater than actual input size"
+        )
+
+
+def check_output_padding(output_padding, stride, dilation) -> None:
+    """F.conv_transpose2d's rule, with TiedConvTranspose2dParams' message (the layer checks it too)."""
+    if min(output_padding) < 0:
+        raise ValueError(f"negative output_padding is not supported, got {list(output_padding)}")
+    for d in range(2):
+        if output_padding[d] >= stride[d] and output_padding[d] >= dilation[d]:
+            raise ValueError(
+                f"output_padding must be smaller than either stride or dilation, got output_padding "
+                f"{list(output_padding)}, stride {list(stride)}, dilation {list(dilation)}"
+            )
+
+
+def check_tied_conv_transpose2d(
+    input, weight, bias, transform, stride, padding, output_padding, dilation, groups
+) -> None:
+    """The fake kernel's argument checks: the rules and messages of TiedConvTranspose2dParams::check
+    (csrc/conv_transpose_params.h), which checks real tensors; tests/test_conv_transpose.py runs
+    both."""
+    check_transform_name(transform)
+    if len(stride) != 2 or len(padding) != 2 or len(output_padding) != 2 or len(dilation) != 2:
+        raise ValueError(
+            f"expected stride, padding, output_padding and dilation pairs, got {stride}, {padding}, "
+            f"{output_padding}, {dilation}"
+        )
+    check_geometry_values(stride, padding, dilation)
+    check_output_padding(output_padding, stride, dilation)
+    if groups <= 0:
+        raise ValueError(f"groups must be a positive integer, got {groups}")
+    if input.dim() != 4:
+        raise ValueError(
+            f"fusedtie::tied_conv_transpose2d expects a 4-D input (N, C, H, W), got input of size {list(input.shape)}"
+        )
+    if weight.dim() != 4:
+        raise ValueError(
+            "fusedtie::tied_conv_transpose2d expects a 4-D weight (in_channels, out_channels/groups, kH, kW), "
+            f"got weight of size {list(weight.shape)}"
+        )
+    check_supported_dtype(input.dtype, "tied_conv_transpose2d")
+    check_operands_like_input(input, weight, bias)
+    in_channels = weight.shape[0]
+    if in_channels % groups != 0:
+        raise ValueError(
+            f"in_channels ({in_channels}, the weight's first dimension) must be divisible by groups ({groups}), "
+            f"got weight of size {list(weight.shape)}"
+        )
+    if input.shape[1] != in_channels:
+        raise ValueError(
+            f"Given transposed=1, weight of size {list(weight.shape)}, expected input{list(input.shape)} to have "
+            f"{in_channels} channels, but got {input.shape[1]} channels instead"
+        )
+    out_channels = weight.shape[1] * groups
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_channels):
+        raise ValueError(
+            f"expected bias of size [{out_channels}] (out_channels = weight.size(1) * groups), got {list(bias.shape)}"
+        )
+    out = [
+        (input.shape[2 + d] - 1) * stride[d]
+        - 2 * padding[d]
+        + dilation[d] * (weight.shape[2 + d] - 1)
+        + output_padding[d]
+        + 1
+        for d in range(2)
+    ]
+    if out[0] <= 0 or out[1] <= 0:
+        raise ValueError(
+            f"Given input size per channel: ({input.shape[2]} x {input.shape[3]}). Calculated output size per "
+            f"channel: ({out[0]} x {out[1]}). Output size is too small"
+        )
+
+
+def check_transform_args(source, transform, op):
+    check_transform_name(transform)
+    check_supported_dtype(source.dtype, op)
