@@ -8,7 +8,7 @@
 #include "cpu/conv_algorithm.h"
 #include "cpu/transform_passes.h"
 #include "cuda_settings.h"
-#include "op_calls.h"
+#include "fusedtie.h"
 #include "transforms.h"
 #include "user_transforms.h"
 
@@ -37,7 +37,7 @@ at::Tensor tied_conv2d_eager(const at::Tensor& input, const at::Tensor& weight, 
                              double bias_alpha, std::vector<int64_t> stride, std::vector<int64_t> padding,
                              std::vector<int64_t> dilation, int64_t groups) {
   pybind11::gil_scoped_release no_gil;
-  return fusedtie::call_tied_conv2d(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding,
+  return fusedtie::ops::tied_conv2d(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding,
                                     dilation, groups);
 }
 
@@ -48,7 +48,7 @@ at::Tensor tied_conv_transpose2d_eager(const at::Tensor& input, const at::Tensor
                                        std::vector<int64_t> output_padding, std::vector<int64_t> dilation,
                                        int64_t groups) {
   pybind11::gil_scoped_release no_gil;
-  return fusedtie::call_tied_conv_transpose2d(input, weight, bias, transform, alpha, stride, padding, output_padding,
+  return fusedtie::ops::tied_conv_transpose2d(input, weight, bias, transform, alpha, stride, padding, output_padding,
                                               dilation, groups);
 }
 
@@ -65,7 +65,7 @@ pybind11::dict blas_assessment_dict(const fusedtie::BlasAssessment& a) {
 // A chain's stages arrive as (name, alpha) pairs of built-ins.
 void register_chain(const std::string& name, const std::string& definition,
                     const std::vector<std::pair<std::string, double>>& stages) {
-  std::vector<fusedtie::ChainStage> parsed;
+  std::vector<fusedtie::TransformSpec> parsed;
   for (const auto& [stage, alpha] : stages) parsed.push_back({fusedtie::parse_transform(stage), alpha});
   fusedtie::register_chain_transform(name, definition, parsed);
 }

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../conv_params.h"
+#include "../fusedtie.h"
 #include "../library_conv.h"
 #include "brgemm_conv2d.h"
 #include "conv_algorithm.h"
@@ -146,10 +147,10 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtie, CPU, m) {
-  m.impl("tied_conv2d", &tied_conv2d_cpu);
-  m.impl("_tied_conv2d_backward", &tied_conv2d_backward_cpu);
-  m.impl("transform", &transform_cpu);
-  m.impl("_transform_backward", &transform_backward_cpu);
+  register_kernel<ops::tied_conv2d>(m, "tied_conv2d", &tied_conv2d_cpu);
+  register_kernel<ops::_tied_conv2d_backward>(m, "_tied_conv2d_backward", &tied_conv2d_backward_cpu);
+  register_kernel<ops::transform>(m, "transform", &transform_cpu);
+  register_kernel<ops::_transform_backward>(m, "_transform_backward", &transform_backward_cpu);
 }
 
 }  // namespace fusedtie

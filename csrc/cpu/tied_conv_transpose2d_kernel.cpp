@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../conv_transpose_params.h"
+#include "../fusedtie.h"
 #include "../library_conv.h"
 #include "transform_tensors.h"
 
@@ -38,8 +39,9 @@ tied_conv_transpose2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtie, CPU, m) {
-  m.impl("tied_conv_transpose2d", &tied_conv_transpose2d_cpu);
-  m.impl("_tied_conv_transpose2d_backward", &tied_conv_transpose2d_backward_cpu);
+  register_kernel<ops::tied_conv_transpose2d>(m, "tied_conv_transpose2d", &tied_conv_transpose2d_cpu);
+  register_kernel<ops::_tied_conv_transpose2d_backward>(m, "_tied_conv_transpose2d_backward",
+                                                        &tied_conv_transpose2d_backward_cpu);
 }
 
 }  // namespace fusedtie
