@@ -2,9 +2,8 @@
 // pair of autograd functions for both convolution operators (tied_conv2d, tied_conv_transpose2d).
 //
 // It lives in C++ rather than in Python (torch.library.register_autograd) because the Python
-// wrapper costs about 140 us per forward call in grad mode on the project's CPU machine (measured:
-// 166 us against 26 us for nn.Conv2d on a tiny input) — 5-15% of a batch-1 ResNet convolution on
-// the CPU, and more than the whole kernel on a GPU. The formula is the same as it would be in
+// wrapper's per-call cost is a visible share of a small convolution (figures in docs/design.md,
+// "Autograd is registered in C++"). The formula is the same as it would be in
 // Python: save input and the *source* weight and bias (save_for_backward semantics, so in-place
 // changes between forward and backward raise), and call the one backward operator, which does
 // the convolution gradients and the chain rule f'(W) * dL/df(W) itself.

@@ -30,8 +30,8 @@ pybind11::list transform_table() {
 // fusedtie::tied_conv2d called straight through the dispatcher, with the GIL released for the
 // duration of the operator, as PyTorch's generated bindings do for its own ops. The layer uses it in
 // plain eager calls; torch.ops.fusedtie.tied_conv2d stays the path for tracing, compiling and any
-// __torch_function__ override (the Python side decides). Measured on a 64->64 3x3 conv at 56x56:
-// the torch.ops call cost 2-3% more than F.conv2d on the same at::convolution.
+// __torch_function__ override (the Python side decides). The binding costs what F.conv2d does; the
+// torch.ops call measurably more (docs/design.md, "Eager calls skip torch.ops").
 at::Tensor tied_conv2d_eager(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              c10::string_view transform, double alpha, c10::string_view bias_transform,
                              double bias_alpha, std::vector<int64_t> stride, std::vector<int64_t> padding,
