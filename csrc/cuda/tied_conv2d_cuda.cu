@@ -9,6 +9,7 @@
 #include <ostream>
 
 #include "../conv_params.h"
+#include "../fusedtie.h"
 #include "../library_conv.h"
 #include "dispatch.h"
 #include "elementwise.h"
@@ -85,11 +86,11 @@ at::Tensor tied_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, c
       [&] { return library_forward(input, weight, bias, p); });
 }
 
-std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> tied_conv2d_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, c10::string_view transform, double alpha, c10::string_view bias_transform,
-    double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask) {
+OptionalGradients tied_conv2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
+                                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                            c10::string_view transform, double alpha, c10::string_view bias_transform,
+                                            double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
+                                            at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
   const auto p =
       TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups);
   p.check_backward(grad_output, input, weight, bias, output_mask);
@@ -129,10 +130,10 @@ at::Tensor transform_backward_cuda(const at::Tensor& grad, const at::Tensor& sou
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtie, CUDA, m) {
-  m.impl("tied_conv2d", &tied_conv2d_cuda);
-  m.impl("_tied_conv2d_backward", &tied_conv2d_backward_cuda);
-  m.impl("transform", &transform_cuda);
-  m.impl("_transform_backward", &transform_backward_cuda);
+  register_kernel<ops::tied_conv2d>(m, "tied_conv2d", &tied_conv2d_cuda);
+  register_kernel<ops::_tied_conv2d_backward>(m, "_tied_conv2d_backward", &tied_conv2d_backward_cuda);
+  register_kernel<ops::transform>(m, "transform", &transform_cuda);
+  register_kernel<ops::_transform_backward>(m, "_transform_backward", &transform_backward_cuda);
 }
 
 }  // namespace fusedtie

@@ -10,6 +10,7 @@
 #include <ostream>
 
 #include "../conv_transpose_params.h"
+#include "../fusedtie.h"
 #include "../library_conv.h"
 #include "dispatch.h"
 #include "elementwise.h"
@@ -38,8 +39,6 @@ struct ConvTranspose2dCall {
         << at::IntArrayRef(p.dilation) << p.groups << '|' << int(p.weight_transform.kind);
   }
 };
-
-using OptionalGradients = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
 OptionalGradients fused_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                                  const TiedConvTranspose2dParams& p, std::array<bool, 3> output_mask) {
@@ -86,8 +85,9 @@ OptionalGradients tied_conv_transpose2d_backward_cuda(const at::Tensor& grad_out
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtie, CUDA, m) {
-  m.impl("tied_conv_transpose2d", &tied_conv_transpose2d_cuda);
-  m.impl("_tied_conv_transpose2d_backward", &tied_conv_transpose2d_backward_cuda);
+  register_kernel<ops::tied_conv_transpose2d>(m, "tied_conv_transpose2d", &tied_conv_transpose2d_cuda);
+  register_kernel<ops::_tied_conv_transpose2d_backward>(m, "_tied_conv_transpose2d_backward",
+                                                        &tied_conv_transpose2d_backward_cuda);
 }
 
 }  // namespace fusedtie
