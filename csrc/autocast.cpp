@@ -11,8 +11,9 @@
 // rounds f(W) computed in the source's precision too.
 //
 // Design (decided here, for every transform, per tensor, weight and bias alike):
-//   - f commutes with rounding (identity, neg, abs: round-to-nearest is symmetric, so
-//     round(f(w)) == f(round(w)) bit for bit, overflow and subnormals included): the source is cast
+//   - f commutes with rounding (the catalog's column in transforms.h: identity, neg, abs, for which
+//     round-to-nearest is symmetric, so round(f(w)) == f(round(w)) bit for bit, overflow and
+//     subnormals included; relu, monotone with round(0) == 0, equal up to the sign of a zero): the source is cast
 //     as the built-in conv casts its weight (at::autocast::cached_cast, sharing autocast's cache
 //     with any other layer that casts the same parameter) and the operator runs *fused* in the
 //     autocast dtype; its backward multiplies by f', which is exactly +-1 or 0 here, so nothing is
@@ -35,28 +36,23 @@
 // tied_conv2d as this kernel calls them. The backward operators need no autocast kernel: their
 // arguments already share one dtype, and autocast's fallthrough passes them on unchanged.
 #include <ATen/autocast_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <optional>
 
-#include "op_calls.h"
+#include "conv_params.h"
+#include "fusedtie.h"
 
 namespace fusedtie {
 namespace {
 
-using OptionalTensor = std::optional<at::Tensor>;
-
-at::Tensor transform_op(const at::Tensor& source, c10::string_view name, double alpha) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fusedtie::transform", "")
-                             .typed<at::Tensor(const at::Tensor&, c10::string_view, double)>();
-  return op.call(source, name, alpha);
+// round(f(w)) == f(round(w)) for every w: the transforms that may be applied after the cast (the
+// catalog's column in transforms.h; user transforms are not known to).
+bool commutes_with_rounding(c10::string_view name) {
+  const TransformKind kind = parse_transform(name);
+  return !is_user_transform(kind) && kTransforms[static_cast<int32_t>(kind)].commutes_with_rounding;
 }
-
-// round(f(w)) == f(round(w)) for every w: the transforms that may be applied after the cast.
-bool commutes_with_rounding(c10::string_view name) { return name == "identity" || name == "neg" || name == "abs"; }
 
 // A source tensor as the operator should receive it under autocast, with the transform to apply.
 struct Operand {
@@ -72,7 +68,7 @@ Operand autocast_operand(const at::Tensor& source, c10::string_view transform, d
     // cached_cast leaves ineligible tensors and tensors already in `dtype` as they are.
     return {at::autocast::cached_cast(dtype, source, device_type), transform, alpha};
   }
-  return {transform_op(source, transform, alpha).to(dtype), "identity", 1.0};
+  return {ops::transform(source, transform, alpha).to(dtype), "identity", 1.0};
 }
 
 // What every autocast kernel here does first: leave autocast for the calls it makes, read the
@@ -99,11 +95,11 @@ at::Tensor tied_conv2d_autocast(const at::Tensor& input, const at::Tensor& weigh
   const at::Tensor x = region.cast(input);
   const Operand w = region.operand(weight, transform, alpha);
   if (!bias.has_value()) {
-    return call_tied_conv2d(x, w.tensor, std::nullopt, w.transform, w.alpha, bias_transform, bias_alpha, stride,
+    return ops::tied_conv2d(x, w.tensor, std::nullopt, w.transform, w.alpha, bias_transform, bias_alpha, stride,
                             padding, dilation, groups);
   }
   const Operand b = region.operand(*bias, bias_transform, bias_alpha);
-  return call_tied_conv2d(x, w.tensor, b.tensor, w.transform, w.alpha, b.transform, b.alpha, stride, padding, dilation,
+  return ops::tied_conv2d(x, w.tensor, b.tensor, w.transform, w.alpha, b.transform, b.alpha, stride, padding, dilation,
                           groups);
 }
 
@@ -118,20 +114,22 @@ at::Tensor tied_conv_transpose2d_autocast(const at::Tensor& input, const at::Ten
   const at::Tensor x = region.cast(input);
   const Operand w = region.operand(weight, transform, alpha);
   const OptionalTensor b = bias.has_value() ? OptionalTensor(region.cast(*bias)) : std::nullopt;
-  return call_tied_conv_transpose2d(x, w.tensor, b, w.transform, w.alpha, stride, padding, output_padding, dilation,
+  return ops::tied_conv_transpose2d(x, w.tensor, b, w.transform, w.alpha, stride, padding, output_padding, dilation,
                                     groups);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtie, AutocastCPU, m) {
-  m.impl("tied_conv2d", &tied_conv2d_autocast<c10::DeviceType::CPU>);
-  m.impl("tied_conv_transpose2d", &tied_conv_transpose2d_autocast<c10::DeviceType::CPU>);
+  register_kernel<ops::tied_conv2d>(m, "tied_conv2d", &tied_conv2d_autocast<c10::DeviceType::CPU>);
+  register_kernel<ops::tied_conv_transpose2d>(m, "tied_conv_transpose2d",
+                                              &tied_conv_transpose2d_autocast<c10::DeviceType::CPU>);
 }
 
 TORCH_LIBRARY_IMPL(fusedtie, AutocastCUDA, m) {
-  m.impl("tied_conv2d", &tied_conv2d_autocast<c10::DeviceType::CUDA>);
-  m.impl("tied_conv_transpose2d", &tied_conv_transpose2d_autocast<c10::DeviceType::CUDA>);
+  register_kernel<ops::tied_conv2d>(m, "tied_conv2d", &tied_conv2d_autocast<c10::DeviceType::CUDA>);
+  register_kernel<ops::tied_conv_transpose2d>(m, "tied_conv_transpose2d",
+                                              &tied_conv_transpose2d_autocast<c10::DeviceType::CUDA>);
 }
 
 }  // namespace fusedtie

@@ -2,13 +2,11 @@
 // pair of autograd functions for both convolution operators (tied_conv2d, tied_conv_transpose2d).
 //
 // It lives in C++ rather than in Python (torch.library.register_autograd) because the Python
-// wrapper costs about 140 us per forward call in grad mode on the project's CPU machine (measured:
-// 166 us against 26 us for nn.Conv2d on a tiny input) — 5-15% of a batch-1 ResNet convolution on
-// the CPU, and more than the whole kernel on a GPU. The formula is the same as it would be in
+// wrapper's per-call cost is a visible share of a small convolution (figures in docs/design.md,
+// "Autograd is registered in C++"). The formula is the same as it would be in
 // Python: save input and the *source* weight and bias (save_for_backward semantics, so in-place
 // changes between forward and backward raise), and call the one backward operator, which does
 // the convolution gradients and the chain rule f'(W) * dL/df(W) itself.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -17,7 +15,7 @@
 #include <tuple>
 #include <vector>
 
-#include "op_calls.h"
+#include "fusedtie.h"
 
 namespace fusedtie {
 namespace {
@@ -25,8 +23,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::Variable;
 using torch::autograd::variable_list;
-using OptionalTensor = std::optional<at::Tensor>;
-using GradTriple = std::tuple<OptionalTensor, OptionalTensor, OptionalTensor>;
 
 // The non-tensor arguments of one convolution operator and its backward, carried between them as
 // one value, with the two operator calls they complete. Each provides save/load (the autograd
@@ -60,19 +56,13 @@ struct Conv2dArgs {
             d["dilation"].toIntVector(),  d["groups"].toInt()};
   }
   at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias) const {
-    return call_tied_conv2d(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding,
+    return ops::tied_conv2d(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding,
                             dilation, groups);
   }
-  GradTriple backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-                      const OptionalTensor& bias, std::array<bool, 3> output_mask) const {
-    static auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("fusedtie::_tied_conv2d_backward", "")
-            .typed<GradTriple(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-                              c10::string_view, double, c10::string_view, double, at::IntArrayRef, at::IntArrayRef,
-                              at::IntArrayRef, int64_t, std::array<bool, 3>)>();
-    return op.call(grad_output, input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding,
-                   dilation, groups, output_mask);
+  OptionalGradients backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                             const OptionalTensor& bias, std::array<bool, 3> output_mask) const {
+    return ops::_tied_conv2d_backward(grad_output, input, weight, bias, transform, alpha, bias_transform, bias_alpha,
+                                      stride, padding, dilation, groups, output_mask);
   }
 };
 
@@ -105,13 +95,13 @@ struct ConvTranspose2dArgs {
             d["groups"].toInt()};
   }
   at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias) const {
-    return call_tied_conv_transpose2d(input, weight, bias, transform, alpha, stride, padding, output_padding, dilation,
+    return ops::tied_conv_transpose2d(input, weight, bias, transform, alpha, stride, padding, output_padding, dilation,
                                       groups);
   }
-  GradTriple backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-                      const OptionalTensor& bias, std::array<bool, 3> output_mask) const {
-    return call_tied_conv_transpose2d_backward(grad_output, input, weight, bias, transform, alpha, stride, padding,
-                                               output_padding, dilation, groups, output_mask);
+  OptionalGradients backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                             const OptionalTensor& bias, std::array<bool, 3> output_mask) const {
+    return ops::_tied_conv_transpose2d_backward(grad_output, input, weight, bias, transform, alpha, stride, padding,
+                                                output_padding, dilation, groups, output_mask);
   }
 };
 
@@ -196,8 +186,9 @@ at::Tensor tied_conv_autograd(const at::Tensor& input, const at::Tensor& weight,
 
 // The Autograd kernel of its backward operator.
 template <typename Args>
-GradTriple tied_conv_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-                                       const OptionalTensor& bias, const Args& args, std::array<bool, 3> output_mask) {
+OptionalGradients tied_conv_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,
+                                              const at::Tensor& weight, const OptionalTensor& bias, const Args& args,
+                                              std::array<bool, 3> output_mask) {
   if (!records_graph(grad_output, input, weight, bias)) {
     // The usual case, a backward pass without create_graph: nothing to refuse later (the saved
     // node was measurable on the 0.3 ms depthwise convolutions of the benchmark).
@@ -213,21 +204,6 @@ GradTriple tied_conv_backward_autograd(const at::Tensor& grad_output, const at::
   return {grad_input, grad_weight, grad_bias};
 }
 
-at::Tensor transform_op(const at::Tensor& source, c10::string_view name, double alpha) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fusedtie::transform", "")
-                       .typed<at::Tensor(const at::Tensor&, c10::string_view, double)>();
-  return op.call(source, name, alpha);
-}
-
-at::Tensor transform_backward_op(const at::Tensor& grad, const at::Tensor& source, c10::string_view name,
-                                 double alpha) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fusedtie::_transform_backward", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, double)>();
-  return op.call(grad, source, name, alpha);
-}
-
 class TransformFunction : public torch::autograd::Function<TransformFunction> {
  public:
   static Variable forward(AutogradContext* ctx, const Variable& source, const std::string& name, double alpha) {
@@ -235,12 +211,12 @@ class TransformFunction : public torch::autograd::Function<TransformFunction> {
     ctx->save_for_backward({source});
     ctx->saved_data["transform"] = name;
     ctx->saved_data["alpha"] = alpha;
-    return transform_op(source, name, alpha);
+    return ops::transform(source, name, alpha);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    return {transform_backward_op(grad_outputs[0], saved[0], ctx->saved_data["transform"].toStringRef(),
-                                  ctx->saved_data["alpha"].toDouble()),
+    return {ops::_transform_backward(grad_outputs[0], saved[0], ctx->saved_data["transform"].toStringRef(),
+                                     ctx->saved_data["alpha"].toDouble()),
             Variable(), Variable()};
   }
 };
@@ -250,7 +226,7 @@ class TransformBackwardFunction : public torch::autograd::Function<TransformBack
   static Variable forward(AutogradContext*, const Variable& grad, const Variable& source, const std::string& name,
                           double alpha) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return transform_backward_op(grad, source, name, alpha);
+    return ops::_transform_backward(grad, source, name, alpha);
   }
   static variable_list backward(AutogradContext*, variable_list) { refuse_double_backward("fusedtie::transform"); }
 };
@@ -276,11 +252,13 @@ at::Tensor tied_conv2d_autograd(const at::Tensor& input, const at::Tensor& weigh
       conv2d_args(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups));
 }
 
-GradTriple tied_conv2d_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,
-                                         const at::Tensor& weight, const OptionalTensor& bias,
-                                         c10::string_view transform, double alpha, c10::string_view bias_transform,
-                                         double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
-                                         at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+OptionalGradients tied_conv2d_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,
+                                                const at::Tensor& weight, const OptionalTensor& bias,
+                                                c10::string_view transform, double alpha,
+                                                c10::string_view bias_transform, double bias_alpha,
+                                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                                at::IntArrayRef dilation, int64_t groups,
+                                                std::array<bool, 3> output_mask) {
   return tied_conv_backward_autograd(
       grad_output, input, weight, bias,
       conv2d_args(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups), output_mask);
@@ -294,12 +272,12 @@ at::Tensor tied_conv_transpose2d_autograd(const at::Tensor& input, const at::Ten
                             conv_transpose2d_args(transform, alpha, stride, padding, output_padding, dilation, groups));
 }
 
-GradTriple tied_conv_transpose2d_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,
-                                                   const at::Tensor& weight, const OptionalTensor& bias,
-                                                   c10::string_view transform, double alpha, at::IntArrayRef stride,
-                                                   at::IntArrayRef padding, at::IntArrayRef output_padding,
-                                                   at::IntArrayRef dilation, int64_t groups,
-                                                   std::array<bool, 3> output_mask) {
+OptionalGradients tied_conv_transpose2d_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,
+                                                          const at::Tensor& weight, const OptionalTensor& bias,
+                                                          c10::string_view transform, double alpha,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef output_padding, at::IntArrayRef dilation,
+                                                          int64_t groups, std::array<bool, 3> output_mask) {
   return tied_conv_backward_autograd(
       grad_output, input, weight, bias,
       conv_transpose2d_args(transform, alpha, stride, padding, output_padding, dilation, groups), output_mask);
@@ -313,7 +291,7 @@ at::Tensor transform_backward_autograd(const at::Tensor& grad, const at::Tensor&
                                        double alpha) {
   if (!records_graph(grad, source)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return transform_backward_op(grad, source, name, alpha);
+    return ops::_transform_backward(grad, source, name, alpha);
   }
   return TransformBackwardFunction::apply(grad, source, std::string(name), alpha);
 }
@@ -321,12 +299,13 @@ at::Tensor transform_backward_autograd(const at::Tensor& grad, const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtie, Autograd, m) {
-  m.impl("tied_conv2d", &tied_conv2d_autograd);
-  m.impl("_tied_conv2d_backward", &tied_conv2d_backward_autograd);
-  m.impl("tied_conv_transpose2d", &tied_conv_transpose2d_autograd);
-  m.impl("_tied_conv_transpose2d_backward", &tied_conv_transpose2d_backward_autograd);
-  m.impl("transform", &transform_autograd);
-  m.impl("_transform_backward", &transform_backward_autograd);
+  register_kernel<ops::tied_conv2d>(m, "tied_conv2d", &tied_conv2d_autograd);
+  register_kernel<ops::_tied_conv2d_backward>(m, "_tied_conv2d_backward", &tied_conv2d_backward_autograd);
+  register_kernel<ops::tied_conv_transpose2d>(m, "tied_conv_transpose2d", &tied_conv_transpose2d_autograd);
+  register_kernel<ops::_tied_conv_transpose2d_backward>(m, "_tied_conv_transpose2d_backward",
+                                                        &tied_conv_transpose2d_backward_autograd);
+  register_kernel<ops::transform>(m, "transform", &transform_autograd);
+  register_kernel<ops::_transform_backward>(m, "_transform_backward", &transform_backward_autograd);
 }
 
 }  // namespace fusedtie

@@ -1,6 +1,7 @@
 #pragma once
 // The PyTorch-facing side of the operator: arguments bundled in one struct and checked in one place,
 // before any kernel (CPU now, CUDA later) sees them.
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/safe_numerics.h>
@@ -31,10 +32,17 @@ inline TransformKind parse_transform(c10::string_view name) {
   return TransformKind::kIdentity;  // not reached: the check above throws
 }
 
-// The dtypes with transform passes and a convolution on every backend.
+// The dtypes with transform passes and a convolution on every backend, listed once: the check below,
+// the CUDA kernels' dispatch (FUSEDTIE_DISPATCH_SUPPORTED_TYPES) and the fused kernels' support test.
+// fusedtie/ops.py's fake kernels repeat the check for tracing, where these kernels do not run.
+inline bool is_supported_dtype(c10::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+#define FUSEDTIE_DISPATCH_SUPPORTED_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
 inline void check_supported_dtype(c10::ScalarType dtype, const char* op) {
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
-                   "fusedtie::", op,
+  TORCH_CHECK_TYPE(is_supported_dtype(dtype), "fusedtie::", op,
                    " supports floating-point tensors (float32, float64, bfloat16, "
                    "float16), got ",
                    dtype);
@@ -60,12 +68,6 @@ inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& i
               grad_output.device());
   TORCH_CHECK_VALUE(!output_mask[2] || has_bias, "output_mask asks for a bias gradient, but bias is None");
 }
-
-struct TransformSpec {
-  TransformKind kind = TransformKind::kIdentity;
-  double alpha = 1.0;  // only read by transforms whose table row says uses_alpha
-  bool is_identity() const { return kind == TransformKind::kIdentity; }
-};
 
 // A backend's elementwise passes over whole tensors (cpu/transform_tensors.h, cuda/elementwise.h;
 // not cpu/transform_passes.h's raw per-instruction-set TransformPasses): f(source) for a

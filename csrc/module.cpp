@@ -8,7 +8,7 @@
 #include "cpu/conv_algorithm.h"
 #include "cpu/transform_passes.h"
 #include "cuda_settings.h"
-#include "op_calls.h"
+#include "fusedtie.h"
 #include "transforms.h"
 #include "user_transforms.h"
 
@@ -30,14 +30,14 @@ pybind11::list transform_table() {
 // fusedtie::tied_conv2d called straight through the dispatcher, with the GIL released for the
 // duration of the operator, as PyTorch's generated bindings do for its own ops. The layer uses it in
 // plain eager calls; torch.ops.fusedtie.tied_conv2d stays the path for tracing, compiling and any
-// __torch_function__ override (the Python side decides). Measured on a 64->64 3x3 conv at 56x56:
-// the torch.ops call cost 2-3% more than F.conv2d on the same at::convolution.
+// __torch_function__ override (the Python side decides). The binding costs what F.conv2d does; the
+// torch.ops call measurably more (docs/design.md, "Eager calls skip torch.ops").
 at::Tensor tied_conv2d_eager(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              c10::string_view transform, double alpha, c10::string_view bias_transform,
                              double bias_alpha, std::vector<int64_t> stride, std::vector<int64_t> padding,
                              std::vector<int64_t> dilation, int64_t groups) {
   pybind11::gil_scoped_release no_gil;
-  return fusedtie::call_tied_conv2d(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding,
+  return fusedtie::ops::tied_conv2d(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding,
                                     dilation, groups);
 }
 
@@ -48,7 +48,7 @@ at::Tensor tied_conv_transpose2d_eager(const at::Tensor& input, const at::Tensor
                                        std::vector<int64_t> output_padding, std::vector<int64_t> dilation,
                                        int64_t groups) {
   pybind11::gil_scoped_release no_gil;
-  return fusedtie::call_tied_conv_transpose2d(input, weight, bias, transform, alpha, stride, padding, output_padding,
+  return fusedtie::ops::tied_conv_transpose2d(input, weight, bias, transform, alpha, stride, padding, output_padding,
                                               dilation, groups);
 }
 
@@ -65,7 +65,7 @@ pybind11::dict blas_assessment_dict(const fusedtie::BlasAssessment& a) {
 // A chain's stages arrive as (name, alpha) pairs of built-ins.
 void register_chain(const std::string& name, const std::string& definition,
                     const std::vector<std::pair<std::string, double>>& stages) {
-  std::vector<fusedtie::ChainStage> parsed;
+  std::vector<fusedtie::TransformSpec> parsed;
   for (const auto& [stage, alpha] : stages) parsed.push_back({fusedtie::parse_transform(stage), alpha});
   fusedtie::register_chain_transform(name, definition, parsed);
 }

@@ -1,8 +1,10 @@
 #pragma once
-// f and f' for every transform, written once. The CPU path instantiates them on scalars and on
-// at::vec::Vectorized<T>; the CUDA kernels instantiate them on device scalars (float/double; half
-// types are computed in float). Adding a transform means: a functor here, a row in kTransforms and a
-// case in dispatch_transform. Python reads the table through the _C module, never a copy of it.
+// The catalog of built-in transforms, one row each (FUSEDTIE_BUILTIN_TRANSFORMS below), and their f
+// and f' written once. The enum, the table Python reads (through the _C module), the dispatch switch
+// and autocast's policy all come from the rows. The CPU path instantiates the functors on scalars and
+// on at::vec::Vectorized<T>; the CUDA kernels on device scalars (float/double; half types are
+// computed in float). Adding a built-in: its functor below and its row; Python and the tests read it
+// from there (tests/reference.py needs its float64 reference).
 #include <cmath>
 #include <cstdint>
 
@@ -15,16 +17,35 @@
 
 namespace fusedtie {
 
+// One row per built-in: X(enumerator, name, functor, f, f' (both as documented), reads alpha,
+// commutes with rounding). The last column says round(f(w)) == f(round(w)) for every w, overflow,
+// subnormals and NaN included (bit for bit, but for relu's zero: -0 where a tiny negative w rounds
+// to -0, which changes no sum with a nonzero term); under autocast such an f runs fused on the
+// rounded source (autocast.cpp). New rows go at the end: an enumerator's value is its row index.
+#define FUSEDTIE_BUILTIN_TRANSFORMS(X)                                                                                 \
+  X(kIdentity, "identity", IdentityTransform, "x", "1", false, true)                                                   \
+  X(kSquare, "square", SquareTransform, "x*x", "2*x", false, false)                                                    \
+  X(kAbs, "abs", AbsTransform, "|x|", "sign(x), 0 at x=0", false, true)                                                \
+  X(kNeg, "neg", NegTransform, "-x", "-1", false, true)                                                                \
+  X(kScale, "scale", ScaleTransform, "alpha*x", "alpha", true, false)                                                  \
+  X(kExp, "exp", ExpTransform, "exp(x)", "exp(x)", false, false)                                                       \
+  X(kSigmoid, "sigmoid", SigmoidTransform, "1/(1+exp(-x))", "s*(1-s)", false, false)                                   \
+  X(kTanh, "tanh", TanhTransform, "tanh(x)", "1-tanh(x)^2", false, false)                                              \
+  X(kSoftplus, "softplus", SoftplusTransform, "log(1+exp(x)); x where x>20", "exp(x)/(1+exp(x)); 1 where x>20", false, \
+    false)                                                                                                             \
+  X(kRelu, "relu", ReluTransform, "max(x, 0); NaN stays NaN", "0 where x <= 0, else 1", false, true)
+
 enum class TransformKind : int32_t {
-  kIdentity = 0,
-  kSquare,
-  kAbs,
-  kNeg,
-  kScale,
-  kExp,
-  kSigmoid,
-  kTanh,
-  kSoftplus,
+#define FUSEDTIE_ENUMERATOR(kind, ...) kind,
+  FUSEDTIE_BUILTIN_TRANSFORMS(FUSEDTIE_ENUMERATOR)
+#undef FUSEDTIE_ENUMERATOR
+};
+
+// A transform with its constant: a built-in or a user kind (below), on the host and in kernels alike.
+struct TransformSpec {
+  TransformKind kind = TransformKind::kIdentity;
+  double alpha = 1.0;  // only read by transforms whose row says they read alpha
+  FUSEDTIE_HOST_DEVICE constexpr bool is_identity() const { return kind == TransformKind::kIdentity; }
 };
 
 // User transforms (csrc/user_transforms.h: compiled from expressions by fusedtie.Transform.
@@ -44,18 +65,14 @@ struct TransformInfo {
   const char* forward;     // f(x), for documentation and the Python table
   const char* derivative;  // f'(x)
   bool uses_alpha;         // takes the constant `alpha`
+  bool commutes_with_rounding;
 };
 
 inline constexpr TransformInfo kTransforms[] = {
-    {TransformKind::kIdentity, "identity", "x", "1", false},
-    {TransformKind::kSquare, "square", "x*x", "2*x", false},
-    {TransformKind::kAbs, "abs", "|x|", "sign(x), 0 at x=0", false},
-    {TransformKind::kNeg, "neg", "-x", "-1", false},
-    {TransformKind::kScale, "scale", "alpha*x", "alpha", true},
-    {TransformKind::kExp, "exp", "exp(x)", "exp(x)", false},
-    {TransformKind::kSigmoid, "sigmoid", "1/(1+exp(-x))", "s*(1-s)", false},
-    {TransformKind::kTanh, "tanh", "tanh(x)", "1-tanh(x)^2", false},
-    {TransformKind::kSoftplus, "softplus", "log(1+exp(x)); x where x>20", "exp(x)/(1+exp(x)); 1 where x>20", false},
+#define FUSEDTIE_INFO(kind, name, functor, forward, derivative, uses_alpha, commutes) \
+  {TransformKind::kind, name, forward, derivative, uses_alpha, commutes},
+    FUSEDTIE_BUILTIN_TRANSFORMS(FUSEDTIE_INFO)
+#undef FUSEDTIE_INFO
 };
 inline constexpr int kNumTransforms = sizeof(kTransforms) / sizeof(kTransforms[0]);
 
@@ -222,22 +239,29 @@ struct SoftplusTransform {
     return math::where(x > V(20), V(1), z / (z + V(1)));
   }
 };
+// max(x, 0) as torch.relu: -0 and NaN pass through. f' as PyTorch's relu backward (threshold_backward
+// on the result): 0 where x <= 0, else 1, so 1 at NaN.
+struct ReluTransform {
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V forward(V x, V) {
+    return math::where(x < V(0), V(0), x);
+  }
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
+    return math::where(x <= V(0), V(0), V(1));
+  }
+};
 
 // Calls fn(SomeTransform{}) for the functor of `kind`: one switch, taken once per tensor on the CPU
 // and once per thread block (a uniform branch) in CUDA kernels.
 template <typename Fn>
 FUSEDTIE_HOST_DEVICE decltype(auto) dispatch_transform(TransformKind kind, Fn&& fn) {
   switch (kind) {
-    case TransformKind::kSquare: return fn(SquareTransform{});
-    case TransformKind::kAbs: return fn(AbsTransform{});
-    case TransformKind::kNeg: return fn(NegTransform{});
-    case TransformKind::kScale: return fn(ScaleTransform{});
-    case TransformKind::kExp: return fn(ExpTransform{});
-    case TransformKind::kSigmoid: return fn(SigmoidTransform{});
-    case TransformKind::kTanh: return fn(TanhTransform{});
-    case TransformKind::kSoftplus: return fn(SoftplusTransform{});
-    case TransformKind::kIdentity:
-    default: return fn(IdentityTransform{});
+#define FUSEDTIE_CASE(kind, name, functor, ...) \
+  case TransformKind::kind: return fn(functor{});
+    FUSEDTIE_BUILTIN_TRANSFORMS(FUSEDTIE_CASE)
+#undef FUSEDTIE_CASE
+    default: return fn(IdentityTransform{});  // user kinds: see kUserTransformBase
   }
 }
 

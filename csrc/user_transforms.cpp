@@ -30,7 +30,7 @@ struct Entry {
   std::string definition;
   const FusedtieUserTransformTable* table = nullptr;  // compiled transforms
   std::vector<double> params;
-  std::vector<ChainStage> stages;  // chains
+  std::vector<TransformSpec> stages;  // chains
 };
 
 // Lookups by kind (every pass) read an atomic slot without a lock; registration and lookups by
@@ -138,7 +138,7 @@ const Entry& cuda_entry(TransformKind kind) {
 constexpr int64_t kChainBlock = 512;
 
 template <typename scalar_t>
-void chain_forward(const std::vector<ChainStage>& stages, const scalar_t* in, scalar_t* out, int64_t numel) {
+void chain_forward(const std::vector<TransformSpec>& stages, const scalar_t* in, scalar_t* out, int64_t numel) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr auto op_dtype = c10::CppTypeToScalarType<opmath_t>::value;
   const TransformPasses& passes = cpu_transform_passes();
@@ -146,13 +146,13 @@ void chain_forward(const std::vector<ChainStage>& stages, const scalar_t* in, sc
   for (int64_t begin = 0; begin < numel; begin += kChainBlock) {
     const int64_t n = std::min(kChainBlock, numel - begin);
     for (int64_t i = 0; i < n; ++i) x[i] = static_cast<opmath_t>(in[begin + i]);
-    for (const ChainStage& stage : stages) passes.forward(stage.kind, op_dtype, x, x, n, stage.alpha);
+    for (const TransformSpec& stage : stages) passes.forward(stage.kind, op_dtype, x, x, n, stage.alpha);
     for (int64_t i = 0; i < n; ++i) out[begin + i] = static_cast<scalar_t>(x[i]);
   }
 }
 
 template <typename scalar_t>
-void chain_chain_rule(const std::vector<ChainStage>& stages, const scalar_t* grad, const scalar_t* source,
+void chain_chain_rule(const std::vector<TransformSpec>& stages, const scalar_t* grad, const scalar_t* source,
                       scalar_t* out, int64_t numel) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr auto op_dtype = c10::CppTypeToScalarType<opmath_t>::value;
@@ -245,10 +245,10 @@ void register_compiled_transform(const std::string& name, const std::string& def
 }
 
 void register_chain_transform(const std::string& name, const std::string& definition,
-                              const std::vector<ChainStage>& stages) {
+                              const std::vector<TransformSpec>& stages) {
   TORCH_CHECK_VALUE(stages.size() >= 2 && stages.size() <= static_cast<size_t>(kMaxChainStages),
                     "a chain composes 2 to ", kMaxChainStages, " transforms, got ", stages.size());
-  for (const ChainStage& stage : stages) {
+  for (const TransformSpec& stage : stages) {
     TORCH_CHECK_VALUE(!is_user_transform(stage.kind) && static_cast<int32_t>(stage.kind) >= 0 &&
                           static_cast<int32_t>(stage.kind) < kNumTransforms,
                       "a chain composes built-in transforms only, got kind ", static_cast<int32_t>(stage.kind));
@@ -262,7 +262,7 @@ void register_chain_transform(const std::string& name, const std::string& defini
 
 void unregister_user_transform(const std::string& name) { Registry::get().remove(name); }
 
-const std::vector<ChainStage>* user_chain_stages(TransformKind kind) {
+const std::vector<TransformSpec>* user_chain_stages(TransformKind kind) {
   if (!is_user_transform(kind)) return nullptr;
   const Entry& e = Registry::get().entry(kind);
   return e.table == nullptr ? &e.stages : nullptr;

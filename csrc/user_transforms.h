@@ -30,11 +30,6 @@ namespace fusedtie {
 inline constexpr int kMaxUserTransforms = 4096;
 inline constexpr int kMaxChainStages = 8;
 
-struct ChainStage {
-  TransformKind kind;  // a built-in
-  double alpha;
-};
-
 // The kind registered under `name`, if any (parse_transform's fall-back for non-built-in names).
 std::optional<TransformKind> find_user_transform(c10::string_view name);
 
@@ -55,13 +50,13 @@ void register_compiled_transform(const std::string& name, const std::string& def
 
 // Registers the composition stages[n-1](...stages[0](x)) of 2 to kMaxChainStages built-ins.
 void register_chain_transform(const std::string& name, const std::string& definition,
-                              const std::vector<ChainStage>& stages);
+                              const std::vector<TransformSpec>& stages);
 
 // Unbinds a name (the creation of a transform failed after registering it); its kind stays valid.
 void unregister_user_transform(const std::string& name);
 
 // The stages of a chain kind; nullptr for any other kind.
-const std::vector<ChainStage>* user_chain_stages(TransformKind kind);
+const std::vector<TransformSpec>* user_chain_stages(TransformKind kind);
 
 // The CPU passes of a user kind, with transform_passes.h's semantics (out may alias in / grad).
 void user_forward_pass(TransformKind kind, c10::ScalarType dtype, const void* in, void* out, int64_t numel);

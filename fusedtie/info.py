@@ -300,6 +300,7 @@ _REFERENCE_F: dict[str, Callable[[Tensor, float], Tensor]] = {
     "sigmoid": lambda w, a: torch.sigmoid(w),
     "tanh": lambda w, a: torch.tanh(w),
     "softplus": lambda w, a: F.softplus(w),
+    "relu": lambda w, a: torch.relu(w),
 }
 # The transforms checked: the trivial one, a polynomial, a saturating one and a scaled one.
 _CHECKED = (("identity", None), ("square", None), ("tanh", None), ("scale", 1.5))

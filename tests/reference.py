@@ -19,6 +19,7 @@ REFERENCE_TRANSFORMS = {
     "sigmoid": lambda w, alpha: torch.sigmoid(w),
     "tanh": lambda w, alpha: torch.tanh(w),
     "softplus": lambda w, alpha: F.softplus(w),
+    "relu": lambda w, alpha: torch.relu(w),
 }
 
 SCALE_ALPHA = 0.75

@@ -24,7 +24,7 @@ import fusedtie
 
 TRANSFORMS = fusedtie.available_transforms()
 # Where round(f(w)) == f(round(w)) for every w: the autocast kernel keeps these fused.
-COMMUTING = ("identity", "neg", "abs")
+COMMUTING = ("identity", "neg", "abs", "relu")
 
 needs_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and fusedtie.cuda_compiled), reason="needs a GPU and a CUDA build"

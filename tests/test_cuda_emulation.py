@@ -25,10 +25,11 @@ import torch
 from reference import reference_conv2d, reference_conv_transpose2d, transform_arg
 from test_cuda import GEOMETRIES, GEOMETRY_DEFAULTS, TRANSPOSE_GEOMETRIES, with_layout
 
+import fusedtie
 from fusedtie.ops import _pair, normalize_padding
 
 ROOT = Path(__file__).resolve().parent.parent
-TRANSFORMS = ["identity", "square", "abs", "neg", "scale", "exp", "sigmoid", "tanh", "softplus"]
+TRANSFORMS = fusedtie.available_transforms()
 # name -> (dtype, torch.backends.cudnn.allow_tf32, tolerance relative to max(1, largest |reference|))
 PRECISIONS = {
     "float64": (torch.float64, False, 1e-10),

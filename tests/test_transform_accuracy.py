@@ -24,6 +24,7 @@ ULP_BOUND = {
     "sigmoid": 3,
     "tanh": 6,
     "softplus": 2,
+    "relu": 0,
 }
 
 GRID = torch.cat(

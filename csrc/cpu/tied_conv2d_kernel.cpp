@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../conv_params.h"
+#include "../fusedtie.h"
 #include "../library_conv.h"
 #include "brgemm_conv2d.h"
 #include "conv_algorithm.h"
@@ -90,11 +91,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_or_library_backward(
   return {grad_input, grad_weight, grad_bias};
 }
 
-std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> tied_conv2d_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, c10::string_view transform, double alpha, c10::string_view bias_transform,
-    double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask) {
+OptionalGradients tied_conv2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                           c10::string_view transform, double alpha, c10::string_view bias_transform,
+                                           double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
+                                           at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
   const auto p =
       TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups);
   p.check_backward(grad_output, input, weight, bias, output_mask);
@@ -146,10 +147,10 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtie, CPU, m) {
-  m.impl("tied_conv2d", &tied_conv2d_cpu);
-  m.impl("_tied_conv2d_backward", &tied_conv2d_backward_cpu);
-  m.impl("transform", &transform_cpu);
-  m.impl("_transform_backward", &transform_backward_cpu);
+  register_kernel<ops::tied_conv2d>(m, "tied_conv2d", &tied_conv2d_cpu);
+  register_kernel<ops::_tied_conv2d_backward>(m, "_tied_conv2d_backward", &tied_conv2d_backward_cpu);
+  register_kernel<ops::transform>(m, "transform", &transform_cpu);
+  register_kernel<ops::_transform_backward>(m, "_transform_backward", &transform_backward_cpu);
 }
 
 }  // namespace fusedtie

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../conv_transpose_params.h"
+#include "../fusedtie.h"
 #include "../library_conv.h"
 #include "transform_tensors.h"
 
@@ -24,11 +25,12 @@ at::Tensor tied_conv_transpose2d_cpu(const at::Tensor& input, const at::Tensor& 
   return tied_conv_transpose2d_library(input, weight, bias, p, kCpuPasses);
 }
 
-std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
-tied_conv_transpose2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-                                   const std::optional<at::Tensor>& bias, c10::string_view transform, double alpha,
-                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
-                                   at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+OptionalGradients tied_conv_transpose2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                                     const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                     c10::string_view transform, double alpha, at::IntArrayRef stride,
+                                                     at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                                     at::IntArrayRef dilation, int64_t groups,
+                                                     std::array<bool, 3> output_mask) {
   const auto p =
       TiedConvTranspose2dParams::from_schema(transform, alpha, stride, padding, output_padding, dilation, groups);
   p.check_backward(grad_output, input, weight, bias, output_mask);
@@ -38,8 +40,9 @@ tied_conv_transpose2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtie, CPU, m) {
-  m.impl("tied_conv_transpose2d", &tied_conv_transpose2d_cpu);
-  m.impl("_tied_conv_transpose2d_backward", &tied_conv_transpose2d_backward_cpu);
+  register_kernel<ops::tied_conv_transpose2d>(m, "tied_conv_transpose2d", &tied_conv_transpose2d_cpu);
+  register_kernel<ops::_tied_conv_transpose2d_backward>(m, "_tied_conv_transpose2d_backward",
+                                                        &tied_conv_transpose2d_backward_cpu);
 }
 
 }  // namespace fusedtie

@@ -38,10 +38,9 @@ at::Tensor dense(const at::Tensor& t) {
 
 // The derived weight f(W) lives only while at::convolution reads it, so its memory is reused: one
 // grow-only buffer per calling thread, as large as the largest derived weight that thread has made.
-// A fresh weight-sized allocation is not free here: above glibc's mmap threshold every allocation
-// is new pages, and faulting them in cost more than the convolution itself (measured: a 9 MiB
-// f(W) for a 512->512 3x3 conv took 7 ms fresh, 0.7 ms into reused memory, against 2-3 ms for the
-// convolution). The buffer is raw memory of our own, not a tensor, so it never takes part in autograd
+// A fresh weight-sized allocation is not free: above glibc's mmap threshold it is new pages, whose
+// faults can cost more than the convolution (docs/design.md, "f(W) lives in a reused scratch
+// buffer"). The buffer is raw memory of our own, not a tensor, so it never takes part in autograd
 // or inference-mode bookkeeping; the tensor handed to at::convolution borrows it for the one call.
 class ScratchBuffer {
  public:

@@ -25,13 +25,14 @@ __device__ __forceinline__ T transform_derivative(TransformKind kind, T x, T alp
 // derivative f_1'(x_0) * ... * f_n'(x_{n-1}) by the chain rule, composed per element.
 struct DeviceChain {
   int count;
-  TransformKind kind[kMaxChainStages];
-  double alpha[kMaxChainStages];
+  TransformSpec stage[kMaxChainStages];
 };
 
 template <typename T>
 __device__ __forceinline__ T chain_forward(const DeviceChain& chain, T x) {
-  for (int s = 0; s < chain.count; ++s) x = transform_forward<T>(chain.kind[s], x, static_cast<T>(chain.alpha[s]));
+  for (int s = 0; s < chain.count; ++s) {
+    x = transform_forward<T>(chain.stage[s].kind, x, static_cast<T>(chain.stage[s].alpha));
+  }
   return x;
 }
 
@@ -39,9 +40,9 @@ template <typename T>
 __device__ __forceinline__ T chain_derivative(const DeviceChain& chain, T x) {
   T d = T(1);
   for (int s = 0; s < chain.count; ++s) {
-    const T alpha = static_cast<T>(chain.alpha[s]);
-    d *= transform_derivative<T>(chain.kind[s], x, alpha);
-    x = transform_forward<T>(chain.kind[s], x, alpha);
+    const T alpha = static_cast<T>(chain.stage[s].alpha);
+    d *= transform_derivative<T>(chain.stage[s].kind, x, alpha);
+    x = transform_forward<T>(chain.stage[s].kind, x, alpha);
   }
   return d;
 }

@@ -69,10 +69,7 @@ void with_device_op(const TransformSpec& spec, Launch&& launch) {
   if (const auto* stages = user_chain_stages(spec.kind)) {
     ChainOp<opmath_t> op{};
     op.chain.count = static_cast<int>(stages->size());  // at most kMaxChainStages (checked at registration)
-    for (int s = 0; s < op.chain.count; ++s) {
-      op.chain.kind[s] = (*stages)[s].kind;
-      op.chain.alpha[s] = (*stages)[s].alpha;
-    }
+    for (int s = 0; s < op.chain.count; ++s) op.chain.stage[s] = (*stages)[s];
     launch(op);
   } else {
     launch(BuiltinOp<opmath_t>{spec.kind, static_cast<opmath_t>(spec.alpha)});
@@ -94,7 +91,7 @@ at::Tensor apply_transform(const at::Tensor& source, const TransformSpec& spec) 
                            stream.stream());
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "fusedtie_transform", [&] {
+  FUSEDTIE_DISPATCH_SUPPORTED_TYPES(src.scalar_type(), "fusedtie_transform", [&] {
     with_device_op<at::opmath_type<scalar_t>>(spec, [&](auto op) {
       fusedtie_transform_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
           src.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, op);
@@ -116,7 +113,7 @@ at::Tensor apply_chain_rule_in_place(at::Tensor grad, const at::Tensor& source, 
                               grad.mutable_data_ptr(), n, stream.stream());
     return grad;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fusedtie_chain_rule", [&] {
+  FUSEDTIE_DISPATCH_SUPPORTED_TYPES(grad.scalar_type(), "fusedtie_chain_rule", [&] {
     with_device_op<at::opmath_type<scalar_t>>(spec, [&](auto op) {
       fusedtie_chain_rule_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
           grad.const_data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>(), grad.mutable_data_ptr<scalar_t>(), n, op);

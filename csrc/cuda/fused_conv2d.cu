@@ -27,9 +27,9 @@ at::Tensor channels_last_aligned(const at::Tensor& t) {
 
 // The fused kernels know the built-ins only (their dispatch_transform would compute the identity for
 // a user kind): fused_supports refuses user transforms, and this is the last line of defence.
-DeviceTransform device_transform(const TransformSpec& spec) {
+TransformSpec device_transform(const TransformSpec& spec) {
   TORCH_INTERNAL_ASSERT(!is_user_transform(spec.kind), "fusedtie: a user transform reached the fused CUDA kernels");
-  return {spec.kind, spec.alpha};
+  return spec;
 }
 
 }  // namespace
@@ -71,7 +71,7 @@ bool fused_supports(const at::Tensor& input, const at::Tensor& weight, const Tie
   // composed in elementwise.cu), which these kernels cannot call while loading weight tiles.
   if (is_user_transform(p.weight_transform.kind) || is_user_transform(p.bias_transform.kind)) return false;
   const auto dtype = input.scalar_type();
-  if (!(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16)) return false;
+  if (!is_supported_dtype(dtype)) return false;
   if (input.numel() == 0 || weight.numel() == 0) return false;
   // The kernels keep geometry and the GEMM's K index in 32-bit ints, and groups and channel tiles
   // in grid dimensions (at most 65535 in y and z).
@@ -109,7 +109,7 @@ at::Tensor fused_forward(const at::Tensor& input, const at::Tensor& weight, cons
   at::Tensor out = at::empty(out_size, input.options().memory_format(conv_output_memory_format(input, weight)));
   std::optional<at::Tensor> bias_values;
   if (bias.has_value()) bias_values = bias->contiguous();
-  const DeviceTransform wt = device_transform(p.weight_transform), bt = device_transform(p.bias_transform);
+  const TransformSpec wt = device_transform(p.weight_transform), bt = device_transform(p.bias_transform);
   if (mma_supports(input, weight, p, /*input_grad=*/false)) {
     const at::Tensor src = channels_last_aligned(input);
     launch_mma_conv(src, weight, bias_values, out, make_geometry(input, weight, p, src.strides(), out.strides()), wt,
@@ -127,7 +127,7 @@ namespace {
 // convolution under p and dst like its input.
 void launch_input_grad(const at::Tensor& src, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const TransformSpec& bias_transform, const at::Tensor& dst, const TiedConv2dParams& p) {
-  const DeviceTransform wt = device_transform(p.weight_transform), bt = device_transform(bias_transform);
+  const TransformSpec wt = device_transform(p.weight_transform), bt = device_transform(bias_transform);
   if (mma_supports(dst, weight, p, /*input_grad=*/true)) {
     const at::Tensor gathered = channels_last_aligned(src);
     launch_mma_conv(gathered, weight, bias, dst, make_geometry(dst, weight, p, dst.strides(), gathered.strides()), wt,

@@ -30,11 +30,6 @@ struct ConvGeometry {
   int64_t x_stride[4], y_stride[4], w_stride[4];
 };
 
-struct DeviceTransform {
-  TransformKind kind;
-  double alpha;
-};
-
 // The geometry of conv(input, weight) under p, reading/writing x (input-shaped) and y
 // (output-shaped) through the given strides.
 ConvGeometry make_geometry(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p,
@@ -90,11 +85,11 @@ at::Tensor fused_transpose_weight_grad(const at::Tensor& grad_output, const at::
 
 // The CUDA-core and tensor-core launchers behind fused_forward / fused_input_grad (internal).
 void launch_simt_conv(const at::Tensor& src, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                      const at::Tensor& dst, const ConvGeometry& g, DeviceTransform weight_transform,
-                      DeviceTransform bias_transform, bool input_grad);
+                      const at::Tensor& dst, const ConvGeometry& g, TransformSpec weight_transform,
+                      TransformSpec bias_transform, bool input_grad);
 void launch_mma_conv(const at::Tensor& src, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                     const at::Tensor& dst, const ConvGeometry& g, DeviceTransform weight_transform,
-                     DeviceTransform bias_transform, bool input_grad);
+                     const at::Tensor& dst, const ConvGeometry& g, TransformSpec weight_transform,
+                     TransformSpec bias_transform, bool input_grad);
 
 }  // namespace cuda
 }  // namespace fusedtie

@@ -183,7 +183,7 @@ struct RowOrigin {
 template <typename scalar_t, bool kInputGrad>
 __device__ __forceinline__ void conv_mma_body(const scalar_t* __restrict__ src, const scalar_t* __restrict__ weight,
                                               const scalar_t* __restrict__ bias, scalar_t* __restrict__ dst,
-                                              const ConvGeometry& g, DeviceTransform wt, DeviceTransform bt) {
+                                              const ConvGeometry& g, TransformSpec wt, TransformSpec bt) {
 #if FUSEDTIE_MMA_CODE
   constexpr int kElems = kRowBytes / int(sizeof(scalar_t));  // K elements per tile row
   constexpr int kVector = 16 / int(sizeof(scalar_t));        // elements per cp.async
@@ -354,14 +354,14 @@ __device__ __forceinline__ void conv_mma_body(const scalar_t* __restrict__ src, 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     fusedtie_conv2d_fprop_mma_kernel(const scalar_t* src, const scalar_t* weight, const scalar_t* bias, scalar_t* dst,
-                                     ConvGeometry g, DeviceTransform wt, DeviceTransform bt) {
+                                     ConvGeometry g, TransformSpec wt, TransformSpec bt) {
   conv_mma_body<scalar_t, false>(src, weight, bias, dst, g, wt, bt);
 }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     fusedtie_conv2d_dgrad_mma_kernel(const scalar_t* src, const scalar_t* weight, const scalar_t* bias, scalar_t* dst,
-                                     ConvGeometry g, DeviceTransform wt, DeviceTransform bt) {
+                                     ConvGeometry g, TransformSpec wt, TransformSpec bt) {
   conv_mma_body<scalar_t, true>(src, weight, bias, dst, g, wt, bt);
 }
 
@@ -387,8 +387,8 @@ bool mma_kernels_available() {
 }
 
 void launch_mma_conv(const at::Tensor& src, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                     const at::Tensor& dst, const ConvGeometry& g, DeviceTransform weight_transform,
-                     DeviceTransform bias_transform, bool input_grad) {
+                     const at::Tensor& dst, const ConvGeometry& g, TransformSpec weight_transform,
+                     TransformSpec bias_transform, bool input_grad) {
   const int64_t rows = g.batch * (input_grad ? g.in_h * g.in_w : g.out_h * g.out_w);
   const int64_t cols = input_grad ? g.in_per_group : g.out_per_group;
   const dim3 grid(static_cast<unsigned>(ceil_div(rows, kBlockM)), static_cast<unsigned>(ceil_div(cols, kBlockN)),

@@ -53,7 +53,7 @@ template <typename scalar_t, bool kInputGrad>
 __device__ __forceinline__ void implicit_gemm_tile(const scalar_t* __restrict__ src,
                                                    const scalar_t* __restrict__ weight,
                                                    const scalar_t* __restrict__ bias, scalar_t* __restrict__ dst,
-                                                   const ConvGeometry& g, DeviceTransform wt, DeviceTransform bt) {
+                                                   const ConvGeometry& g, TransformSpec wt, TransformSpec bt) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t a_tile[kTileK][kTileM + 4];
   __shared__ acc_t b_tile[kTileK][kTileN + 4];
@@ -159,14 +159,14 @@ __device__ __forceinline__ void implicit_gemm_tile(const scalar_t* __restrict__ 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     fusedtie_conv2d_fprop_simt_kernel(const scalar_t* src, const scalar_t* weight, const scalar_t* bias, scalar_t* dst,
-                                      ConvGeometry g, DeviceTransform wt, DeviceTransform bt) {
+                                      ConvGeometry g, TransformSpec wt, TransformSpec bt) {
   implicit_gemm_tile<scalar_t, false>(src, weight, bias, dst, g, wt, bt);
 }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     fusedtie_conv2d_dgrad_simt_kernel(const scalar_t* src, const scalar_t* weight, const scalar_t* bias, scalar_t* dst,
-                                      ConvGeometry g, DeviceTransform wt, DeviceTransform bt) {
+                                      ConvGeometry g, TransformSpec wt, TransformSpec bt) {
   implicit_gemm_tile<scalar_t, true>(src, weight, bias, dst, g, wt, bt);
 }
 
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kThreads)
     fusedtie_conv2d_wgrad_simt_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
                                       const scalar_t* __restrict__ weight, scalar_t* __restrict__ grad_weight,
                                       at::opmath_type<scalar_t>* __restrict__ partial, ConvGeometry g, int splits,
-                                      int64_t pixels_per_split, DeviceTransform wt) {
+                                      int64_t pixels_per_split, TransformSpec wt) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t a_tile[kTileK][kTileM + 4];
   __shared__ acc_t b_tile[kTileK][kTileN + 4];
@@ -271,7 +271,7 @@ template <typename scalar_t>
 __global__ void fusedtie_conv2d_wgrad_reduce_kernel(const at::opmath_type<scalar_t>* __restrict__ partial,
                                                     const scalar_t* __restrict__ weight,
                                                     scalar_t* __restrict__ grad_weight, ConvGeometry g, int splits,
-                                                    DeviceTransform wt) {
+                                                    TransformSpec wt) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t taps = int64_t(g.kernel_h) * g.kernel_w;
   const int64_t cols = g.in_per_group * taps;
@@ -316,14 +316,14 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace
 
 void launch_simt_conv(const at::Tensor& src, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                      const at::Tensor& dst, const ConvGeometry& g, DeviceTransform weight_transform,
-                      DeviceTransform bias_transform, bool input_grad) {
+                      const at::Tensor& dst, const ConvGeometry& g, TransformSpec weight_transform,
+                      TransformSpec bias_transform, bool input_grad) {
   const int64_t rows = g.batch * (input_grad ? g.in_h * g.in_w : g.out_h * g.out_w);
   const int64_t cols = input_grad ? g.in_per_group : g.out_per_group;
   const dim3 grid(static_cast<unsigned>(ceil_div(rows, kTileM)), static_cast<unsigned>(ceil_div(cols, kTileN)),
                   static_cast<unsigned>(g.groups));
   const auto stream = current_stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "fusedtie_conv2d_simt", [&] {
+  FUSEDTIE_DISPATCH_SUPPORTED_TYPES(src.scalar_type(), "fusedtie_conv2d_simt", [&] {
     if (input_grad) {
       FUSEDTIE_LAUNCH(fusedtie_conv2d_dgrad_simt_kernel<scalar_t>, grid, kThreads, stream)(
           src.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
@@ -347,9 +347,9 @@ std::tuple<at::Tensor, at::Tensor> fused_weight_and_bias_grad(const at::Tensor& 
   const at::Tensor weight = source_weight.contiguous(source_weight.suggest_memory_format());
   const ConvGeometry g = make_geometry(input, weight, p, input.strides(), grad_output.strides());
   const auto stream = current_stream();
-  const DeviceTransform wt{p.weight_transform.kind, p.weight_transform.alpha};
+  const TransformSpec wt = p.weight_transform;
   at::Tensor grad_weight, grad_bias;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fusedtie_conv2d_wgrad", [&] {
+  FUSEDTIE_DISPATCH_SUPPORTED_TYPES(input.scalar_type(), "fusedtie_conv2d_wgrad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (weight_grad) {
       grad_weight = at::empty_like(weight);

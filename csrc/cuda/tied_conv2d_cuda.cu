@@ -1,47 +1,44 @@
 // The fusedtie operators on CUDA: per call, the fused kernels (fused_conv2d.h) or "one transform
-// kernel + cuDNN" (library_conv.h with elementwise.h), chosen by the CUDA setting
-// (algorithm_choice.h): a cost rule (auto), a measurement cached per shape (autotune), or forced.
+// kernel + cuDNN" (library_conv.h with elementwise.h), chosen per pass by the dispatch (dispatch.h)
+// under the CUDA setting (algorithm_choice.h): a cost rule (auto), a measurement cached per shape
+// (autotune), or forced.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <functional>
-#include <sstream>
+#include <ostream>
 
 #include "../conv_params.h"
+#include "../fusedtie.h"
 #include "../library_conv.h"
-#include "algorithm_choice.h"
+#include "dispatch.h"
 #include "elementwise.h"
 #include "fused_conv2d.h"
 
 namespace fusedtie {
 namespace {
 
-enum class Pass { kForward, kBackward };
+// What the dispatch (dispatch.h) needs to know of one tied_conv2d call.
+struct Conv2dCall {
+  static constexpr const char* kName = "conv2d";
+  const at::Tensor& input;
+  const at::Tensor& weight;
+  const std::optional<at::Tensor>& bias;
+  const TiedConv2dParams& p;
 
-int64_t multiply_adds(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
-  const auto out = p.output_size(input, weight);
-  return out[0] * out[1] * out[2] * out[3] * weight.size(1) * weight.size(2) * weight.size(3);
-}
-
-// auto's rule (algorithm_choice.h): tensor cores only in the forward, the backward's weight
-// gradient runs on CUDA cores.
-bool fused_wins(Pass pass, const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
-  const bool tensor_cores = pass == Pass::kForward && cuda::mma_supports(input, weight, p, /*input_grad=*/false);
-  return cuda::fused_wins_by_cost(multiply_adds(input, weight, p), weight.size(1), weight.size(0) / p.groups,
-                                  tensor_cores);
-}
-
-std::string autotune_key(Pass pass, const at::Tensor& input, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias, const TiedConv2dParams& p,
-                         std::array<bool, 3> output_mask, at::IntArrayRef grad_strides) {
-  std::ostringstream key;
-  key << "conv2d " << (pass == Pass::kForward ? "fwd" : "bwd") << '|';
-  cuda::describe_operands(key, input, weight, bias.has_value(), grad_strides, output_mask, cuda::allow_tf32());
-  key << '|' << at::IntArrayRef(p.stride) << at::IntArrayRef(p.padding) << at::IntArrayRef(p.dilation) << p.groups
-      << '|' << int(p.weight_transform.kind) << '|' << int(p.bias_transform.kind);
-  return key.str();
-}
+  bool fused_supported() const { return cuda::fused_supports(input, weight, p); }
+  int64_t multiply_adds() const {
+    const auto out = p.output_size(input, weight);
+    return out[0] * out[1] * out[2] * out[3] * weight.size(1) * weight.size(2) * weight.size(3);
+  }
+  int64_t in_per_group() const { return weight.size(1); }
+  int64_t out_per_group() const { return weight.size(0) / p.groups; }
+  bool forward_on_tensor_cores() const { return cuda::mma_supports(input, weight, p, /*input_grad=*/false); }
+  void describe_geometry(std::ostream& key) const {
+    key << at::IntArrayRef(p.stride) << at::IntArrayRef(p.padding) << at::IntArrayRef(p.dilation) << p.groups << '|'
+        << int(p.weight_transform.kind) << '|' << int(p.bias_transform.kind);
+  }
+};
 
 at::Tensor library_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const TiedConv2dParams& p) {
@@ -76,15 +73,6 @@ Gradients fused_backward(const at::Tensor& grad_output, const at::Tensor& input,
   return {grad_input, grad_weight, grad_bias};
 }
 
-// Whether this pass runs the fused kernels. `measure` runs both choices once (autotune only).
-bool use_fused(Pass pass, const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-               const TiedConv2dParams& p, std::array<bool, 3> output_mask, at::IntArrayRef grad_strides,
-               const std::function<bool()>& measure) {
-  return cuda::use_fused(
-      cuda::fused_supports(input, weight, p), [&] { return fused_wins(pass, input, weight, p); },
-      [&] { return autotune_key(pass, input, weight, bias, p, output_mask, grad_strides); }, measure);
-}
-
 at::Tensor tied_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             c10::string_view transform, double alpha, c10::string_view bias_transform,
                             double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -93,28 +81,24 @@ at::Tensor tied_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, c
       TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups);
   p.check(input, weight, bias);
   const c10::cuda::CUDAGuard guard(input.device());
-  const bool fused = use_fused(Pass::kForward, input, weight, bias, p, {true, true, true}, {}, [&] {
-    return cuda::measure_fused_wins([&] { cuda::fused_forward(input, weight, bias, p); },
-                                    [&] { library_forward(input, weight, bias, p); });
-  });
-  return fused ? cuda::fused_forward(input, weight, bias, p) : library_forward(input, weight, bias, p);
+  return cuda::run_forward(
+      Conv2dCall{input, weight, bias, p}, [&] { return cuda::fused_forward(input, weight, bias, p); },
+      [&] { return library_forward(input, weight, bias, p); });
 }
 
-std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> tied_conv2d_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, c10::string_view transform, double alpha, c10::string_view bias_transform,
-    double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask) {
+OptionalGradients tied_conv2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
+                                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                            c10::string_view transform, double alpha, c10::string_view bias_transform,
+                                            double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
+                                            at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
   const auto p =
       TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups);
   p.check_backward(grad_output, input, weight, bias, output_mask);
   const c10::cuda::CUDAGuard guard(input.device());
-  const bool fused = use_fused(Pass::kBackward, input, weight, bias, p, output_mask, grad_output.strides(), [&] {
-    return cuda::measure_fused_wins([&] { fused_backward(grad_output, input, weight, p, output_mask); },
-                                    [&] { library_backward(grad_output, input, weight, p, output_mask); });
-  });
-  auto [grad_input, grad_weight, grad_bias] = fused ? fused_backward(grad_output, input, weight, p, output_mask)
-                                                    : library_backward(grad_output, input, weight, p, output_mask);
+  auto [grad_input, grad_weight, grad_bias] = cuda::run_backward(
+      Conv2dCall{input, weight, bias, p}, grad_output, output_mask,
+      [&] { return fused_backward(grad_output, input, weight, p, output_mask); },
+      [&] { return library_backward(grad_output, input, weight, p, output_mask); });
   std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
   if (output_mask[0]) grad_input_out = grad_input;
   if (output_mask[1]) grad_weight_out = grad_weight;
@@ -146,10 +130,10 @@ at::Tensor transform_backward_cuda(const at::Tensor& grad, const at::Tensor& sou
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtie, CUDA, m) {
-  m.impl("tied_conv2d", &tied_conv2d_cuda);
-  m.impl("_tied_conv2d_backward", &tied_conv2d_backward_cuda);
-  m.impl("transform", &transform_cuda);
-  m.impl("_transform_backward", &transform_backward_cuda);
+  register_kernel<ops::tied_conv2d>(m, "tied_conv2d", &tied_conv2d_cuda);
+  register_kernel<ops::_tied_conv2d_backward>(m, "_tied_conv2d_backward", &tied_conv2d_backward_cuda);
+  register_kernel<ops::transform>(m, "transform", &transform_cuda);
+  register_kernel<ops::_transform_backward>(m, "_transform_backward", &transform_backward_cuda);
 }
 
 }  // namespace fusedtie

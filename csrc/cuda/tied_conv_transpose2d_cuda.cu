@@ -1,55 +1,44 @@
 // fusedtie::tied_conv_transpose2d on CUDA: per call and pass, the fused kernels (fused_conv2d.h: a
 // transposed convolution is a convolution's input gradient, so the same kernels serve it with their
 // roles swapped) or the library path shared with the CPU backend (library_conv.h: one transform
-// kernel for f(W), cuDNN's transposed convolution, one chain-rule kernel), chosen by the CUDA setting
-// exactly as for tied_conv2d (algorithm_choice.h).
+// kernel for f(W), cuDNN's transposed convolution, one chain-rule kernel), chosen per pass by the
+// dispatch tied_conv2d uses too (dispatch.h, under the CUDA setting: algorithm_choice.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <sstream>
+#include <ostream>
 
 #include "../conv_transpose_params.h"
+#include "../fusedtie.h"
 #include "../library_conv.h"
-#include "algorithm_choice.h"
+#include "dispatch.h"
 #include "elementwise.h"
 #include "fused_conv2d.h"
 
 namespace fusedtie {
 namespace {
 
-enum class Pass { kForward, kBackward };
+// What the dispatch (dispatch.h) needs to know of one tied_conv_transpose2d call. The forward runs
+// the input-gradient kernels (tensor cores where the channels align), the backward the forward
+// kernels for dx and the CUDA-core weight gradient.
+struct ConvTranspose2dCall {
+  static constexpr const char* kName = "conv_transpose2d";
+  const at::Tensor& input;
+  const at::Tensor& weight;
+  const std::optional<at::Tensor>& bias;
+  const TiedConvTranspose2dParams& p;
 
-// The forward runs the input-gradient kernels (tensor cores where the channels align), the backward
-// the forward kernels for dx and the CUDA-core weight gradient: auto's rule judges the backward by the
-// latter.
-bool fused_wins(Pass pass, const at::Tensor& input, const at::Tensor& weight, const TiedConvTranspose2dParams& p) {
-  const int64_t multiply_adds = input.numel() * weight.size(1) * weight.size(2) * weight.size(3);
-  const bool tensor_cores =
-      pass == Pass::kForward && cuda::mma_supports_transpose(input, weight, p, /*input_grad=*/false);
-  return cuda::fused_wins_by_cost(multiply_adds, weight.size(0) / p.groups, weight.size(1), tensor_cores);
-}
-
-std::string autotune_key(Pass pass, const at::Tensor& input, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias, const TiedConvTranspose2dParams& p,
-                         std::array<bool, 3> output_mask, at::IntArrayRef grad_strides) {
-  std::ostringstream key;
-  key << "conv_transpose2d " << (pass == Pass::kForward ? "fwd" : "bwd") << '|';
-  cuda::describe_operands(key, input, weight, bias.has_value(), grad_strides, output_mask, cuda::allow_tf32());
-  key << '|' << at::IntArrayRef(p.stride) << at::IntArrayRef(p.padding) << at::IntArrayRef(p.output_padding)
-      << at::IntArrayRef(p.dilation) << p.groups << '|' << int(p.weight_transform.kind);
-  return key.str();
-}
-
-bool use_fused(Pass pass, const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-               const TiedConvTranspose2dParams& p, std::array<bool, 3> output_mask, at::IntArrayRef grad_strides,
-               const std::function<bool()>& measure) {
-  return cuda::use_fused(
-      cuda::fused_transpose_supports(input, weight, p), [&] { return fused_wins(pass, input, weight, p); },
-      [&] { return autotune_key(pass, input, weight, bias, p, output_mask, grad_strides); }, measure);
-}
-
-using OptionalGradients = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+  bool fused_supported() const { return cuda::fused_transpose_supports(input, weight, p); }
+  int64_t multiply_adds() const { return input.numel() * weight.size(1) * weight.size(2) * weight.size(3); }
+  int64_t in_per_group() const { return weight.size(0) / p.groups; }
+  int64_t out_per_group() const { return weight.size(1); }
+  bool forward_on_tensor_cores() const { return cuda::mma_supports_transpose(input, weight, p, /*input_grad=*/false); }
+  void describe_geometry(std::ostream& key) const {
+    key << at::IntArrayRef(p.stride) << at::IntArrayRef(p.padding) << at::IntArrayRef(p.output_padding)
+        << at::IntArrayRef(p.dilation) << p.groups << '|' << int(p.weight_transform.kind);
+  }
+};
 
 OptionalGradients fused_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                                  const TiedConvTranspose2dParams& p, std::array<bool, 3> output_mask) {
@@ -69,12 +58,10 @@ at::Tensor tied_conv_transpose2d_cuda(const at::Tensor& input, const at::Tensor&
       TiedConvTranspose2dParams::from_schema(transform, alpha, stride, padding, output_padding, dilation, groups);
   p.check(input, weight, bias);
   const c10::cuda::CUDAGuard guard(input.device());
-  const bool fused = use_fused(Pass::kForward, input, weight, bias, p, {true, true, true}, {}, [&] {
-    return cuda::measure_fused_wins([&] { cuda::fused_transpose_forward(input, weight, bias, p); },
-                                    [&] { tied_conv_transpose2d_library(input, weight, bias, p, cuda::kCudaPasses); });
-  });
-  return fused ? cuda::fused_transpose_forward(input, weight, bias, p)
-               : tied_conv_transpose2d_library(input, weight, bias, p, cuda::kCudaPasses);
+  return cuda::run_forward(
+      ConvTranspose2dCall{input, weight, bias, p},
+      [&] { return cuda::fused_transpose_forward(input, weight, bias, p); },
+      [&] { return tied_conv_transpose2d_library(input, weight, bias, p, cuda::kCudaPasses); });
 }
 
 OptionalGradients tied_conv_transpose2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
@@ -87,20 +74,20 @@ OptionalGradients tied_conv_transpose2d_backward_cuda(const at::Tensor& grad_out
       TiedConvTranspose2dParams::from_schema(transform, alpha, stride, padding, output_padding, dilation, groups);
   p.check_backward(grad_output, input, weight, bias, output_mask);
   const c10::cuda::CUDAGuard guard(input.device());
-  auto library = [&] {
-    return tied_conv_transpose2d_backward_library(grad_output, input, weight, p, output_mask, cuda::kCudaPasses);
-  };
-  const bool fused = use_fused(Pass::kBackward, input, weight, bias, p, output_mask, grad_output.strides(), [&] {
-    return cuda::measure_fused_wins([&] { fused_backward(grad_output, input, weight, p, output_mask); }, library);
-  });
-  return fused ? fused_backward(grad_output, input, weight, p, output_mask) : library();
+  return cuda::run_backward(
+      ConvTranspose2dCall{input, weight, bias, p}, grad_output, output_mask,
+      [&] { return fused_backward(grad_output, input, weight, p, output_mask); },
+      [&] {
+        return tied_conv_transpose2d_backward_library(grad_output, input, weight, p, output_mask, cuda::kCudaPasses);
+      });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtie, CUDA, m) {
-  m.impl("tied_conv_transpose2d", &tied_conv_transpose2d_cuda);
-  m.impl("_tied_conv_transpose2d_backward", &tied_conv_transpose2d_backward_cuda);
+  register_kernel<ops::tied_conv_transpose2d>(m, "tied_conv_transpose2d", &tied_conv_transpose2d_cuda);
+  register_kernel<ops::_tied_conv_transpose2d_backward>(m, "_tied_conv_transpose2d_backward",
+                                                        &tied_conv_transpose2d_backward_cuda);
 }
 
 }  // namespace fusedtie

@@ -43,6 +43,7 @@ at::Tensor reference_f(const std::string& name, const at::Tensor& w, double alph
   if (name == "sigmoid") return at::sigmoid(w);
   if (name == "tanh") return at::tanh(w);
   if (name == "softplus") return at::softplus(w, /*beta=*/1, /*threshold=*/20);
+  if (name == "relu") return at::relu(w);
   TORCH_CHECK(false, "test has no reference for transform ", name);
 }
 
@@ -217,7 +218,7 @@ int main() {
   });
 
   // Every transform on one geometry, then the geometry variants.
-  for (const char* name : {"identity", "square", "abs", "neg", "exp", "sigmoid", "tanh", "softplus"}) {
+  for (const char* name : {"identity", "square", "abs", "neg", "exp", "sigmoid", "tanh", "softplus", "relu"}) {
     Case c;
     c.name = name;
     c.transform = name;
