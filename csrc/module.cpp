@@ -116,7 +116,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Forget every choice the CUDA autotune mode has made");
   m.def("cuda_autotune_cache_size", &fusedtie::autotune_cache_size,
         "How many (convolution, pass) choices the CUDA autotune mode has cached");
-  // User transforms (csrc/user_transforms.h); fusedtie/user_transforms.py is the only caller.
+  // User transforms (csrc/user_transforms.h); fusedtie/_catalog.py is the only caller.
   m.def("_check_user_transform", &fusedtie::check_user_transform, pybind11::arg("name"), pybind11::arg("definition"),
         "ValueError if name cannot be defined as definition; whether it already is");
   m.def("_register_compiled_transform", &fusedtie::register_compiled_transform, pybind11::arg("name"),

@@ -1,7 +1,7 @@
 // Every schema of the fusedtie namespace, and the C++ entries of fusedtie.h as calls through the
 // dispatcher (each looks its typed handle up once). Backends register implementations under their
 // dispatch keys (csrc/cpu, csrc/cuda), autograd and autocast under theirs (autograd.cpp,
-// autocast.cpp); Python registers the fake kernels (fusedtie/ops.py).
+// autocast.cpp); Python registers the fake kernels (fusedtie/_fake.py).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 

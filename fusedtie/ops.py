@@ -168,8 +168,7 @@ def tied_conv_transpose2d(
 # Two ways to call each operator. torch.ops is what tracing (torch.compile, export) and
 # __torch_function__ overrides must see. A plain eager call instead goes through the _C module's
 # binding, which enters the dispatcher directly with the GIL released, as PyTorch's own generated
-# bindings do: measured against F.conv2d on the same at::convolution, the torch.ops call cost 9 us
-# more per call on a tiny conv and 2-3% more on a 3 ms one; the binding costs what F.conv2d does.
+# bindings do, and costs what F.conv2d does (docs/design.md, "Eager calls skip torch.ops").
 # Both run the same dispatcher entry (autograd, dispatch modes, the profiler all see the call).
 _has_torch_function = torch._C._has_torch_function
 _tied_conv2d_op = torch.ops.fusedtie.tied_conv2d.default
@@ -248,5 +247,5 @@ def apply_transform(source: Tensor, transform: TransformLike) -> Tensor:
     return torch.ops.fusedtie.transform(source, t.name, t.op_alpha)
 
 
-# Autograd is registered in C++ (csrc/autograd.cpp): the Python wrapper of
-# torch.library.register_autograd costs about 140 us per call in grad mode on the CPU.
+# Autograd is registered in C++ (csrc/autograd.cpp): torch.library.register_autograd's Python
+# wrapper costs a visible share of a small convolution (docs/design.md).
