@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import fusedtie
+from cases import needs_cuda
 from fusedtie import FusedTiedConv2d
 
 
@@ -16,7 +17,8 @@ def _tensors(device="cpu", cin=4, cout=6, k=3, hw=8, dtype=torch.float32):
     )
 
 
-# (name, call, exception, message pattern); each runs on real CPU tensors and on meta tensors.
+# (name, call, exception, message pattern); each runs on real CPU tensors, on meta tensors, and on
+# CUDA tensors where a GPU is present (the same errors as the CPU's).
 def _op_cases(device):
     x, w, b = _tensors(device)
     return [
@@ -98,7 +100,7 @@ def _op_cases(device):
     ]
 
 
-@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("device", ["cpu", "meta", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("case", range(len(_op_cases("cpu"))), ids=[c[0] for c in _op_cases("cpu")])
 def test_op_bad_input(case, device):
     name, call, exc, pattern = _op_cases(device)[case]

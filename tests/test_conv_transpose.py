@@ -14,36 +14,24 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from parity import PRECISIONS, device_runs, run_transpose_parity
 from reference import reference_conv_transpose2d, reference_f, transform_arg
 
 import fusedtie
+from cases import (
+    ALGORITHMS,
+    DEVICES,
+    TRANSFORMS,
+    TRANSPOSE_GEOMETRIES,
+    TRANSPOSE_GRID_TRANSFORMS,
+    TRANSPOSE_PRODUCT_GEOMETRIES,
+    needs_cuda,
+)
 from fusedtie.nn import FusedTiedConv2d, FusedTiedConvTranspose2d
 from fusedtie.ops import tied_conv_transpose2d
 
-GRID_TRANSFORMS = ["identity", "square", "tanh", "scale", "exp"]
-
-CUDA_READY = torch.cuda.is_available() and bool(fusedtie.cuda_compiled)
-needs_cuda = pytest.mark.skipif(
-    not CUDA_READY,
-    reason="needs a CUDA GPU and fusedtie built with its CUDA kernels "
-    f"(torch.cuda.is_available()={torch.cuda.is_available()}, fusedtie.cuda_compiled={fusedtie.cuda_compiled})",
-)
-
-
-# (input shape, weight shape (in, out/groups, kH, kW), stride, padding, output_padding, groups, dilation)
-GEOMETRIES = [
-    ((2, 4, 5, 6), (4, 3, 3, 3), 1, 0, 0, 1, 1),
-    ((2, 4, 5, 6), (4, 3, 3, 3), 2, 1, 1, 1, 1),
-    ((1, 4, 5, 4), (4, 2, 3, 2), (2, 1), (1, 0), (1, 0), 1, 1),
-    ((2, 6, 4, 5), (6, 2, 3, 3), 2, 1, 0, 3, 1),  # groups 3
-    ((2, 4, 5, 5), (4, 1, 3, 3), 1, 1, 0, 4, 1),  # depthwise
-    ((1, 4, 6, 5), (4, 3, 1, 1), 2, 0, 1, 1, 1),  # 1x1 kernel
-    ((2, 3, 4, 4), (3, 2, 2, 2), 2, 0, 0, 1, 1),  # 2x2 kernel, stride 2
-    ((1, 3, 4, 5), (3, 2, 4, 4), 2, 1, 0, 1, 1),  # 4x4 kernel
-    ((1, 4, 5, 5), (4, 2, 3, 3), 2, 2, 1, 2, 2),  # dilation 2 with groups and output_padding
-    ((4, 5, 5), (4, 3, 3, 3), 2, 1, 1, 1, 1),  # unbatched
-    ((0, 4, 5, 5), (4, 3, 3, 3), 2, 1, 1, 1, 1),  # empty batch
-]
+GRID_TRANSFORMS = TRANSPOSE_GRID_TRANSFORMS
+GEOMETRIES = TRANSPOSE_PRODUCT_GEOMETRIES
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -78,6 +66,51 @@ def test_float32_matches_the_float64_oracle(transform):
     grad_out = torch.randn_like(out)
     for g, r in zip(torch.autograd.grad(out, (x, w, b), grad_out), ref_grads(grad_out)):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4)
+
+
+# --- the transposed parity grid, on each device -----------------------------------------------------
+# tied_conv_transpose2d runs the same kernels as tied_conv2d with their roles swapped, so it gets the
+# same parity rule (tests/parity.py): the CPU in float64, CUDA under each algorithm in each precision.
+
+
+def _transpose_grid():
+    """geometry x device (x precision x algorithm on CUDA), with the transform and the bias
+    cycling; the CPU's case is the CUDA fused float64 case's."""
+    params = []
+    for gi, geometry in enumerate(TRANSPOSE_GEOMETRIES):
+        runs = [("cpu", None, "float64", 0, 0)] + [
+            ("cuda", algorithm, precision, pi, ai)
+            for pi, precision in enumerate(PRECISIONS)
+            for ai, algorithm in enumerate(ALGORITHMS)
+        ]
+        for device, algorithm, precision, pi, ai in runs:
+            transform = TRANSFORMS[(gi + 2 * pi + 4 * ai) % len(TRANSFORMS)]
+            bias = (gi + pi + ai) % 2 == 0
+            name = f"{geometry[0]}-{precision}" + (f"-{algorithm}" if algorithm else "")
+            params.append(
+                pytest.param(
+                    device,
+                    algorithm,
+                    precision,
+                    transform,
+                    bias,
+                    geometry,
+                    marks=needs_cuda if device == "cuda" else (),
+                    id=f"{device}-{name}-{transform}-bias_{bias}",
+                )
+            )
+    return params
+
+
+@pytest.mark.parametrize("device,algorithm,precision,transform,bias,geometry", _transpose_grid())
+def test_transpose_geometry_grid(device, algorithm, precision, transform, bias, geometry):
+    run_transpose_parity(device, algorithm, precision, transform, bias, geometry)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("device,algorithm,precision", device_runs(["fused"], PRECISIONS))
+def test_transpose_every_transform(device, algorithm, precision, transform):
+    run_transpose_parity(device, algorithm, precision, transform, True, TRANSPOSE_GEOMETRIES[1])
 
 
 @pytest.mark.parametrize("transform", fusedtie.available_transforms())
@@ -617,17 +650,17 @@ def test_autocast_cpu_rounds_f_computed_in_float32():
     assert torch.equal(out.flatten(), expected.flatten())
 
 
-# --- CUDA -----------------------------------------------------------------------------------------
+# --- on each device, and CUDA ------------------------------------------------------------------------
 
 
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("transform", ["identity", "square", "tanh"])
-def test_cuda_matches_the_float64_oracle(dtype, transform):
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_matches_the_float64_oracle(device, dtype, transform):
     tol = 1e-10 if dtype == torch.float64 else 1e-4
-    x = torch.randn(2, 6, 5, 5, device="cuda", dtype=dtype, requires_grad=True)
-    w = (torch.randn(6, 2, 3, 3, device="cuda", dtype=dtype) * 0.5).requires_grad_(True)
-    b = torch.randn(4, device="cuda", dtype=dtype, requires_grad=True)
+    x = torch.randn(2, 6, 5, 5, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(6, 2, 3, 3, device=device, dtype=dtype) * 0.5).requires_grad_(True)
+    b = torch.randn(4, device=device, dtype=dtype, requires_grad=True)
     with torch.backends.cudnn.flags(allow_tf32=False):
         out = tied_conv_transpose2d(x, w, b, transform_arg(transform), stride=2, padding=1, output_padding=1, groups=2)
         grad_out = torch.randn_like(out)
@@ -635,7 +668,7 @@ def test_cuda_matches_the_float64_oracle(dtype, transform):
     ref, ref_grads = reference_conv_transpose2d(x.cpu(), w.cpu(), b.cpu(), transform, 2, 1, 1, 2)
     torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol)
     for g, r in zip(grads, ref_grads(grad_out.cpu())):
-        assert g.device.type == "cuda"
+        assert g.device.type == device
         torch.testing.assert_close(g.double().cpu(), r, rtol=tol, atol=tol)
 
 

@@ -14,8 +14,8 @@ import textwrap
 
 import pytest
 import torch
+from parity import run_case
 from reference import reference_conv2d
-from test_op_grid import run_case
 
 import fusedtie
 

@@ -1,85 +1,34 @@
-"""tied_conv2d forward and every gradient against the float64 oracle, over a grid of geometries."""
+"""tied_conv2d forward and every gradient against the float64 oracle, over the case grid of
+tests/cases.py.
 
-import itertools
+The CPU grids (transforms x bias modes x kernels x padding, stride x dilation x groups, layouts,
+float32) run on the CPU; the parity grid (the named geometries, and every transform and bias mode)
+runs on each device: the CPU in float64, and on CUDA under each algorithm ("fused", "library",
+"auto") in each precision (float64, float32, TF32, float16, bfloat16) by tests/parity.py's rule.
+The "cuda" parameters are skipped without a GPU and a build with the CUDA kernels.
+"""
 
 import pytest
 import torch
-from reference import reference_conv2d, transform_arg
+from parity import PRECISIONS, device_runs, on_device, randn, run_case, run_parity
+from reference import reference_conv2d
 
 import fusedtie
-
-TRANSFORMS = fusedtie.available_transforms()
-BIAS_MODES = ["none", "identity", "transform"]
-KERNELS = [(1, 1), (3, 3), (3, 1), (5, 4)]
-
-
-def run_case(
-    transform,
-    bias_mode,
-    kernel,
-    batch=2,
-    cin=4,
-    cout=6,
-    hw=(9, 8),
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups=1,
-    dtype=torch.float64,
-    layout="contiguous",
-):
-    if layout == "unbatched":
-        batch = 1
-    if layout == "expanded":  # stride-0 dimensions: one image and one filter repeated
-        x = torch.randn(1, cin, *hw, dtype=dtype).expand(batch, cin, *hw)
-        w = (torch.randn(1, cin // groups, *kernel, dtype=dtype) * 0.5).expand(cout, cin // groups, *kernel)
-    else:
-        x = torch.randn(batch, cin, *hw, dtype=dtype)
-        w = torch.randn(cout, cin // groups, *kernel, dtype=dtype) * 0.5
-    b = None if bias_mode == "none" else torch.randn(cout, dtype=dtype) * 0.5
-    bias_transform = transform if bias_mode == "transform" else "identity"
-    ref_out, ref_grads = reference_conv2d(x, w, b, transform, bias_transform, stride, padding, dilation, groups)
-
-    if layout == "unbatched":
-        x = x[0]
-    elif layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-        w = w.to(memory_format=torch.channels_last)
-    elif layout == "non_contiguous":
-        x = _non_contiguous(x)
-        w = _non_contiguous(w)
-    x.requires_grad_(True)
-    w.requires_grad_(True)
-    if b is not None:
-        b.requires_grad_(True)
-    out = fusedtie.tied_conv2d(
-        x, w, b, transform_arg(transform), transform_arg(bias_transform), stride, padding, dilation, groups
-    )
-    expected_shape = ref_out.shape[1:] if layout == "unbatched" else ref_out.shape
-    assert out.shape == expected_shape
-    assert out.dtype == dtype
-    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out.double().reshape(ref_out.shape), ref_out, **tol)
-    grad_out = torch.randn(ref_out.shape, dtype=torch.float64)
-    inputs = [x, w] + ([b] if b is not None else [])
-    grads = torch.autograd.grad(out, inputs, grad_out.to(dtype).reshape(out.shape))
-    ref = ref_grads(grad_out)
-    torch.testing.assert_close(grads[0].double().reshape(ref[0].shape), ref[0], **tol)
-    torch.testing.assert_close(grads[1].double(), ref[1], **tol)
-    if b is not None:
-        torch.testing.assert_close(grads[2].double(), ref[2], **tol)
+from cases import (
+    ALGORITHMS,
+    BIAS_MODES,
+    GEOMETRIES,
+    KERNELS,
+    LAYOUTS,
+    PADDINGS,
+    PRODUCT_GEOMETRIES,
+    TRANSFORM_BIAS_GEOMETRY,
+    TRANSFORMS,
+    needs_cuda,
+)
 
 
-def _non_contiguous(t):
-    """The same values, viewed with a gap in every row (a strided slice of a wider tensor)."""
-    wide = torch.zeros(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype)
-    wide[..., ::2] = t
-    view = wide[..., ::2]
-    assert not view.is_contiguous()
-    return view
-
-
-@pytest.mark.parametrize("padding", [1, (2, 1), "same", "valid"], ids=str)
+@pytest.mark.parametrize("padding", PADDINGS, ids=str)
 @pytest.mark.parametrize("kernel", KERNELS, ids=str)
 @pytest.mark.parametrize("bias_mode", BIAS_MODES)
 @pytest.mark.parametrize("transform", TRANSFORMS)
@@ -87,20 +36,14 @@ def test_transforms_biases_padding(transform, bias_mode, kernel, padding):
     run_case(transform, bias_mode, kernel, padding=padding)
 
 
-GEOMETRIES = [
-    dict(stride=s, dilation=d, groups=g, padding=p)
-    for s, d, g, p in itertools.product([1, 2, (2, 1)], [1, 2, (1, 2)], [1, 2], [1, (0, 2)])
-]
-
-
 @pytest.mark.parametrize("batch", [0, 1, 3])
 @pytest.mark.parametrize("kernel", KERNELS, ids=str)
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "-".join(f"{k}{v}" for k, v in g.items()))
+@pytest.mark.parametrize("geometry", PRODUCT_GEOMETRIES, ids=lambda g: "-".join(f"{k}{v}" for k, v in g.items()))
 def test_geometry(geometry, kernel, batch):
     run_case("tanh", "transform", kernel, batch=batch, hw=(11, 10), **geometry)
 
 
-@pytest.mark.parametrize("layout", ["unbatched", "channels_last", "non_contiguous", "expanded"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_layouts(transform, layout):
     run_case(transform, "transform", (3, 3), padding=1, layout=layout)
@@ -111,12 +54,63 @@ def test_float32_against_float64_reference(transform):
     run_case(transform, "transform", (3, 3), padding=1, stride=2, dtype=torch.float32)
 
 
-def test_channels_last_output_format_matches_conv2d():
-    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
-    w = torch.randn(6, 4, 3, 3)
-    out = fusedtie.tied_conv2d(x, w, transform="square", padding=1)
+# --- the parity grid, on each device ---------------------------------------------------------------
+
+
+def _geometry_grid():
+    """geometry x device (x precision x algorithm on CUDA), with the transform and the bias mode
+    cycling; the CPU's case is the CUDA fused float64 case's."""
+    params = []
+    for gi, geometry in enumerate(GEOMETRIES):
+        runs = [("cpu", None, "float64", 0, 0)] + [
+            ("cuda", algorithm, precision, pi, ai)
+            for pi, precision in enumerate(PRECISIONS)
+            for ai, algorithm in enumerate(ALGORITHMS)
+        ]
+        for device, algorithm, precision, pi, ai in runs:
+            transform = TRANSFORMS[(gi + 2 * pi + 4 * ai) % len(TRANSFORMS)]
+            bias_mode = BIAS_MODES[(2 * gi + pi + ai) % len(BIAS_MODES)]
+            name = f"{geometry['id']}-{precision}" + (f"-{algorithm}" if algorithm else "")
+            params.append(
+                pytest.param(
+                    device,
+                    algorithm,
+                    precision,
+                    transform,
+                    bias_mode,
+                    geometry,
+                    marks=needs_cuda if device == "cuda" else (),
+                    id=f"{device}-{name}-{transform}-bias_{bias_mode}",
+                )
+            )
+    return params
+
+
+@pytest.mark.parametrize("device,algorithm,precision,transform,bias_mode,geometry", _geometry_grid())
+def test_geometry_grid(device, algorithm, precision, transform, bias_mode, geometry):
+    run_parity(device, algorithm, precision, transform, bias_mode, geometry)
+
+
+@pytest.mark.parametrize("bias_mode", BIAS_MODES)
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("device,algorithm,precision", device_runs(ALGORITHMS, PRECISIONS))
+def test_every_transform_and_bias(device, algorithm, precision, transform, bias_mode):
+    run_parity(device, algorithm, precision, transform, bias_mode, TRANSFORM_BIAS_GEOMETRY)
+
+
+@pytest.mark.parametrize(
+    "device,algorithm",
+    [pytest.param("cpu", None, id="cpu")]
+    + [pytest.param("cuda", algorithm, marks=needs_cuda, id=f"cuda-{algorithm}") for algorithm in ALGORITHMS],
+)
+def test_channels_last_output_format_matches_conv2d(device, algorithm):
+    x = randn((2, 8, 8, 8), device=device).to(memory_format=torch.channels_last)
+    w = randn((12, 8, 3, 3), device=device)
+    with on_device(device, algorithm):
+        out = fusedtie.tied_conv2d(x, w, transform="square", padding=1)
     ref = torch.nn.functional.conv2d(x, w * w, padding=1)
     assert out.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(memory_format=torch.channels_last)
+    assert out.stride() == ref.stride()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
