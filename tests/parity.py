@@ -1,7 +1,7 @@
-"""The checks that run a case of tests/cases.py against the float64 oracle (tests/reference.py).
+"""The checks that run a case of tests/op_cases.py against the float64 oracle (tests/reference.py).
 
 - ``run_case``: tied_conv2d on the CPU, forward and every gradient, at a fixed tolerance (float64:
-  1e-9; float32: 1e-4), in any layout of cases.LAYOUTS.
+  1e-9; float32: 1e-4), in any layout of op_cases.LAYOUTS.
 - ``run_parity`` / ``run_transpose_parity``: tied_conv2d / tied_conv_transpose2d on a device, in a
   precision, forward and every gradient. float64 is held to a fixed tolerance (FLOAT64_REL_TOL of the
   largest reference magnitude). The other precisions (CUDA) are judged by the rule of the CUDA issue:
@@ -23,10 +23,10 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from op_cases import GEOMETRY_DEFAULTS, needs_cuda, non_contiguous, with_layout
 from reference import reference_conv2d, reference_conv_transpose2d, reference_f, transform_arg
 
 import fusedtie
-from cases import GEOMETRY_DEFAULTS, needs_cuda, non_contiguous, with_layout
 
 # --- the CPU operator at a fixed tolerance ---------------------------------------------------------
 
@@ -173,7 +173,7 @@ def check_against_reference(name, ours, theirs, ref, precision, what="", allowan
 
 def run_parity(device, algorithm, precision, transform, bias_mode, geometry):
     """tied_conv2d on ``device`` (under the CUDA ``algorithm`` on "cuda") in ``precision``, with a
-    geometry of cases.GEOMETRIES (overrides of cases.GEOMETRY_DEFAULTS), against the oracle."""
+    geometry of op_cases.GEOMETRIES (overrides of op_cases.GEOMETRY_DEFAULTS), against the oracle."""
     dtype, tf32 = PRECISIONS[precision]
     g = {**GEOMETRY_DEFAULTS, **geometry}
     layout = g["layout"]
@@ -251,7 +251,7 @@ def transpose_tf32_allowances(x, w, transform, conv, grad_out):
 
 
 def run_transpose_parity(device, algorithm, precision, transform, bias, geometry):
-    """tied_conv_transpose2d on ``device`` with a geometry of cases.TRANSPOSE_GEOMETRIES."""
+    """tied_conv_transpose2d on ``device`` with a geometry of op_cases.TRANSPOSE_GEOMETRIES."""
     gid, x_shape, w_shape, stride, padding, output_padding, groups, dilation, layout = geometry
     dtype, tf32 = PRECISIONS[precision]
     x = randn(x_shape, dtype, device=device)

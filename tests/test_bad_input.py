@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn as nn
+from op_cases import needs_cuda
 
 import fusedtie
-from cases import needs_cuda
 from fusedtie import FusedTiedConv2d
 
 

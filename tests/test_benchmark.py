@@ -83,19 +83,16 @@ def bench():
     """The benchmark's modules, as bench.py imports them: loading bench.py by its path puts
     benchmarks/ on sys.path, and its siblings (cases, contenders, guard, bench_targets) come from
     there."""
-    siblings = ("cases", "contenders", "guard", "bench_targets")
-    # tests/cases.py (the operator tests' case grid) is "cases" in this process too: set the tests'
-    # modules of these names aside while the benchmark's load, and put them back afterwards.
-    shadowed = {name: sys.modules.pop(name) for name in siblings if name in sys.modules}
     spec = importlib.util.spec_from_file_location("fusedtie_bench_under_test", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     try:
         spec.loader.exec_module(module)
-        yield types.SimpleNamespace(**{name: importlib.import_module(name) for name in siblings})
+        yield types.SimpleNamespace(
+            **{name: importlib.import_module(name) for name in ("cases", "contenders", "guard", "bench_targets")}
+        )
     finally:
         del sys.modules[spec.name]
-        sys.modules.update(shadowed)
 
 
 def _small_decoder(bench, transform="tanh"):

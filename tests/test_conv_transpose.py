@@ -14,11 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from parity import PRECISIONS, device_runs, run_transpose_parity
-from reference import reference_conv_transpose2d, reference_f, transform_arg
-
-import fusedtie
-from cases import (
+from op_cases import (
     ALGORITHMS,
     DEVICES,
     TRANSFORMS,
@@ -27,6 +23,10 @@ from cases import (
     TRANSPOSE_PRODUCT_GEOMETRIES,
     needs_cuda,
 )
+from parity import PRECISIONS, device_runs, run_transpose_parity
+from reference import reference_conv_transpose2d, reference_f, transform_arg
+
+import fusedtie
 from fusedtie.nn import FusedTiedConv2d, FusedTiedConvTranspose2d
 from fusedtie.ops import tied_conv_transpose2d
 

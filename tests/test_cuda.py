@@ -8,7 +8,7 @@ test_channels_last_output_format_matches_conv2d) and tests/test_conv_transpose.p
 (test_transpose_geometry_grid, test_transpose_every_transform) run it on each device, their "cuda"
 parameters under each CUDA algorithm ("fused", "library", "auto") in float64, float32 (exact and
 TF32), float16 and bfloat16, by the rule of tests/parity.py; bad input on CUDA is
-tests/test_bad_input.py's test_op_bad_input[cuda]. The cases are tests/cases.py's. Here are the
+tests/test_bad_input.py's test_op_bad_input[cuda]. The cases are tests/op_cases.py's. Here are the
 subjects only CUDA has:
 
 - CPU <-> CUDA parity in float64; the layer on CUDA (the seed network against the forum recipe,
@@ -32,6 +32,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from op_cases import ALGORITHMS, GEOMETRY_DEFAULTS, TRANSFORMS, TRANSPOSE_GEOMETRIES, needs_cuda
 from parity import (
     PRECISIONS,
     check_against_reference,
@@ -46,7 +47,6 @@ from torch.autograd import DeviceType
 from torch.overrides import TorchFunctionMode
 
 import fusedtie
-from cases import ALGORITHMS, GEOMETRY_DEFAULTS, TRANSFORMS, TRANSPOSE_GEOMETRIES, needs_cuda
 from fusedtie import FusedTiedConv2d
 
 # cuBLAS refuses to run under torch.use_deterministic_algorithms(True) without this; it must be

@@ -10,7 +10,7 @@ the epilogue, its input gradient on the forward kernel, its weight gradient with
 exchanged). Each CUDA thread of a block is one std::thread, __shared__ memory is shared by them and
 __syncthreads is a barrier, so a missing barrier or a thread reading another's tile before it is
 written can show as a wrong value, but nothing here models warps, the GPU memory model, or timing.
-The geometries are tests/cases.py's, the ones the parity grid runs on the CPU and the GPU.
+The geometries are tests/op_cases.py's, the ones the parity grid runs on the CPU and the GPU.
 Not covered: the tensor-core kernels (inline PTX), the elementwise kernels, the dispatchers'
 choice, and anything about speed. It is a CPU run of the CUDA source, not a GPU run: tests/test_cuda.py
 remains the check on a GPU.
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from op_cases import GEOMETRIES, GEOMETRY_DEFAULTS, TRANSFORMS, TRANSPOSE_GEOMETRIES, with_layout
 from reference import reference_conv2d, reference_conv_transpose2d, transform_arg
 
-from cases import GEOMETRIES, GEOMETRY_DEFAULTS, TRANSFORMS, TRANSPOSE_GEOMETRIES, with_layout
 from fusedtie.ops import _pair, normalize_padding
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
 """tied_conv2d forward and every gradient against the float64 oracle, over the case grid of
-tests/cases.py.
+tests/op_cases.py.
 
 The CPU grids (transforms x bias modes x kernels x padding, stride x dilation x groups, layouts,
 float32) run on the CPU; the parity grid (the named geometries, and every transform and bias mode)
@@ -10,11 +10,7 @@ The "cuda" parameters are skipped without a GPU and a build with the CUDA kernel
 
 import pytest
 import torch
-from parity import PRECISIONS, device_runs, on_device, randn, run_case, run_parity
-from reference import reference_conv2d
-
-import fusedtie
-from cases import (
+from op_cases import (
     ALGORITHMS,
     BIAS_MODES,
     GEOMETRIES,
@@ -26,6 +22,10 @@ from cases import (
     TRANSFORMS,
     needs_cuda,
 )
+from parity import PRECISIONS, device_runs, on_device, randn, run_case, run_parity
+from reference import reference_conv2d
+
+import fusedtie
 
 
 @pytest.mark.parametrize("padding", PADDINGS, ids=str)
