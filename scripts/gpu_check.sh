@@ -7,7 +7,7 @@
 # script exits non-zero at the end if any step failed, timed out or had no time left to run:
 #   1. info       nvidia-smi, torch/CUDA versions, the GPU              -> gpu-check.log
 #   2. build      JIT build of the extension for this GPU's architecture -> build.log
-#   3. test-cuda  pytest tests/test_cuda.py                              -> test-cuda.log, test-cuda-junit.xml
+#   3. test-cuda  pytest -m cuda tests (every CUDA test or parameter)   -> test-cuda.log, test-cuda-junit.xml
 #   4. sanitizer  compute-sanitizer memcheck: forward+backward once through each forced CUDA
 #                 algorithm (fused, library) in float32 and bfloat16, both operators -> sanitizer.log
 #   5. bench      benchmarks/bench.py --device cuda --quick              -> bench-cuda.log, bench-cuda.json
@@ -185,7 +185,7 @@ if ((BUILT)); then
   # shellcheck disable=SC2086
   run_step test-cuda "${TEST_TIMEOUT_S:-260}" "$OUT/test-cuda.log" \
     "$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=15 \
-    --junitxml="$OUT/test-cuda-junit.xml" tests/test_cuda.py ${PYTEST_ARGS:-}
+    --junitxml="$OUT/test-cuda-junit.xml" -m cuda tests ${PYTEST_ARGS:-}
   tail_into_log "$OUT/test-cuda.log" 3
   counts="$(grep -E '[0-9]+ (passed|failed|skipped|errors?).* in [0-9.]+s' "$OUT/test-cuda.log" | tail -n 1 || true)"
   if [[ "$STEP_STATUS" == PASS ]] && ! grep -qE '[0-9]+ passed' <<<"$counts"; then
@@ -327,7 +327,7 @@ fi
 if [[ "${RUN_REST:-0}" == 1 ]]; then
   if ((BUILT)); then
     run_step test-rest "${REST_TIMEOUT_S:-150}" "$OUT/test-rest.log" \
-      "$PY" -m pytest -q -p no:cacheprovider -x tests --ignore=tests/test_cuda.py
+      "$PY" -m pytest -q -p no:cacheprovider -x -m "not cuda" tests
     counts="$(grep -E '[0-9]+ (passed|failed|skipped|errors?).* in [0-9.]+s' "$OUT/test-rest.log" | tail -n 1 || true)"
     record test-rest "$STEP_STATUS" "(${STEP_S}s: ${counts:-no pytest summary}; log test-rest.log)"
   else

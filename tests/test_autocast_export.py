@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from functorch.compile import make_boxed_func
+from op_cases import needs_cuda
 from reference import reference_conv2d, reference_f, transform_arg
 from torch._dynamo.backends.common import aot_autograd
 from torch._prims_common import check_significant_strides, suggest_memory_format
@@ -25,10 +26,6 @@ import fusedtie
 TRANSFORMS = fusedtie.available_transforms()
 # Where round(f(w)) == f(round(w)) for every w: the autocast kernel keeps these fused.
 COMMUTING = ("identity", "neg", "abs", "relu")
-
-needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and fusedtie.cuda_compiled), reason="needs a GPU and a CUDA build"
-)
 
 
 def _op_args(transform, bias_transform="identity", padding=1, groups=1):
