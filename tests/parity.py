@@ -23,7 +23,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from op_cases import GEOMETRY_DEFAULTS, needs_cuda, non_contiguous, with_layout
+from op_cases import ALGORITHMS, GEOMETRY_DEFAULTS, needs_cuda, non_contiguous, with_layout
 from reference import reference_conv2d, reference_conv_transpose2d, reference_f, transform_arg
 
 import fusedtie
@@ -278,6 +278,17 @@ def run_transpose_parity(device, algorithm, precision, transform, bias, geometry
     names = ["output", "grad_input", "grad_weight", "grad_bias"]
     for name, ours, them, r, allowance in zip(names, [out, *grads], [theirs, *their_grads], ref, allowances):
         check_against_reference(name, ours, them, r, precision, what, allowance, device=device)
+
+
+def cycled_runs(geometries):
+    """(gi, geometry, device, algorithm, precision, pi, ai) for the parity grids: per geometry, the CPU
+    in float64 (indexed as CUDA's first precision and algorithm) and on "cuda" every precision x
+    algorithm; the indexes let a grid cycle its transform and bias through the runs."""
+    for gi, geometry in enumerate(geometries):
+        yield gi, geometry, "cpu", None, "float64", 0, 0
+        for pi, precision in enumerate(PRECISIONS):
+            for ai, algorithm in enumerate(ALGORITHMS):
+                yield gi, geometry, "cuda", algorithm, precision, pi, ai
 
 
 def device_runs(algorithms, precisions):

@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from op_cases import (
-    ALGORITHMS,
     DEVICES,
     TRANSFORMS,
     TRANSPOSE_GEOMETRIES,
@@ -23,7 +22,7 @@ from op_cases import (
     TRANSPOSE_PRODUCT_GEOMETRIES,
     needs_cuda,
 )
-from parity import PRECISIONS, device_runs, run_transpose_parity
+from parity import PRECISIONS, cycled_runs, device_runs, run_transpose_parity
 from reference import reference_conv_transpose2d, reference_f, transform_arg
 
 import fusedtie
@@ -77,28 +76,22 @@ def _transpose_grid():
     """geometry x device (x precision x algorithm on CUDA), with the transform and the bias
     cycling; the CPU's case is the CUDA fused float64 case's."""
     params = []
-    for gi, geometry in enumerate(TRANSPOSE_GEOMETRIES):
-        runs = [("cpu", None, "float64", 0, 0)] + [
-            ("cuda", algorithm, precision, pi, ai)
-            for pi, precision in enumerate(PRECISIONS)
-            for ai, algorithm in enumerate(ALGORITHMS)
-        ]
-        for device, algorithm, precision, pi, ai in runs:
-            transform = TRANSFORMS[(gi + 2 * pi + 4 * ai) % len(TRANSFORMS)]
-            bias = (gi + pi + ai) % 2 == 0
-            name = f"{geometry[0]}-{precision}" + (f"-{algorithm}" if algorithm else "")
-            params.append(
-                pytest.param(
-                    device,
-                    algorithm,
-                    precision,
-                    transform,
-                    bias,
-                    geometry,
-                    marks=needs_cuda if device == "cuda" else (),
-                    id=f"{device}-{name}-{transform}-bias_{bias}",
-                )
+    for gi, geometry, device, algorithm, precision, pi, ai in cycled_runs(TRANSPOSE_GEOMETRIES):
+        transform = TRANSFORMS[(gi + 2 * pi + 4 * ai) % len(TRANSFORMS)]
+        bias = (gi + pi + ai) % 2 == 0
+        name = f"{geometry[0]}-{precision}" + (f"-{algorithm}" if algorithm else "")
+        params.append(
+            pytest.param(
+                device,
+                algorithm,
+                precision,
+                transform,
+                bias,
+                geometry,
+                marks=needs_cuda if device == "cuda" else (),
+                id=f"{device}-{name}-{transform}-bias_{bias}",
             )
+        )
     return params
 
 

@@ -22,7 +22,7 @@ from op_cases import (
     TRANSFORMS,
     needs_cuda,
 )
-from parity import PRECISIONS, device_runs, on_device, randn, run_case, run_parity
+from parity import PRECISIONS, cycled_runs, device_runs, on_device, randn, run_case, run_parity
 from reference import reference_conv2d
 
 import fusedtie
@@ -61,28 +61,22 @@ def _geometry_grid():
     """geometry x device (x precision x algorithm on CUDA), with the transform and the bias mode
     cycling; the CPU's case is the CUDA fused float64 case's."""
     params = []
-    for gi, geometry in enumerate(GEOMETRIES):
-        runs = [("cpu", None, "float64", 0, 0)] + [
-            ("cuda", algorithm, precision, pi, ai)
-            for pi, precision in enumerate(PRECISIONS)
-            for ai, algorithm in enumerate(ALGORITHMS)
-        ]
-        for device, algorithm, precision, pi, ai in runs:
-            transform = TRANSFORMS[(gi + 2 * pi + 4 * ai) % len(TRANSFORMS)]
-            bias_mode = BIAS_MODES[(2 * gi + pi + ai) % len(BIAS_MODES)]
-            name = f"{geometry['id']}-{precision}" + (f"-{algorithm}" if algorithm else "")
-            params.append(
-                pytest.param(
-                    device,
-                    algorithm,
-                    precision,
-                    transform,
-                    bias_mode,
-                    geometry,
-                    marks=needs_cuda if device == "cuda" else (),
-                    id=f"{device}-{name}-{transform}-bias_{bias_mode}",
-                )
+    for gi, geometry, device, algorithm, precision, pi, ai in cycled_runs(GEOMETRIES):
+        transform = TRANSFORMS[(gi + 2 * pi + 4 * ai) % len(TRANSFORMS)]
+        bias_mode = BIAS_MODES[(2 * gi + pi + ai) % len(BIAS_MODES)]
+        name = f"{geometry['id']}-{precision}" + (f"-{algorithm}" if algorithm else "")
+        params.append(
+            pytest.param(
+                device,
+                algorithm,
+                precision,
+                transform,
+                bias_mode,
+                geometry,
+                marks=needs_cuda if device == "cuda" else (),
+                id=f"{device}-{name}-{transform}-bias_{bias_mode}",
             )
+        )
     return params
 
 
