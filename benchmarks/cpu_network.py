@@ -11,13 +11,16 @@ the rounds divided by the untied network's.
     python benchmarks/cpu_network.py                          # square, library and auto, inference
     python benchmarks/cpu_network.py --mode train             # forward and every parameter's gradient
     python benchmarks/cpu_network.py --transform tanh --algorithms library,brgemm,auto --rounds 400
+    python benchmarks/cpu_network.py --per-layer               # also each layer's own median, in ms
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -48,34 +51,64 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser, rounds=300, algorithms="library,auto")
     parser.add_argument("--mode", choices=("inference", "train"), default="inference")
+    parser.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="inference only: also time each layer apart, to show what a tied layer costs its neighbours",
+    )
     args = parser.parse_args(argv)
+    if args.per_layer and args.mode != "inference":
+        parser.error("--per-layer times forwards only (use --mode inference)")
     algorithms = args.algorithms.split(",")
     print(f"{machine_line(args)}, {args.mode}; median / the untied network's median\n")
     header = ["stack"] + [f"tied, {a}" for a in algorithms] + ["untied ms"]
     print("| " + " | ".join(header) + " |\n|" + "---|" + "---:|" * (len(header) - 1))
+    per_layer: dict[str, dict[str, list[float]]] = {}
     for name, (x_shape, channels, kernel, padding) in STACKS.items():
         torch.manual_seed(0)
         x = torch.randn(x_shape)
         untied = stack(channels, kernel, padding, None)
         tied = stack(channels, kernel, padding, args.transform)
 
-        def run(model, algorithm):
+        layer_times: dict[str, list[list[float]]] = {}
+
+        def run(model, algorithm, name):
             params = list(model.parameters())
+            layer_times[name] = [[] for _ in model]
 
             def call():
                 with fusedtie.use_cpu_conv_algorithm(algorithm):
                     if args.mode == "inference":
                         with torch.no_grad():
-                            return model(x)
+                            if not args.per_layer:
+                                return model(x)
+                            h = x
+                            for layer, samples in zip(model, layer_times[name]):
+                                start = time.perf_counter()
+                                h = layer(h)
+                                samples.append(time.perf_counter() - start)
+                            return h
                     # The input is data: the first layer's backward computes no input gradient.
                     return torch.autograd.grad(model(x).sum(), params)
 
             return call
 
-        calls = {"untied": run(untied, "library")} | {a: run(tied, a) for a in algorithms}
+        calls = {"untied": run(untied, "library", "untied")} | {a: run(tied, a, a) for a in algorithms}
         median = interleaved_medians(calls, args.rounds)
         cells = [f"{median[a] / median['untied']:.2f}" for a in algorithms]
         print(f"| {name} | " + " | ".join(cells) + f" | {1e3 * median['untied']:.3f} |")
+        if args.per_layer:
+            per_layer[name] = {
+                network: [1e3 * statistics.median(samples) for samples in layers]
+                for network, layers in layer_times.items()
+            }
+    if args.per_layer:
+        print("\nEach layer's median ms (layer 1 is the tied one; layer 2 pays for what it left in cache):\n")
+        print("| stack | network | layer 0 | layer 1 | layer 2 | layer 3 |\n|---|---|---:|---:|---:|---:|")
+        for name, networks in per_layer.items():
+            for network, times in networks.items():
+                label = network if network == "untied" else f"tied, {network}"
+                print(f"| {name} | {label} | " + " | ".join(f"{t:.3f}" for t in times) + " |")
     return 0
 
 

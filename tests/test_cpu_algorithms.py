@@ -87,6 +87,64 @@ def test_brgemm_float32_across_its_tile_edges(case, transform, bias_mode):
     assert algorithm_used(names) == "brgemm"  # the path under test, not a hand-back to the library
 
 
+def test_brgemm_scratch_across_sizes():
+    """The brgemm path keeps its column matrix, output and tiles in per-thread scratch between calls
+    (csrc/cpu/scratch.h): calls that grow, shrink and exceed what it keeps (16 MiB, then a buffer of
+    its own) must each see only their own data, the padding's zeros included."""
+    sizes = [  # (batch, cin, cout, kernel, hw, padding); the second's columns are 23 MiB, over the kept
+        (1, 8, 8, (3, 3), (7, 7), 1),
+        (1, 64, 16, (3, 3), (100, 100), 1),
+        (1, 128, 70, (3, 3), (15, 15), 1),
+        (2, 3, 5, (3, 3), (6, 6), 1),
+        (1, 128, 70, (1, 1), (15, 15), 0),
+    ]
+    torch.manual_seed(0)
+    with fusedtie.use_cpu_conv_algorithm("brgemm"):
+        for batch, cin, cout, kernel, hw, padding in sizes:
+            x = torch.randn(batch, cin, *hw, requires_grad=True)
+            w = (torch.randn(cout, cin, *kernel) * 0.5).requires_grad_(True)
+            b = torch.randn(cout, requires_grad=True)
+            ref_out, ref_grads = reference_conv2d(x, w, b, "square", "square", padding=padding)
+            out = fusedtie.tied_conv2d(x, w, b, "square", "square", padding=padding)
+            grad_out = torch.randn(ref_out.shape, dtype=torch.float64)
+            grads = torch.autograd.grad(out, (x, w, b), grad_out.float())
+            # float32 sums of up to 10^4 terms: tolerances scale with each result's largest value
+            for got, want in zip((out, *grads), (ref_out, *ref_grads(grad_out))):
+                torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_brgemm_scratch_is_per_thread():
+    """Two Python threads running brgemm convolutions of different sizes at once: each thread's
+    scratch is its own, so every result matches its float64 reference."""
+    import threading
+
+    torch.manual_seed(0)
+    cases = []
+    for cin, hw in ((32, (9, 9)), (48, (13, 11))):
+        x, w = torch.randn(1, cin, *hw), torch.randn(24, cin, 3, 3) * 0.2
+        expected = torch.nn.functional.conv2d(x.double(), w.double().square(), padding=1)
+        cases.append((x, w, expected))
+    errors = []
+
+    def work(x, w, expected):
+        try:
+            for _ in range(40):
+                with torch.no_grad():
+                    out = fusedtie.tied_conv2d(x, w, None, "square", padding=1)
+                torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+        except Exception as error:  # reported below, from the main thread
+            errors.append(error)
+
+    # The setting is process-wide (as torch.backends flags are): set once, around both threads.
+    with fusedtie.use_cpu_conv_algorithm("brgemm"):
+        threads = [threading.Thread(target=work, args=case) for case in cases]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors
+
+
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_brgemm_packing_under_each_cpu_capability(capability):
     """The packing (f and a transpose in one pass) is compiled per instruction set; the tests above

@@ -17,6 +17,7 @@
 #include "conv_algorithm.h"
 #include "gemm_conv2d.h"
 #include "im2col.h"
+#include "scratch.h"
 #include "transform_passes.h"
 
 namespace fusedtie {
@@ -59,7 +60,8 @@ void forward_gemm(const float* weight, const TransformSpec& f, const float* cols
                                              std::max<int64_t>(1, N / kMinSplitPositions));
   const int64_t split_rows = (N + splits - 1) / splits;
   at::parallel_for(0, channel_blocks * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(kPackDepth * kChannelBlock);
+    at::Tensor tile_fallback;
+    float* tile = thread_scratch(ScratchSlot::kTile, kPackDepth * kChannelBlock, tile_fallback);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t o0 = (task / splits) * kChannelBlock, channels = std::min(kChannelBlock, O - o0);
       const int64_t n0 = (task % splits) * split_rows, rows = std::min(split_rows, N - n0);
@@ -70,8 +72,8 @@ void forward_gemm(const float* weight, const TransformSpec& f, const float* cols
       }
       for (int64_t k0 = 0; k0 < K; k0 += kPackDepth) {
         const int64_t depth = std::min(kPackDepth, K - k0);
-        passes.forward_transposed(f.kind, weight + o0 * K + k0, K, tile.data(), channels, channels, depth, f.alpha);
-        brgemm(rows, channels, depth, K, channels, O, bias != nullptr || k0 > 0, cols_t + n0 * K + k0, tile.data(), y);
+        passes.forward_transposed(f.kind, weight + o0 * K + k0, K, tile, channels, channels, depth, f.alpha);
+        brgemm(rows, channels, depth, K, channels, O, bias != nullptr || k0 > 0, cols_t + n0 * K + k0, tile, y);
       }
     }
     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
@@ -95,13 +97,14 @@ void input_grad_gemm(const float* weight, const TransformSpec& f, const float* g
   const int64_t blocks = (K + kGradRows - 1) / kGradRows;
   const TransformPasses& passes = cpu_transform_passes();
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile_t(kGradRows * kGradDepth);
+    at::Tensor tile_fallback;
+    float* tile_t = thread_scratch(ScratchSlot::kTile, kGradRows * kGradDepth, tile_fallback);
     for (int64_t block = begin; block < end; ++block) {
       const int64_t k0 = block * kGradRows, rows = std::min(kGradRows, K - k0);
       for (int64_t o0 = 0; o0 < O; o0 += kGradDepth) {
         const int64_t depth = std::min(kGradDepth, O - o0);
-        passes.forward_transposed(f.kind, weight + o0 * K + k0, K, tile_t.data(), kGradDepth, depth, rows, f.alpha);
-        brgemm(rows, N, depth, kGradDepth, N, N, o0 > 0, tile_t.data(), grad + o0 * N, dcols + k0 * N);
+        passes.forward_transposed(f.kind, weight + o0 * K + k0, K, tile_t, kGradDepth, depth, rows, f.alpha);
+        brgemm(rows, N, depth, kGradDepth, N, N, o0 > 0, tile_t, grad + o0 * N, dcols + k0 * N);
       }
     }
     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
@@ -130,12 +133,6 @@ void weight_grad_gemm(const float* grad, const float* cols_t, const float* weigh
     }
     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
   });
-}
-
-// The batch's column matrix [K, batch * L] (contiguous), the images side by side.
-at::Tensor batch_columns(const at::Tensor& input, const Geometry& g) {
-  at::Tensor buffer;
-  return columns(input, 0, input.size(0), g, buffer).contiguous();
 }
 
 // The batch's output gradient as [O, batch * L] (contiguous).
@@ -171,19 +168,18 @@ at::Tensor brgemm_conv2d_forward(const at::Tensor& input, const at::Tensor& sour
   RECORD_FUNCTION("fusedtie::brgemm_conv2d_forward", std::vector<c10::IValue>());
   const Geometry g(input, source, stride, padding, dilation);
   const int64_t batch = input.size(0), O = source.size(0), K = g.rows(), L = g.positions(), N = batch * L;
-  const at::Tensor cols = batch_columns(input, g);
-  at::Tensor cols_t = at::empty({N, K}, input.options());
-  transpose(cols.const_data_ptr<float>(), N, cols_t.mutable_data_ptr<float>(), K, K, N);
+  at::Tensor cols_fallback, output_fallback;
+  float* cols_t = thread_scratch(ScratchSlot::kColumns, N * K, cols_fallback);
+  im2col_transposed(input.const_data_ptr<float>(), batch, cols_t, g);
   const at::Tensor weight = source.contiguous();
   const at::Tensor bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor result_t = at::empty({N, O}, input.options());
-  forward_gemm(weight.const_data_ptr<float>(), f, cols_t.const_data_ptr<float>(),
-               bias_values.defined() ? bias_values.const_data_ptr<float>() : nullptr,
-               result_t.mutable_data_ptr<float>(), O, K, N);
+  float* result_t = thread_scratch(ScratchSlot::kOutput, N * O, output_fallback);
+  forward_gemm(weight.const_data_ptr<float>(), f, cols_t,
+               bias_values.defined() ? bias_values.const_data_ptr<float>() : nullptr, result_t, O, K, N);
   // Back to NCHW, the layout at::convolution returns for an NCHW input: [L, O] -> [O, L] per image.
   at::Tensor result = at::empty({batch, O, g.out_h, g.out_w}, input.options());
   for (int64_t i = 0; i < batch; ++i) {
-    transpose(result_t.const_data_ptr<float>() + i * L * O, O, result.mutable_data_ptr<float>() + i * O * L, L, L, O);
+    transpose(result_t + i * L * O, O, result.mutable_data_ptr<float>() + i * O * L, L, L, O);
   }
   return result;
 }
@@ -200,22 +196,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> brgemm_conv2d_backward(const at::
   const at::Tensor grad = batch_grad_columns(grad_output, O, L);
   at::Tensor grad_input, grad_weight, grad_bias;
   if (output_mask[0]) {
-    at::Tensor dcols = at::empty({K, N}, input.options());
-    input_grad_gemm(weight.const_data_ptr<float>(), f, grad.const_data_ptr<float>(), dcols.mutable_data_ptr<float>(), O,
-                    K, N);
+    // A pointwise input gradient is dcols itself (a view), so it gets a tensor of its own; otherwise
+    // col2im copies dcols out and it can live in scratch.
+    at::Tensor dcols_tensor, dcols_fallback;
+    float* dcols = nullptr;
     if (g.pointwise) {
-      grad_input = images_first(dcols, batch, L).view(input.sizes());
+      dcols_tensor = at::empty({K, N}, input.options());
+      dcols = dcols_tensor.mutable_data_ptr<float>();
+    } else {
+      dcols = thread_scratch(ScratchSlot::kOutput, K * N, dcols_fallback);
+    }
+    input_grad_gemm(weight.const_data_ptr<float>(), f, grad.const_data_ptr<float>(), dcols, O, K, N);
+    if (g.pointwise) {
+      grad_input = images_first(dcols_tensor, batch, L).view(input.sizes());
     } else {
       grad_input = at::empty_like(input);
       for (int64_t i = 0; i < batch; ++i) {
-        col2im(dcols.const_data_ptr<float>() + i * L, N, grad_input[i].mutable_data_ptr<float>(), g);
+        col2im(dcols + i * L, N, grad_input[i].mutable_data_ptr<float>(), g);
       }
     }
   }
   if (output_mask[1]) {
-    const at::Tensor cols_t = batch_columns(input, g).t().contiguous();  // [N, K]
+    at::Tensor cols_fallback;
+    float* cols_t = thread_scratch(ScratchSlot::kColumns, N * K, cols_fallback);
+    im2col_transposed(input.const_data_ptr<float>(), batch, cols_t, g);
     grad_weight = at::empty(source.sizes(), source.options().memory_format(at::MemoryFormat::Contiguous));
-    weight_grad_gemm(grad.const_data_ptr<float>(), cols_t.const_data_ptr<float>(), weight.const_data_ptr<float>(), f,
+    weight_grad_gemm(grad.const_data_ptr<float>(), cols_t, weight.const_data_ptr<float>(), f,
                      grad_weight.mutable_data_ptr<float>(), O, K, N);
   }
   if (output_mask[2]) grad_bias = grad.sum(1);

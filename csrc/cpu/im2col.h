@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "gemm_conv2d.h"
 
@@ -72,6 +73,33 @@ inline void im2col(const scalar_t* image, scalar_t* cols, int64_t row_stride, co
           for (int64_t x = x_lo; x < x_hi; ++x) dst[x] = src[x * g.stride_w];
         }
         for (int64_t x = x_hi; x < g.out_w; ++x) dst[x] = scalar_t(0);
+      }
+    }
+  });
+}
+
+// The column matrix transposed, for a batch: cols_t[n, r] with n = image * L + position and r as in
+// im2col, written row by row (one output position's K inputs are contiguous, the layout the brgemm
+// forward reads as its GEMM's left operand). One pass, instead of im2col and then a transpose.
+template <typename scalar_t>
+inline void im2col_transposed(const scalar_t* images, int64_t batch, scalar_t* cols_t, const Geometry& g) {
+  const int64_t L = g.positions(), taps = g.kernel_h * g.kernel_w, plane = g.height * g.width;
+  at::parallel_for(0, batch * L, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> tap_offset(taps);  // within a channel plane; -1 where the tap is padding
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t y = (n % L) / g.out_w, x = n % g.out_w;
+      for (int64_t ki = 0; ki < g.kernel_h; ++ki) {
+        const int64_t iy = y * g.stride_h - g.pad_h + ki * g.dilation_h;
+        for (int64_t kj = 0; kj < g.kernel_w; ++kj) {
+          const int64_t ix = x * g.stride_w - g.pad_w + kj * g.dilation_w;
+          const bool inside = iy >= 0 && iy < g.height && ix >= 0 && ix < g.width;
+          tap_offset[ki * g.kernel_w + kj] = inside ? iy * g.width + ix : -1;
+        }
+      }
+      const scalar_t* image = images + (n / L) * g.channels * plane;
+      scalar_t* row = cols_t + n * g.rows();
+      for (int64_t c = 0; c < g.channels; ++c, row += taps, image += plane) {
+        for (int64_t t = 0; t < taps; ++t) row[t] = tap_offset[t] >= 0 ? image[tap_offset[t]] : scalar_t(0);
       }
     }
   });
