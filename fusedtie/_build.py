@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import importlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -169,10 +171,11 @@ BUILD_LOCK = "fusedtie-build.lock"
 
 
 @contextlib.contextmanager
-def _build_lock(build_dir: str) -> Iterator[None]:
+def build_lock(build_dir: str, what: str = "the extension") -> Iterator[None]:
     """Exclusive use of the build folder, by an flock that the kernel drops when its holder exits,
     however it exits: an interrupted build leaves nothing that makes the next import wait. Waiting
-    on a live builder ends after FUSEDTIE_BUILD_WAIT_SECONDS (default 3600) with an error naming it."""
+    on a live builder ends after FUSEDTIE_BUILD_WAIT_SECONDS (default 3600) with an error naming it.
+    ``what`` names what is being built, in the line printed while waiting."""
     if fcntl is None:
         yield
         return
@@ -195,7 +198,7 @@ def _build_lock(build_dir: str) -> Iterator[None]:
                     ) from None
                 if not told:
                     print(
-                        f"fusedtie: waiting for {holder}, which is building the extension in {build_dir}",
+                        f"fusedtie: waiting for {holder}, which is building {what} in {build_dir}",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -209,6 +212,61 @@ def _build_lock(build_dir: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def write_atomically(path: str, text: str) -> None:
+    """``text`` into ``path`` by a rename: another process sees the old file, none, or the whole new one."""
+    temporary = f"{path}.{os.getpid()}"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
+def file_digest(path: str) -> tuple[int, str]:
+    """A file's size and SHA-256: what a cache records beside a library it built, and checks before
+    loading it (a truncated ELF crashes the process on dlopen; garbage gives an error at best)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return os.path.getsize(path), digest.hexdigest()
+
+
+def _record_path(library: str) -> str:
+    return library + ".record"
+
+
+def _matches_record(library: str) -> bool:
+    try:
+        with open(_record_path(library)) as f:
+            record = json.load(f)
+        return file_digest(library) == (int(record["size"]), str(record["sha256"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _drop_unrecorded_libraries(build_dir: str) -> None:
+    """ninja writes the JIT library in place, so a build killed while linking, a full disk or later
+    damage leaves a file that ninja considers up to date. Each library is loaded only if it matches
+    the record written after its build succeeded; any other is removed, with a line saying so, and
+    ninja links it again from the compiled objects."""
+    for library in glob.glob(os.path.join(build_dir, JIT_NAME + "*.so")):
+        if not _matches_record(library):
+            print(
+                f"fusedtie: {library} does not match the record of its build (interrupted, out of disk space "
+                "or damaged); linking it again",
+                file=sys.stderr,
+                flush=True,
+            )
+            for stale in (library, _record_path(library)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(stale)
+
+
+def _record_library(library: str) -> None:
+    """Records the size and SHA-256 of a library this process built, once it has loaded."""
+    size, digest = file_digest(library)
+    write_atomically(_record_path(library), json.dumps({"size": size, "sha256": digest}) + "\n")
 
 
 def _clear_torch_lock(build_dir: str) -> None:
@@ -243,12 +301,16 @@ def _jit_build() -> ModuleType:
     headers += glob.glob(os.path.join(PACKAGE_DIR, "include", "*.h"))  # the user-transform interface
     debug = os.environ.get("FUSEDTIE_DEBUG", "0") == "1"
     flags = compile_flags(debug, cuda)
-    with _build_lock(build_dir):
+    with build_lock(build_dir):
         _clear_torch_lock(build_dir)
+        _drop_unrecorded_libraries(build_dir)
         built = glob.glob(os.path.join(build_dir, JIT_NAME + "*.so"))
         newest_input = max(os.path.getmtime(f) for f in sources + headers)
         compiling = not built or newest_input > max(os.path.getmtime(f) for f in built)
         if compiling:
+            for library in built:  # ninja may link these again in place: their records no longer hold
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(_record_path(library))
             print(
                 f"fusedtie: compiling the extension once ({'CPU+CUDA' if cuda else 'CPU only'}: {why}; "
                 f"expect {EXPECTED_BUILD[cuda]}); cache {build_dir}",
@@ -276,6 +338,8 @@ def _jit_build() -> ModuleType:
                 + compiler_errors(str(error))
                 + "\nFor the whole log: FUSEDTIE_VERBOSE_BUILD=1 python -c 'import fusedtie'"
             ) from None
+        if not os.path.exists(_record_path(module.__file__)):  # built by this call (the rest were checked)
+            _record_library(module.__file__)
         if compiling:
             print(f"fusedtie: built in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
         return module

@@ -51,6 +51,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from ._build import build_lock, file_digest, write_atomically
+
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 INCLUDE_DIR = os.path.join(PACKAGE_DIR, "include")
 HEADER = "fusedtie_user_transform.h"
@@ -327,6 +329,42 @@ def _build(
     library = os.path.join(build_dir, name + ".so")
     marker = os.path.join(build_dir, "built")
     failed = os.path.join(build_dir, "failed")
+    cached = _cached_build(marker, library, failed, vector)
+    if cached is not False:
+        return cached
+    os.makedirs(build_dir, exist_ok=True)
+    # Two processes creating the same transform: one builds and records it, the other waits, then
+    # finds the record (checked again under the lock).
+    with build_lock(build_dir, what=f"the transform library {name}"):
+        cached = _cached_build(marker, library, failed, vector)
+        if cached is not False:
+            return cached
+        if not _compile(files, name, build_dir, isa, cuda, forward, derivative, failed, key):
+            return None
+        if not os.path.exists(library):
+            raise RuntimeError(f"fusedtie: the build of {name} reported success but made no {library}")
+        # The library was built here, for this machine's instruction set: reading its data symbols
+        # runs none of its code. (cpp_extension.load has loaded it already: this is the same handle.)
+        size, digest = file_digest(library)  # before the first load: what this build wrote
+        handle = ctypes.CDLL(library)
+        isa_address = ctypes.addressof(ctypes.c_char.in_dll(handle, "fusedtie_user_transform_isa"))
+        description = {
+            "key": key,
+            "isa": ctypes.cast(isa_address, ctypes.c_char_p).value.decode(),  # up to its NUL
+            "vectorized": int(ctypes.c_int32.in_dll(handle, "fusedtie_user_transform_vectorized").value),
+            "size": size,
+            "sha256": digest,
+        }
+        write_atomically(marker, json.dumps(description) + "\n")  # another process sees no marker or a whole one
+    built = _read_marker(marker, library)
+    assert built is not None
+    return BuiltLibrary(built.path, True, built.isa, built.vectorized_forward, built.vectorized_chain_rule)
+
+
+def _cached_build(marker: str, library: str, failed: str, vector: bool):
+    """The cached library's description; None where a vector build failed before (the ``failed``
+    marker); False where there is nothing usable (nothing built, or a library that does not match
+    its record, which is then removed with a warning)."""
     if os.path.exists(marker) and os.path.exists(library):
         described = _read_marker(marker, library)
         if described is not None:
@@ -334,22 +372,36 @@ def _build(
         # A library that does not match its marker (a build killed mid-write, a full disk, an
         # older fusedtie's marker) is never loaded: a truncated ELF crashes the process on dlopen.
         warnings.warn(
-            f"fusedtie: the cached transform library {library} does not match its record; rebuilding it", stacklevel=4
+            f"fusedtie: the cached transform library {library} does not match its record; rebuilding it", stacklevel=5
         )
         for stale in (marker, library):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(stale)
     if vector and os.path.exists(failed):
         return None
+    return False
 
+
+def _compile(
+    files: dict[str, str],
+    name: str,
+    build_dir: str,
+    isa: Optional[str],
+    cuda: bool,
+    forward: str,
+    derivative: str,
+    failed: str,
+    key: str,
+) -> bool:
+    """Compiles the library in build_dir (under the caller's lock). False when a vector build fails
+    (recorded in ``failed``); ValueError quoting the compiler when a scalar build fails."""
     from torch.utils import cpp_extension  # imported only to build (it takes a while to import)
 
-    os.makedirs(build_dir, exist_ok=True)
+    vector = isa is not None
     source_paths = []
     for file_name, source in files.items():
         source_paths.append(os.path.join(build_dir, file_name))
-        with open(source_paths[-1], "w") as f:
-            f.write(source)
+        write_atomically(source_paths[-1], source)  # a compiler reading it sees a whole file
     try:
         # is_python_module=False: a plain shared library, no Python bindings (torch also loads it
         # into the process, which is harmless: the operator library dlopens the same file).
@@ -366,47 +418,14 @@ def _build(
         )
     except RuntimeError as error:
         if vector:
-            _write_atomically(failed, key + "\n" + compiler_errors(str(error)) + "\n")
-            return None
+            write_atomically(failed, key + "\n" + compiler_errors(str(error)) + "\n")
+            return False
         raise ValueError(
             f"the transform's expressions do not compile (forward: {forward!r}, derivative: {derivative!r}):\n"
             + compiler_errors(str(error))
             + f"\n(the generated source and the build files are in {build_dir})"
         ) from None
-    if not os.path.exists(library):
-        raise RuntimeError(f"fusedtie: the build of {name} reported success but made no {library}")
-    # The library was built here, for this machine's instruction set: reading its data symbols runs
-    # none of its code. (cpp_extension.load has loaded it already: this is the same handle.)
-    size, digest = _library_digest(library)  # before the first load: what this build wrote
-    handle = ctypes.CDLL(library)
-    isa_address = ctypes.addressof(ctypes.c_char.in_dll(handle, "fusedtie_user_transform_isa"))
-    description = {
-        "key": key,
-        "isa": ctypes.cast(isa_address, ctypes.c_char_p).value.decode(),  # up to its NUL
-        "vectorized": int(ctypes.c_int32.in_dll(handle, "fusedtie_user_transform_vectorized").value),
-        "size": size,
-        "sha256": digest,
-    }
-    _write_atomically(marker, json.dumps(description) + "\n")  # another process sees no marker or a whole one
-    built = _read_marker(marker, library)
-    assert built is not None
-    return BuiltLibrary(built.path, True, built.isa, built.vectorized_forward, built.vectorized_chain_rule)
-
-
-def _write_atomically(path: str, text: str) -> None:
-    temporary = f"{path}.{os.getpid()}"
-    with open(temporary, "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
-
-
-def _library_digest(path: str) -> tuple[int, str]:
-    """The library's size and SHA-256, as the ``built`` marker records them."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return os.path.getsize(path), digest.hexdigest()
+    return True
 
 
 def _read_marker(marker: str, library: str) -> Optional[BuiltLibrary]:
@@ -416,7 +435,7 @@ def _read_marker(marker: str, library: str) -> Optional[BuiltLibrary]:
         with open(marker) as f:
             description = json.load(f)
         vectorized = int(description["vectorized"])
-        if _library_digest(library) != (int(description["size"]), str(description["sha256"])):
+        if file_digest(library) != (int(description["size"]), str(description["sha256"])):
             return None
         return BuiltLibrary(library, False, str(description["isa"]), bool(vectorized & 1), bool(vectorized & 2))
     except (OSError, ValueError, KeyError, TypeError):

@@ -101,6 +101,27 @@ def test_jit_build_compiles_once_then_reuses_the_cache(tmp_path):
         assert not os.path.exists(stale)
     else:
         assert "fusedtie: removing" not in third.stderr
+    # The library loads only if it matches the record written after its build (size, SHA-256):
+    # truncated (a link killed midway, a full disk), overwritten, or without a record, it is linked
+    # again from the compiled objects, with one line saying so.
+    (library,) = glob.glob(os.path.join(build_dir, "fusedtie_jit*.so"))
+    for damage in ("truncate", "garbage", "no record"):
+        if damage == "truncate":
+            os.truncate(library, 1000)
+        elif damage == "garbage":
+            with open(library, "r+b") as f:
+                f.seek(4096)
+                f.write(b"\xde\xad\xbe\xef" * 64)
+        else:
+            os.remove(library + ".record")
+        damaged = _run(env, timeout=900)
+        assert damaged.returncode == 0, (damage, damaged.stderr[-3000:])
+        said = [line for line in damaged.stderr.splitlines() if "does not match the record of its build" in line]
+        assert len(said) == 1 and library in said[0], (damage, damaged.stderr[-3000:])
+        assert "library: fusedtie_jit" in damaged.stdout
+    clean = _run(env)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert "does not match" not in clean.stderr and "fusedtie: compiling" not in clean.stderr
 
 
 def test_interrupted_jit_build_recovers_and_concurrent_imports_build_once(tmp_path):

@@ -854,3 +854,33 @@ def test_damaged_cached_library_is_rebuilt_never_loaded(cache_dir):
                     f.seek(4096)
                     f.write(b"\xde\xad\xbe\xef" * 64)
         assert run_python_compiling(make).split() == [str(len(built)), "True"]
+
+
+def test_two_processes_creating_the_same_transform_build_it_once(cache_dir):
+    """Two processes create the same new transform at once: one compiles, the other waits on the
+    build folder's lock and then loads what the first recorded; both compute it right."""
+    code = """
+        import torch, fusedtie
+        from fusedtie._catalog import LIBRARIES
+        t = fusedtie.Transform.from_expression("user_race", forward="x * x * x - 2 * x", derivative="3 * x * x - 2")
+        w = torch.linspace(-2, 2, 9, dtype=torch.float64)
+        print(LIBRARIES["user_race"].compiled, torch.allclose(fusedtie.apply_transform(w, t), w ** 3 - 2 * w))
+    """
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(tests_dir), os.environ.get("PYTHONPATH", "")]))
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    outputs = [racer.communicate(timeout=600) for racer in racers]
+    for racer, (out, err) in zip(racers, outputs):
+        assert racer.returncode == 0, err[-3000:]
+    results = sorted(out.split()[-2:] for out, _ in outputs)
+    # One compiled each library it needed (vector, else scalar), the other found them; both agree.
+    assert results == [["False", "True"], ["True", "True"]], outputs
