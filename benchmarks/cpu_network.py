@@ -3,8 +3,8 @@
 The quick benchmark times one layer per call, interleaving its contenders call by call, so each
 contender also inherits the caches the previous one left (oneDNN's re-packed weight buffer stays warm
 from one plain convolution to the next; a path that does not use it leaves it cold for the next).
-This script times what a user runs: a stack of ResNet-50-sized convolutions where the second layer
-is tied to the first, under each CPU algorithm, against the same stack with an untied second layer.
+This script times what a user runs: a stack of four ResNet-50-sized convolutions where one layer is
+tied to an earlier one of the same shape, under each CPU algorithm, against the same stack untied.
 Each round runs every network once, in a rotated order; the table gives each network's median over
 the rounds divided by the untied network's.
 
@@ -32,19 +32,22 @@ import torch.nn as nn  # noqa: E402
 import fusedtie  # noqa: E402
 from cpu_bench_common import add_common_arguments, interleaved_medians, machine_line  # noqa: E402
 
-# name: (input shape, channels, kernel, padding) of a stack of four layers
+# name: (input shape, four layers as (in, out, kernel, padding), (tied layer, its source))
 STACKS = {
-    "conv5_x 3x3 b1": ((1, 512, 7, 7), 512, 3, 1),
-    "conv4_x 3x3 b1": ((1, 256, 14, 14), 256, 3, 1),
+    "conv5_x 3x3 b1": ((1, 512, 7, 7), [(512, 512, 3, 1)] * 4, (1, 0)),
+    "conv4_x 3x3 b1": ((1, 256, 14, 14), [(256, 256, 3, 1)] * 4, (1, 0)),
+    # ResNet-50's conv5_x 1x1 pair twice over: reduce, expand, reduce (tied to the first), expand
+    "conv5_x 1x1 b1": ((1, 2048, 7, 7), [(2048, 512, 1, 0), (512, 2048, 1, 0)] * 2, (2, 0)),
 }
 
 
-def stack(channels: int, kernel: int, padding: int, transform: str | None) -> nn.Sequential:
-    """Four convolutions; with a transform, the second is tied to the first."""
-    layers = [nn.Conv2d(channels, channels, kernel, padding=padding) for _ in range(4)]
+def stack(layers: list, tie: tuple[int, int], transform: str | None) -> nn.Sequential:
+    """Four convolutions; with a transform, layer tie[0] is tied to layer tie[1]."""
+    convs = [nn.Conv2d(cin, cout, kernel, padding=padding) for cin, cout, kernel, padding in layers]
     if transform is not None:
-        layers[1] = fusedtie.FusedTiedConv2d(layers[0], transform)
-    return nn.Sequential(*layers).eval()
+        target, source = tie
+        convs[target] = fusedtie.FusedTiedConv2d(convs[source], transform)
+    return nn.Sequential(*convs).eval()
 
 
 def main(argv=None) -> int:
@@ -64,11 +67,11 @@ def main(argv=None) -> int:
     header = ["stack"] + [f"tied, {a}" for a in algorithms] + ["untied ms"]
     print("| " + " | ".join(header) + " |\n|" + "---|" + "---:|" * (len(header) - 1))
     per_layer: dict[str, dict[str, list[float]]] = {}
-    for name, (x_shape, channels, kernel, padding) in STACKS.items():
+    for name, (x_shape, layers, tie) in STACKS.items():
         torch.manual_seed(0)
         x = torch.randn(x_shape)
-        untied = stack(channels, kernel, padding, None)
-        tied = stack(channels, kernel, padding, args.transform)
+        untied = stack(layers, tie, None)
+        tied = stack(layers, tie, args.transform)
 
         layer_times: dict[str, list[list[float]]] = {}
 
@@ -103,12 +106,14 @@ def main(argv=None) -> int:
                 for network, layers in layer_times.items()
             }
     if args.per_layer:
-        print("\nEach layer's median ms (layer 1 is the tied one; layer 2 pays for what it left in cache):\n")
+        print("\nEach layer's median ms (* the tied one; the layer after it pays for what it left in cache):\n")
         print("| stack | network | layer 0 | layer 1 | layer 2 | layer 3 |\n|---|---|---:|---:|---:|---:|")
         for name, networks in per_layer.items():
+            target = STACKS[name][2][0]
             for network, times in networks.items():
                 label = network if network == "untied" else f"tied, {network}"
-                print(f"| {name} | {label} | " + " | ".join(f"{t:.3f}" for t in times) + " |")
+                cells = [f"{t:.3f}" + ("*" if i == target and network != "untied" else "") for i, t in enumerate(times)]
+                print(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return 0
 
 

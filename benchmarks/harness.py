@@ -228,7 +228,7 @@ def run_case(case: Case, settings: Settings, budget_s: Optional[float], device: 
         reference = lambda: conv_reference(source, case.transform, x)  # noqa: E731
     runners = build_runners(case, contenders, tie)
     timed = make_timer(device)
-    result = CaseResult(algorithm=fusedtie_cpu_algorithm(case.shape, source, x))
+    result = CaseResult(algorithm=fusedtie_cpu_algorithm(case.shape, source, x, case.transform))
     try:
         for runner in runners.values():
             mode.prepare(runner)
@@ -249,7 +249,7 @@ def run_case(case: Case, settings: Settings, budget_s: Optional[float], device: 
     return result
 
 
-def fusedtie_cpu_algorithm(shape: ShapeCase, source: nn.Conv2d, x: Tensor) -> Optional[str]:
+def fusedtie_cpu_algorithm(shape: ShapeCase, source: nn.Conv2d, x: Tensor, transform: str) -> Optional[str]:
     """The CPU algorithm fusedtie runs on this case, "forward/backward" where the two differ (None
     on CUDA); the transposed operator's CPU path is always the library."""
     if x.device.type != "cpu":
@@ -265,6 +265,7 @@ def fusedtie_cpu_algorithm(shape: ShapeCase, source: nn.Conv2d, x: Tensor) -> Op
             source.padding,
             source.dilation,
             source.groups,
+            transform=transform,
             backward=b,
             input_gradient=False,
         )

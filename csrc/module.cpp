@@ -87,15 +87,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_conv_algorithm", &fusedtie::cpu_conv_algorithm, "The CPU convolution algorithm setting");
   m.def(
       "cpu_conv_algorithm_for",
-      [](const at::Tensor& input, const at::Tensor& weight, std::vector<int64_t> stride, std::vector<int64_t> padding,
-         std::vector<int64_t> dilation, int64_t groups, bool backward, bool input_gradient) {
+      [](const at::Tensor& input, const at::Tensor& weight, const std::string& transform, double alpha,
+         std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+         bool backward, bool input_gradient) {
         const auto pass = !backward        ? fusedtie::ConvPass::kForward
                           : input_gradient ? fusedtie::ConvPass::kBackward
                                            : fusedtie::ConvPass::kWeightBackward;
-        return fusedtie::cpu_conv_algorithm_for(input, weight, stride, padding, dilation, groups, pass);
+        return fusedtie::cpu_conv_algorithm_for(input, weight, transform, alpha, stride, padding, dilation, groups,
+                                                pass);
       },
-      pybind11::arg("input"), pybind11::arg("weight"), pybind11::arg("stride"), pybind11::arg("padding"),
-      pybind11::arg("dilation"), pybind11::arg("groups"), pybind11::arg("backward"), pybind11::arg("input_gradient"),
+      pybind11::arg("input"), pybind11::arg("weight"), pybind11::arg("transform"), pybind11::arg("alpha"),
+      pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("dilation"), pybind11::arg("groups"),
+      pybind11::arg("backward"), pybind11::arg("input_gradient"),
       "The CPU algorithm tied_conv2d runs for this call's forward (or backward) under the current setting");
   m.def(
       "assess_gemm_blas",

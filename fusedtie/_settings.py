@@ -10,7 +10,8 @@ from typing import Iterator
 from torch import Tensor
 
 from ._library import LIB
-from ._op_args import IntOrPair, PaddingLike, _pair, normalize_padding
+from ._op_args import IntOrPair, PaddingLike, TransformLike, _pair, normalize_padding
+from .transforms import Transform
 
 
 @contextlib.contextmanager
@@ -85,6 +86,7 @@ def cpu_conv_algorithm_for(
     dilation: IntOrPair = 1,
     groups: int = 1,
     *,
+    transform: TransformLike = "square",
     backward: bool = False,
     input_gradient: bool = True,
 ) -> str:
@@ -101,6 +103,8 @@ def cpu_conv_algorithm_for(
         padding: as ``tied_conv2d`` takes it.
         dilation: as ``tied_conv2d`` takes it.
         groups: as ``tied_conv2d`` takes it.
+        transform: f, as ``tied_conv2d`` takes it (and with its default): the brgemm forward runs
+            only where there is an f to apply.
         backward: name the backward's algorithm rather than the forward's.
         input_gradient: with ``backward=True``, whether the backward computes the input gradient
             (False: only the weight and bias gradients, as for a network's first layer).
@@ -117,7 +121,10 @@ def cpu_conv_algorithm_for(
     stride2 = _pair(stride, "stride")
     dilation2 = _pair(dilation, "dilation")
     padding4 = normalize_padding(padding, weight.shape[2:], stride2, dilation2)
-    return LIB.cpu_conv_algorithm_for(input, weight, stride2, padding4, dilation2, groups, backward, input_gradient)
+    t = Transform.parse(transform)
+    return LIB.cpu_conv_algorithm_for(
+        input, weight, t.name, t.op_alpha, stride2, padding4, dilation2, groups, backward, input_gradient
+    )
 
 
 @contextlib.contextmanager

@@ -481,7 +481,7 @@ def self_check(
                 on_gpu = torch.cuda.device(device) if device != "cpu" else contextlib.nullcontext()
                 with setting(), on_gpu:
                     if device == "cpu" and op == "tied_conv2d":
-                        result.ran = _cpu_algorithm_ran(case, dtype)
+                        result.ran = _cpu_algorithm_ran(case, transform, dtype)
                         forced = algorithm != "auto"
                         if forced and result.ran != algorithm:
                             result.status = "skip"
@@ -501,10 +501,10 @@ def self_check(
     return results
 
 
-def _cpu_algorithm_ran(case: _Case, dtype: torch.dtype) -> str:
-    """What the CPU forward and backward run for ``case`` under the current setting ("a" or "a/b")."""
+def _cpu_algorithm_ran(case: _Case, transform, dtype: torch.dtype) -> str:
+    """What the CPU forward and backward run for ``case`` and f under the current setting ("a" or "a/b")."""
     x, w = torch.empty(case.input, dtype=dtype), torch.empty(case.weight, dtype=dtype)
-    kw = case.kwargs
+    kw = dict(case.kwargs, transform=transform)
     forward = cpu_conv_algorithm_for(x, w, **kw)
     backward = cpu_conv_algorithm_for(x, w, **kw, backward=True)
     return forward if forward == backward else f"{forward}/{backward}"

@@ -27,6 +27,9 @@ AUTO_GEMM = "gemm" if GEMM_UNDER_AUTO else "library"
 # brgemm wherever oneDNN's micro-kernel runs, else the GEMM's rule; their forward follows the GEMM's rule.
 BRGEMM_UNDER_AUTO = fusedtie.cpu_info()["brgemm_micro_kernel"]
 AUTO_BACKWARD = "brgemm" if BRGEMM_UNDER_AUTO else AUTO_GEMM
+# auto's forward for a float32 f other than identity whose weight has >= 10000x more elements than
+# batch * output positions (pointwise or not): brgemm where the micro-kernel runs.
+AUTO_HEAVY_FORWARD = "brgemm" if BRGEMM_UNDER_AUTO else AUTO_GEMM
 GEOMETRIES = [  # (kernel, batch, stride, padding, hw)
     ((1, 1), 1, 1, 0, (7, 7)),
     ((1, 1), 3, 2, 0, (9, 8)),
@@ -227,8 +230,9 @@ def algorithm_used(names):
         ("auto", (2, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),  # / 98
         ("auto", (4, 128, 7, 7), (128, 128, 3, 3), 1, 1, True, ("library", "library")),  # / 196 < 1000
         # / 25 >= 10000: brgemm for a backward without the input gradient (col2im costs more than it saves)
-        ("auto", (1, 256, 5, 5), (256, 256, 3, 3), 1, 1, False, (AUTO_GEMM, AUTO_BACKWARD)),
-        ("auto", (1, 256, 5, 5), (256, 256, 3, 3), 1, 1, True, (AUTO_GEMM, AUTO_GEMM)),
+        # (and a forward of f = square there runs brgemm too, f applied as W is packed)
+        ("auto", (1, 256, 5, 5), (256, 256, 3, 3), 1, 1, False, (AUTO_HEAVY_FORWARD, AUTO_BACKWARD)),
+        ("auto", (1, 256, 5, 5), (256, 256, 3, 3), 1, 1, True, (AUTO_HEAVY_FORWARD, AUTO_GEMM)),
         ("auto", (1, 16, 40, 40), (16, 16, 3, 3), 1, 1, True, ("library", "library")),
         # depthwise convs: auto takes the fused depthwise kernel for stride 1 and >= 10x10 outputs
         ("auto", (1, 32, 10, 10), (32, 1, 3, 3), 1, 1, True, ("depthwise", "depthwise")),
@@ -310,10 +314,11 @@ def test_auto_shape_rule_follows_the_blas_assessment(forced):
     assert out["chosen"] == expected
 
 
-def test_auto_takes_brgemm_on_weight_heavy_float32_backwards():
+def test_auto_takes_brgemm_on_weight_heavy_float32_calls():
     """float32 under auto: the backward of pointwise shapes, and of the weight-heaviest ones when
     it wants no input gradient, runs brgemm wherever oneDNN's micro-kernel runs, whatever the BLAS
-    (AVX2 or AVX-512, oneDNN enabled); the forward keeps the GEMM's rule."""
+    (AVX2 or AVX-512, oneDNN enabled). The forward runs it on the weight-heaviest shapes (pointwise
+    or not) when there is an f to apply; with identity it keeps the GEMM's rule."""
 
     def chosen(**kwargs):
         return [
@@ -322,16 +327,21 @@ def test_auto_takes_brgemm_on_weight_heavy_float32_backwards():
         ]
 
     gemm_rule = [AUTO_GEMM if e == "gemm" else "library" for *_, e in AUTO_SHAPE_RULE]
-    assert chosen() == gemm_rule
-    weight_only, with_input = [], []
+    assert chosen(transform="identity") == gemm_rule
+    forward, weight_only, with_input = [], [], []
     for (x, w, p, _), fallback in zip(AUTO_SHAPE_RULE, gemm_rule):
         out_positions = (x[2] + 2 * p - w[2] + 1) * (x[3] + 2 * p - w[3] + 1)
         pointwise = w[2:] == (1, 1) and x[0] <= 8
-        heaviest = x[0] <= 8 and (pointwise or torch.Size(w).numel() >= 10000 * x[0] * out_positions)
-        weight_only.append("brgemm" if BRGEMM_UNDER_AUTO and heaviest else fallback)
+        outweighs = x[0] <= 8 and torch.Size(w).numel() >= 10000 * x[0] * out_positions
+        forward.append("brgemm" if BRGEMM_UNDER_AUTO and outweighs else fallback)
+        weight_only.append("brgemm" if BRGEMM_UNDER_AUTO and (pointwise or outweighs) else fallback)
         with_input.append("brgemm" if BRGEMM_UNDER_AUTO and pointwise else fallback)
+    assert chosen() == forward  # f = square, the default
+    assert chosen(transform="tanh") == forward
+    assert chosen(transform=fusedtie.Transform("scale", alpha=0.5)) == forward
     assert chosen(backward=True, input_gradient=False) == weight_only
     assert chosen(backward=True) == with_input
+    assert forward.count("brgemm") == (1 if BRGEMM_UNDER_AUTO else 0)
     assert weight_only.count("brgemm") == (3 if BRGEMM_UNDER_AUTO else 0)
     assert with_input.count("brgemm") == (2 if BRGEMM_UNDER_AUTO else 0)
     assert BRGEMM_UNDER_AUTO == (
@@ -406,7 +416,7 @@ def test_slowed_mkl_keeps_auto_off_the_gemm():
         MKL_ENABLE_INSTRUCTIONS="AVX2",
     )
     assert out["info"]["gemm_under_auto"] is False
-    assert out["chosen"] == ["library", "brgemm" if BRGEMM_UNDER_AUTO else "library"]
+    assert out["chosen"] == ["brgemm" if BRGEMM_UNDER_AUTO else "library"] * 2  # f = square, the default
 
 
 # Depthwise geometries: (kernel, batch, in_channels, multiplier, stride, padding, dilation, hw).

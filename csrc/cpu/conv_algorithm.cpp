@@ -116,15 +116,20 @@ bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedC
          is_nchw_call(input, weight);
 }
 
-// Pointwise convolutions up to batch 8, and im2col ones up to batch 8 whose weight has at least
-// `ratio` times more elements than batch x output positions (the GEMM's other side).
-bool weight_heavy(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p, int64_t ratio) {
+// Whether the weight has at least `ratio` times more elements than batch x output positions (the
+// GEMM's other side), for batches up to 8.
+bool weight_outweighs(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p, int64_t ratio) {
   const int64_t batch = input.size(0);
   if (batch > 8) return false;
-  if (is_pointwise(weight.size(2), weight.size(3), p.stride, p.padding)) return true;
   const auto out = p.output_size(input, weight);
   int64_t other_side = 0;
   return !c10::mul_overflows(ratio * batch, out[2] * out[3], &other_side) && weight.numel() >= other_side;
+}
+
+// Pointwise convolutions up to batch 8, and im2col ones whose weight outweighs the rest by `ratio`.
+bool weight_heavy(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p, int64_t ratio) {
+  if (input.size(0) <= 8 && is_pointwise(weight.size(2), weight.size(3), p.stride, p.padding)) return true;
+  return weight_outweighs(input, weight, p, ratio);
 }
 
 // Where the GEMM beat the library on the one CPU it won on (Ice Lake Xeon, MKL; the figures are in
@@ -135,9 +140,11 @@ bool gemm_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv
 
 // Where the brgemm backward beat the library's (AMD Zen 4, float32, 2 threads; docs/cpu-algorithms.md):
 // ratio 10000 (a 3x3 on 7x7 at batch 1), where the passes the tie saves outweigh building the
-// column matrix; pointwise convolutions need none.
-bool brgemm_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
-  return weight_heavy(input, weight, p, 10000);
+// column matrix; pointwise convolutions need none. Its forward won only where the weight outweighs
+// the rest by that ratio, pointwise or not (conv5_x 3x3 and 1x1 at batch 1, not conv5_x 1x1 at
+// batch 8 nor conv4_x): there, the pass over W is most of the work.
+bool brgemm_wins(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p, ConvPass pass) {
+  return pass == ConvPass::kForward ? weight_outweighs(input, weight, p, 10000) : weight_heavy(input, weight, p, 10000);
 }
 
 // The fused depthwise kernel won at stride 1 on outputs of at least 10x10 (docs/cpu-algorithms.md);
@@ -162,13 +169,14 @@ CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& wei
   }
   if (depthwise_applies(input, weight, p) && depthwise_wins(input, weight, p)) return CpuConvAlgorithm::kDepthwise;
   // brgemm's backward saves the passes over W (f for the input gradient, f' and the library's
-  // re-pack of dW); its forward saves one but pays for im2col, and measured no faster than the
-  // library. An input gradient adds col2im, which only pointwise convolutions do without.
+  // re-pack of dW); an input gradient adds col2im, which only pointwise convolutions do without.
+  // Its forward applies f while packing W, the pass oneDNN's re-pack makes anyway, so it runs only
+  // where there is an f to apply: for identity the library path is plain oneDNN.
   const bool brgemm_pass =
-      pass == ConvPass::kWeightBackward ||
+      (pass == ConvPass::kForward && !p.weight_transform.is_identity()) || pass == ConvPass::kWeightBackward ||
       (pass == ConvPass::kBackward && is_pointwise(weight.size(2), weight.size(3), p.stride, p.padding));
   if (brgemm_pass && brgemm_micro_kernel_available() && brgemm_applies(input, weight, p) &&
-      brgemm_wins(input, weight, p)) {
+      brgemm_wins(input, weight, p, pass)) {
     return CpuConvAlgorithm::kBrgemm;
   }
   if (gemm_blas_assessment().gemm_trusted && gemm_applies(input, weight, p) && gemm_wins(input, weight, p)) {
@@ -211,9 +219,10 @@ std::string set_cpu_conv_algorithm(const std::string& name) {
 
 std::string cpu_conv_algorithm() { return algorithm_name(g_conv_algorithm.load()); }
 
-std::string cpu_conv_algorithm_for(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, ConvPass pass) {
-  const auto p = TiedConv2dParams::from_schema("identity", 1.0, "identity", 1.0, stride, padding, dilation, groups);
+std::string cpu_conv_algorithm_for(const at::Tensor& input, const at::Tensor& weight, c10::string_view transform,
+                                   double alpha, at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, int64_t groups, ConvPass pass) {
+  const auto p = TiedConv2dParams::from_schema(transform, alpha, "identity", 1.0, stride, padding, dilation, groups);
   p.check(input, weight, std::nullopt);
   return algorithm_name(choose_algorithm(input, weight, p, pass));
 }

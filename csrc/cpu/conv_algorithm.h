@@ -66,9 +66,11 @@ enum class ConvPass : int { kForward = 0, kBackward = 1, kWeightBackward = 2 };
 // The convolution this pass runs: the forced setting where it applies, else auto's choice (never kAuto).
 CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p,
                                   ConvPass pass);
-// choose_algorithm's answer by name, for a call with these geometry arguments (the operator's schema).
-std::string cpu_conv_algorithm_for(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, ConvPass pass);
+// choose_algorithm's answer by name, for a call with this transform and these geometry arguments
+// (the operator's schema).
+std::string cpu_conv_algorithm_for(const at::Tensor& input, const at::Tensor& weight, c10::string_view transform,
+                                   double alpha, at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, int64_t groups, ConvPass pass);
 bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p);
 
 // Whether auto may send a convolution to the GEMM path on this machine, and why. The GEMM path calls
