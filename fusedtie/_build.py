@@ -269,6 +269,25 @@ def _record_library(library: str) -> None:
     write_atomically(_record_path(library), json.dumps({"size": size, "sha256": digest}) + "\n")
 
 
+def compiler_errors(log: str, max_lines: int = 24) -> str:
+    """The compiler's error lines in a build log, each with the source excerpt GCC prints under it
+    (indented lines, ``  1 | ...`` and the caret); the log's tail if no line reads as an error."""
+    # GCC quotes with ‘’ in a UTF-8 locale, with '' otherwise: one spelling for the messages.
+    lines = log.replace("\u2018", "'").replace("\u2019", "'").splitlines()
+    kept: list[str] = []
+    in_error = False
+    for line in lines:
+        noise = line.startswith(("FAILED:", "ninja:", "[")) or "Error building extension" in line or " -c " in line
+        if re.search(r"error", line, re.IGNORECASE) and not noise:
+            kept.append(line)
+            in_error = True
+        elif in_error and re.match(r"\s+(\d+\s*)?\|", line):
+            kept.append(line)
+        else:
+            in_error = False
+    return "\n".join(kept[:max_lines] if kept else lines[-max_lines:])
+
+
 def _clear_torch_lock(build_dir: str) -> None:
     """torch's own lock file in the build folder, where torch waits on the file's mere existence
     (FileBaton, torch <= 2.13; later releases lock it with flock and leave it in place). Under our
@@ -287,8 +306,6 @@ def _clear_torch_lock(build_dir: str) -> None:
 
 def _jit_build() -> ModuleType:
     from torch.utils import cpp_extension
-
-    from ._user_build import compiler_errors
 
     cuda, why = cuda_build_decision()
     LOADED["cuda"] = why

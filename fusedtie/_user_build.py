@@ -51,7 +51,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ._build import build_lock, file_digest, write_atomically
+from ._build import build_lock, compiler_errors, file_digest, write_atomically
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 INCLUDE_DIR = os.path.join(PACKAGE_DIR, "include")
@@ -440,22 +440,3 @@ def _read_marker(marker: str, library: str) -> Optional[BuiltLibrary]:
         return BuiltLibrary(library, False, str(description["isa"]), bool(vectorized & 1), bool(vectorized & 2))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def compiler_errors(log: str, max_lines: int = 24) -> str:
-    """The compiler's error lines in a build log, each with the source excerpt GCC prints under it
-    (indented lines, ``  1 | ...`` and the caret); the log's tail if no line reads as an error."""
-    # GCC quotes with ‘’ in a UTF-8 locale, with '' otherwise: one spelling for the messages.
-    lines = log.replace("\u2018", "'").replace("\u2019", "'").splitlines()
-    kept: list[str] = []
-    in_error = False
-    for line in lines:
-        noise = line.startswith(("FAILED:", "ninja:", "[")) or "Error building extension" in line or " -c " in line
-        if re.search(r"error", line, re.IGNORECASE) and not noise:
-            kept.append(line)
-            in_error = True
-        elif in_error and re.match(r"\s+(\d+\s*)?\|", line):
-            kept.append(line)
-        else:
-            in_error = False
-    return "\n".join(kept[:max_lines] if kept else lines[-max_lines:])
