@@ -33,6 +33,14 @@ def check_operands_like_input(input, weight, bias) -> None:
             )
 
 
+def check_grad_output_device(grad_output, input) -> None:
+    """grad_output on the input's device (conv_params.h's check_backward). The backward fake kernels
+    run whenever one argument is on the meta device, so this comes before they evaluate the forward
+    on the others, which may be real tensors (a meta grad_output beside CPU tensors hit oneDNN)."""
+    if grad_output.device != input.device:
+        raise RuntimeError(f"expected grad_output on {input.device}, got {grad_output.device}")
+
+
 def check_geometry_values(stride, padding, dilation) -> None:
     """The value rules both convolution operators share (their C++ params structs' messages)."""
     if min(stride) <= 0:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _library  # noqa: F401  (defines the operators, before their fakes are registered)
-from ._checks import check_tied_conv2d, check_tied_conv_transpose2d, check_transform_args
+from ._checks import check_grad_output_device, check_tied_conv2d, check_tied_conv_transpose2d, check_transform_args
 
 
 def _suggested_format(t: Tensor) -> torch.memory_format:
@@ -45,6 +45,7 @@ def _tied_conv2d_backward_fake(
     groups,
     output_mask,
 ):
+    check_grad_output_device(grad_output, input)
     expected = _tied_conv2d_fake(
         input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups
     )
@@ -84,6 +85,7 @@ def _tied_conv_transpose2d_fake(
 def _tied_conv_transpose2d_backward_fake(
     grad_output, input, weight, bias, transform, alpha, stride, padding, output_padding, dilation, groups, output_mask
 ):
+    check_grad_output_device(grad_output, input)
     expected = _tied_conv_transpose2d_fake(
         input, weight, bias, transform, alpha, stride, padding, output_padding, dilation, groups
     )
