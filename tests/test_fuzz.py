@@ -1,0 +1,139 @@
+"""The crash fuzzer of issue 18 (tests/fuzzing.py) in the suite: a bounded run of a fixed seed, the
+harness's own detection of a crash and a hang, the generator's determinism, and every crash or hang
+the fuzzer has found, kept as a regression case. The long run is behind FUSEDTIE_FUZZ_LONG=1."""
+
+import os
+import subprocess
+import sys
+
+import fuzzing
+import pytest
+
+# Seed 1: its first 60,000 cases, more than the bounded run reaches, end cleanly; seed 0 reaches two
+# of the open findings kept below, at cases 18731 and 47269.
+BOUNDED_SEED = 1
+BOUNDED_SECONDS = 80  # with the tests below, about two minutes on 2 cores
+
+# oneDNN's brgconv_strided backward-data kernel (avx512_core), which at::convolution runs for a
+# transposed convolution's forward and for a convolution's input gradient, with a stride of 2**15:
+# along W it writes out of bounds (batch 2 or more), along H it takes seconds (24 s at 2**15).
+_ONEDNN = "PyTorch's own (torch 2.13 CPU, oneDNN brgconv_strided); remove the mark once fusedtie avoids it"
+# The backward operators' fake kernels (fusedtie/_fake.py) run wherever one argument is on the meta
+# device, and evaluate the forward convolution on the others, real CPU tensors.
+_FAKE = "fusedtie's: a meta grad_output with CPU tensors runs the fake kernel on real tensors; remove when fixed"
+
+# Every line the fuzzer found crashing or hanging (its label says where), and the variants found
+# reducing them: each must end in a clear error or a result, in a fresh worker. Marked: still open.
+KEPT_CASES = [
+    pytest.param(
+        "x = torch.randn((3, 2, 2, 6)).transpose(-1, -2).requires_grad_(); w = torch.randn((2, 1, 1, 1))"
+        ".requires_grad_(); b = torch.randn((1,)).requires_grad_(); fusedtie.tied_conv_transpose2d(x, w, b, 'abs', "
+        "stride=[1, 2**15], groups=1, dilation=1).sum().backward()",
+        marks=pytest.mark.xfail(reason=_ONEDNN),
+        id="4:26130-crash",
+    ),
+    pytest.param(
+        # 4:26130's kernel in the input gradient of tied_conv2d, with two output positions along W
+        # (fusedtie's library stride clamps only where there is one)
+        "x = torch.randn((2, 1, 1, 32769)).requires_grad_(); w = torch.randn((1, 1, 1, 1)); "
+        "fusedtie.tied_conv2d(x, w, None, stride=(1, 2**15)).sum().backward()",
+        marks=pytest.mark.xfail(reason=_ONEDNN),
+        id="conv2d-input-gradient-crash",
+    ),
+    pytest.param(
+        "with fusedtie.use_cpu_conv_algorithm('library'): x = torch.randn((2, 3, 8, 8)); w = torch.randn((3, 2, 3, 1))"
+        ".requires_grad_(); b = torch.randn((2,)).requires_grad_(); fusedtie.tied_conv_transpose2d(x, w, b, 'relu', "
+        "stride=(2**15, 1), groups=1, dilation=1)",
+        marks=pytest.mark.xfail(reason=_ONEDNN),
+        id="4:49641-hang",
+    ),
+    pytest.param(
+        "x = torch.randn((2, 3, 11, 2)).requires_grad_(); w = torch.randn((3, 3, 3, 2)).to(memory_format="
+        "torch.channels_last).requires_grad_(); b = torch.randn((3,)); fusedtie.tied_conv_transpose2d(x, w, b, "
+        "fusedtie.Transform('scale', alpha=-1.0), stride=(2**15, 1), padding=(0,), output_padding=(0, 0), groups=1, "
+        "dilation=(1,))",
+        marks=pytest.mark.xfail(reason=_ONEDNN),
+        id="0:47269-hang",
+    ),
+    pytest.param(
+        "with fusedtie.use_cpu_conv_algorithm('auto'): g = torch.randn((3, 1, 64, 14), device='meta').expand(3, 4, 64, "
+        "14); x = torch.randn((3, 2, 11, 7)); w = torch.randn((2, 4, 3, 2)); b = torch.full((8,), 1e38)[..., ::2]; "
+        "torch.ops.fusedtie._tied_conv_transpose2d_backward(g, x, w, b, 'exp', 1.0, [2**15, 2], [0, 0], [0, 0], "
+        "[1, 1], 1, [False, True, True])",
+        marks=pytest.mark.xfail(reason=_FAKE),
+        id="0:18731-hang",
+    ),
+    pytest.param(
+        # 0:18731's path into 4:26130's kernel
+        "g = torch.randn((2, 1, 1, 32769), device='meta'); torch.ops.fusedtie._tied_conv_transpose2d_backward(g, "
+        "torch.randn((2, 1, 1, 2)), torch.randn((1, 1, 1, 1)), None, 'identity', 1.0, [1, 2**15], [0, 0], [0, 0], "
+        "[1, 1], 1, [True, True, False])",
+        marks=pytest.mark.xfail(reason=_FAKE),
+        id="meta-grad-output-crash",
+    ),
+]
+KEPT_CASE_TIMEOUT_S = 5  # a fixed call takes a fraction of a second
+
+
+def _show(report: fuzzing.Report, capsys) -> None:
+    with capsys.disabled():  # the counts belong in the log of a passing run too
+        print("\n" + report.summary())
+
+
+def test_bounded_fuzz_finds_no_crash_or_hang(capsys):
+    report = fuzzing.fuzz([BOUNDED_SEED], seconds=BOUNDED_SECONDS)
+    _show(report, capsys)
+    assert report.cases > 0
+    assert report.count("crash") == 0 and report.count("hang") == 0, report.summary()
+
+
+@pytest.mark.skipif(os.environ.get("FUSEDTIE_FUZZ_LONG") != "1", reason="the long fuzz run: FUSEDTIE_FUZZ_LONG=1")
+def test_long_fuzz_finds_no_crash_or_hang(capsys):
+    """The long run (fuzzing.LONG_SECONDS over fuzzing.LONG_SEEDS seeds), on demand only."""
+    seeds = range(BOUNDED_SEED + 1, BOUNDED_SEED + 1 + fuzzing.LONG_SEEDS)
+    report = fuzzing.fuzz(seeds, seconds=fuzzing.LONG_SECONDS)
+    _show(report, capsys)
+    assert report.count("crash") == 0 and report.count("hang") == 0, report.summary()
+
+
+def test_harness_reports_crash_hang_and_internal_error_with_their_lines():
+    """The detection itself can fail: a segfault, a sleep and a SystemError must come back as a crash
+    (with its signal), a hang and an internal finding, each with its line, and the cases after a
+    crash or a hang still run, in a fresh worker."""
+    crash, hang, internal = "import ctypes; ctypes.string_at(0)", "import time; time.sleep(1000)", "raise SystemError"
+    lines = [("internal", internal), ("crash", crash), ("after-crash", "torch.ones(2).sum()"), ("hang", hang)]
+    report = fuzzing.run_cases(lines, timeout=3)
+    assert [(f.kind, f.label, f.source) for f in report.findings] == [
+        ("internal", "internal", internal),
+        ("crash", "crash", crash),
+        ("hang", "hang", hang),
+    ]
+    internal_error, crashed, hung = report.findings
+    assert crashed.detail == "SIGSEGV" and crashed.alone
+    assert "Segmentation fault" in crashed.log  # faulthandler's stack of the case
+    assert hung.detail == "no END within 3 s" and hung.alone
+    assert internal_error.detail.startswith("SystemError")
+    assert report.outcomes == {"crash": 1, "ok": 1, "hang": 1, "SystemError": 1}
+    assert "ctypes.string_at(0)" in report.summary()
+
+
+def test_generator_is_deterministic():
+    """Case i of seed s is the same line in every process (no hash-randomised choice slips in),
+    and seeds differ."""
+    here = [fuzzing.case(7, index) for index in range(200)]
+    shown = subprocess.run(
+        [sys.executable, fuzzing.__file__, "--seed", "7", "--show", "200"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([fuzzing.ROOT, os.environ.get("PYTHONPATH", "")])),
+    )
+    assert shown.stdout.splitlines() == [f"7:{index}\t{line}" for index, line in enumerate(here)]
+    assert fuzzing.case(7, 0) != fuzzing.case(8, 0)
+
+
+@pytest.mark.parametrize("line", KEPT_CASES)
+def test_kept_case_ends_cleanly(line):
+    report = fuzzing.run_cases([("kept", line)], timeout=KEPT_CASE_TIMEOUT_S, rerun_alone=False)
+    assert report.cases == 1
+    assert report.count("crash") == 0 and report.count("hang") == 0, report.summary()
