@@ -18,9 +18,6 @@ BOUNDED_SECONDS = 80  # with the tests below, about two minutes on 2 cores
 # transposed convolution's forward and for a convolution's input gradient, with a stride of 2**15:
 # along W it writes out of bounds (batch 2 or more), along H it takes seconds (24 s at 2**15).
 _ONEDNN = "PyTorch's own (torch 2.13 CPU, oneDNN brgconv_strided); remove the mark once fusedtie avoids it"
-# The backward operators' fake kernels (fusedtie/_fake.py) run wherever one argument is on the meta
-# device, and evaluate the forward convolution on the others, real CPU tensors.
-_FAKE = "fusedtie's: a meta grad_output with CPU tensors runs the fake kernel on real tensors; remove when fixed"
 
 # Every line the fuzzer found crashing or hanging (its label says where), and the variants found
 # reducing them: each must end in a clear error or a result, in a fresh worker. Marked: still open.
@@ -60,15 +57,13 @@ KEPT_CASES = [
         "14); x = torch.randn((3, 2, 11, 7)); w = torch.randn((2, 4, 3, 2)); b = torch.full((8,), 1e38)[..., ::2]; "
         "torch.ops.fusedtie._tied_conv_transpose2d_backward(g, x, w, b, 'exp', 1.0, [2**15, 2], [0, 0], [0, 0], "
         "[1, 1], 1, [False, True, True])",
-        marks=pytest.mark.xfail(reason=_FAKE),
-        id="0:18731-hang",
+        id="0:18731-hang",  # fixed: the backward fake kernels check grad_output's device first
     ),
     pytest.param(
         # 0:18731's path into 4:26130's kernel
         "g = torch.randn((2, 1, 1, 32769), device='meta'); torch.ops.fusedtie._tied_conv_transpose2d_backward(g, "
         "torch.randn((2, 1, 1, 2)), torch.randn((1, 1, 1, 1)), None, 'identity', 1.0, [1, 2**15], [0, 0], [0, 0], "
         "[1, 1], 1, [True, True, False])",
-        marks=pytest.mark.xfail(reason=_FAKE),
         id="meta-grad-output-crash",
     ),
 ]
