@@ -14,10 +14,12 @@ import pytest
 BOUNDED_SEED = 1
 BOUNDED_SECONDS = 80  # with the tests below, about two minutes on 2 cores
 
-# oneDNN's brgconv_strided backward-data kernel (avx512_core), which at::convolution runs for a
-# transposed convolution's forward and for a convolution's input gradient, with a stride of 2**15:
-# along W it writes out of bounds (batch 2 or more), along H it takes seconds (24 s at 2**15).
-_ONEDNN = "PyTorch's own (torch 2.13 CPU, oneDNN brgconv_strided); remove the mark once fusedtie avoids it"
+# oneDNN kernels that at::convolution runs on this CPU (avx512_core), and fusedtie's library path
+# with it. brgconv_strided (a transposed convolution's forward, a convolution's input gradient) with
+# a stride of 2**15: along W it writes out of bounds (batch 2 or more), along H it takes seconds
+# (24 s at 2**15). brg_conv_fwd on a channels_last input whose output columns all fall in the
+# padding, with a bias: a write through a null pointer (perform_outwork).
+_ONEDNN = "PyTorch's own (torch 2.13 CPU, oneDNN); remove the mark once fusedtie avoids it"
 
 # Every line the fuzzer found crashing or hanging (its label says where), and the variants found
 # reducing them: each must end in a clear error or a result, in a fresh worker. Marked: still open.
@@ -51,6 +53,21 @@ KEPT_CASES = [
         "dilation=(1,))",
         marks=pytest.mark.xfail(reason=_ONEDNN),
         id="0:47269-hang",
+    ),
+    pytest.param(
+        "with fusedtie.use_cpu_conv_algorithm('brgemm'): layer = fusedtie.FusedTiedConv2d(conv := torch.nn.Conv2d("
+        "2, 4, (5, 1), stride=(1, 2), padding=(0, 1), dilation=(1, 2), groups=2, bias=True), 'relu', bias='same', "
+        "groups=2); "
+        "layer(torch.randn((3, 2, 11, 1)).to(memory_format=torch.channels_last).requires_grad_()).sum().backward()",
+        marks=pytest.mark.xfail(reason=_ONEDNN),
+        id="4:50486-crash",
+    ),
+    pytest.param(
+        # 4:50486 reduced: both output columns read only padding
+        "fusedtie.tied_conv2d(torch.randn(2, 1, 2, 1).to(memory_format=torch.channels_last), torch.randn(1, 1, 1, 1), "
+        "torch.randn(1), stride=(1, 2), padding=(0, 1), dilation=(1, 2))",
+        marks=pytest.mark.xfail(reason=_ONEDNN),
+        id="channels-last-padding-only-columns-crash",
     ),
     pytest.param(
         "with fusedtie.use_cpu_conv_algorithm('auto'): g = torch.randn((3, 1, 64, 14), device='meta').expand(3, 4, 64, "
