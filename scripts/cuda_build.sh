@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make cuda-build`: the CUDA extension built and tested on a machine without a GPU.
 #
-#   1. venv    .venv-cuda with torch==2.14.1 (CUDA 13.0; requirements-cuda.txt) and the dev tools of
-#              requirements-dev.txt less its torch pin; reinstalled only when either file changes
+#   1. venv    .venv-cuda with torch==2.14.1 (CUDA 13.0; requirements-cuda.txt; without triton) and
+#              the dev tools of requirements-dev.txt less its torch pin; reinstalled only when either
+#              file changes; fails at once, saying why, where the disk has too little room
 #   2. build   fusedtie._C as a CUDAExtension for TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"),
 #              out of place: `setup.py build --build-base build-cuda`, so the package and its _C
 #              land together in build-cuda/lib/fusedtie/ (the in-place fusedtie/_C*.so and build/
@@ -27,6 +28,7 @@ PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 VENV=.venv-cuda
 VPY=$ROOT/$VENV/bin/python
 OUT=build-cuda
+VENV_NEEDS_MB=5500 # .venv-cuda as installed: 4.9 GB (torch 1.2, its CUDA libraries 3.2)
 LIB=$ROOT/$OUT/lib
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}
@@ -77,15 +79,35 @@ stamp=$(cat requirements-cuda.txt requirements-dev.txt | sha256sum | cut -c1-16)
 if [ -x "$VPY" ] && [ "$(cat "$VENV/.deps" 2>/dev/null)" = "$stamp" ]; then
   echo "   $VENV up to date"
 else
+  # A CI runner's free disk varies (seen: a few GB); say so plainly before pip fails half-way.
+  free_mb=$(df -Pm "$ROOT" | awk 'NR == 2 {print $4}')
+  have_mb=$(du -sm "$VENV" 2>/dev/null | cut -f1 || echo 0)
+  if [ $(( free_mb + have_mb )) -lt "$VENV_NEEDS_MB" ]; then
+    echo "make cuda-build: $VENV needs about $VENV_NEEDS_MB MB on the disk of $ROOT;" \
+         "$free_mb MB are free (and $VENV holds $have_mb MB)" >&2
+    exit 1
+  fi
   [ -x "$VPY" ] || "$PYTHON" -m venv "$VENV"
   # requirements-dev.txt's tools, without its CPU torch pin (requirements-cuda.txt pins torch).
   grep -v -E '^[[:space:]]*torch[[:space:]]*([=<>!~;[]|$)' requirements-dev.txt > "$VENV/requirements-dev-tools.txt"
   echo "   pip install -r requirements-cuda.txt -r requirements-dev.txt (less torch); log $OUT/venv.log"
-  if ! "$VPY" -m pip install --quiet -r requirements-cuda.txt -r "$VENV/requirements-dev-tools.txt" \
-      > "$OUT/venv.log" 2>&1; then
+  {
+    # torch without triton (0.9 GB that nothing here runs: no GPU, and inductor on the CPU does
+    # not use it): torch alone, then its own requirements less triton, then the tools.
+    "$VPY" -m pip install --no-deps -r requirements-cuda.txt &&
+      "$VPY" - > "$VENV/requirements-torch.txt" <<'PY' &&
+from importlib.metadata import requires
+from pip._vendor.packaging.requirements import Requirement
+for line in requires("torch"):
+    req = Requirement(line)
+    if req.name != "triton" and (req.marker is None or req.marker.evaluate({"extra": ""})):
+        print(line.split(";")[0])
+PY
+      "$VPY" -m pip install -r "$VENV/requirements-torch.txt" -r "$VENV/requirements-dev-tools.txt"
+  } > "$OUT/venv.log" 2>&1 || {
     grep -v "is ignored: it is neither a file nor a directory" "$OUT/venv.log" | tail -n 40 >&2
     exit 1
-  fi
+  }
   echo "$stamp" > "$VENV/.deps"
 fi
 # build-cuda/lib on the venv's sys.path (after site-packages, which holds no fusedtie).
