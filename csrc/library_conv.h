@@ -39,6 +39,100 @@ inline at::Tensor crop_input_gradient(at::Tensor grad_input, const at::Tensor& i
   return grad_input.contiguous(input.suggest_memory_format());
 }
 
+// --- Geometry that oneDNN mishandles, rewritten to the same convolution ------------------------
+//
+// Strides of kLargeStride or more go through windows where they exceed the kernel's extent e
+// (dilation * (kernel - 1) + 1): output position o then reads only input[o*s, o*s + e), windows
+// that do not overlap, so the convolution on the gathered windows with stride e is the same one.
+// Why: oneDNN's strided kernels in torch 2.13 (brgconv_strided: a transposed convolution's forward,
+// a convolution's input gradient) take time growing with the stride squared (a transposed
+// convolution on 2x3x8x8 with stride (4096, 1): 0.44 s, against 0.01 s in float64, which does not
+// use oneDNN) and write out of bounds from a stride of 2^15 along W. No network uses such strides,
+// so the rewrite leaves every real shape alone (docs/cpu-algorithms.md, "Geometry oneDNN mishandles").
+constexpr int64_t kLargeStride = 1024;
+
+// The windows [o*step, o*step + extent) of dim, for o < count, laid end to end along dim.
+inline at::Tensor gather_windows(const at::Tensor& t, int64_t dim, int64_t extent, int64_t step, int64_t count) {
+  return t.narrow(dim, 0, (count - 1) * step + extent)
+      .unfold(dim, extent, step)
+      .movedim(-1, dim + 1)
+      .flatten(dim, dim + 1);
+}
+
+// The inverse: `windows` (count windows of extent laid end to end along dim) written into their
+// places in `into`, which holds zeros between them.
+inline void scatter_windows(at::Tensor& into, const at::Tensor& windows, int64_t dim, int64_t extent, int64_t step,
+                            int64_t count) {
+  into.narrow(dim, 0, (count - 1) * step + extent)
+      .unfold(dim, extent, step)
+      .copy_(windows.unflatten(dim, {count, extent}).movedim(dim + 1, -1));
+}
+
+inline int64_t kernel_extent(const at::Tensor& weight, int d, int64_t dilation) {
+  return dilation * (weight.size(2 + d) - 1) + 1;
+}
+
+inline bool takes_windows(int64_t stride, int64_t extent) { return stride >= kLargeStride && stride > extent; }
+
+// tied_conv2d's call of at::convolution: stride, padding and dilation as ATen gets them, and the
+// input (asymmetric remainder padded, windows gathered) it reads.
+struct LibraryConv2dCall {
+  std::array<int64_t, 2> stride, padding, dilation;  // at::convolution's
+  std::array<bool, 2> windowed{false, false};
+  // Per windowed dimension: the window's extent and step (the operator's stride), their count (the
+  // output positions), and the input's size once padded.
+  std::array<int64_t, 2> extent{1, 1}, step{1, 1}, positions{1, 1}, padded_size{0, 0};
+
+  LibraryConv2dCall(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p)
+      : stride(p.library_stride(input, weight)), padding(p.symmetric_part()), dilation(p.dilation) {
+    const auto out = p.output_size(input, weight);
+    for (int d = 0; d < 2; ++d) {
+      // One tap: the dilation means nothing. oneDNN's brg_conv_fwd (torch 2.13) writes through a null
+      // pointer on a channels_last input with dilation 2 along a 1-wide kernel whose every output
+      // column reads padding (tests/test_fuzz.py, channels-last-padding-only-columns-crash).
+      if (weight.size(2 + d) == 1) dilation[d] = 1;
+      extent[d] = kernel_extent(weight, d, dilation[d]);
+      if (!takes_windows(stride[d], extent[d])) continue;
+      windowed[d] = true;
+      step[d] = stride[d];
+      positions[d] = out[2 + d];
+      padded_size[d] = input.size(2 + d) + p.padding[2 * d] + p.padding[2 * d + 1];
+      stride[d] = extent[d];  // the windows laid end to end
+      padding[d] = 0;         // applied by prepare
+    }
+  }
+
+  // The input at::convolution reads: the asymmetric remainder padded and, along a windowed
+  // dimension, the symmetric padding too and the windows gathered.
+  at::Tensor prepare(const at::Tensor& input, const TiedConv2dParams& p) const {
+    at::Tensor x = pad_asymmetric_remainder(input, p);
+    if (!windowed[0] && !windowed[1]) return x;
+    const auto sym = p.symmetric_part();
+    for (int d = 0; d < 2; ++d) {
+      if (!windowed[d]) continue;
+      std::vector<int64_t> pad(4, 0);
+      pad[2 * (1 - d)] = pad[2 * (1 - d) + 1] = sym[d];  // constant_pad_nd's order: W's pair, then H's
+      x = gather_windows(at::constant_pad_nd(x, pad, 0), 2 + d, extent[d], step[d], positions[d]);
+    }
+    return x.contiguous(input.suggest_memory_format());
+  }
+
+  // The gradient of prepare's result, back on the input prepare padded by the asymmetric remainder
+  // (crop_input_gradient removes that).
+  at::Tensor restore(at::Tensor grad, const TiedConv2dParams& p) const {
+    const auto sym = p.symmetric_part();
+    for (int d = 0; d < 2; ++d) {
+      if (!windowed[d]) continue;
+      auto sizes = grad.sizes().vec();
+      sizes[2 + d] = padded_size[d];
+      at::Tensor full = at::zeros(sizes, grad.options());
+      scatter_windows(full, grad, 2 + d, extent[d], step[d], positions[d]);
+      grad = full.narrow(2 + d, sym[d], padded_size[d] - 2 * sym[d]);
+    }
+    return grad;
+  }
+};
+
 // at::convolution_backward, given the bias's channel count rather than its sizes (it wants them only
 // when the bias gradient is asked for).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward_with_bias_channels(
@@ -53,9 +147,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward_with_
 
 inline at::Tensor library_conv2d_forward(const at::Tensor& input, const at::Tensor& derived_weight,
                                          const std::optional<at::Tensor>& derived_bias, const TiedConv2dParams& p) {
-  return at::convolution(pad_asymmetric_remainder(input, p), derived_weight, derived_bias,
-                         p.library_stride(input, derived_weight), p.symmetric_part(), p.dilation, /*transposed=*/false,
-                         /*output_padding=*/{0, 0}, p.groups);
+  const LibraryConv2dCall call(input, derived_weight, p);
+  return at::convolution(call.prepare(input, p), derived_weight, derived_bias, call.stride, call.padding, call.dilation,
+                         /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups);
 }
 
 // (grad_input cropped to the input, dL/d f(W), dL/d g(b)); undefined where output_mask is false.
@@ -65,11 +159,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> library_conv2d_backward(co
                                                                               const at::Tensor& weight,
                                                                               const TiedConv2dParams& p,
                                                                               std::array<bool, 3> output_mask) {
+  const LibraryConv2dCall call(input, weight, p);
   auto [grad_input, grad_weight, grad_bias] = convolution_backward_with_bias_channels(
-      grad_output, pad_asymmetric_remainder(input, p), weight, /*bias_channels=*/weight.size(0),
-      p.library_stride(input, weight), p.symmetric_part(), p.dilation, /*transposed=*/false, /*output_padding=*/{0, 0},
-      p.groups, output_mask);
-  if (output_mask[0]) grad_input = crop_input_gradient(grad_input, input, p);
+      grad_output, call.prepare(input, p), weight, /*bias_channels=*/weight.size(0), call.stride, call.padding,
+      call.dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups, output_mask);
+  if (output_mask[0]) grad_input = crop_input_gradient(call.restore(grad_input, p), input, p);
   return {grad_input, grad_weight, grad_bias};
 }
 
@@ -79,11 +173,75 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> library_conv2d_backward(co
 // convolution, one chain-rule pass); the CUDA backend runs it or the fused kernels
 // (csrc/cuda/tied_conv_transpose2d_cuda.cu).
 
+// tied_conv_transpose2d's call of at::convolution. Along a windowed dimension (see
+// gather_windows) the transposed convolution runs with stride = extent and no padding, writing the
+// windows end to end; spread puts them in their places, zeros between, and crops the padding.
+struct LibraryConvTranspose2dCall {
+  std::array<int64_t, 2> stride, padding, output_padding;  // at::convolution's
+  std::array<bool, 2> windowed{false, false};
+  // Per windowed dimension: extent and step of the windows, their count (the input's size), the
+  // operator's padding, and the uncropped output's size.
+  std::array<int64_t, 2> extent{1, 1}, step{1, 1}, count{1, 1}, crop{0, 0}, full_size{0, 0};
+
+  LibraryConvTranspose2dCall(const at::Tensor& input, const at::Tensor& weight, const TiedConvTranspose2dParams& p)
+      : stride(p.stride), padding(p.padding), output_padding(p.output_padding) {
+    for (int d = 0; d < 2; ++d) {
+      extent[d] = kernel_extent(weight, d, p.dilation[d]);
+      if (!takes_windows(p.stride[d], extent[d])) continue;
+      windowed[d] = true;
+      step[d] = p.stride[d];
+      count[d] = input.size(2 + d);
+      crop[d] = p.padding[d];
+      full_size[d] = (count[d] - 1) * step[d] + extent[d] + p.output_padding[d];
+      stride[d] = extent[d];
+      padding[d] = 0;
+      output_padding[d] = 0;
+    }
+  }
+
+  bool any_windowed() const { return windowed[0] || windowed[1]; }
+
+  // at::convolution's result (windows end to end) spread to the operator's output, plus the bias.
+  at::Tensor spread(at::Tensor out, const std::optional<at::Tensor>& bias, const at::Tensor& input) const {
+    for (int d = 0; d < 2; ++d) {
+      if (!windowed[d]) continue;
+      auto sizes = out.sizes().vec();
+      sizes[2 + d] = full_size[d];
+      at::Tensor full = at::zeros(sizes, out.options());
+      scatter_windows(full, out, 2 + d, extent[d], step[d], count[d]);
+      out = full.narrow(2 + d, crop[d], full_size[d] - 2 * crop[d]);
+    }
+    out = out.contiguous(input.suggest_memory_format());
+    if (bias) out.add_(bias->view({1, -1, 1, 1}));
+    return out;
+  }
+
+  // The operator's output gradient as at::convolution_backward sees it: the padding restored, the
+  // windows gathered.
+  at::Tensor gather(at::Tensor grad_output, const at::Tensor& input) const {
+    if (!any_windowed()) return grad_output;
+    for (int d = 0; d < 2; ++d) {
+      if (!windowed[d]) continue;
+      std::vector<int64_t> pad(4, 0);
+      pad[2 * (1 - d)] = pad[2 * (1 - d) + 1] = crop[d];
+      grad_output = gather_windows(at::constant_pad_nd(grad_output, pad, 0), 2 + d, extent[d], step[d], count[d]);
+    }
+    return grad_output.contiguous(input.suggest_memory_format());
+  }
+};
+
 inline at::Tensor tied_conv_transpose2d_library(const at::Tensor& input, const at::Tensor& weight,
                                                 const std::optional<at::Tensor>& bias,
                                                 const TiedConvTranspose2dParams& p, const TensorPasses& passes) {
-  return at::convolution(input, derived_for_conv(weight, p.weight_transform, passes), bias, p.stride, p.padding,
-                         p.dilation, /*transposed=*/true, p.output_padding, p.groups);
+  const at::Tensor derived = derived_for_conv(weight, p.weight_transform, passes);
+  const LibraryConvTranspose2dCall call(input, weight, p);
+  if (!call.any_windowed()) {
+    return at::convolution(input, derived, bias, p.stride, p.padding, p.dilation, /*transposed=*/true, p.output_padding,
+                           p.groups);
+  }
+  return call.spread(at::convolution(input, derived, std::nullopt, call.stride, call.padding, p.dilation,
+                                     /*transposed=*/true, call.output_padding, p.groups),
+                     bias, input);
 }
 
 // (dL/dx, dL/dW_src, dL/db) for the entries of output_mask that are true, None elsewhere; each
@@ -95,15 +253,20 @@ tied_conv_transpose2d_backward_library(const at::Tensor& grad_output, const at::
   // f(W) is recomputed rather than saved, and only for the input gradient: the weight gradient
   // reads W's shape alone, so the source weight stands in when the input gradient is not wanted.
   const at::Tensor weight_for_conv = output_mask[0] ? derived_for_conv(weight, p.weight_transform, passes) : weight;
+  const LibraryConvTranspose2dCall call(input, weight, p);
+  // Windowed, the bias gradient is the whole output gradient's sum, not the gathered windows'.
+  const std::array<bool, 3> library_mask{output_mask[0], output_mask[1], output_mask[2] && !call.any_windowed()};
   auto [grad_input, grad_weight, grad_bias] = convolution_backward_with_bias_channels(
-      grad_output, input, weight_for_conv, /*bias_channels=*/weight.size(1) * p.groups, p.stride, p.padding, p.dilation,
-      /*transposed=*/true, p.output_padding, p.groups, output_mask);
+      call.gather(grad_output, input), input, weight_for_conv, /*bias_channels=*/weight.size(1) * p.groups, call.stride,
+      call.padding, p.dilation, /*transposed=*/true, call.output_padding, p.groups, library_mask);
   std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
   if (output_mask[0]) grad_input_out = grad_input.contiguous(input.suggest_memory_format());
   if (output_mask[1]) {
     grad_weight_out = gradient_through_transform(grad_weight, weight, p.weight_transform, passes);
   }
-  if (output_mask[2]) grad_bias_out = grad_bias.contiguous();
+  if (output_mask[2]) {
+    grad_bias_out = call.any_windowed() ? grad_output.sum({0, 2, 3}) : grad_bias.contiguous();
+  }
   return {grad_input_out, grad_weight_out, grad_bias_out};
 }
 

@@ -14,21 +14,19 @@ import pytest
 BOUNDED_SEED = 1
 BOUNDED_SECONDS = 80  # with the tests below, about two minutes on 2 cores
 
-# oneDNN kernels that at::convolution runs on this CPU (avx512_core), and fusedtie's library path
-# with it. brgconv_strided (a transposed convolution's forward, a convolution's input gradient) with
-# a stride of 2**15: along W it writes out of bounds (batch 2 or more), along H it takes seconds
-# (24 s at 2**15). brg_conv_fwd on a channels_last input whose output columns all fall in the
-# padding, with a bias: a write through a null pointer (perform_outwork).
-_ONEDNN = "PyTorch's own (torch 2.13 CPU, oneDNN); remove the mark once fusedtie avoids it"
+# The six cases marked PyTorch's own until fusedtie's library path stepped around oneDNN's kernels
+# (csrc/library_conv.h): brgconv_strided with a stride of 2**15 (a transposed convolution's forward,
+# a convolution's input gradient) wrote out of bounds along W and took seconds along H (24 s);
+# brg_conv_fwd on a channels_last input, dilation 2 along a 1-wide kernel and every output column
+# in the padding wrote through a null pointer. tests/test_crash_regressions.py checks their values.
 
 # Every line the fuzzer found crashing or hanging (its label says where), and the variants found
-# reducing them: each must end in a clear error or a result, in a fresh worker. Marked: still open.
+# reducing them: each must end in a clear error or a result, in a fresh worker.
 KEPT_CASES = [
     pytest.param(
         "x = torch.randn((3, 2, 2, 6)).transpose(-1, -2).requires_grad_(); w = torch.randn((2, 1, 1, 1))"
         ".requires_grad_(); b = torch.randn((1,)).requires_grad_(); fusedtie.tied_conv_transpose2d(x, w, b, 'abs', "
         "stride=[1, 2**15], groups=1, dilation=1).sum().backward()",
-        marks=pytest.mark.xfail(reason=_ONEDNN),
         id="4:26130-crash",
     ),
     pytest.param(
@@ -36,14 +34,12 @@ KEPT_CASES = [
         # (fusedtie's library stride clamps only where there is one)
         "x = torch.randn((2, 1, 1, 32769)).requires_grad_(); w = torch.randn((1, 1, 1, 1)); "
         "fusedtie.tied_conv2d(x, w, None, stride=(1, 2**15)).sum().backward()",
-        marks=pytest.mark.xfail(reason=_ONEDNN),
         id="conv2d-input-gradient-crash",
     ),
     pytest.param(
         "with fusedtie.use_cpu_conv_algorithm('library'): x = torch.randn((2, 3, 8, 8)); w = torch.randn((3, 2, 3, 1))"
         ".requires_grad_(); b = torch.randn((2,)).requires_grad_(); fusedtie.tied_conv_transpose2d(x, w, b, 'relu', "
         "stride=(2**15, 1), groups=1, dilation=1)",
-        marks=pytest.mark.xfail(reason=_ONEDNN),
         id="4:49641-hang",
     ),
     pytest.param(
@@ -51,7 +47,6 @@ KEPT_CASES = [
         "torch.channels_last).requires_grad_(); b = torch.randn((3,)); fusedtie.tied_conv_transpose2d(x, w, b, "
         "fusedtie.Transform('scale', alpha=-1.0), stride=(2**15, 1), padding=(0,), output_padding=(0, 0), groups=1, "
         "dilation=(1,))",
-        marks=pytest.mark.xfail(reason=_ONEDNN),
         id="0:47269-hang",
     ),
     pytest.param(
@@ -59,14 +54,12 @@ KEPT_CASES = [
         "2, 4, (5, 1), stride=(1, 2), padding=(0, 1), dilation=(1, 2), groups=2, bias=True), 'relu', bias='same', "
         "groups=2); "
         "layer(torch.randn((3, 2, 11, 1)).to(memory_format=torch.channels_last).requires_grad_()).sum().backward()",
-        marks=pytest.mark.xfail(reason=_ONEDNN),
         id="4:50486-crash",
     ),
     pytest.param(
         # 4:50486 reduced: both output columns read only padding
         "fusedtie.tied_conv2d(torch.randn(2, 1, 2, 1).to(memory_format=torch.channels_last), torch.randn(1, 1, 1, 1), "
         "torch.randn(1), stride=(1, 2), padding=(0, 1), dilation=(1, 2))",
-        marks=pytest.mark.xfail(reason=_ONEDNN),
         id="channels-last-padding-only-columns-crash",
     ),
     pytest.param(
