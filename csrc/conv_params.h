@@ -56,6 +56,13 @@ inline void check_transform_backward(const at::Tensor& grad, const at::Tensor& s
                    ", got ", grad.scalar_type());
 }
 
+// Every convolution operator: a kernel with no taps has no meaning (F.conv2d answers with an
+// IndexError from inside its kernel).
+inline void check_kernel_not_empty(const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(weight.size(2) > 0 && weight.size(3) > 0,
+                    "expected a kernel of at least 1 x 1, got weight of size ", weight.sizes());
+}
+
 // The backward's own arguments, for every convolution operator: grad_output shaped, typed and
 // placed like the forward's output, and a bias gradient asked for only when there is a bias.
 inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input, at::IntArrayRef expected_size,
@@ -145,6 +152,7 @@ struct TiedConv2dParams {
                       "fusedtie::tied_conv2d expects a 4-D weight (out_channels, in_channels/groups, kH, "
                       "kW), got weight of size ",
                       weight.sizes());
+    check_kernel_not_empty(weight);
     check_supported_dtype(input.scalar_type(), "tied_conv2d");
     TORCH_CHECK_TYPE(input.scalar_type() == weight.scalar_type(),
                      "expected input and weight to have the same dtype, got input ", input.scalar_type(),

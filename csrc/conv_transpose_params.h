@@ -73,6 +73,7 @@ struct TiedConvTranspose2dParams {
                       "fusedtie::tied_conv_transpose2d expects a 4-D weight (in_channels, out_channels/groups, "
                       "kH, kW), got weight of size ",
                       weight.sizes());
+    check_kernel_not_empty(weight);
     check_supported_dtype(input.scalar_type(), "tied_conv_transpose2d");
     TORCH_CHECK_TYPE(input.scalar_type() == weight.scalar_type(),
                      "expected input and weight to have the same dtype, got input ", input.scalar_type(),

@@ -51,6 +51,12 @@ def check_geometry_values(stride, padding, dilation) -> None:
         raise ValueError(f"negative padding is not supported, got {list(padding)}")
 
 
+def check_kernel_not_empty(weight) -> None:
+    """check_kernel_not_empty of csrc/conv_params.h (F.conv2d raises an IndexError from its kernel)."""
+    if weight.shape[2] == 0 or weight.shape[3] == 0:
+        raise ValueError(f"expected a kernel of at least 1 x 1, got weight of size {list(weight.shape)}")
+
+
 def check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, padding, dilation, groups) -> None:
     """The fake kernel's argument checks: the rules and messages of TiedConv2dParams::check
     (csrc/conv_params.h), which checks real tensors. Both are exercised by tests/test_bad_input.py."""
@@ -67,6 +73,7 @@ def check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, pa
         )
     if weight.dim() != 4:
         raise ValueError(f"fusedtie::tied_conv2d expects a 4-D weight, got weight of size {list(weight.shape)}")
+    check_kernel_not_empty(weight)
     check_supported_dtype(input.dtype, "tied_conv2d")
     check_operands_like_input(input, weight, bias)
     out_channels = weight.shape[0]
@@ -125,6 +132,7 @@ def check_tied_conv_transpose2d(
             "fusedtie::tied_conv_transpose2d expects a 4-D weight (in_channels, out_channels/groups, kH, kW), "
             f"got weight of size {list(weight.shape)}"
         )
+    check_kernel_not_empty(weight)
     check_supported_dtype(input.dtype, "tied_conv_transpose2d")
     check_operands_like_input(input, weight, bias)
     in_channels = weight.shape[0]

@@ -13,7 +13,7 @@ from ._op_args import TiedConv2dArgs, TransformLike, _pair, normalize_padding
 from ._tied_layer import _TiedLayer
 from .cache import is_caching
 from .cache import lookup as cache_lookup
-from .ops import apply_transform, run_tied_conv2d
+from .ops import apply_transform, input_dim, run_tied_conv2d
 from .transforms import Transform
 
 _BIAS_MODES = ("same", "transform", None)
@@ -264,11 +264,7 @@ class FusedTiedConv2d(_TiedLayer):
             torch.Size([8, 3, 3, 3])
         """
         if self.padding_mode != "zeros":
-            if input.dim() not in (3, 4):  # before F.pad, whose error for other ranks is unclear
-                raise ValueError(
-                    "Expected 3D (unbatched) or 4D (batched) input to FusedTiedConv2d, but got input of "
-                    f"size: {list(input.shape)}"
-                )
+            input_dim(input, None, "FusedTiedConv2d")  # before F.pad, whose error for other ranks is unclear
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
         weight, bias = self._source_tensors()
         self._check_not_sharded(weight, input)

@@ -14,7 +14,7 @@ from ._op_args import TiedConvTranspose2dArgs, TransformLike, _pair, normalize_p
 from ._tied_layer import _TiedLayer
 from .cache import is_caching
 from .cache import lookup as cache_lookup
-from .ops import apply_transform, run_tied_conv_transpose2d
+from .ops import apply_transform, input_dim, run_tied_conv_transpose2d
 from .transforms import Transform
 
 
@@ -214,7 +214,9 @@ class FusedTiedConvTranspose2d(_TiedLayer):
         """
         output_padding = None  # the layer's own, in _op_args
         if output_size is not None:
-            # nn.ConvTranspose2d's own computation (and messages), on this layer's geometry.
+            # nn.ConvTranspose2d's own computation (and messages), on this layer's geometry; the rank
+            # first, where nn.ConvTranspose2d's computation raises an IndexError.
+            input_dim(input, None, "FusedTiedConvTranspose2d")
             output_padding = tuple(
                 nn.modules.conv._ConvTransposeNd._output_padding(
                     self,

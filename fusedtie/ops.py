@@ -177,7 +177,7 @@ _tied_conv_transpose2d_op = torch.ops.fusedtie.tied_conv_transpose2d.default
 _tied_conv_transpose2d_eager = LIB.tied_conv_transpose2d_eager
 
 
-def _input_dim(input, bias, op_name: str) -> int:
+def input_dim(input, bias, op_name: str) -> int:
     """The input's rank, 4 (batched) or 3 (unbatched, as F.conv2d takes it); a TypeError or ValueError
     for anything else."""
     if not isinstance(input, Tensor):
@@ -196,7 +196,7 @@ def _input_dim(input, bias, op_name: str) -> int:
 # out in each rather than in a shared helper, one Python call less per call.
 def run_tied_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], args: TiedConv2dArgs) -> Tensor:
     """The operator call with arguments already normalised; adds the unbatched (3-D) case."""
-    batched = _input_dim(input, bias, "tied_conv2d") == 4
+    batched = input_dim(input, bias, "tied_conv2d") == 4
     if not batched:
         input = input.unsqueeze(0)
     if torch.compiler.is_compiling() or _has_torch_function((input, weight, bias)):
@@ -210,7 +210,7 @@ def run_tied_conv_transpose2d(
     input: Tensor, weight: Tensor, bias: Optional[Tensor], args: TiedConvTranspose2dArgs
 ) -> Tensor:
     """The transposed operator's call with arguments already normalised, unbatched input included."""
-    batched = _input_dim(input, bias, "tied_conv_transpose2d") == 4
+    batched = input_dim(input, bias, "tied_conv_transpose2d") == 4
     if not batched:
         input = input.unsqueeze(0)
     if torch.compiler.is_compiling() or _has_torch_function((input, weight, bias)):

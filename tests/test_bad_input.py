@@ -73,6 +73,19 @@ def _op_cases(device):
         ("zero groups", lambda: fusedtie.tied_conv2d(x, w, b, groups=0), (ValueError, RuntimeError), "groups"),
         ("bias of wrong size", lambda: fusedtie.tied_conv2d(x, w, b[:5]), (ValueError, RuntimeError), "bias"),
         ("3-D weight", lambda: fusedtie.tied_conv2d(x, w[0], b), ValueError, "4-D weight"),
+        # F.conv2d raises an IndexError from inside its kernel here (found by the crash fuzzer)
+        (
+            "kernel with no taps",
+            lambda: fusedtie.tied_conv2d(x, w[..., :0], b),
+            ValueError,
+            r"expected a kernel of at least 1 x 1, got weight of size \[6, 4, 3, 0\]",
+        ),
+        (
+            "transposed kernel with no taps",
+            lambda: fusedtie.tied_conv_transpose2d(x, w.transpose(0, 1)[:, :, :0], None),
+            ValueError,
+            r"expected a kernel of at least 1 x 1, got weight of size \[4, 6, 0, 3\]",
+        ),
         (
             "stride triple",
             lambda: fusedtie.tied_conv2d(x, w, b, stride=(1, 1, 1)),
@@ -238,6 +251,15 @@ def test_wrong_rank_through_module(padding_mode):
     layer = FusedTiedConv2d(nn.Conv2d(2, 2, 3, padding=1, padding_mode=padding_mode))
     with pytest.raises(ValueError, match="Expected 3D .unbatched. or 4D"):
         layer(torch.randn(1, 1, 2, 5, 5))
+
+
+@pytest.mark.parametrize("shape", [(12, 3), (1, 1, 2, 5, 5)], ids=["2-D", "5-D"])
+def test_wrong_rank_through_decoder_with_output_size(shape):
+    """nn.ConvTranspose2d's output_size computation raises an IndexError on a 2-D input (found by
+    the crash fuzzer); the decoder names the rank first."""
+    layer = fusedtie.FusedTiedConvTranspose2d(nn.Conv2d(2, 4, (5, 1), padding=(0, 1), groups=2))
+    with pytest.raises(ValueError, match="Expected 3D .unbatched. or 4D .batched. input to FusedTiedConvTranspose2d"):
+        layer(torch.randn(shape), output_size=[25, 22])
 
 
 def test_wrong_channel_input_through_module_names_counts():
