@@ -9,6 +9,8 @@
 #   make cuda-build  the CUDA extension, no GPU needed: .venv-cuda (torch 2.14.1, CUDA 13.0), an
 #                    out-of-place build in build-cuda/ (sm_80, sm_90 + PTX), the suite against it,
 #                    ptxas registers/spills per kernel (scripts/cuda_build.sh); make cuda-clean
+#   make sanitize    the CPU extension with ASan + UBSan in build-sanitize/, and the suites that drive
+#                    the C++ under it (scripts/sanitize.sh)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -16,7 +18,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cuh' -o -name
 CMAKE_BUILD := build/cmake
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: test bench build cmake-test clean cuda-build cuda-clean lint format docs sdist-check
+.PHONY: test bench build cmake-test clean cuda-build cuda-clean lint format docs sdist-check sanitize
 
 # The venv with the pinned dependencies and fusedtie installed editable. FUSEDTIE_SKIP_EXT=1 makes
 # the editable install only register the package; the extension is built by the rule below, in
@@ -85,3 +87,7 @@ clean:
 
 cuda-clean:
 	rm -rf build-cuda
+
+# Its own build folder (build-sanitize/), with .venv's python: never build/ or fusedtie/_C*.so.
+sanitize: $(VENV)/.deps
+	PYTHON="$(abspath $(PY))" scripts/sanitize.sh

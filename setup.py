@@ -32,9 +32,12 @@ _spec.loader.exec_module(_build)
 use_cuda, reason = _build.cuda_build_decision()
 debug = os.environ.get("FUSEDTIE_DEBUG", "0") == "1"
 flags = _build.compile_flags(debug, cuda=use_cuda)
+sanitize = _build.sanitizer_flags()
+flags["cxx"] += sanitize
 print(
     f"fusedtie setup: {'CUDAExtension' if use_cuda else 'CppExtension'} ({reason}); "
     f"{'debug' if debug else 'release'} build"
+    f"{'; ASan+UBSan' if sanitize else ''}"
     f"{'; ptxas -v' if use_cuda and '-Xptxas=-v' in flags['nvcc'] else ''}",
     flush=True,
 )
@@ -46,7 +49,7 @@ extension = Extension(
     include_dirs=[os.path.join(ROOT, "csrc")],
     define_macros=[("FUSEDTIE_WITH_CUDA", None)] if use_cuda else [],
     extra_compile_args=flags if use_cuda else flags["cxx"],
-    extra_link_args=_build.openmp_flags(),
+    extra_link_args=_build.openmp_flags() + sanitize,
 )
 
 skip_extension = os.environ.get("FUSEDTIE_SKIP_EXT", "0") == "1"

@@ -112,6 +112,17 @@ def openmp_flags() -> list[str]:
     return []
 
 
+def sanitizer_flags() -> list[str]:
+    """FUSEDTIE_SANITIZE=1 (read by setup.py; `make sanitize`): AddressSanitizer and
+    UndefinedBehaviorSanitizer on the C++ units, for both compiling and linking. UB aborts at its
+    first report (-fno-sanitize-recover), so a test cannot pass over one; frame pointers and line
+    tables make the reports' stacks readable. Such a library loads only with libasan (and
+    libstdc++) preloaded (scripts/sanitize.sh)."""
+    if os.environ.get("FUSEDTIE_SANITIZE", "0") != "1":
+        return []
+    return ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g1"]
+
+
 def cuda_header_dirs() -> list[str]:
     """The include folders of the CUDA libraries that pip installed with a CUDA torch
     (site-packages/nvidia/*/include: cuBLAS, cuSPARSE, cuSOLVER, cuDNN, ...).
