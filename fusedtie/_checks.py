@@ -51,6 +51,19 @@ def check_geometry_values(stride, padding, dilation) -> None:
         raise ValueError(f"negative padding is not supported, got {list(padding)}")
 
 
+def check_padded_size(input, pad, layer: str, padding_mode: str) -> None:
+    """The size F.pad gives, in 64 bits: F.pad's own sum wraps past 2**63 and its kernel then
+    indexes out of bounds (torch 2.13 segfaults on padding 2**63 - 1 with mode="replicate"). ``pad``
+    is in F.pad's order (last dimension first)."""
+    for d in range(len(pad) // 2):
+        size = input.shape[-1 - d]
+        if size + pad[2 * d] + pad[2 * d + 1] > 2**63 - 1:
+            raise RuntimeError(
+                f"{layer}: padding_mode={padding_mode!r} pads the input of size {list(input.shape)} by "
+                f"{list(pad)} (F.pad's order), past what 64 bits can count"
+            )
+
+
 def check_kernel_not_empty(weight) -> None:
     """check_kernel_not_empty of csrc/conv_params.h (F.conv2d raises an IndexError from its kernel)."""
     if weight.shape[2] == 0 or weight.shape[3] == 0:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_padded_size
 from ._op_args import TiedConv2dArgs, TransformLike, _pair, normalize_padding
 from ._tied_layer import _TiedLayer
 from .cache import is_caching
@@ -265,6 +266,7 @@ class FusedTiedConv2d(_TiedLayer):
         """
         if self.padding_mode != "zeros":
             input_dim(input, None, "FusedTiedConv2d")  # before F.pad, whose error for other ranks is unclear
+            check_padded_size(input, self._reversed_padding_repeated_twice, "FusedTiedConv2d", self.padding_mode)
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
         weight, bias = self._source_tensors()
         self._check_not_sharded(weight, input)

@@ -262,6 +262,15 @@ def test_wrong_rank_through_decoder_with_output_size(shape):
         layer(torch.randn(shape), output_size=[25, 22])
 
 
+@pytest.mark.parametrize("padding_mode", ["replicate", "circular", "reflect"])
+def test_padding_past_64_bits_is_a_clear_error(padding_mode):
+    """F.pad wraps the padded size past 2**63 and segfaults (torch 2.13, mode="replicate"; found by
+    the crash fuzzer): the layer checks the size first."""
+    layer = FusedTiedConv2d(nn.Conv2d(4, 1, (2, 3), padding=(0, 2**63 - 1), padding_mode=padding_mode))
+    with pytest.raises(RuntimeError, match=r"pads the input of size \[1, 4, 11, 7\] by .* past what 64 bits can count"):
+        layer(torch.randn(1, 4, 11, 7))
+
+
 def test_wrong_channel_input_through_module_names_counts():
     layer = FusedTiedConv2d(nn.Conv2d(16, 16, 3))
     with pytest.raises(ValueError, match="expected input\\[1, 5, 8, 8\\] to have 16 channels, but got 5"):

@@ -76,6 +76,21 @@ KEPT_CASES = [
         "[1, 1], 1, [True, True, False])",
         id="meta-grad-output-crash",
     ),
+    pytest.param(
+        "with torch.no_grad(), fusedtie.cached(layer := fusedtie.FusedTiedConv2d(conv := torch.nn.Conv2d(4, 1, (2, 3), "
+        "stride=(1, 3), padding=(0, 2), dilation=(1, 1), groups=1, bias=False), 'relu', bias=None, "
+        "padding=[0, 2**63 - 1], dilation=1, padding_mode='replicate', in_channels=4)): "
+        "layer(torch.randn((1, 4, 7, 11)).transpose(-1, -2).requires_grad_()); "
+        "layer(torch.randn((1, 4, 7, 11)).transpose(-1, -2).requires_grad_())",
+        id="2:115452-crash",  # fixed: F.pad's padded size checked in 64 bits first (F.pad segfaults)
+    ),
+    pytest.param(
+        "with fusedtie.use_cpu_conv_algorithm('depthwise'): layer = fusedtie.FusedTiedConv2d(conv := torch.nn.Conv2d("
+        "4, 3, (2, 2), stride=(1, 1), padding=(2, 1), dilation=(1, 1), groups=1, bias=False, padding_mode='circular', "
+        "dtype=torch.complex64), 'sigmoid', bias='same', padding=(2**63 - 1,), padding_mode='replicate', "
+        "in_channels=4); layer(torch.full((1, 4, 9, 6), 0.0, dtype=torch.complex64).requires_grad_()).sum().backward()",
+        id="2:174655-crash",
+    ),
 ]
 KEPT_CASE_TIMEOUT_S = 5  # a fixed call takes a fraction of a second
 
