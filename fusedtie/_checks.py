@@ -65,9 +65,28 @@ def check_padded_size(input, pad, layer: str, padding_mode: str) -> None:
 
 
 def check_kernel_not_empty(weight) -> None:
-    """check_kernel_not_empty of csrc/conv_params.h (F.conv2d raises an IndexError from its kernel)."""
-    if weight.shape[2] == 0 or weight.shape[3] == 0:
-        raise ValueError(f"expected a kernel of at least 1 x 1, got weight of size {list(weight.shape)}")
+    """check_kernel_not_empty of csrc/conv_params.h (F.conv2d raises an IndexError from its kernel),
+    for a 4-D weight or tied_conv1d's 3-D one."""
+    if 0 in weight.shape[2:]:
+        least = " x ".join("1" * (weight.dim() - 2))
+        raise ValueError(f"expected a kernel of at least {least}, got weight of size {list(weight.shape)}")
+
+
+def check_groups_and_channels(input, weight, groups, channel_dim: int = 1) -> None:
+    """Groups that divide the weight's out_channels, and input channels that are weight.shape[1] *
+    groups: TiedConv2dParams::check's rules and messages, with the shapes as the caller gave them
+    (tied_conv1d's 3-D ones too, whose channels are at ``channel_dim`` -2, unbatched input included)."""
+    if groups <= 0:
+        raise ValueError(f"groups must be a positive integer, got {groups}")
+    out_channels = weight.shape[0]
+    if out_channels % groups != 0:
+        raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
+    channels = input.shape[channel_dim]
+    if channels != weight.shape[1] * groups:
+        raise ValueError(
+            f"Given groups={groups}, weight of size {list(weight.shape)}, expected input{list(input.shape)} "
+            f"to have {weight.shape[1] * groups} channels, but got {channels} channels instead"
+        )
 
 
 def check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, padding, dilation, groups) -> None:
@@ -89,14 +108,8 @@ def check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, pa
     check_kernel_not_empty(weight)
     check_supported_dtype(input.dtype, "tied_conv2d")
     check_operands_like_input(input, weight, bias)
+    check_groups_and_channels(input, weight, groups)
     out_channels = weight.shape[0]
-    if out_channels % groups != 0:
-        raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
-    if input.shape[1] != weight.shape[1] * groups:
-        raise ValueError(
-            f"Given groups={groups}, weight of size {list(weight.shape)}, expected input{list(input.shape)} "
-            f"to have {weight.shape[1] * groups} channels, but got {input.shape[1]} channels instead"
-        )
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_channels):
         raise ValueError(f"expected bias of size [{out_channels}] (out_channels), got {list(bias.shape)}")
     padded = [input.shape[2] + padding[0] + padding[1], input.shape[3] + padding[2] + padding[3]]

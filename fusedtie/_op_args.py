@@ -1,5 +1,6 @@
-"""The operators' arguments besides the tensors: the normalisation of what ``F.conv2d`` accepts
-(ints or pairs, padding strings) and the named argument objects, ``TiedConv2dArgs`` and
+"""The operators' arguments besides the tensors: the normalisation of what ``F.conv2d`` and
+``F.conv1d`` accept (ints, pairs or single ints, padding strings), the H = 1 view that runs a 1-d
+convolution through the 2-d operator, and the named argument objects, ``TiedConv2dArgs`` and
 ``TiedConvTranspose2dArgs``, which a layer builds once and every call passes on as they are."""
 
 from __future__ import annotations
@@ -16,24 +17,36 @@ IntOrPair = Union[int, Sequence[int]]
 PaddingLike = Union[str, int, Sequence[int]]
 
 
+def _as_int(v) -> int:
+    if isinstance(v, bool):
+        raise TypeError
+    return operator.index(v)  # ints, numpy integers, 0-d integer tensors
+
+
 def _pair(value: IntOrPair, name: str) -> tuple[int, int]:
     """An int, or a sequence of one or two ints (as F.conv2d takes them), as a pair."""
-
-    def as_int(v):
-        if isinstance(v, bool):
-            raise TypeError
-        return operator.index(v)  # ints, numpy integers, 0-d integer tensors
-
     try:
         if isinstance(value, (tuple, list, torch.Size)):
             if len(value) == 1:
-                return (as_int(value[0]),) * 2
+                return (_as_int(value[0]),) * 2
             if len(value) == 2:
-                return (as_int(value[0]), as_int(value[1]))
+                return (_as_int(value[0]), _as_int(value[1]))
             raise TypeError
-        return (as_int(value),) * 2
+        return (_as_int(value),) * 2
     except TypeError:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+
+
+def _single(value: IntOrPair, name: str) -> tuple[int]:
+    """An int, or a sequence of one int (as F.conv1d takes them), as a 1-tuple."""
+    try:
+        if isinstance(value, (tuple, list, torch.Size)):
+            if len(value) == 1:
+                return (_as_int(value[0]),)
+            raise TypeError
+        return (_as_int(value),)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a sequence of one int, got {value!r}") from None
 
 
 def normalize_padding(
@@ -56,6 +69,25 @@ def normalize_padding(
     if ph < 0 or pw < 0:
         raise ValueError(f"negative padding is not supported, got {padding!r}")
     return (ph, ph, pw, pw)
+
+
+def as_2d_geometry(
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Union[str, Sequence[int]],
+    dilation: Sequence[int],
+) -> tuple[tuple[int, int], tuple[int, int, int, int], tuple[int, int]]:
+    """``tied_conv2d``'s (stride, padding, dilation) for a normalised 2-d geometry (pairs) or 1-d one
+    (1-tuples): a 1-d convolution is the 2-d one on an H = 1 view (input ``(N, C, 1, L)``, weight
+    ``(O, C/groups, 1, K)``), with stride and dilation 1 and no padding along H; ``"same"`` and
+    ``"valid"`` split as ``normalize_padding`` splits them."""
+    fill = 2 - len(kernel_size)  # 0 (2-d) or 1 (1-d): the H = 1 axis put in front
+    stride2 = (1,) * fill + tuple(stride)
+    dilation2 = (1,) * fill + tuple(dilation)
+    if not isinstance(padding, str):
+        padding = (0,) * fill + tuple(padding)
+    padding4 = normalize_padding(padding, (1,) * fill + tuple(kernel_size), stride2, dilation2)  # type: ignore[arg-type]
+    return stride2, padding4, dilation2  # type: ignore[return-value]
 
 
 class TiedConv2dArgs(NamedTuple):

@@ -2,7 +2,8 @@
 (autograd is C++).
 
 ``torch.ops.fusedtie.tied_conv2d`` takes fully normalised arguments (4-D input, pairs, padding as
-(top, bottom, left, right)); ``tied_conv2d`` below accepts everything ``F.conv2d`` accepts, and
+(top, bottom, left, right)); ``tied_conv2d`` below accepts everything ``F.conv2d`` accepts,
+``tied_conv1d`` everything ``F.conv1d`` accepts (and runs the 2-d operator on an H = 1 view), and
 ``tied_conv_transpose2d`` everything ``F.conv_transpose2d`` accepts. The normalised arguments are a
 named tuple (fusedtie/_op_args.py); the fake kernels are fusedtie/_fake.py's, the settings
 fusedtie/_settings.py's (re-exported here).
@@ -16,10 +17,11 @@ import torch
 from torch import Tensor
 
 from . import _fake  # noqa: F401  (registers the fake kernels, once: this module is their only importer)
+from ._checks import check_geometry_values, check_groups_and_channels, check_kernel_not_empty
 from ._library import LIB
 from ._op_args import IntOrPair as IntOrPair
 from ._op_args import PaddingLike as PaddingLike
-from ._op_args import TiedConv2dArgs, TiedConvTranspose2dArgs
+from ._op_args import TiedConv2dArgs, TiedConvTranspose2dArgs, _single, as_2d_geometry
 from ._op_args import TransformLike as TransformLike
 from ._op_args import _pair as _pair
 from ._op_args import normalize_padding as normalize_padding
@@ -89,13 +91,78 @@ def tied_conv2d(
     return run_tied_conv2d(input, weight, bias, args)
 
 
-def _check_weight_and_groups(weight, groups, weight_layout: str) -> None:
+def _check_weight_and_groups(weight, groups, weight_layout: str, dim: int = 4) -> None:
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"groups must be an int, got {groups!r}")
-    if weight.dim() != 4:
-        raise ValueError(f"expected a 4-D weight {weight_layout}, got weight of size {list(weight.shape)}")
+    if weight.dim() != dim:
+        raise ValueError(f"expected a {dim}-D weight {weight_layout}, got weight of size {list(weight.shape)}")
+
+
+def tied_conv1d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    transform: TransformLike = "identity",
+    bias_transform: TransformLike = "identity",
+    stride: IntOrPair = 1,
+    padding: PaddingLike = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+) -> Tensor:
+    """``F.conv1d(input, f(weight), g(bias), stride, padding, dilation, groups)`` as one operator.
+
+    The 2-d operator (``tied_conv2d``'s) on an H = 1 view: input ``(N, C_in, 1, L)``, weight
+    ``(C_out, C_in / groups, 1, K)``, stride ``(1, stride)``, padding ``(0, padding)``, dilation
+    ``(1, dilation)``; the output's H = 1 axis is dropped. So it runs every CPU algorithm and the fused
+    CUDA kernels, gradients reach the source through the views and f', and it accepts what
+    ``F.conv1d`` accepts: unbatched 2-D input, non-contiguous tensors, batch 0, meta tensors;
+    float32, float64, bfloat16 and float16.
+
+    Args:
+        input: ``(N, C_in, L)``, or unbatched ``(C_in, L)``.
+        weight: the source weight W, ``(C_out, C_in / groups, K)``; the convolution uses f(W).
+        bias: the source bias b, ``(C_out,)``, or None; the convolution uses g(b).
+        transform: f: a name from ``available_transforms()`` or a ``Transform``; ``"identity"`` (the
+            default) uses the weight as it is.
+        bias_transform: g, applied to ``bias``; ``"identity"`` (the default) uses the bias as it is.
+        stride: an int, or a sequence of one int.
+        padding: an int, a sequence of one int, ``"valid"`` or ``"same"`` (stride 1 only; for an even
+            kernel the odd element goes on the right, as in ``F.conv1d``).
+        dilation: an int, or a sequence of one int.
+        groups: the number of groups; it divides ``C_out``, and ``C_in = weight.shape[1] * groups``.
+
+    Returns:
+        The output ``(N, C_out, L_out)`` (``(C_out, L_out)`` for unbatched input), differentiable with
+            respect to ``input``, ``weight`` and ``bias``.
+
+    Raises:
+        ValueError: an unknown transform; an input that is not 2-D or 3-D, a weight that is not 3-D;
+            channels or groups that do not fit the weight; a non-positive stride or dilation,
+            negative padding, or a kernel larger than the padded input.
+        TypeError: a dtype other than the four floating types, operands of different dtypes, or a
+            stride, padding or dilation that is not an int or a sequence of one int.
+
+    Examples:
+        >>> w = torch.randn(16, 8, 3, requires_grad=True)
+        >>> x = torch.randn(2, 8, 50)
+        >>> y = fusedtie.tied_conv1d(x, w, transform="tanh", padding="same")
+        >>> torch.allclose(y, F.conv1d(x, torch.tanh(w), padding="same"), atol=1e-5)
+        True
+        >>> y.sum().backward()  # w.grad is (1 - tanh(w) ** 2) * dL/d(tanh(w))
+    """
+    t = Transform.parse(transform)
+    bt = Transform.parse(bias_transform)
+    _check_weight_and_groups(weight, groups, "(out_channels, in_channels/groups, kW)", dim=3)
+    check_kernel_not_empty(weight)
+    stride1 = _single(stride, "stride")
+    dilation1 = _single(dilation, "dilation")
+    padding1 = padding if isinstance(padding, str) else _single(padding, "padding")
+    check_geometry_values(stride1, (0,) if isinstance(padding1, str) else padding1, dilation1)
+    stride2, padding4, dilation2 = as_2d_geometry(weight.shape[2:], stride1, padding1, dilation1)
+    args = TiedConv2dArgs(t.name, t.op_alpha, bt.name, bt.op_alpha, stride2, padding4, dilation2, groups)
+    return run_tied_conv1d(input, weight, bias, args)
 
 
 def tied_conv_transpose2d(
@@ -177,17 +244,18 @@ _tied_conv_transpose2d_op = torch.ops.fusedtie.tied_conv_transpose2d.default
 _tied_conv_transpose2d_eager = LIB.tied_conv_transpose2d_eager
 
 
-def input_dim(input, bias, op_name: str) -> int:
-    """The input's rank, 4 (batched) or 3 (unbatched, as F.conv2d takes it); a TypeError or ValueError
-    for anything else."""
+def input_dim(input, bias, op_name: str, rank: int = 2) -> int:
+    """The input's rank, 4 (batched) or 3 (unbatched, as F.conv2d takes it), or for a convolution of
+    ``rank`` 1, 3 or 2; a TypeError or ValueError for anything else."""
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a tensor, got {type(input).__name__}")
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
     dim = input.dim()
-    if dim != 4 and dim != 3:
+    if dim != rank + 2 and dim != rank + 1:
         raise ValueError(
-            f"Expected 3D (unbatched) or 4D (batched) input to {op_name}, but got input of size: {list(input.shape)}"
+            f"Expected {rank + 1}D (unbatched) or {rank + 2}D (batched) input to {op_name}, but got input of "
+            f"size: {list(input.shape)}"
         )
     return dim
 
@@ -204,6 +272,15 @@ def run_tied_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], args:
     else:
         output = _tied_conv2d_eager(input, weight, bias, *args)
     return output if batched else output.squeeze(0)
+
+
+def run_tied_conv1d(input: Tensor, weight: Tensor, bias: Optional[Tensor], args: TiedConv2dArgs) -> Tensor:
+    """The 1-d call with ``args`` already those of the H = 1 view (``as_2d_geometry``), unbatched input
+    included: input and weight get the H axis at -2 and the output loses it. Rank, groups and channels
+    are checked on the shapes as given, so the messages name those rather than the views'."""
+    input_dim(input, bias, "tied_conv1d", 1)
+    check_groups_and_channels(input, weight, args.groups, -2)
+    return run_tied_conv2d(input.unsqueeze(-2), weight.unsqueeze(-2), bias, args).squeeze(-2)
 
 
 def run_tied_conv_transpose2d(
