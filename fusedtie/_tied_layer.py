@@ -1,7 +1,8 @@
-"""``_TiedLayer``: what every layer tied to an ``nn.Conv2d`` source shares (the source as submodule,
-state_dict without duplicate keys, checkpoints of either layout, cycle checks, geometry fixed at
-construction, pickling). The layers are fusedtie/_conv2d_layer.py's and
-fusedtie/_conv_transpose2d_layer.py's, published as fusedtie.nn."""
+"""``_TiedLayer``: what every layer tied to a conv source (an ``nn.Conv2d``, or an ``nn.Conv1d``)
+shares (the source as submodule, state_dict without duplicate keys, checkpoints of either layout,
+cycle checks, geometry fixed at construction, pickling). The layers are fusedtie/_conv2d_layer.py's,
+fusedtie/_conv1d_layer.py's (both on fusedtie/_conv_layer.py) and fusedtie/_conv_transpose2d_layer.py's,
+published as fusedtie.nn."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ _SLOT = "source."  # the state_dict prefix of the source inside a tied layer
 
 
 class _TiedLayer(nn.Module):
-    """What every layer tied to an ``nn.Conv2d`` source shares.
+    """What every layer tied to a conv source (``_SOURCE_TYPE``, an ``nn.Conv2d`` unless a subclass
+    says otherwise) shares.
 
     The source is the registered submodule ``source`` (so ``.to()``, deepcopy, ``torch.save`` and
     ``parameters()`` see one set of tensors); ``state_dict()`` writes it once (see the bookkeeping
@@ -26,29 +28,31 @@ class _TiedLayer(nn.Module):
     A subclass calls ``_check_source`` before ``nn.Module.__init__`` and ``_attach_source`` last.
     """
 
+    _SOURCE_TYPE: type = nn.Conv2d  # the class a source must be (and a layer's plain counterpart's)
     _DERIVED_ATTRIBUTES: frozenset = frozenset()
     _FIXED_AT_CONSTRUCTION: frozenset = frozenset()
 
     @classmethod
     def _check_source(cls, source) -> None:
+        kind = f"nn.{cls._SOURCE_TYPE.__name__}"
         if isinstance(source, _TiedLayer):
             article = "another" if type(source) is cls else "a"
             raise TypeError(
-                f"the source of a {cls.__name__} must be an nn.Conv2d that owns its parameters, got "
+                f"the source of a {cls.__name__} must be an {kind} that owns its parameters, got "
                 f"{article} {type(source).__name__}; tie to its source instead (ties cannot chain or form cycles)"
             )
-        if not isinstance(source, nn.Conv2d):
+        if not isinstance(source, cls._SOURCE_TYPE):
             hint = ""
             if isinstance(source, nn.modules.conv._ConvTransposeNd):
                 hint = " (the forward convolution whose weight is tied, not a transposed one)"
-            raise TypeError(f"{cls.__name__} ties to an nn.Conv2d source{hint}, got {type(source).__name__}")
+            raise TypeError(f"{cls.__name__} ties to an {kind} source{hint}, got {type(source).__name__}")
         if isinstance(source.weight, nn.parameter.UninitializedParameter):
             raise ValueError(
                 "the source is a lazy conv whose weight is not initialised yet; run one forward "
                 "pass through it before tying"
             )
 
-    def _attach_source(self, source: nn.Conv2d) -> None:
+    def _attach_source(self, source: nn.Module) -> None:
         """Registers the source and the state_dict hooks, builds the operator's arguments and fixes
         the geometry (call it last)."""
         self.source = source
@@ -198,7 +202,7 @@ class _TiedLayer(nn.Module):
         )
 
     def _geometry_repr(self, bias: str, *optional: tuple) -> str:
-        """extra_repr as nn.Conv2d's: the fixed fields, then each (name, value, default) whose value
+        """extra_repr as nn.Conv2d's (nn.Conv1d's): the fixed fields, then each (name, value, default) whose value
         differs from its default."""
         fixed = (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
