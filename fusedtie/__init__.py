@@ -11,11 +11,12 @@ from ._version import __version__ as __version__
 from .bake import bake
 from .cache import cached
 from .info import build_info, clear_cuda_autotune_cache, cpu_capability
-from .nn import FusedTiedConv2d, FusedTiedConvTranspose2d
+from .nn import FusedTiedConv1d, FusedTiedConv2d, FusedTiedConvTranspose2d
 from .ops import (
     apply_transform,
     cpu_conv_algorithm_for,
     cpu_info,
+    tied_conv1d,
     tied_conv2d,
     tied_conv_transpose2d,
     use_cpu_conv_algorithm,
@@ -35,6 +36,7 @@ Examples:
 """
 
 __all__ = [
+    "FusedTiedConv1d",
     "FusedTiedConv2d",
     "FusedTiedConvTranspose2d",
     "Transform",
@@ -48,6 +50,7 @@ __all__ = [
     "cpu_info",
     "available_transforms",
     "cuda_compiled",
+    "tied_conv1d",
     "tied_conv2d",
     "tied_conv_transpose2d",
     "transform_table",

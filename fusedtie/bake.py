@@ -1,4 +1,4 @@
-"""fusedtie.bake(model): a deployable copy with every tie replaced by a plain nn.Conv2d (or
+"""fusedtie.bake(model): a deployable copy with every tie replaced by a plain nn.Conv2d (nn.Conv1d,
 nn.ConvTranspose2d) holding f(W)."""
 
 from __future__ import annotations
@@ -25,21 +25,23 @@ _CALL_HOOK_ATTRIBUTES = (
 
 
 def bake(model: nn.Module) -> nn.Module:
-    r"""A deep copy of ``model`` in which every ``FusedTiedConv2d`` is a plain ``nn.Conv2d``
-    and every ``FusedTiedConvTranspose2d`` a plain ``nn.ConvTranspose2d``.
+    r"""A deep copy of ``model`` in which every ``FusedTiedConv2d`` is a plain ``nn.Conv2d``,
+    every ``FusedTiedConv1d`` a plain ``nn.Conv1d`` and every ``FusedTiedConvTranspose2d`` a plain
+    ``nn.ConvTranspose2d``.
 
-    Each tied layer becomes the ``nn.Conv2d`` of ``FusedTiedConv2d.to_conv2d`` (the
-    ``nn.ConvTranspose2d`` of ``FusedTiedConvTranspose2d.to_conv_transpose2d``, with a copy of
-    that layer's own bias): f(W) and g(b) computed once from the source's current values and stored
-    as that conv's own parameters, with the layer's geometry (``padding_mode`` included), dtype,
-    device, training flag, ``requires_grad`` and forward/backward hooks. Everything else is the
-    deep copy: the sources stay (with their own parameters), so do submodules of every kind
-    (``nn.Sequential``, ``nn.ModuleDict``, custom modules); a tied layer registered under two names
-    becomes one conv registered under both. The
-    result computes what ``model`` computes and has no tie left: it needs nothing from fusedtie to
-    run or to be saved and loaded, so conv-BN folding (``torch.ao.quantization.fuse_modules``,
-    ``torch.nn.utils.fusion.fuse_conv_bn_eval``), TorchScript, ONNX and other tools that expect
-    ``nn.Conv2d`` take it as they take any network. ``model`` itself is not modified.
+    Each tied layer becomes the ``nn.Conv2d`` of ``FusedTiedConv2d.to_conv2d`` (the ``nn.Conv1d`` of
+    ``FusedTiedConv1d.to_conv1d``, the ``nn.ConvTranspose2d`` of
+    ``FusedTiedConvTranspose2d.to_conv_transpose2d``, with a copy of that layer's own bias): f(W)
+    and g(b) computed once from the source's current values and stored as that conv's own
+    parameters, with the layer's geometry (``padding_mode`` included), dtype, device, training flag,
+    ``requires_grad`` and forward/backward hooks. Everything else is the deep copy: the sources stay
+    (with their own parameters), so do submodules of every kind (``nn.Sequential``,
+    ``nn.ModuleDict``, custom modules); a tied layer registered under two names becomes one conv
+    registered under both. The result computes what ``model`` computes and has no tie left: it needs
+    nothing from fusedtie to run or to be saved and loaded, so conv-BN folding
+    (``torch.ao.quantization.fuse_modules``, ``torch.nn.utils.fusion.fuse_conv_bn_eval``),
+    TorchScript, ONNX and other tools that expect ``nn.Conv2d`` take it as they take any network.
+    ``model`` itself is not modified.
 
     The baked weights are a snapshot: training the baked model trains the copies independently (the
     source and the baked conv are no longer tied), so bake for deployment, after training.
@@ -88,7 +90,7 @@ def bake(model: nn.Module) -> nn.Module:
 
 
 def _baked(layer: _TiedLayer) -> nn.Module:
-    """The layer's plain counterpart (``to_conv2d()``, ``to_conv_transpose2d()``) with the layer's
+    """The layer's plain counterpart (``to_conv2d()``, ``to_conv1d()``, ``to_conv_transpose2d()``) with the layer's
     call hooks moved onto it."""
     conv = layer._untied()
     for name in _CALL_HOOK_ATTRIBUTES:

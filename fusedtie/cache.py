@@ -1,6 +1,6 @@
 """Opt-in reuse of the derived weight f(W) across calls: ``with fusedtie.cached(): ...``.
 
-Without the scope every call of a FusedTiedConv2d (or FusedTiedConvTranspose2d) computes f(W) again
+Without the scope every call of a FusedTiedConv2d (FusedTiedConv1d, FusedTiedConvTranspose2d) computes f(W) again
 (one pass over W), which is what keeps the tie exact while W trains. In inference the weights usually
 do not change between calls, and that pass is pure overhead on weight-heavy layers; inside
 ``cached()`` each layer computes f(W) (and g(b)) at its first call and reuses it until the scope ends.
@@ -49,8 +49,8 @@ _entries: "weakref.WeakKeyDictionary[nn.Module, _Entry]" = weakref.WeakKeyDictio
 def cached(*modules: nn.Module) -> Iterator[None]:
     """Reuse each fusedtie layer's f(W) across calls that need no gradient, until the scope exits.
 
-    The layers are FusedTiedConv2d (f(W) and g(b)) and FusedTiedConvTranspose2d (f(W); its bias is
-    its own parameter and needs no derivation).
+    The layers are FusedTiedConv2d and FusedTiedConv1d (f(W) and g(b)) and FusedTiedConvTranspose2d
+    (f(W); its bias is its own parameter and needs no derivation).
 
     A cached value is used only by calls that record no autograd graph (``torch.no_grad()``,
     ``inference_mode()``, or a frozen source), and is recomputed when the source tensor is replaced,
