@@ -1,5 +1,5 @@
-"""The reference oracles: F.conv2d(x, f(W), g(b), ...) and F.conv_transpose2d(x, f(W), b, ...) in
-float64, with f written in torch ops.
+"""The reference oracles: F.conv2d(x, f(W), g(b), ...), F.conv1d(x, f(W), g(b), ...) and
+F.conv_transpose2d(x, f(W), b, ...) in float64, with f written in torch ops.
 
 Independent of fusedtie's kernels: f here is PyTorch's own elementwise ops, gradients are autograd's.
 """
@@ -64,6 +64,48 @@ def reference_conv2d(
     def grads(grad_out):
         inputs = [x64, w64] + ([b64] if b64 is not None else [])
         g = torch.autograd.grad(out, inputs, grad_out.double(), retain_graph=True)
+        return g[0], g[1], (g[2] if b64 is not None else None)
+
+    return out.detach(), grads
+
+
+def reference_conv1d(
+    x, w, b, transform, bias_transform="identity", stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"
+):
+    """float64 F.conv1d(x, f(W), g(b)) and a function giving (dL/dx, dL/dW, dL/db) for a grad_out.
+
+    A padding_mode other than "zeros" pads with F.pad first, as nn.Conv1d does ("same" split with the
+    odd element on the right); the gradients are autograd's through PyTorch's own ops.
+    """
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    b64 = None if b is None else b.detach().double().requires_grad_(True)
+    xin = x64
+    if padding_mode != "zeros":
+        if padding == "same":
+            total = (dilation if isinstance(dilation, int) else dilation[0]) * (w.shape[2] - 1)
+            sides = (total // 2, total - total // 2)
+        elif padding == "valid":
+            sides = (0, 0)
+        else:
+            p = padding if isinstance(padding, int) else padding[0]
+            sides = (p, p)
+        xin = F.pad(x64, sides, mode=padding_mode)
+        padding = 0
+    out = F.conv1d(
+        xin,
+        reference_f(transform, w64),
+        None if b64 is None else reference_f(bias_transform, b64),
+        stride,
+        padding,
+        dilation,
+        groups,
+    )
+
+    def grads(grad_out):
+        inputs = [x64, w64] + ([b64] if b64 is not None else [])
+        g = torch.autograd.grad(out, inputs, grad_out.double(), retain_graph=True, allow_unused=True)
+        g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, inputs)]  # an empty batch
         return g[0], g[1], (g[2] if b64 is not None else None)
 
     return out.detach(), grads
