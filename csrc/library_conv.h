@@ -51,21 +51,30 @@ inline at::Tensor crop_input_gradient(at::Tensor grad_input, const at::Tensor& i
 // so the rewrite leaves every real shape alone (docs/cpu-algorithms.md, "Geometry oneDNN mishandles").
 constexpr int64_t kLargeStride = 1024;
 
-// The windows [o*step, o*step + extent) of dim, for o < count, laid end to end along dim.
-inline at::Tensor gather_windows(const at::Tensor& t, int64_t dim, int64_t extent, int64_t step, int64_t count) {
-  return t.narrow(dim, 0, (count - 1) * step + extent)
+// The windows [o*step, o*step + extent) of dim, for o < count, laid end to end along dim, after
+// `pad` zeros on each side of dim.
+inline at::Tensor gather_windows(const at::Tensor& t, int64_t dim, int64_t pad, int64_t extent, int64_t step,
+                                 int64_t count) {
+  std::vector<int64_t> pads(2 * (t.dim() - dim), 0);  // constant_pad_nd's order: the last dimension first
+  pads[pads.size() - 2] = pads[pads.size() - 1] = pad;
+  return at::constant_pad_nd(t, pads, 0)
+      .narrow(dim, 0, (count - 1) * step + extent)
       .unfold(dim, extent, step)
       .movedim(-1, dim + 1)
       .flatten(dim, dim + 1);
 }
 
-// The inverse: `windows` (count windows of extent laid end to end along dim) written into their
-// places in `into`, which holds zeros between them.
-inline void scatter_windows(at::Tensor& into, const at::Tensor& windows, int64_t dim, int64_t extent, int64_t step,
-                            int64_t count) {
-  into.narrow(dim, 0, (count - 1) * step + extent)
+// The inverse: `windows` (count windows of extent end to end along dim) written into their places
+// in zeros of size `padded` along dim, which then loses `crop` on each side.
+inline at::Tensor scatter_windows(const at::Tensor& windows, int64_t dim, int64_t padded, int64_t crop, int64_t extent,
+                                  int64_t step, int64_t count) {
+  auto sizes = windows.sizes().vec();
+  sizes[dim] = padded;
+  at::Tensor full = at::zeros(sizes, windows.options());
+  full.narrow(dim, 0, (count - 1) * step + extent)
       .unfold(dim, extent, step)
       .copy_(windows.unflatten(dim, {count, extent}).movedim(dim + 1, -1));
+  return full.narrow(dim, crop, padded - 2 * crop);
 }
 
 inline int64_t kernel_extent(const at::Tensor& weight, int d, int64_t dilation) {
@@ -109,10 +118,7 @@ struct LibraryConv2dCall {
     if (!windowed[0] && !windowed[1]) return x;
     const auto sym = p.symmetric_part();
     for (int d = 0; d < 2; ++d) {
-      if (!windowed[d]) continue;
-      std::vector<int64_t> pad(4, 0);
-      pad[2 * (1 - d)] = pad[2 * (1 - d) + 1] = sym[d];  // constant_pad_nd's order: W's pair, then H's
-      x = gather_windows(at::constant_pad_nd(x, pad, 0), 2 + d, extent[d], step[d], positions[d]);
+      if (windowed[d]) x = gather_windows(x, 2 + d, sym[d], extent[d], step[d], positions[d]);
     }
     return x.contiguous(input.suggest_memory_format());
   }
@@ -122,12 +128,7 @@ struct LibraryConv2dCall {
   at::Tensor restore(at::Tensor grad, const TiedConv2dParams& p) const {
     const auto sym = p.symmetric_part();
     for (int d = 0; d < 2; ++d) {
-      if (!windowed[d]) continue;
-      auto sizes = grad.sizes().vec();
-      sizes[2 + d] = padded_size[d];
-      at::Tensor full = at::zeros(sizes, grad.options());
-      scatter_windows(full, grad, 2 + d, extent[d], step[d], positions[d]);
-      grad = full.narrow(2 + d, sym[d], padded_size[d] - 2 * sym[d]);
+      if (windowed[d]) grad = scatter_windows(grad, 2 + d, padded_size[d], sym[d], extent[d], step[d], positions[d]);
     }
     return grad;
   }
@@ -204,12 +205,7 @@ struct LibraryConvTranspose2dCall {
   // at::convolution's result (windows end to end) spread to the operator's output, plus the bias.
   at::Tensor spread(at::Tensor out, const std::optional<at::Tensor>& bias, const at::Tensor& input) const {
     for (int d = 0; d < 2; ++d) {
-      if (!windowed[d]) continue;
-      auto sizes = out.sizes().vec();
-      sizes[2 + d] = full_size[d];
-      at::Tensor full = at::zeros(sizes, out.options());
-      scatter_windows(full, out, 2 + d, extent[d], step[d], count[d]);
-      out = full.narrow(2 + d, crop[d], full_size[d] - 2 * crop[d]);
+      if (windowed[d]) out = scatter_windows(out, 2 + d, full_size[d], crop[d], extent[d], step[d], count[d]);
     }
     out = out.contiguous(input.suggest_memory_format());
     if (bias) out.add_(bias->view({1, -1, 1, 1}));
@@ -221,10 +217,7 @@ struct LibraryConvTranspose2dCall {
   at::Tensor gather(at::Tensor grad_output, const at::Tensor& input) const {
     if (!any_windowed()) return grad_output;
     for (int d = 0; d < 2; ++d) {
-      if (!windowed[d]) continue;
-      std::vector<int64_t> pad(4, 0);
-      pad[2 * (1 - d)] = pad[2 * (1 - d) + 1] = crop[d];
-      grad_output = gather_windows(at::constant_pad_nd(grad_output, pad, 0), 2 + d, extent[d], step[d], count[d]);
+      if (windowed[d]) grad_output = gather_windows(grad_output, 2 + d, crop[d], extent[d], step[d], count[d]);
     }
     return grad_output.contiguous(input.suggest_memory_format());
   }

@@ -159,10 +159,7 @@ if [ -n "$warnings" ]; then
   echo "$warnings" | head -n 20 | sed "s|^$ROOT/||; s/^/     /"
 fi
 # Lay build-cuda/lib out like the repository, for the tests (see the top of this file).
-ln -sfn ../../csrc "$LIB/csrc"
-rm -rf "$LIB/tests" "$LIB/benchmarks" "$LIB/examples"
-cp -r tests benchmarks examples "$LIB/"
-find "$LIB/tests" "$LIB/benchmarks" "$LIB/examples" -name __pycache__ -prune -exec rm -rf {} +
+scripts/lay_out_lib.sh "$LIB"
 "$VPY" scripts/ptxas_summary.py "$OUT/build.log" --json "$OUT/ptxas.json" --sources csrc/cuda \
     > "$OUT/ptxas-summary.txt"
 ptxas_ready=1

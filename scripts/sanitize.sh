@@ -53,10 +53,7 @@ grep -q '^fusedtie setup: .*ASan+UBSan' "$OUT/build.log" || {
   echo "make sanitize: setup.py did not build with the sanitizers (see $OUT/build.log)" >&2
   exit 1
 }
-ln -sfn ../../csrc "$LIB/csrc"
-rm -rf "$LIB/tests" "$LIB/benchmarks" "$LIB/examples"
-cp -r tests benchmarks examples "$LIB/"
-find "$LIB/tests" "$LIB/benchmarks" "$LIB/examples" -name __pycache__ -prune -exec rm -rf {} +
+scripts/lay_out_lib.sh "$LIB"
 echo "   built in $(( $(date +%s) - start )) s"
 
 libasan=$(gcc -print-file-name=libasan.so)
