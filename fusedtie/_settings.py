@@ -18,8 +18,9 @@ from .transforms import Transform
 def use_cpu_conv_algorithm(name: str) -> Iterator[None]:
     """Run the CPU path's convolutions with ``name`` inside the block (process-wide), then restore.
 
-    ``"auto"`` (the default) picks per shape, and takes the GEMM path only where torch's BLAS is
-    MKL on an Intel CPU at its full instruction set (``cpu_info()`` says whether and why);
+    ``"auto"`` (the default) picks per shape: ``"linear"`` wherever it applies, and the GEMM path
+    only where torch's BLAS is MKL on an Intel CPU at its full instruction set (``cpu_info()`` says
+    whether and why);
     ``"library"`` is ``at::convolution`` (oneDNN);
     ``"gemm"`` is fusedtie's im2col + BLAS GEMM (``csrc/cpu/gemm_conv2d.cpp``), where it applies
     (groups 1, float32/float64, contiguous NCHW); ``"depthwise"`` is fusedtie's depthwise kernel with
@@ -27,12 +28,15 @@ def use_cpu_conv_algorithm(name: str) -> Iterator[None]:
     in_channels, float32/float64, contiguous NCHW); ``"brgemm"`` is im2col and oneDNN's brgemm
     micro-kernel with f applied to each weight tile as it is packed and f' to each weight-gradient
     tile as it is written (``csrc/cpu/brgemm_conv2d.cpp``), where it applies (groups 1, float32,
-    contiguous NCHW, batch 1 or outputs under 32x32). Where the forced one does not apply, the library
+    contiguous NCHW, batch 1 or outputs under 32x32); ``"linear"`` is a convolution that is a matrix
+    product (a 1x1 kernel on 1x1 images, no padding, groups 1: ``tied_linear``'s calls; float32/float64,
+    contiguous NCHW): fused skinny GEMMs up to 8 rows, f(W) and BLAS above (``csrc/cpu/linear_conv2d.cpp``;
+    ``tied_conv_transpose2d`` runs it too). Where the forced one does not apply, the library
     runs. All compute the same convolution; this is a knob for benchmarks and tests. See
     docs/cpu-algorithms.md.
 
     Args:
-        name: ``"auto"``, ``"library"``, ``"gemm"``, ``"depthwise"`` or ``"brgemm"``.
+        name: ``"auto"``, ``"library"``, ``"gemm"``, ``"depthwise"``, ``"brgemm"`` or ``"linear"``.
 
     Yields:
         Nothing; the setting holds inside the ``with`` block and the previous one is restored on
@@ -110,7 +114,7 @@ def cpu_conv_algorithm_for(
             (False: only the weight and bias gradients, as for a network's first layer).
 
     Returns:
-        ``"library"``, ``"gemm"``, ``"depthwise"`` or ``"brgemm"``, ``auto``'s choice or the forced
+        ``"library"``, ``"gemm"``, ``"depthwise"``, ``"brgemm"`` or ``"linear"``, ``auto``'s choice or the forced
             setting where it applies (where it does not, ``"library"``).
 
     Examples:

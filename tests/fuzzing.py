@@ -69,7 +69,7 @@ LAYOUTS = {
     "contiguous": 70, "channels_last": 8, "transposed": 6, "sliced": 6, "expanded": 6, "sparse_coo": 2, "mkldnn": 2,
 }  # fmt: skip
 SPECIAL_FILLS = ("float('nan')", "float('inf')", "float('-inf')", "0.0", "65504.0", "1e38")
-CPU_ALGORITHMS = ("library", "gemm", "brgemm", "depthwise", "auto")
+CPU_ALGORITHMS = ("library", "gemm", "brgemm", "depthwise", "linear", "auto")
 BAD_TRANSFORM_NAMES = ("bogus", "", "Square", "scale ")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular", "bogus")
 TRANSFORMS = tuple(fusedtie.available_transforms())

@@ -15,6 +15,7 @@
 #include "brgemm_conv2d.h"
 #include "depthwise_conv2d.h"
 #include "gemm_conv2d.h"
+#include "linear_conv2d.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -165,8 +166,14 @@ CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& wei
       return depthwise_applies(input, weight, p) ? CpuConvAlgorithm::kDepthwise : CpuConvAlgorithm::kLibrary;
     case CpuConvAlgorithm::kBrgemm:
       return brgemm_applies(input, weight, p) ? CpuConvAlgorithm::kBrgemm : CpuConvAlgorithm::kLibrary;
+    case CpuConvAlgorithm::kLinear:
+      return linear_applies(input, weight, p) ? CpuConvAlgorithm::kLinear : CpuConvAlgorithm::kLibrary;
     case CpuConvAlgorithm::kAuto: break;
   }
+  // A matrix product: W read once per pass with f fused (up to 8 rows), or BLAS as nn.Linear calls
+  // it; either way no slower than the plain layer on any CPU, which oneDNN's 1x1 convolution (a
+  // weight re-pack per call) is not (docs/cpu-algorithms.md, "The linear algorithm").
+  if (linear_applies(input, weight, p)) return CpuConvAlgorithm::kLinear;
   if (depthwise_applies(input, weight, p) && depthwise_wins(input, weight, p)) return CpuConvAlgorithm::kDepthwise;
   // brgemm's backward saves the passes over W (f for the input gradient, f' and the library's
   // re-pack of dW); an input gradient adds col2im, which only pointwise convolutions do without.
@@ -185,12 +192,20 @@ CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& wei
   return CpuConvAlgorithm::kLibrary;
 }
 
+CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& weight,
+                                  const TiedConvTranspose2dParams& p) {
+  const CpuConvAlgorithm setting = g_conv_algorithm.load(std::memory_order_relaxed);
+  const bool may_run = setting == CpuConvAlgorithm::kAuto || setting == CpuConvAlgorithm::kLinear;
+  return may_run && linear_applies(input, weight, p) ? CpuConvAlgorithm::kLinear : CpuConvAlgorithm::kLibrary;
+}
+
 const char* algorithm_name(CpuConvAlgorithm algorithm) {
   switch (algorithm) {
     case CpuConvAlgorithm::kLibrary: return "library";
     case CpuConvAlgorithm::kGemm: return "gemm";
     case CpuConvAlgorithm::kDepthwise: return "depthwise";
     case CpuConvAlgorithm::kBrgemm: return "brgemm";
+    case CpuConvAlgorithm::kLinear: return "linear";
     case CpuConvAlgorithm::kAuto: break;
   }
   return "auto";
@@ -208,9 +223,11 @@ std::string set_cpu_conv_algorithm(const std::string& name) {
     chosen = CpuConvAlgorithm::kDepthwise;
   } else if (name == "brgemm") {
     chosen = CpuConvAlgorithm::kBrgemm;
+  } else if (name == "linear") {
+    chosen = CpuConvAlgorithm::kLinear;
   } else {
     TORCH_CHECK_VALUE(false, "unknown CPU convolution algorithm '", name,
-                      "'; expected one of: auto, library, gemm, depthwise, brgemm");
+                      "'; expected one of: auto, library, gemm, depthwise, brgemm, linear");
   }
   const std::string previous = cpu_conv_algorithm();
   g_conv_algorithm.store(chosen);

@@ -14,7 +14,12 @@
 //            as it is packed for the micro-kernel and f' to each weight-gradient tile as it is
 //            written: no pass over W of the tie's own. float32, groups 1, NCHW, one column matrix
 //            for the batch (elsewhere the library runs).
-//   auto:    depthwise, brgemm (backward only) and gemm where they measurably won, library elsewhere;
+//   linear:  linear_conv2d.h: a convolution that is a matrix product (1x1 kernel on 1x1 images, no
+//            padding, groups 1: fusedtie.tied_linear's calls), float32/float64, NCHW. Up to 8 rows,
+//            fused skinny GEMMs with f and f' in registers; above, f(W) in scratch and BLAS. The
+//            transposed operator runs it too (its only algorithm besides the library).
+//   auto:    linear where it applies (it reads W as plain nn.Linear does, so it holds on any CPU),
+//            depthwise, brgemm (backward only) and gemm where they measurably won, library elsewhere;
 //            gemm only where the
 //            BLAS is one it won on (assess_gemm_blas: MKL on an Intel CPU at its full instruction
 //            set). The rules live in conv_algorithm.cpp; their measurements in docs/cpu-algorithms.md.
@@ -26,6 +31,7 @@
 namespace fusedtie {
 
 struct TiedConv2dParams;
+struct TiedConvTranspose2dParams;
 
 // Whether input and weight are both NCHW in the sense at::convolution decides its output layout by
 // (suggest_memory_format, not is_contiguous): the gemm and depthwise paths write NCHW results, so
@@ -52,9 +58,10 @@ inline bool geometry_fits_own_kernels(at::IntArrayRef stride, at::IntArrayRef pa
   return true;
 }
 
-enum class CpuConvAlgorithm : int { kAuto = 0, kLibrary = 1, kGemm = 2, kDepthwise = 3, kBrgemm = 4 };
+enum class CpuConvAlgorithm : int { kAuto = 0, kLibrary = 1, kGemm = 2, kDepthwise = 3, kBrgemm = 4, kLinear = 5 };
 
-// Takes "auto", "library", "gemm", "depthwise" or "brgemm" (ValueError otherwise); returns the previous setting's name.
+// Takes "auto", "library", "gemm", "depthwise", "brgemm" or "linear" (ValueError otherwise); returns the previous
+// setting's name.
 std::string set_cpu_conv_algorithm(const std::string& name);
 std::string cpu_conv_algorithm();
 
@@ -71,6 +78,9 @@ CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& wei
 std::string cpu_conv_algorithm_for(const at::Tensor& input, const at::Tensor& weight, c10::string_view transform,
                                    double alpha, at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation, int64_t groups, ConvPass pass);
+// The transposed operator's: linear where it applies and the setting is auto or linear, else the library.
+CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& weight,
+                                  const TiedConvTranspose2dParams& p);
 bool gemm_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p);
 
 // Whether auto may send a convolution to the GEMM path on this machine, and why. The GEMM path calls

@@ -13,6 +13,7 @@
 #include "conv_algorithm.h"
 #include "depthwise_conv2d.h"
 #include "gemm_conv2d.h"
+#include "linear_conv2d.h"
 #include "nonfinite.h"
 #include "transform_tensors.h"
 
@@ -48,6 +49,9 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, co
     derived_bias = p.bias_transform.is_identity() ? *bias : apply_transform(*bias, p.bias_transform);
   }
   const CpuConvAlgorithm algorithm = choose_algorithm(input, weight, p, ConvPass::kForward);
+  // A matrix product (linear_conv2d.h): no padding, so no rule for non-finite values applies.
+  if (algorithm == CpuConvAlgorithm::kLinear)
+    return linear_conv2d_forward(input, weight, p.weight_transform, derived_bias);
   // The depthwise kernel applies f itself, as it loads each channel's weights. Its result, and the
   // GEMM's, stands unless the rule for non-finite values above sends the call to the library.
   if (algorithm == CpuConvAlgorithm::kDepthwise) {
@@ -104,7 +108,10 @@ OptionalGradients tied_conv2d_backward_cpu(const at::Tensor& grad_output, const 
   at::Tensor grad_input, grad_weight, grad_bias;  // dL/dx, dL/dW_src, dL/d g(b)
   // The gradients the library computes after all (nonfinite.h).
   std::array<bool, 3> by_library{false, false, false};
-  if (algorithm == CpuConvAlgorithm::kDepthwise) {
+  if (algorithm == CpuConvAlgorithm::kLinear) {
+    std::tie(grad_input, grad_weight, grad_bias) =
+        linear_conv2d_backward(grad_output, input, weight, p.weight_transform, output_mask);
+  } else if (algorithm == CpuConvAlgorithm::kDepthwise) {
     // The depthwise kernel applies f to the weights it reads and the chain rule to the weight
     // gradient it writes, and handles every padding itself.
     bool taps_finite = true;

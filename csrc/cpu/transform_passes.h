@@ -16,6 +16,9 @@
 
 namespace fusedtie {
 
+// The most rows the short side of a fused skinny GEMM may have (linear_conv2d.h).
+inline constexpr int64_t kSkinnyMaxRows = 8;
+
 struct TransformPasses {
   const char* capability;
   void (*forward)(TransformKind kind, c10::ScalarType dtype, const void* in, void* out, int64_t numel, double alpha);
@@ -25,6 +28,16 @@ struct TransformPasses {
   // r < rows, c < cols, the transpose done in registers so that f and the pack are one pass.
   void (*forward_transposed)(TransformKind kind, const float* in, int64_t ld_in, float* out, int64_t ld_out,
                              int64_t rows, int64_t cols, double alpha);
+  // The fused skinny GEMMs (skinny_gemm_impl.h), float32/float64 and built-in transforms only,
+  // rows <= kSkinnyMaxRows. W is (O, K) row-major; each call covers W's rows [o_begin, o_end).
+  //   skinny_dot:  y[m * ldy + o] = sum_k x[m * ldx + k] * f(w[o * K + k]) (+ bias[o])
+  //   skinny_rows: spread[m * K + k] += sum_o a[m * lda + o] * f(w[o * K + k])          (spread not null)
+  //                grad_w[o * K + k] = f'(w[o * K + k]) * sum_m a[m * lda + o] * b[m * ldb + k]  (grad_w not null)
+  void (*skinny_dot)(TransformKind kind, c10::ScalarType dtype, const void* x, int64_t rows, int64_t ldx, const void* w,
+                     int64_t K, const void* bias, void* y, int64_t ldy, int64_t o_begin, int64_t o_end, double alpha);
+  void (*skinny_rows)(TransformKind kind, c10::ScalarType dtype, const void* w, int64_t K, const void* a, int64_t lda,
+                      int64_t rows, const void* b, int64_t ldb, void* spread, void* grad_w, int64_t o_begin,
+                      int64_t o_end, double alpha);
 };
 
 // Each returns nullptr when its translation unit was compiled without that instruction set.

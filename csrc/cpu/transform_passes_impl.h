@@ -13,6 +13,7 @@
 
 #include "../transforms.h"
 #include "../user_transforms.h"
+#include "skinny_gemm_impl.h"
 #include "transform_passes.h"
 
 namespace fusedtie {
@@ -106,7 +107,7 @@ void forward_transposed_pass(TransformKind kind, const float* in, int64_t ld_in,
 
 const TransformPasses* FUSEDTIE_PASSES_FN() {
   static const TransformPasses passes{FUSEDTIE_CAPABILITY_NAME, &forward_pass, &chain_rule_pass,
-                                      &forward_transposed_pass};
+                                      &forward_transposed_pass, &skinny_dot,   &skinny_rows};
   return &passes;
 }
 
