@@ -11,7 +11,7 @@ from ._version import __version__ as __version__
 from .bake import bake
 from .cache import cached
 from .info import build_info, clear_cuda_autotune_cache, cpu_capability
-from .nn import FusedTiedConv1d, FusedTiedConv2d, FusedTiedConvTranspose2d
+from .nn import FusedTiedConv1d, FusedTiedConv2d, FusedTiedConvTranspose2d, FusedTiedLinear
 from .ops import (
     apply_transform,
     cpu_conv_algorithm_for,
@@ -19,6 +19,7 @@ from .ops import (
     tied_conv1d,
     tied_conv2d,
     tied_conv_transpose2d,
+    tied_linear,
     use_cpu_conv_algorithm,
     use_cuda_conv_algorithm,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "FusedTiedConv1d",
     "FusedTiedConv2d",
     "FusedTiedConvTranspose2d",
+    "FusedTiedLinear",
     "Transform",
     "apply_transform",
     "bake",
@@ -53,6 +55,7 @@ __all__ = [
     "tied_conv1d",
     "tied_conv2d",
     "tied_conv_transpose2d",
+    "tied_linear",
     "transform_table",
     "use_cpu_conv_algorithm",
     "use_cuda_conv_algorithm",

@@ -121,3 +121,9 @@ class TiedConvTranspose2dArgs(NamedTuple):
     def derived(self) -> TiedConvTranspose2dArgs:
         """The same call on a weight that is already f(W) (``fusedtie.cached()``'s path)."""
         return self._replace(transform="identity", alpha=1.0)
+
+
+# A Linear's arguments as those of a 1x1 convolution on (N, C, 1, 1) views (tied_linear), and of
+# its transpose (the tied decoder), with the identity in place of the transforms.
+LINEAR_CONV2D_ARGS = TiedConv2dArgs("identity", 1.0, "identity", 1.0, (1, 1), (0, 0, 0, 0), (1, 1), 1)
+LINEAR_CONV_TRANSPOSE2D_ARGS = TiedConvTranspose2dArgs("identity", 1.0, (1, 1), (0, 0), (0, 0), (1, 1), 1)

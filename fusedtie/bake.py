@@ -1,5 +1,5 @@
 """fusedtie.bake(model): a deployable copy with every tie replaced by a plain nn.Conv2d (nn.Conv1d,
-nn.ConvTranspose2d) holding f(W)."""
+nn.ConvTranspose2d, nn.Linear) holding f(W)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ _CALL_HOOK_ATTRIBUTES = (
 
 def bake(model: nn.Module) -> nn.Module:
     r"""A deep copy of ``model`` in which every ``FusedTiedConv2d`` is a plain ``nn.Conv2d``,
-    every ``FusedTiedConv1d`` a plain ``nn.Conv1d`` and every ``FusedTiedConvTranspose2d`` a plain
-    ``nn.ConvTranspose2d``.
+    every ``FusedTiedConv1d`` a plain ``nn.Conv1d``, every ``FusedTiedConvTranspose2d`` a plain
+    ``nn.ConvTranspose2d`` and every ``FusedTiedLinear`` a plain ``nn.Linear`` (``to_linear``).
 
     Each tied layer becomes the ``nn.Conv2d`` of ``FusedTiedConv2d.to_conv2d`` (the ``nn.Conv1d`` of
     ``FusedTiedConv1d.to_conv1d``, the ``nn.ConvTranspose2d`` of

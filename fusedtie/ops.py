@@ -3,15 +3,17 @@
 
 ``torch.ops.fusedtie.tied_conv2d`` takes fully normalised arguments (4-D input, pairs, padding as
 (top, bottom, left, right)); ``tied_conv2d`` below accepts everything ``F.conv2d`` accepts,
-``tied_conv1d`` everything ``F.conv1d`` accepts (and runs the 2-d operator on an H = 1 view), and
-``tied_conv_transpose2d`` everything ``F.conv_transpose2d`` accepts. The normalised arguments are a
-named tuple (fusedtie/_op_args.py); the fake kernels are fusedtie/_fake.py's, the settings
-fusedtie/_settings.py's (re-exported here).
+``tied_conv1d`` everything ``F.conv1d`` accepts (and runs the 2-d operator on an H = 1 view),
+``tied_conv_transpose2d`` everything ``F.conv_transpose2d`` accepts, and ``tied_linear`` everything
+``F.linear`` accepts (a 1x1 convolution on (N, C, 1, 1) views, or its transpose for the decoder).
+The normalised arguments are a named tuple (fusedtie/_op_args.py); the fake kernels are
+fusedtie/_fake.py's, the settings fusedtie/_settings.py's (re-exported here).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -19,9 +21,16 @@ from torch import Tensor
 from . import _fake  # noqa: F401  (registers the fake kernels, once: this module is their only importer)
 from ._checks import check_geometry_values, check_groups_and_channels, check_kernel_not_empty
 from ._library import LIB
+from ._op_args import (
+    LINEAR_CONV2D_ARGS,
+    LINEAR_CONV_TRANSPOSE2D_ARGS,
+    TiedConv2dArgs,
+    TiedConvTranspose2dArgs,
+    _single,
+    as_2d_geometry,
+)
 from ._op_args import IntOrPair as IntOrPair
 from ._op_args import PaddingLike as PaddingLike
-from ._op_args import TiedConv2dArgs, TiedConvTranspose2dArgs, _single, as_2d_geometry
 from ._op_args import TransformLike as TransformLike
 from ._op_args import _pair as _pair
 from ._op_args import normalize_padding as normalize_padding
@@ -232,6 +241,75 @@ def tied_conv_transpose2d(
     return run_tied_conv_transpose2d(input, weight, bias, args)
 
 
+def tied_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    transform: TransformLike = "identity",
+    bias_transform: TransformLike = "identity",
+    *,
+    transpose: bool = False,
+) -> Tensor:
+    """``F.linear(input, f(weight), g(bias))`` as one operator call; with ``transpose=True`` the tied
+    decoder ``input @ f(weight) + bias``.
+
+    A Linear on ``(N, C)`` is a 1x1 convolution on ``(N, C, 1, 1)``, so this is ``tied_conv2d`` (or,
+    transposed, ``tied_conv_transpose2d``) on those views, with its fake kernels, autograd, compile
+    and autocast support. On the CPU the "linear" algorithm runs it: up to 8 rows (the product of
+    the leading dimensions), fused skinny GEMMs that apply f to W as they read it and f' to dW as
+    they write it, so W is read once per pass and f(W) never exists; above, f(W) in a reused
+    scratch buffer and BLAS, as ``nn.Linear`` calls it. On CUDA the 2-d operator's 1x1 path runs.
+
+    Args:
+        input: ``(*, in_features)``; any number of leading dimensions, none included.
+        weight: the source weight W, ``(out_features, in_features)`` (an ``nn.Linear``'s); with
+            ``transpose=True`` the input has ``out_features`` features and the output
+            ``in_features``.
+        bias: ``(out_features,)`` (``(in_features,)`` with ``transpose=True``), or None.
+        transform: f: a name from ``available_transforms()`` or a ``Transform``; ``"identity"`` (the
+            default) uses the weight as it is.
+        bias_transform: g, applied to ``bias``; only ``"identity"`` with ``transpose=True`` (the
+            decoder's bias is its own).
+        transpose: False for ``x f(W)^T + g(b)``, True for the decoder ``x f(W) + b``.
+
+    Returns:
+        ``(*, out_features)`` (``(*, in_features)`` with ``transpose=True``), differentiable with
+            respect to ``input``, ``weight`` and ``bias``.
+
+    Raises:
+        ValueError: an unknown transform; a weight that is not 2-D or has a zero dimension; an
+            input with no dimensions or whose last dimension is not the weight's (the message names
+            both); a bias of another size; a bias transform with ``transpose=True``.
+        TypeError: a dtype other than the four floating types, or operands of different dtypes.
+
+    Examples:
+        >>> w = torch.randn(64, 32, requires_grad=True)
+        >>> x = torch.randn(5, 32)
+        >>> y = fusedtie.tied_linear(x, w, transform="softplus")
+        >>> torch.allclose(y, F.linear(x, F.softplus(w)), atol=1e-5)
+        True
+        >>> fusedtie.tied_linear(y, w, transform="softplus", transpose=True).shape  # the tied decoder
+        torch.Size([5, 32])
+    """
+    t = Transform.parse(transform)
+    bt = Transform.parse(bias_transform)
+    if not isinstance(transpose, bool):
+        raise TypeError(f"transpose must be True or False, got {transpose!r}")
+    _check_weight_and_groups(weight, 1, "(out_features, in_features)", dim=2)
+    if transpose:
+        if bt.name != "identity":
+            raise ValueError(
+                f"tied_linear with transpose=True takes its bias as it is (the decoder's own), got "
+                f"bias_transform={bt.name!r}"
+            )
+        args = LINEAR_CONV_TRANSPOSE2D_ARGS._replace(transform=t.name, alpha=t.op_alpha)
+        return run_tied_linear(input, weight, bias, args)
+    args = LINEAR_CONV2D_ARGS._replace(
+        transform=t.name, alpha=t.op_alpha, bias_transform=bt.name, bias_alpha=bt.op_alpha
+    )
+    return run_tied_linear(input, weight, bias, args)
+
+
 # Two ways to call each operator. torch.ops is what tracing (torch.compile, export) and
 # __torch_function__ overrides must see. A plain eager call instead goes through the _C module's
 # binding, which enters the dispatcher directly with the GIL released, as PyTorch's own generated
@@ -281,6 +359,34 @@ def run_tied_conv1d(input: Tensor, weight: Tensor, bias: Optional[Tensor], args:
     input_dim(input, bias, "tied_conv1d", 1)
     check_groups_and_channels(input, weight, args.groups, -2)
     return run_tied_conv2d(input.unsqueeze(-2), weight.unsqueeze(-2), bias, args).squeeze(-2)
+
+
+def run_tied_linear(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor], args: Union[TiedConv2dArgs, TiedConvTranspose2dArgs]
+) -> Tensor:
+    """The Linear call with ``args`` those of the 1x1 convolution (``TiedConv2dArgs``) or of its
+    transpose (``TiedConvTranspose2dArgs``, the decoder): the leading dimensions are flattened into
+    the batch of a ``(M, C, 1, 1)`` view, and restored on the output."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a tensor, got {type(input).__name__}")
+    transpose = type(args) is TiedConvTranspose2dArgs
+    if weight.numel() == 0:
+        # F.linear sums over no features (bias only); the convolutions it runs on do not.
+        raise ValueError(f"tied_linear needs a weight with at least one feature on each side, got {list(weight.shape)}")
+    features_in = weight.shape[0] if transpose else weight.shape[1]
+    if input.dim() == 0 or input.shape[-1] != features_in:
+        side = "(out_features, the weight's first dimension, for transpose=True)" if transpose else "(in_features)"
+        raise ValueError(
+            f"expected input with {features_in} features in its last dimension {side} for weight of size "
+            f"{list(weight.shape)}, got input of size {list(input.shape)}"
+        )
+    rows = input.reshape(math.prod(input.shape[:-1]), features_in)[:, :, None, None]
+    source = weight[:, :, None, None]
+    if transpose:
+        output = run_tied_conv_transpose2d(rows, source, bias, args)
+    else:
+        output = run_tied_conv2d(rows, source, bias, args)
+    return output.reshape(*input.shape[:-1], output.shape[1])
 
 
 def run_tied_conv_transpose2d(
