@@ -144,3 +144,21 @@ def nonfinite_mask_differences(ours_and_theirs):
                     f"{int(expected.sum())}, {int((mask != expected).sum())} differ"
                 )
     return differences
+
+
+def reference_linear(x, w, b, transform, bias_transform="identity", transpose=False):
+    """``F.linear(x, f(W), g(b))`` (``x @ f(W) + b`` with ``transpose``) in float64, and a function of a
+    gradient of the output giving the gradients with respect to x, W and b (None for no b)."""
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    b64 = None if b is None else b.detach().double().requires_grad_(True)
+    fw = reference_f(transform, w64)
+    gb = None if b64 is None else reference_f(bias_transform, b64)
+    out = x64 @ fw + (0 if gb is None else gb) if transpose else F.linear(x64, fw, gb)
+    inputs = [x64, w64] + ([b64] if b64 is not None else [])
+
+    def grads(grad_out):
+        computed = torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+        return list(computed) + ([None] if b64 is None else [])
+
+    return out.detach(), grads
