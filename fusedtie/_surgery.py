@@ -69,19 +69,13 @@ def tie_(
     (``{"decoder.0": "encoder.2"}``). Each target is replaced by the tied layer its pair calls for,
     reading f(source.weight):
 
-    ============================  ===============  ====================================================
-    target                        source           tied layer
-    ============================  ===============  ====================================================
-    ``nn.Conv1d``                 ``nn.Conv1d``    ``FusedTiedConv1d``
-    ``nn.Conv2d``                 ``nn.Conv2d``    ``FusedTiedConv2d``
-    ``nn.Conv3d``                 ``nn.Conv3d``    ``FusedTiedConv3d`` (where fusedtie has it)
-    ``nn.ConvTranspose2d``        ``nn.Conv2d``    ``FusedTiedConvTranspose2d`` (the tied decoder)
-    ``nn.Linear``                 ``nn.Linear``    ``FusedTiedLinear``: ``transpose=False`` when the
-                                                   target's weight has the source's shape, ``True``
-                                                   (the decoder ``x f(W) + b``) when it has the
-                                                   transposed shape; a square weight gives ``False``
-                                                   unless ``transpose`` says otherwise
-    ============================  ===============  ====================================================
+    - ``nn.Conv1d`` from an ``nn.Conv1d``: ``FusedTiedConv1d``;
+    - ``nn.Conv2d`` from an ``nn.Conv2d``: ``FusedTiedConv2d``;
+    - ``nn.Conv3d`` from an ``nn.Conv3d``: ``FusedTiedConv3d`` (where fusedtie has it);
+    - ``nn.ConvTranspose2d`` from an ``nn.Conv2d``: ``FusedTiedConvTranspose2d``, the tied decoder;
+    - ``nn.Linear`` from an ``nn.Linear``: ``FusedTiedLinear``, with ``transpose=False`` when the
+      target's weight has the source's shape and ``transpose=True`` (the decoder ``x f(W) + b``)
+      when it has the transposed shape; a square weight gives ``False`` unless ``transpose`` asks.
 
     Subclasses count as their base class (their own ``forward`` goes with the target). The target's
     weight must have exactly the shape the tied layer reads from the source, and the same dtype and
