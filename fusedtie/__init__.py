@@ -7,6 +7,7 @@ the transform inside the convolution and the chain rule inside its backward.
 
 from . import user_transforms as user_transforms  # fusedtie.user_transforms.vectorized, without an import
 from ._library import LIB as _LIB
+from ._surgery import tie_
 from ._version import __version__ as __version__
 from .bake import bake
 from .cache import cached
@@ -55,6 +56,7 @@ __all__ = [
     "tied_conv1d",
     "tied_conv2d",
     "tied_conv_transpose2d",
+    "tie_",
     "tied_linear",
     "transform_table",
     "use_cpu_conv_algorithm",
