@@ -252,6 +252,7 @@ def run_all(cases: list[Case], settings: Settings, device: torch.device) -> tupl
         pacer.record(time.perf_counter() - started, result)
         for record in case_records(case, result):
             record["case_budget_s"] = budget
+            record["device"] = device.type
             results.append(record)
     return results, progress.finish()
 

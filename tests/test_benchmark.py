@@ -68,6 +68,7 @@ def test_quick_case_runs_and_reports(tmp_path):
     assert "Baseline (plain) of the linear cases: nn.Linear" in result.stdout
     assert "Baseline (plain) of the conv1d cases: nn.Conv1d" in result.stdout
     assert "worst fusedtie/plain: " in result.stdout and "worst fusedtie/forum: " in result.stdout
+    assert "worst fusedtie/plain on linear at batch 1-8, CPU float32 (issue 17): " in result.stdout
     assert ("ABOVE TARGET in " in result.stdout) != ("every case within its targets" in result.stdout)
     report = json.loads(out.read_text())
     assert report["environment"]["torch"]
@@ -85,7 +86,7 @@ def test_quick_case_runs_and_reports(tmp_path):
         assert (kind, "inference", "fusedtie+cache") in rows and (kind, "train", "fusedtie+cache") not in rows
     for r in report["results"]:
         assert r["median_ms"] > 0 and r["ratio_to_plain"] > 0 and len(r["samples_ms"]) >= 4
-        assert r["shape_params"]["kind"] == r["kind"]
+        assert r["shape_params"]["kind"] == r["kind"] and r["device"] == "cpu"
         assert r["shape_name"] == SHAPE_NAMES[r["kind"]]
         # the algorithm fusedtie ran (auto's choice: the decoder's is always the library)
         assert r["fusedtie_cpu_algorithm"] in ALGORITHMS[r["kind"]]
@@ -297,11 +298,12 @@ def test_layer_guard_rejects_a_wrong_result(bench, kind, fault, mode_name):
 # --- the targets' check, on made-up records ----------------------------------------------------------
 
 
-def _records(iqr=5.0, **ratios):
+def _records(iqr=5.0, kind="conv", batch=1, **ratios):
     mode = ratios.pop("mode", "inference")
-    out = {"plain": {"ratio_to_plain": 1.0, "iqr_pct": iqr, "mode": mode}}
+    case = {"mode": mode, "kind": kind, "shape_params": {"batch": batch}, "dtype": "float32", "device": "cpu"}
+    out = {"plain": {"ratio_to_plain": 1.0, "iqr_pct": iqr, **case}}
     for name, ratio in ratios.items():
-        out[name.replace("_cache", "+cache")] = {"ratio_to_plain": ratio, "iqr_pct": 1.0, "mode": mode}
+        out[name.replace("_cache", "+cache")] = {"ratio_to_plain": ratio, "iqr_pct": 1.0, **case}
     return out
 
 
@@ -324,6 +326,34 @@ def test_targets_flag_every_miss_and_name_the_worst(bench):
     assert targets.flagged("fusedtie", cases["b | train"]) and not targets.flagged("fusedtie", cases["a | inference"])
     # the cache's target covers inference only
     assert not targets.case_misses("t", _records(fusedtie_cache=1.5, mode="train"))
+    # no linear case at batch 1-8: no line for issue 17's target
+    assert not any("issue 17" in line for line in lines)
+
+
+def test_issue17_linear_target_has_its_own_worst_line(bench):
+    targets = bench.bench_targets
+    label = "worst fusedtie/plain on linear at batch 1-8, CPU float32 (issue 17)"
+    cases = {
+        "l1 | train": _records(kind="linear", batch=1, fusedtie=1.04, forum=3.0, mode="train"),
+        "l8 | inference": _records(kind="linear", batch=8, fusedtie=1.02, forum=3.0),
+        "l64 | inference": _records(kind="linear", batch=64, fusedtie=1.30, forum=3.0),  # out of its scope
+        "c | inference": _records(fusedtie=1.20, forum=3.0),
+    }
+    lines, misses = targets.summary(cases)
+    assert f"{label}: 1.04 (l1 | train), within its 1.05" in lines
+    assert lines[0] == "worst fusedtie/plain: 1.30 (l64 | inference)"
+    cases["l8 | inference"] = _records(kind="linear", batch=8, fusedtie=1.10, forum=3.0)
+    lines, misses = targets.summary(cases)
+    assert f"{label}: 1.10 (l8 | inference), ABOVE its 1.05" in lines
+    # a case under both fusedtie targets misses once
+    assert [m.case for m in misses if m.case.startswith("l8")] == ["l8 | inference"]
+    # on CUDA or in bfloat16 the universal target alone applies
+    for other in ({"device": "cuda"}, {"dtype": "bfloat16"}):
+        records = _records(kind="linear", batch=1, fusedtie=1.10)
+        for record in records.values():
+            record.update(other)
+        lines, _ = targets.summary({"x | inference": records})
+        assert not any("issue 17" in line for line in lines)
 
 
 def test_cpu_passes_script_reports_every_shape():
