@@ -46,7 +46,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         dest="size",
         action="store_const",
         const="quick",
-        help="representative subset, about 2 minutes on 2 CPU cores (default)",
+        help="representative subset, about 3 minutes on 2 CPU cores (default)",
     )
     size.add_argument("--full", dest="size", action="store_const", const="full", help="every shape, more repetitions")
     parser.set_defaults(size="quick")
@@ -76,12 +76,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--cpu-algorithm",
-        choices=("auto", "library", "gemm", "brgemm", "depthwise"),
+        choices=("auto", "library", "gemm", "brgemm", "depthwise", "linear"),
         default="auto",
         help="force fusedtie's CPU convolution algorithm (fusedtie."
-        "use_cpu_conv_algorithm): library = oneDNN, the one plain runs; "
-        "gemm = im2col + BLAS; depthwise = fusedtie's fused depthwise kernel; "
-        "auto (default) = fusedtie's per-shape choice",
+        "use_cpu_conv_algorithm): library = oneDNN, the one plain runs on conv cases; "
+        "gemm = im2col + BLAS; depthwise = fusedtie's fused depthwise kernel; linear = fused "
+        "skinny GEMMs (linear cases); auto (default) = fusedtie's per-shape choice",
     )
     parser.add_argument(
         "--cuda-algorithm",
