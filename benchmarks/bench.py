@@ -1,4 +1,4 @@
-"""Benchmark: y = conv(x, f(W), g(b)) with W trainable, fusedtie against the alternatives.
+"""Benchmark: y = layer(x, f(W), g(b)) with W trainable, fusedtie against the alternatives.
 
 The command line and the main loop. What is measured, how and why is in benchmarks/README.md;
 cases.py, contenders.py, guard.py, harness.py, report.py and plot.py beside this file do the work.
@@ -46,7 +46,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         dest="size",
         action="store_const",
         const="quick",
-        help="representative subset, about 2 minutes on 2 CPU cores (default)",
+        help="representative subset, about 3 minutes on 2 CPU cores (default)",
     )
     size.add_argument("--full", dest="size", action="store_const", const="full", help="every shape, more repetitions")
     parser.set_defaults(size="quick")
@@ -76,12 +76,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--cpu-algorithm",
-        choices=("auto", "library", "gemm", "brgemm", "depthwise"),
+        choices=("auto", "library", "gemm", "brgemm", "depthwise", "linear"),
         default="auto",
         help="force fusedtie's CPU convolution algorithm (fusedtie."
-        "use_cpu_conv_algorithm): library = oneDNN, the one plain runs; "
-        "gemm = im2col + BLAS; depthwise = fusedtie's fused depthwise kernel; "
-        "auto (default) = fusedtie's per-shape choice",
+        "use_cpu_conv_algorithm): library = oneDNN, the one plain runs on conv cases; "
+        "gemm = im2col + BLAS; depthwise = fusedtie's fused depthwise kernel; linear = fused "
+        "skinny GEMMs (linear cases); auto (default) = fusedtie's per-shape choice",
     )
     parser.add_argument(
         "--cuda-algorithm",
@@ -95,7 +95,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--shapes",
         metavar="SUBSTRING",
         help="only cases whose shape description contains this (e.g. b32, conv5_x, "
-        "decoder); several, comma-separated: any of them",
+        "decoder, linear, conv1d); several, comma-separated: any of them",
     )
     parser.add_argument("--transforms", metavar="LIST", help=f"comma-separated, of {','.join(TRANSFORMS)}")
     parser.add_argument(
@@ -164,7 +164,7 @@ def make_settings(args: argparse.Namespace, device: torch.device) -> tuple[Setti
         case_budget_s=preset["case_budget_s"] if args.case_budget is None else (args.case_budget or None),
         # An explicit --case-budget is taken as it is.
         run_target_s=preset["run_target_s"] if args.case_budget is None else None,
-        decoder_case_budget_s=preset["decoder_case_budget_s"] if args.case_budget is None else None,
+        kind_case_budget_s=preset["kind_case_budget_s"] if args.case_budget is None else {},
     )
     return settings, skipped
 
@@ -252,6 +252,7 @@ def run_all(cases: list[Case], settings: Settings, device: torch.device) -> tupl
         pacer.record(time.perf_counter() - started, result)
         for record in case_records(case, result):
             record["case_budget_s"] = budget
+            record["device"] = device.type
             results.append(record)
     return results, progress.finish()
 

@@ -4,7 +4,7 @@ and one case (shape, transform, dtype, mode). benchmarks/README.md says why thes
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -23,25 +23,32 @@ TRANSFORMS = ["square", "tanh"]
 
 CONV = "conv"  # y = conv2d(x, f(W), b), the source's own geometry
 DECODER = "decoder"  # y = conv_transpose2d(h, f(W), b): the decoder tied to an encoder conv
+LINEAR = "linear"  # y = linear(x, f(W), b)
+CONV1D = "conv1d"  # y = conv1d(x, f(W), b), the source's own geometry
+# The spatial dimensions of each kind's input (and kernel): a ShapeCase's height is used only at 2,
+# its width and kernel from 1 on.
+SPATIAL_DIMS = {CONV: 2, DECODER: 2, CONV1D: 1, LINEAR: 0}
 
 
 @dataclass(frozen=True)
 class ShapeCase:
-    """One timed convolution: its input (batch, in_channels, height, width) and hyper-parameters.
+    """One timed layer: its input (batch, in_channels, height, width) and hyper-parameters.
 
     kind CONV: a conv2d, whose source has this geometry. kind DECODER: a transposed conv2d mapping
     in_channels to out_channels (the decoder of a tied autoencoder); its source is the encoder, an
     nn.Conv2d(out_channels, in_channels, kernel, stride, padding, groups), so the input h has the
-    encoder output's shape and the output the encoder input's (with output_padding).
+    encoder output's shape and the output the encoder input's (with output_padding). kind CONV1D:
+    a conv1d on (batch, in_channels, width), height None. kind LINEAR: an nn.Linear(in_channels,
+    out_channels) (the features) on (batch, in_channels); height, width and kernel None.
     """
 
     label: str
     batch: int
     in_channels: int
     out_channels: int
-    height: int
-    width: int
-    kernel: int
+    height: Optional[int]
+    width: Optional[int]
+    kernel: Optional[int]
     stride: int = 1
     padding: int = 0
     groups: int = 1
@@ -59,7 +66,13 @@ class ShapeCase:
             for n in (self.height, self.width)
         )
 
+    def input_shape(self) -> tuple[int, ...]:
+        spatial = (self.height, self.width)[2 - SPATIAL_DIMS[self.kind] :]
+        return (self.batch, self.in_channels, *spatial)
+
     def describe(self) -> str:
+        dims = SPATIAL_DIMS[self.kind]
+        kernel = {2: f" {self.kernel}x{self.kernel}", 1: f" k{self.kernel}", 0: ""}[dims]
         extra = ""
         if self.stride != 1:
             extra += f" s{self.stride}"
@@ -69,35 +82,24 @@ class ShapeCase:
             extra += f" p{self.padding}" + (f" op{self.output_padding}" if self.output_padding else "")
             extra += " -> {}x{}".format(*self.output_hw())
         return (
-            f"{self.name}: {self.batch}x{self.in_channels}x{self.height}x{self.width} "
-            f"{self.in_channels}->{self.out_channels} {self.kernel}x{self.kernel}{extra}"
+            f"{self.name}: {'x'.join(map(str, self.input_shape()))} "
+            f"{self.in_channels}->{self.out_channels}{kernel}{extra}"
         )
 
-    def source_conv(self, device: torch.device, dtype: torch.dtype) -> nn.Conv2d:
-        if self.kind == DECODER:  # the encoder: out_channels -> in_channels
-            return nn.Conv2d(
-                self.out_channels,
-                self.in_channels,
-                self.kernel,
-                stride=self.stride,
-                padding=self.padding,
-                groups=self.groups,
-                device=device,
-                dtype=dtype,
-            )
-        return nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel,
-            stride=self.stride,
-            padding=self.padding,
-            groups=self.groups,
-            device=device,
-            dtype=dtype,
-        )
+    def source_layer(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        """The layer that owns W (and b): nn.Linear, nn.Conv1d, or nn.Conv2d (a decoder's encoder:
+        out_channels -> in_channels)."""
+        factory = dict(device=device, dtype=dtype)
+        if self.kind == LINEAR:
+            return nn.Linear(self.in_channels, self.out_channels, **factory)
+        channels = (self.in_channels, self.out_channels)
+        if self.kind == DECODER:
+            channels = channels[::-1]
+        conv = nn.Conv1d if self.kind == CONV1D else nn.Conv2d
+        return conv(*channels, self.kernel, stride=self.stride, padding=self.padding, groups=self.groups, **factory)
 
     def input(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        return torch.randn(self.batch, self.in_channels, self.height, self.width, device=device, dtype=dtype)
+        return torch.randn(self.input_shape(), device=device, dtype=dtype)
 
 
 def seed_shape() -> ShapeCase:
@@ -142,6 +144,26 @@ def decoder_shapes(batch: int) -> list[ShapeCase]:
     ]
 
 
+def linear_shapes(batch: int) -> list[ShapeCase]:
+    """Linear layers named in x out, as nn.Linear(in, out) takes them (benchmarks/README.md)."""
+    d = dict(height=None, width=None, kernel=None, kind=LINEAR)
+    return [
+        ShapeCase("linear 4096x4096", batch, 4096, 4096, **d),  # a square projection (LLaMA-7B's q, k, v, o)
+        ShapeCase("linear 1024x4096", batch, 1024, 4096, **d),  # a transformer FFN's up-projection
+    ]
+
+
+# wav2vec 2.0's feature encoder on one second of 16 kHz audio: 16000 samples -> k10 s5 -> 3199 ->
+# four k3 s2 -> 1599, 799, 399, 199 -> two k2 s2 -> 99, 49 frames, 512 channels after the first.
+def conv1d_shapes(batch: int) -> list[ShapeCase]:
+    d = dict(height=None, kind=CONV1D)
+    return [
+        ShapeCase("conv1d k10 s5", batch, 1, 512, width=16000, kernel=10, stride=5, **d),  # raw audio in
+        ShapeCase("conv1d k3 s2", batch, 512, 512, width=1599, kernel=3, stride=2, **d),  # the third layer
+        ShapeCase("conv1d k2 s2", batch, 512, 512, width=99, kernel=2, stride=2, **d),  # the last layer
+    ]
+
+
 def full_shapes(device: torch.device) -> list[ShapeCase]:
     batches = [1, 8, 32] + ([256] if device.type == "cuda" else [])
     shapes = [seed_shape()]
@@ -150,6 +172,10 @@ def full_shapes(device: torch.device) -> list[ShapeCase]:
     shapes += [depthwise_shape(1), depthwise_shape(8)]
     for batch in [1, 8] + ([64] if device.type == "cuda" else []):
         shapes += decoder_shapes(batch)
+    for batch in (1, 8, 64):
+        shapes += linear_shapes(batch)
+    for batch in (1, 8):
+        shapes += conv1d_shapes(batch)
     return shapes
 
 
@@ -163,6 +189,10 @@ QUICK_SHAPE_NAMES = [
     "depthwise 3x3 b1",
     "decoder 3x3 s2 b1",
     "decoder 4x4 s2 b1",
+    "linear 4096x4096 b1",
+    "linear 4096x4096 b8",
+    "linear 1024x4096 b1",
+    "conv1d k2 s2 b1",
 ]
 # --compile some: the weight-heaviest 3x3, where recomputing f(W) costs most (the seed's f(W) is
 # negligible next to its conv, so compile can only match forum there).
@@ -178,16 +208,16 @@ def compiles_on(compile_on: str, shape: ShapeCase) -> bool:
     return compile_on == "all" or (compile_on == "some" and shape.name in COMPILE_SOME_SHAPES)
 
 
-# --quick finishes in about 2 minutes on a 2-core CPU, busy or not (benchmarks/README.md, "--quick and its
-# 2-minute budget"). Budgets: seconds of timed repetitions per case; harness.Pacer shares out run_target_s.
+# --quick finishes in about 3 minutes on a 2-core CPU, busy or not (benchmarks/README.md, "--quick and its
+# 3-minute budget"). Budgets: seconds of timed repetitions per case; harness.Pacer shares out run_target_s.
 QUICK = dict(
     shapes=quick_shapes,
     warmup=2,
     reps=300,
     case_budget_s=2.5,
     compile_on="some",
-    run_target_s=120.0,
-    decoder_case_budget_s=1.0,
+    run_target_s=170.0,
+    kind_case_budget_s={DECODER: 1.0, CONV1D: 1.0},
 )
 FULL = dict(
     shapes=full_shapes,
@@ -196,7 +226,7 @@ FULL = dict(
     case_budget_s=30.0,
     compile_on="all",
     run_target_s=None,
-    decoder_case_budget_s=None,
+    kind_case_budget_s={},
 )
 
 

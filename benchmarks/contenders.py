@@ -1,9 +1,11 @@
-"""The contenders: each one's module built on a case's source conv (or, for a decoder case, on its
-DecoderTie), the leaves its training step differentiates and the scope its calls run in."""
+"""The contenders: each one's module built on a case's source layer (nn.Conv2d, nn.Conv1d or
+nn.Linear; for a decoder case, on its DecoderTie), the leaves its training step differentiates and
+the scope its calls run in."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Optional
@@ -14,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import fusedtie
-from cases import CONV, DECODER, FORUM_TRANSFORMS, ShapeCase
+from cases import CONV, CONV1D, DECODER, FORUM_TRANSFORMS, LINEAR, ShapeCase
 
 
 @dataclass
@@ -72,7 +74,7 @@ def make_decoder_tie(shape: ShapeCase, source: nn.Conv2d) -> DecoderTie:
 @dataclass(frozen=True)
 class Contender:
     name: str
-    build: Callable[[nn.Conv2d, str, bool], Runner]  # (source, transform, trains)
+    build: Callable[[nn.Module, str, bool], Runner]  # (source, transform, trains); LAYER_OPS's kinds
     # The same contender for a decoder case, (tie, transform, trains); None: not run on decoders.
     build_decoder: Optional[Callable[[DecoderTie, str, bool], Runner]] = None
     modes: tuple[str, ...] = ("inference", "train")
@@ -83,17 +85,60 @@ class Contender:
         return self.build_decoder if kind == DECODER else self.build
 
 
-class ForumConv2d(nn.Module):
-    """The forum recipe, in a module so its call overhead matches the other contenders'."""
+@dataclass(frozen=True)
+class LayerOps:
+    """How a kind of layer computes, for every kind whose contenders are built on its source alone
+    (all but the decoder): the functional op with the source's geometry and fusedtie's tied layer."""
 
-    def __init__(self, source: nn.Conv2d, transform: str) -> None:
+    # (source, x, weight, bias) -> the source's own op on x with another weight and bias
+    functional: Callable[[nn.Module, Tensor, Tensor, Optional[Tensor]], Tensor]
+    tied: type[nn.Module]  # fusedtie's layer: tied(source, transform, bias="same")
+    # (source, x) -> the tied_conv2d call fusedtie makes of it: (x, W, stride, padding, dilation,
+    # groups) as 4-d views and pairs, for fusedtie.cpu_conv_algorithm_for
+    conv2d_view: Callable[[nn.Module, Tensor], tuple]
+
+
+def _conv2d_view(s: nn.Conv2d, x: Tensor) -> tuple:
+    return x, s.weight, s.stride, s.padding, s.dilation, s.groups
+
+
+def _conv1d_view(s: nn.Conv1d, x: Tensor) -> tuple:  # the H = 1 view tied_conv1d runs on
+    return x.unsqueeze(-2), s.weight.unsqueeze(-2), (1, *s.stride), (0, *s.padding), (1, *s.dilation), s.groups
+
+
+def _linear_view(s: nn.Linear, x: Tensor) -> tuple:  # a 1x1 convolution on (N, C, 1, 1)
+    return x[:, :, None, None], s.weight[:, :, None, None], 1, 0, 1, 1
+
+
+# Keyed by the source's class (the one fact per kind that the builders below need).
+LAYER_OPS: dict[type[nn.Module], LayerOps] = {
+    nn.Conv2d: LayerOps(
+        lambda s, x, w, b: F.conv2d(x, w, b, s.stride, s.padding, s.dilation, s.groups),
+        fusedtie.FusedTiedConv2d,
+        _conv2d_view,
+    ),
+    nn.Conv1d: LayerOps(
+        lambda s, x, w, b: F.conv1d(x, w, b, s.stride, s.padding, s.dilation, s.groups),
+        fusedtie.FusedTiedConv1d,
+        _conv1d_view,
+    ),
+    nn.Linear: LayerOps(lambda s, x, w, b: F.linear(x, w, b), fusedtie.FusedTiedLinear, _linear_view),
+}
+
+
+class Forum(nn.Module):
+    """The forum recipe, f(W) on every call (F.conv2d(x, f(source.weight), source.bias, ...), or
+    F.conv1d's, F.linear's), in a module so its call overhead matches the other contenders'."""
+
+    def __init__(self, source: nn.Module, transform: str) -> None:
         super().__init__()
         self.source = source
         self.f = FORUM_TRANSFORMS[transform]
+        self.functional = LAYER_OPS[type(source)].functional
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.source
-        return F.conv2d(x, self.f(s.weight), s.bias, s.stride, s.padding, s.dilation, s.groups)
+        return self.functional(s, x, self.f(s.weight), s.bias)
 
 
 class TransformParametrization(nn.Module):
@@ -107,37 +152,31 @@ class TransformParametrization(nn.Module):
         return self.f(w)
 
 
-def _conv_like(source: nn.Conv2d) -> nn.Conv2d:
-    return nn.Conv2d(
-        source.in_channels,
-        source.out_channels,
-        source.kernel_size,
-        stride=source.stride,
-        padding=source.padding,
-        dilation=source.dilation,
-        groups=source.groups,
-        device=source.weight.device,
-        dtype=source.weight.dtype,
-    )
+def _layer_like(source: nn.Module) -> nn.Module:
+    """A layer of the source's class and geometry with parameters of its own (a copy, to overwrite)."""
+    return copy.deepcopy(source)
 
 
-def build_plain(source: nn.Conv2d, transform: str, trains: bool) -> Runner:
-    conv = _conv_like(source)
+def build_plain(source: nn.Module, transform: str, trains: bool) -> Runner:
+    layer = _layer_like(source)
     with torch.no_grad():
-        conv.weight.copy_(FORUM_TRANSFORMS[transform](source.weight))
-        conv.bias.copy_(source.bias)  # bias="same": g is the identity
-    return Runner(conv, [conv.weight, conv.bias], grads_wrt_source=False)
+        layer.weight.copy_(FORUM_TRANSFORMS[transform](source.weight))
+        layer.bias.copy_(source.bias)  # bias="same": g is the identity
+    return Runner(layer, [layer.weight, layer.bias], grads_wrt_source=False)
 
 
-def build_fusedtie(source: nn.Conv2d, transform: str, trains: bool) -> Runner:
-    layer = fusedtie.FusedTiedConv2d(source, transform, bias="same")
-    return Runner(layer, [source.weight, source.bias])
+def _tied(source: nn.Module, transform: str) -> nn.Module:
+    return LAYER_OPS[type(source)].tied(source, transform, bias="same")
 
 
-def build_fusedtie_cached(source: nn.Conv2d, transform: str, trains: bool) -> Runner:
+def build_fusedtie(source: nn.Module, transform: str, trains: bool) -> Runner:
+    return Runner(_tied(source, transform), [source.weight, source.bias])
+
+
+def build_fusedtie_cached(source: nn.Module, transform: str, trains: bool) -> Runner:
     # Its own layer (not the `fusedtie` contender's), and a scope over that layer alone: the other
-    # FusedTiedConv2d keeps computing f(W) on every call (check_cache_scope makes sure of it).
-    layer = fusedtie.FusedTiedConv2d(source, transform, bias="same")
+    # tied layer keeps computing f(W) on every call (check_cache_scope makes sure of it).
+    layer = _tied(source, transform)
     return Runner(layer, [source.weight, source.bias], scope=lambda: fusedtie.cached(layer))
 
 
@@ -154,28 +193,28 @@ def fusedtie_cached_unavailable() -> Optional[str]:
     return None
 
 
-def build_forum(source: nn.Conv2d, transform: str, trains: bool) -> Runner:
-    return Runner(ForumConv2d(source, transform), [source.weight, source.bias])
+def build_forum(source: nn.Module, transform: str, trains: bool) -> Runner:
+    return Runner(Forum(source, transform), [source.weight, source.bias])
 
 
-def build_parametrize(source: nn.Conv2d, transform: str, trains: bool) -> Runner:
-    conv = _conv_like(source)
-    parametrize.register_parametrization(conv, "weight", TransformParametrization(transform))
+def build_parametrize(source: nn.Module, transform: str, trains: bool) -> Runner:
+    layer = _layer_like(source)
+    parametrize.register_parametrization(layer, "weight", TransformParametrization(transform))
     # The tie: the parametrization's input and the bias become the source's own Parameters.
-    conv.parametrizations.weight.original = source.weight
-    conv.bias = source.bias
+    layer.parametrizations.weight.original = source.weight
+    layer.bias = source.bias
     # parametrize.cached() keeps f(W) only inside the scope; in training it cannot be used (the
     # cached f(W) would carry one autograd graph across steps).
     scope = None if trains else parametrize.cached
-    return Runner(conv, [source.weight, source.bias], scope=scope)
+    return Runner(layer, [source.weight, source.bias], scope=scope)
 
 
-def _compile_mode(source: nn.Conv2d) -> str:
+def _compile_mode(source: nn.Module) -> str:
     return "max-autotune" if source.weight.device.type == "cuda" else "default"
 
 
-def build_compile(source: nn.Conv2d, transform: str, trains: bool) -> Runner:
-    module = torch.compile(ForumConv2d(source, transform), mode=_compile_mode(source))
+def build_compile(source: nn.Module, transform: str, trains: bool) -> Runner:
+    module = torch.compile(Forum(source, transform), mode=_compile_mode(source))
     return Runner(module, [source.weight, source.bias])
 
 
@@ -262,8 +301,7 @@ def build_compile_decoder(tie: DecoderTie, transform: str, trains: bool) -> Runn
     return Runner(module, tie.leaves)
 
 
-# The first entry is the baseline of the ratio column. The guard's reference: a fresh forum module
-# for conv cases, a float64 F.conv_transpose2d for decoder cases (see guard).
+# The first entry is the baseline of the ratio column. The guard's references are guard.py's.
 CACHED = "fusedtie+cache"
 CONTENDERS = [
     Contender("plain", build_plain, build_plain_decoder),
@@ -280,17 +318,16 @@ CONTENDERS = [
     Contender("compile", build_compile, build_compile_decoder),
 ]
 BASELINE = "plain"
-# What plain is, per kind of case: the same convolution with f(W) computed once and held as the
-# module's own weight (no tie at all), for the ratio table's header and the JSON settings.
+# What plain is, per kind of case: the same layer with f(W) computed once and held as the module's
+# own weight (no tie at all), for the ratio table's header and the JSON settings.
 BASELINE_BY_KIND = {
     CONV: "nn.Conv2d holding f(W), precomputed once",
     DECODER: "nn.ConvTranspose2d holding f(W) of the encoder's W, precomputed once (an untied decoder "
     "with its own weight)",
-}
-# What each kind's guard compares with.
-GUARD_REFERENCE_BY_KIND = {
-    CONV: "a fresh forum module, F.conv2d(x, f(W), b), in the case's dtype",
-    DECODER: "F.conv_transpose2d(h, f(W), b) in float64 on copies of the leaves",
+    LINEAR: "nn.Linear holding f(W), precomputed once",
+    CONV1D: "nn.Conv1d holding f(W), precomputed once",
 }
 COMPILED = "compile"
 CONTENDER_NAMES = [c.name for c in CONTENDERS]
+# Every fusedtie layer a contender may hold (for the cache-scope check).
+TIED_LAYERS = (*(ops.tied for ops in LAYER_OPS.values()), fusedtie.FusedTiedConvTranspose2d)

@@ -4,13 +4,15 @@ layer alone. Either failing aborts the run."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fusedtie
-from cases import FORUM_TRANSFORMS, Mode
-from contenders import CACHED, DecoderTie, ForumConv2d, Runner
+from cases import CONV, CONV1D, DECODER, FORUM_TRANSFORMS, LINEAR, Mode
+from contenders import CACHED, LAYER_OPS, TIED_LAYERS, DecoderTie, Forum, Runner
 
 # (rtol, atol relative to the reference's largest magnitude: sums over many terms scale with it).
 # bfloat16 (CUDA only, untested on a GPU): about 2 bfloat16 ulps.
@@ -39,8 +41,17 @@ Reference = tuple[Tensor, tuple[Tensor, ...]]  # (output, gradients of its sum w
 
 def conv_reference(source: nn.Conv2d, transform: str, x: Tensor) -> Reference:
     """A conv case's reference: a forum module built here, in the case's dtype."""
-    y = ForumConv2d(source, transform).train()(x)
+    y = Forum(source, transform).train()(x)
     return y.detach(), torch.autograd.grad(y.sum(), [source.weight, source.bias])
+
+
+def float64_reference(source: nn.Module, transform: str, x: Tensor) -> Reference:
+    """A linear or conv1d case's reference: F.linear / F.conv1d (LAYER_OPS) on f(W) in float64, on
+    copies of the source's W and b, f written in torch ops (FORUM_TRANSFORMS), the geometry read from
+    the source, never from a contender's module."""
+    w, b = (t.detach().double().requires_grad_(True) for t in (source.weight, source.bias))
+    y = LAYER_OPS[type(source)].functional(source, x.detach().double(), FORUM_TRANSFORMS[transform](w), b)
+    return y.detach(), torch.autograd.grad(y.sum(), [w, b])
 
 
 def decoder_reference(tie: DecoderTie, transform: str, h: Tensor) -> Reference:
@@ -62,14 +73,25 @@ def decoder_reference(tie: DecoderTie, transform: str, h: Tensor) -> Reference:
     return y.detach(), torch.autograd.grad(y.sum(), [w, b])
 
 
+# Per kind: the reference (of the case's source, or DecoderTie, its transform and its input) and
+# what it is, for the JSON's settings.
+REFERENCES: dict[str, tuple[Callable[..., Reference], str]] = {
+    CONV: (conv_reference, "a fresh forum module, F.conv2d(x, f(W), b), in the case's dtype"),
+    DECODER: (decoder_reference, "F.conv_transpose2d(h, f(W), b) in float64 on copies of the leaves"),
+    LINEAR: (float64_reference, "F.linear(x, f(W), b) in float64 on copies of the leaves"),
+    CONV1D: (float64_reference, "F.conv1d(x, f(W), b) in float64 on copies of the leaves"),
+}
+GUARD_REFERENCE_BY_KIND = {kind: what for kind, (_, what) in REFERENCES.items()}
+
+
 def guard(runners: dict[str, Runner], reference: Reference, x: Tensor, mode: Mode) -> None:
     """Every contender's output, and when training the gradients with respect to the leaves it
     shares with the case (the source's W and the bias), must equal the reference's.
 
-    The reference is computed by the caller without any contender (conv_reference,
-    decoder_reference), so the check does not depend on which contenders were selected. Each
-    contender runs as the mode runs it (under no_grad for inference, inside its scope), since that
-    is the path being timed and an operator may take another path with autograd off.
+    The reference is computed by the caller without any contender (REFERENCES), so the check does
+    not depend on which contenders were selected. Each contender runs as the mode runs it (under
+    no_grad for inference, inside its scope), since that is the path being timed and an operator may
+    take another path with autograd off.
     """
     ref_y, ref_grads = reference
     for name, runner in runners.items():
@@ -85,9 +107,6 @@ def guard(runners: dict[str, Runner], reference: Reference, x: Tensor, mode: Mod
 
 class ScopeError(RuntimeError):
     pass
-
-
-TIED_LAYERS = (fusedtie.FusedTiedConv2d, fusedtie.FusedTiedConvTranspose2d)
 
 
 def check_cache_scope(runners: dict[str, Runner]) -> None:

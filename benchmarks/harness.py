@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 import fusedtie
 from cases import DECODER, Case, Mode, ShapeCase, compiles_on
-from contenders import BASELINE, CACHED, COMPILED, Contender, Runner, make_decoder_tie
-from guard import check_cache_scope, conv_reference, decoder_reference, guard
+from contenders import BASELINE, CACHED, COMPILED, LAYER_OPS, Contender, Runner, make_decoder_tie
+from guard import REFERENCES, check_cache_scope, guard
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,12 @@ class Settings:
     # Target for the whole run (seconds), or None: each case's budget shrinks below the cap when the
     # run is behind schedule (see Pacer).
     run_target_s: Optional[float] = None
-    # The cap of decoder cases, when it differs from case_budget_s (--quick: their calls are short,
-    # so a smaller cap still gives hundreds of repetitions and keeps the run's growth small).
-    decoder_case_budget_s: Optional[float] = None
+    # The caps of the kinds whose cap differs from case_budget_s (--quick: decoder and conv1d calls
+    # are short, so a smaller cap still gives hundreds of repetitions and keeps the run's growth small).
+    kind_case_budget_s: dict[str, float] = field(default_factory=dict)
 
     def case_cap(self, shape: ShapeCase) -> Optional[float]:
-        if shape.kind == DECODER and self.decoder_case_budget_s is not None:
-            return self.decoder_case_budget_s
-        return self.case_budget_s
+        return self.kind_case_budget_s.get(shape.kind, self.case_budget_s)
 
     def contenders_for(self, shape: ShapeCase, mode: Mode) -> list[Contender]:
         chosen = []
@@ -165,7 +163,7 @@ class CaseResult:
 
 
 def build_runners(case: Case, contenders: list[Contender], tie) -> dict[str, Runner]:
-    """tie: the source nn.Conv2d of a conv case, the DecoderTie of a decoder case."""
+    """tie: the source layer of a conv, conv1d or linear case, the DecoderTie of a decoder case."""
     return {c.name: c.builder(case.shape.kind)(tie, case.transform, case.mode.trains) for c in contenders}
 
 
@@ -218,14 +216,9 @@ def run_case(case: Case, settings: Settings, budget_s: Optional[float], device: 
     if compiles:
         torch._dynamo.reset()  # a new module per case: start each compilation from a clean slate
     torch.manual_seed(0)
-    source = case.shape.source_conv(device, case.dtype)
+    source = case.shape.source_layer(device, case.dtype)
     x = case.shape.input(device, case.dtype)
-    if case.shape.kind == DECODER:
-        tie = make_decoder_tie(case.shape, source)
-        reference = lambda: decoder_reference(tie, case.transform, x)  # noqa: E731
-    else:
-        tie = source
-        reference = lambda: conv_reference(source, case.transform, x)  # noqa: E731
+    tie = make_decoder_tie(case.shape, source) if case.shape.kind == DECODER else source
     runners = build_runners(case, contenders, tie)
     timed = make_timer(device)
     result = CaseResult(algorithm=fusedtie_cpu_algorithm(case.shape, source, x, case.transform))
@@ -236,7 +229,7 @@ def run_case(case: Case, settings: Settings, budget_s: Optional[float], device: 
         if CACHED in runners:
             check_cache_scope(runners)
         result.first_call_ms = {name: 1e3 * timed(lambda: mode.step(r, x)) for name, r in runners.items()}
-        guard(runners, reference(), x, mode)
+        guard(runners, REFERENCES[case.shape.kind][0](tie, case.transform, x), x, mode)
         for runner in runners.values():
             mode.prepare(runner)
         result.samples_ms = time_round_robin(runners, x, mode, settings, budget_s, device)
@@ -249,26 +242,18 @@ def run_case(case: Case, settings: Settings, budget_s: Optional[float], device: 
     return result
 
 
-def fusedtie_cpu_algorithm(shape: ShapeCase, source: nn.Conv2d, x: Tensor, transform: str) -> Optional[str]:
+def fusedtie_cpu_algorithm(shape: ShapeCase, source: nn.Module, x: Tensor, transform: str) -> Optional[str]:
     """The CPU algorithm fusedtie runs on this case, "forward/backward" where the two differ (None
-    on CUDA); the transposed operator's CPU path is always the library."""
+    on CUDA); the transposed operator's CPU path is always the library. conv1d and linear cases
+    run tied_conv2d on views (LayerOps.conv2d_view): the algorithm is the one it picks for those."""
     if x.device.type != "cpu":
         return None
     if shape.kind == DECODER:
         return "library"
+    view = LAYER_OPS[type(source)].conv2d_view(source, x)
     # The benchmark's training step wants no input gradient (the input is data, not a parameter).
     forward, backward = (
-        fusedtie.cpu_conv_algorithm_for(
-            x,
-            source.weight,
-            source.stride,
-            source.padding,
-            source.dilation,
-            source.groups,
-            transform=transform,
-            backward=b,
-            input_gradient=False,
-        )
+        fusedtie.cpu_conv_algorithm_for(*view, transform=transform, backward=b, input_gradient=False)
         for b in (False, True)
     )
     return forward if forward == backward else f"{forward}/{backward}"
@@ -281,7 +266,7 @@ class Pacer:
     untimed work (first calls, guard, memory: the median so far, since the first case also
     pays one-off start-up costs) and for each compilation still to come (the median of those after
     the first, which includes inductor's start-up; priors below). Cases whose cap is below the
-    equal share (decoder cases in --quick) take only their cap and leave the rest to the others
+    equal share (decoder and conv1d cases in --quick) take only their cap and leave the rest to the others
     (_level). A budget of 0 still runs MIN_REPS rotations, so a very busy machine overruns the
     target rather than measuring nothing.
     """

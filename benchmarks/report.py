@@ -18,8 +18,8 @@ import torch
 import bench_targets
 import fusedtie
 from cases import COMPILE_SOME_SHAPES, DECODER, Case, dtype_name
-from contenders import BASELINE, BASELINE_BY_KIND, COMPILED, GUARD_REFERENCE_BY_KIND
-from guard import TOLERANCES
+from contenders import BASELINE, BASELINE_BY_KIND, COMPILED
+from guard import GUARD_REFERENCE_BY_KIND, TOLERANCES
 from harness import MIN_REPS, CaseResult, Settings
 
 
@@ -211,8 +211,9 @@ def print_report(
     ran = [c.name for c in settings.contenders if any(r["contender"] == c.name for r in results)]
     budget = "" if settings.case_budget_s is None else f" (at most {settings.case_budget_s:g}s a case"
     kinds = list(dict.fromkeys(r["kind"] for r in results))
-    if budget and DECODER in kinds and settings.decoder_case_budget_s is not None:
-        budget += f", {settings.decoder_case_budget_s:g}s a decoder case"
+    caps = settings.kind_case_budget_s
+    if budget:
+        budget += "".join(f", {caps[k]:g}s a {k} case" for k in kinds if k in caps)
     if settings.run_target_s is not None:
         budget += f", less when behind the run's {settings.run_target_s:g}s target"
     budget += ")" if budget else ""
@@ -250,10 +251,7 @@ def print_report(
             "are in the JSON)"
         )
     lines, misses = target_report(results)
-    print(
-        "\nTargets (benchmarks/README.md): fusedtie/plain <= 1.05, fusedtie+cache/plain <= 1.02 in "
-        "inference, fusedtie <= forum."
-    )
+    print(f"\nTargets (benchmarks/README.md): {bench_targets.describe()}.")
     for line in lines:
         print(line)
     if misses:
@@ -292,7 +290,8 @@ def write_json(
             "baseline": BASELINE,
             "baseline_by_kind": BASELINE_BY_KIND,
             "guard_reference_by_kind": GUARD_REFERENCE_BY_KIND,
-            "decoder_case_budget_s": settings.decoder_case_budget_s,
+            "decoder_case_budget_s": settings.kind_case_budget_s.get(DECODER),
+            "kind_case_budget_s": settings.kind_case_budget_s,
             "skipped_contenders": skipped,
             "compile_on": settings.compile_on,
             "cpu_algorithm": args.cpu_algorithm,
