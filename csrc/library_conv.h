@@ -5,7 +5,8 @@
 // kernels) is padded explicitly by its remainder, and the input gradient cropped back. The
 // transposed convolution (tied_conv_transpose2d) has only symmetric padding; it takes this path on
 // the CPU always and on CUDA when the fused kernels do not run, with the backend's elementwise passes
-// for f(W) and the chain rule (TensorPasses, conv_params.h).
+// for f(W) and the chain rule (TensorPasses, conv_params.h). A convolution that is a matrix product
+// (fusedtie.tied_linear's) is computed by BLAS instead (matrix_product.h).
 #include <ATen/ATen.h>
 
 #include <array>
@@ -15,6 +16,7 @@
 
 #include "conv_params.h"
 #include "conv_transpose_params.h"
+#include "matrix_product.h"
 
 namespace fusedtie {
 
@@ -148,6 +150,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward_with_
 
 inline at::Tensor library_conv2d_forward(const at::Tensor& input, const at::Tensor& derived_weight,
                                          const std::optional<at::Tensor>& derived_bias, const TiedConv2dParams& p) {
+  if (is_matrix_product(input, derived_weight, p))
+    return matrix_product::conv2d_forward(input, derived_weight, derived_bias);
   const LibraryConv2dCall call(input, derived_weight, p);
   return at::convolution(call.prepare(input, p), derived_weight, derived_bias, call.stride, call.padding, call.dilation,
                          /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups);
@@ -160,6 +164,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> library_conv2d_backward(co
                                                                               const at::Tensor& weight,
                                                                               const TiedConv2dParams& p,
                                                                               std::array<bool, 3> output_mask) {
+  if (is_matrix_product(input, weight, p))
+    return matrix_product::conv2d_backward(grad_output, input, weight, output_mask);
   const LibraryConv2dCall call(input, weight, p);
   auto [grad_input, grad_weight, grad_bias] = convolution_backward_with_bias_channels(
       grad_output, call.prepare(input, p), weight, /*bias_channels=*/weight.size(0), call.stride, call.padding,
@@ -227,6 +233,7 @@ inline at::Tensor tied_conv_transpose2d_library(const at::Tensor& input, const a
                                                 const std::optional<at::Tensor>& bias,
                                                 const TiedConvTranspose2dParams& p, const TensorPasses& passes) {
   const at::Tensor derived = derived_for_conv(weight, p.weight_transform, passes);
+  if (is_matrix_product(input, derived, p)) return matrix_product::conv_transpose2d_forward(input, derived, bias);
   const LibraryConvTranspose2dCall call(input, weight, p);
   if (!call.any_windowed()) {
     return at::convolution(input, derived, bias, p.stride, p.padding, p.dilation, /*transposed=*/true, p.output_padding,
@@ -247,18 +254,24 @@ tied_conv_transpose2d_backward_library(const at::Tensor& grad_output, const at::
   // reads W's shape alone, so the source weight stands in when the input gradient is not wanted.
   const at::Tensor weight_for_conv = output_mask[0] ? derived_for_conv(weight, p.weight_transform, passes) : weight;
   const LibraryConvTranspose2dCall call(input, weight, p);
-  // Windowed, the bias gradient is the whole output gradient's sum, not the gathered windows'.
-  const std::array<bool, 3> library_mask{output_mask[0], output_mask[1], output_mask[2] && !call.any_windowed()};
-  auto [grad_input, grad_weight, grad_bias] = convolution_backward_with_bias_channels(
-      call.gather(grad_output, input), input, weight_for_conv, /*bias_channels=*/weight.size(1) * p.groups, call.stride,
-      call.padding, p.dilation, /*transposed=*/true, call.output_padding, p.groups, library_mask);
+  at::Tensor grad_input, grad_weight, grad_bias;
+  if (is_matrix_product(input, weight, p)) {
+    std::tie(grad_input, grad_weight, grad_bias) =
+        matrix_product::conv_transpose2d_backward(grad_output, input, weight_for_conv, output_mask);
+  } else {
+    // Windowed, the bias gradient is the whole output gradient's sum, not the gathered windows'.
+    const std::array<bool, 3> library_mask{output_mask[0], output_mask[1], output_mask[2] && !call.any_windowed()};
+    std::tie(grad_input, grad_weight, grad_bias) = convolution_backward_with_bias_channels(
+        call.gather(grad_output, input), input, weight_for_conv, /*bias_channels=*/weight.size(1) * p.groups,
+        call.stride, call.padding, p.dilation, /*transposed=*/true, call.output_padding, p.groups, library_mask);
+  }
   std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
   if (output_mask[0]) grad_input_out = grad_input.contiguous(input.suggest_memory_format());
   if (output_mask[1]) {
     grad_weight_out = gradient_through_transform(grad_weight, weight, p.weight_transform, passes);
   }
   if (output_mask[2]) {
-    grad_bias_out = call.any_windowed() ? grad_output.sum({0, 2, 3}) : grad_bias.contiguous();
+    grad_bias_out = grad_bias.defined() ? grad_bias.contiguous() : grad_output.sum({0, 2, 3});
   }
   return {grad_input_out, grad_weight_out, grad_bias_out};
 }

@@ -63,12 +63,12 @@ def _check(x, w, b, transform, bias_transform="identity", transpose=False, dtype
 @pytest.mark.parametrize("transpose", [False, True], ids=["linear", "decoder"])
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_every_transform_both_paths(transform, transpose):
-    # 3 rows: the fused skinny GEMMs; 11 rows: f(W) and BLAS. 37 columns: a vector tail.
+    # 3 rows: the fused skinny GEMMs; 11 rows: the library, f(W) and BLAS. 37 columns: a vector tail.
     for rows in (3, 11):
         w = torch.randn(19, 37, dtype=torch.float64) * 0.7
         x = torch.randn(rows, 19 if transpose else 37, dtype=torch.float64)
         b = torch.randn(37 if transpose else 19, dtype=torch.float64)
-        assert _algorithm(rows, w, transform_arg(transform), transpose) == "linear"
+        assert _algorithm(rows, w, transform_arg(transform), transpose) == ("linear" if rows <= 8 else "library")
         bias_transform = "identity" if transpose else transform
         _check(x, w, b, transform, bias_transform, transpose)
 
@@ -147,10 +147,22 @@ def test_forced_algorithms_agree_with_the_reference(algorithm):
     w = torch.randn(12, 20, dtype=torch.float64)
     with fusedtie.use_cpu_conv_algorithm(algorithm):
         for rows in (2, 10):
-            expected = "library" if algorithm == "library" else "linear"
+            expected = "linear" if algorithm != "library" and rows <= 8 else "library"
             assert _algorithm(rows, w, "relu", False) == expected
             _check(torch.randn(rows, 20, dtype=torch.float64), w, torch.randn(12, dtype=torch.float64), "relu")
             _check(torch.randn(rows, 12, dtype=torch.float64), w, None, "relu", transpose=True)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["linear", "decoder"])
+def test_the_library_computes_a_matrix_product_with_blas(transpose):
+    # Above 8 rows (and for a forced library) a matrix product is at::addmm / at::mm on the views,
+    # not at::convolution, whose oneDNN path re-packs W on every call.
+    w = torch.randn(16, 24, requires_grad=True)
+    x = torch.randn(12, 16 if transpose else 24, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        fusedtie.tied_linear(x, w, None, "square", transpose=transpose).sum().backward()
+    names = {event.name for event in prof.events()}
+    assert "aten::mm" in names and not names & {"aten::convolution", "aten::convolution_backward"}, names
 
 
 def test_only_the_wanted_gradients():

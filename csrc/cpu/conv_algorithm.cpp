@@ -170,10 +170,12 @@ CpuConvAlgorithm choose_algorithm(const at::Tensor& input, const at::Tensor& wei
       return linear_applies(input, weight, p) ? CpuConvAlgorithm::kLinear : CpuConvAlgorithm::kLibrary;
     case CpuConvAlgorithm::kAuto: break;
   }
-  // A matrix product: W read once per pass with f fused (up to 8 rows), or BLAS as nn.Linear calls
-  // it; either way no slower than the plain layer on any CPU, which oneDNN's 1x1 convolution (a
-  // weight re-pack per call) is not (docs/cpu-algorithms.md, "The linear algorithm").
-  if (linear_applies(input, weight, p)) return CpuConvAlgorithm::kLinear;
+  // A matrix product: the fused skinny GEMMs up to 8 rows (W read once per pass, as plain nn.Linear
+  // reads it), the library's BLAS call above (nn.Linear's own); either holds on any CPU, which
+  // oneDNN's 1x1 convolution (a weight re-pack per call) does not (docs/cpu-algorithms.md).
+  if (is_matrix_product(input, weight, p)) {
+    return linear_applies(input, weight, p) ? CpuConvAlgorithm::kLinear : CpuConvAlgorithm::kLibrary;
+  }
   if (depthwise_applies(input, weight, p) && depthwise_wins(input, weight, p)) return CpuConvAlgorithm::kDepthwise;
   // brgemm's backward saves the passes over W (f for the input gradient, f' and the library's
   // re-pack of dW); an input gradient adds col2im, which only pointwise convolutions do without.

@@ -15,10 +15,11 @@
 //            written: no pass over W of the tie's own. float32, groups 1, NCHW, one column matrix
 //            for the batch (elsewhere the library runs).
 //   linear:  linear_conv2d.h: a convolution that is a matrix product (1x1 kernel on 1x1 images, no
-//            padding, groups 1: fusedtie.tied_linear's calls), float32/float64, NCHW. Up to 8 rows,
-//            fused skinny GEMMs with f and f' in registers; above, f(W) in scratch and BLAS. The
-//            transposed operator runs it too (its only algorithm besides the library).
-//   auto:    linear where it applies (it reads W as plain nn.Linear does, so it holds on any CPU),
+//            padding, groups 1: fusedtie.tied_linear's calls) with at most 8 rows, float32/float64,
+//            NCHW: fused skinny GEMMs with f and f' in registers. The transposed operator runs it
+//            too (its only algorithm besides the library). With more rows the library runs, which
+//            computes a matrix product with BLAS (matrix_product.h), not at::convolution.
+//   auto:    linear where it applies (it reads W once, as plain nn.Linear does, so it holds on any CPU),
 //            depthwise, brgemm (backward only) and gemm where they measurably won, library elsewhere;
 //            gemm only where the
 //            BLAS is one it won on (assess_gemm_blas: MKL on an Intel CPU at its full instruction
@@ -28,23 +29,12 @@
 
 #include <string>
 
+#include "../matrix_product.h"  // is_nchw_call
+
 namespace fusedtie {
 
 struct TiedConv2dParams;
 struct TiedConvTranspose2dParams;
-
-// Whether input and weight are both NCHW in the sense at::convolution decides its output layout by
-// (suggest_memory_format, not is_contiguous): the gemm and depthwise paths write NCHW results, so
-// they may run only where F.conv2d (and the fake kernel) would give NCHW too. is_contiguous() alone
-// is not enough: a 1x1 or depthwise (C, 1, kH, kW) weight converted to channels_last (as
-// module.to(memory_format=torch.channels_last) does) is "contiguous" too, since strides of size-1
-// dimensions do not count, yet at::convolution treats it as channels_last and returns a
-// channels_last output.
-inline bool is_nchw_call(const at::Tensor& input, const at::Tensor& weight) {
-  return input.is_contiguous() && weight.is_contiguous() &&
-         input.suggest_memory_format() == at::MemoryFormat::Contiguous &&
-         weight.suggest_memory_format() == at::MemoryFormat::Contiguous;
-}
 
 // Whether stride, padding and dilation are small enough for fusedtie's own kernels (gemm, brgemm,
 // depthwise) to index in 64 bits without overflow; larger ones go to the library.

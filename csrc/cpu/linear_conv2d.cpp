@@ -6,32 +6,24 @@
 
 #include <algorithm>
 
-#include "conv_algorithm.h"
+#include "../matrix_product.h"
 #include "transform_passes.h"
-#include "transform_tensors.h"
 
 namespace fusedtie {
 namespace {
 
-bool linear_dtype(const at::Tensor& input) {
+using matrix_product::as_images;
+using matrix_product::as_matrix;
+
+// Float32/float64 up to kSkinnyMaxRows rows, built-in transforms (they have vector functors; user
+// transforms only whole-tensor passes).
+bool skinny_applies(const at::Tensor& input, const TransformSpec& f) {
   const auto dtype = input.scalar_type();
-  return dtype == at::kFloat || dtype == at::kDouble;
+  return (dtype == at::kFloat || dtype == at::kDouble) && input.size(0) <= kSkinnyMaxRows && !is_user_transform(f.kind);
 }
-
-bool one_by_one(const at::Tensor& input, const at::Tensor& weight) {
-  return input.size(2) == 1 && input.size(3) == 1 && weight.size(2) == 1 && weight.size(3) == 1 && input.numel() > 0 &&
-         weight.numel() > 0 && is_nchw_call(input, weight);
-}
-
-// Whether the fused skinny GEMMs take a batch of `rows`: the built-in transforms have vector
-// functors, user transforms only whole-tensor passes.
-bool skinny(int64_t rows, const TransformSpec& f) { return rows <= kSkinnyMaxRows && !is_user_transform(f.kind); }
 
 // W's rows per task: a task reads at least 64 KiB of W, so small weights stay on one thread.
 int64_t row_grain(const at::Tensor& w) { return std::max<int64_t>(1, (int64_t{1} << 14) / w.size(1)); }
-
-// A matrix view (rows, cols) of a dense NCHW tensor with 1x1 images (or of a (rows, cols) one).
-at::Tensor as_matrix(const at::Tensor& t) { return t.reshape({t.size(0), t.size(1)}); }
 
 // y[m, o] = sum_k x[m, k] f(w[o, k]) (+ bias[o]): x (M, K), w (O, K), both contiguous.
 at::Tensor skinny_dot(const at::Tensor& x, const at::Tensor& w, const TransformSpec& f, const at::Tensor* bias) {
@@ -72,56 +64,33 @@ std::pair<at::Tensor, at::Tensor> skinny_rows(const at::Tensor& w, const at::Ten
   return {spread_out, grad};
 }
 
-// f(W) as an (O, K) matrix, in the scratch buffer (consumed before the caller returns).
-at::Tensor derived_matrix(const at::Tensor& source, const TransformSpec& f) {
-  return as_matrix(derived_for_conv(source, f, kCpuPasses));
-}
-
-// dL/dW_src from the (O, K) gradient of f(W), laid out as the source.
-at::Tensor source_gradient(at::Tensor grad_derived, const at::Tensor& source, const TransformSpec& f) {
-  return gradient_through_transform(grad_derived.view(source.sizes()), source, f, kCpuPasses);
-}
-
-at::Tensor as_images(const at::Tensor& matrix) { return matrix.view({matrix.size(0), matrix.size(1), 1, 1}); }
-
 }  // namespace
 
 bool linear_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p) {
-  return linear_dtype(input) && p.groups == 1 && p.padding == std::array<int64_t, 4>{0, 0, 0, 0} &&
-         one_by_one(input, weight);
+  return is_matrix_product(input, weight, p) && skinny_applies(input, p.weight_transform);
 }
 
 bool linear_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConvTranspose2dParams& p) {
-  return linear_dtype(input) && p.groups == 1 && p.padding == std::array<int64_t, 2>{0, 0} &&
-         p.output_padding == std::array<int64_t, 2>{0, 0} && one_by_one(input, weight);
+  return is_matrix_product(input, weight, p) && skinny_applies(input, p.weight_transform);
 }
 
 at::Tensor linear_conv2d_forward(const at::Tensor& input, const at::Tensor& source, const TransformSpec& f,
                                  const std::optional<at::Tensor>& bias) {
-  const at::Tensor x = as_matrix(input);
-  if (skinny(x.size(0), f)) {
-    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-    return as_images(skinny_dot(x, as_matrix(source), f, b.defined() ? &b : nullptr));
-  }
-  const at::Tensor derived = derived_matrix(source, f);
-  return as_images(bias.has_value() ? at::addmm(*bias, x, derived.t()) : at::mm(x, derived.t()));
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  return as_images(skinny_dot(as_matrix(input), as_matrix(source), f, b.defined() ? &b : nullptr));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_conv2d_backward(const at::Tensor& grad_output,
                                                                       const at::Tensor& input, const at::Tensor& source,
                                                                       const TransformSpec& f,
                                                                       std::array<bool, 3> output_mask) {
+  // dL/dx = dy f(W) and dL/dW = f'(W) * (dy^T x), in one pass over W.
   const at::Tensor dy = as_matrix(grad_output).contiguous();  // (M, O)
-  const at::Tensor x = as_matrix(input);                      // (M, K)
   at::Tensor grad_input, grad_weight, grad_bias;
-  if (skinny(x.size(0), f) && (output_mask[0] || output_mask[1])) {
-    // dL/dx = dy f(W) and dL/dW = f'(W) * (dy^T x), in one pass over W.
-    auto [spread, grad] = skinny_rows(as_matrix(source), dy, x, f, output_mask[0], output_mask[1]);
+  if (output_mask[0] || output_mask[1]) {
+    auto [spread, grad] = skinny_rows(as_matrix(source), dy, as_matrix(input), f, output_mask[0], output_mask[1]);
     if (output_mask[0]) grad_input = as_images(spread);
     if (output_mask[1]) grad_weight = grad.view(source.sizes());
-  } else {
-    if (output_mask[0]) grad_input = as_images(at::mm(dy, derived_matrix(source, f)));
-    if (output_mask[1]) grad_weight = source_gradient(at::mm(dy.t(), x), source, f);
   }
   if (output_mask[2]) grad_bias = dy.sum(0);
   return {grad_input, grad_weight, grad_bias};
@@ -130,13 +99,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_conv2d_backward(const at::
 at::Tensor linear_conv_transpose2d_forward(const at::Tensor& input, const at::Tensor& source, const TransformSpec& f,
                                            const std::optional<at::Tensor>& bias) {
   const at::Tensor x = as_matrix(input);  // (M, O)
-  if (skinny(x.size(0), f)) {
-    at::Tensor y = skinny_rows(as_matrix(source), x, x, f, /*spread=*/true, /*grad_w=*/false).first;
-    if (bias.has_value()) y.add_(*bias);
-    return as_images(y);
-  }
-  const at::Tensor derived = derived_matrix(source, f);
-  return as_images(bias.has_value() ? at::addmm(*bias, x, derived) : at::mm(x, derived));
+  at::Tensor y = skinny_rows(as_matrix(source), x, x, f, /*spread=*/true, /*grad_w=*/false).first;
+  if (bias.has_value()) y.add_(*bias);
+  return as_images(y);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_conv_transpose2d_backward(const at::Tensor& grad_output,
@@ -144,16 +109,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_conv_transpose2d_backward(
                                                                                 const at::Tensor& source,
                                                                                 const TransformSpec& f,
                                                                                 std::array<bool, 3> output_mask) {
+  // dL/dx = dy f(W)^T (a dot product per row of W) and dL/dW = f'(W) * (x^T dy).
   const at::Tensor dy = as_matrix(grad_output).contiguous();  // (M, K)
-  const at::Tensor x = as_matrix(input);                      // (M, O)
   at::Tensor grad_input, grad_weight, grad_bias;
-  if (skinny(x.size(0), f)) {
-    // dL/dx = dy f(W)^T (a dot product per row of W) and dL/dW = f'(W) * (x^T dy).
-    if (output_mask[0]) grad_input = as_images(skinny_dot(dy, as_matrix(source), f, nullptr));
-    if (output_mask[1]) grad_weight = skinny_rows(as_matrix(source), x, dy, f, false, true).second.view(source.sizes());
-  } else {
-    if (output_mask[0]) grad_input = as_images(at::mm(dy, derived_matrix(source, f).t()));
-    if (output_mask[1]) grad_weight = source_gradient(at::mm(x.t(), dy), source, f);
+  if (output_mask[0]) grad_input = as_images(skinny_dot(dy, as_matrix(source), f, nullptr));
+  if (output_mask[1]) {
+    grad_weight = skinny_rows(as_matrix(source), as_matrix(input), dy, f, false, true).second.view(source.sizes());
   }
   if (output_mask[2]) grad_bias = dy.sum(0);
   return {grad_input, grad_weight, grad_bias};

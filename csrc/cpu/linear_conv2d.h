@@ -1,10 +1,11 @@
 #pragma once
-// The "linear" CPU algorithm: a convolution that is a matrix product, a 1x1 kernel on 1x1 images
-// without padding and with one group (what fusedtie.tied_linear runs, on (N, C, 1, 1) views), for
-// tied_conv2d and tied_conv_transpose2d alike. With at most kSkinnyMaxRows rows in the batch, the
-// fused skinny GEMMs (skinny_gemm_impl.h) read W once per pass with f (and f') applied in
-// registers, which is the memory-traffic floor of the product; with more, f(W) goes into the
-// reused scratch buffer and BLAS (at::addmm, the call nn.Linear makes) does the product.
+// The "linear" CPU algorithm: fused skinny GEMMs for a convolution that is a matrix product
+// (matrix_product.h: a 1x1 kernel on 1x1 images, what fusedtie.tied_linear runs on (N, C, 1, 1)
+// views) with at most kSkinnyMaxRows rows, for tied_conv2d and tied_conv_transpose2d alike. They
+// apply f to each vector of W as they load it and f' to each vector of dW as they write it
+// (skinny_gemm_impl.h), so W is read once per pass, which is the product's memory-traffic floor,
+// and f(W) never exists; the input and weight gradients share one pass. With more rows the library
+// path runs, which computes a matrix product as f(W) and BLAS (at::addmm, the call nn.Linear makes).
 #include <ATen/ATen.h>
 
 #include <array>
@@ -16,8 +17,8 @@
 
 namespace fusedtie {
 
-// Whether the linear algorithm runs this call: float32/float64, groups 1, 1x1 kernel and input,
-// no padding (no output padding), nothing empty, NCHW (so the (N, C) matrices are views).
+// Whether the linear algorithm runs this call: a matrix product, float32/float64, at most
+// kSkinnyMaxRows rows, a built-in transform (user transforms have no vector functor).
 bool linear_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p);
 bool linear_applies(const at::Tensor& input, const at::Tensor& weight, const TiedConvTranspose2dParams& p);
 
