@@ -380,13 +380,19 @@ def run_tied_linear(
             f"expected input with {features_in} features in its last dimension {side} for weight of size "
             f"{list(weight.shape)}, got input of size {list(input.shape)}"
         )
-    rows = input.reshape(math.prod(input.shape[:-1]), features_in)[:, :, None, None]
-    source = weight[:, :, None, None]
-    if transpose:
-        output = run_tied_conv_transpose2d(rows, source, bias, args)
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+    # One view op per tensor (each is a node in the autograd graph), and the operator called as
+    # run_tied_conv2d calls it, its rank checks skipped: these views are 4-D by construction.
+    lead = input.shape[:-1]
+    rows = input.reshape(math.prod(lead), features_in, 1, 1)
+    source = weight.reshape(weight.shape[0], weight.shape[1], 1, 1)
+    if torch.compiler.is_compiling() or _has_torch_function((rows, source, bias)):
+        op = _tied_conv_transpose2d_op if transpose else _tied_conv2d_op
     else:
-        output = run_tied_conv2d(rows, source, bias, args)
-    return output.reshape(*input.shape[:-1], output.shape[1])
+        op = _tied_conv_transpose2d_eager if transpose else _tied_conv2d_eager
+    output = op(rows, source, bias, *args)
+    return output.reshape(*lead, output.shape[1])
 
 
 def run_tied_conv_transpose2d(
