@@ -28,10 +28,11 @@ def use_cpu_conv_algorithm(name: str) -> Iterator[None]:
     in_channels, float32/float64, contiguous NCHW); ``"brgemm"`` is im2col and oneDNN's brgemm
     micro-kernel with f applied to each weight tile as it is packed and f' to each weight-gradient
     tile as it is written (``csrc/cpu/brgemm_conv2d.cpp``), where it applies (groups 1, float32,
-    contiguous NCHW, batch 1 or outputs under 32x32); ``"linear"`` is a convolution that is a matrix
-    product (a 1x1 kernel on 1x1 images, no padding, groups 1: ``tied_linear``'s calls; float32/float64,
-    contiguous NCHW): fused skinny GEMMs up to 8 rows, f(W) and BLAS above (``csrc/cpu/linear_conv2d.cpp``;
-    ``tied_conv_transpose2d`` runs it too). Where the forced one does not apply, the library
+    contiguous NCHW, batch 1 or outputs under 32x32); ``"linear"`` is fused skinny GEMMs for a
+    convolution that is a matrix product (a 1x1 kernel on 1x1 images, no padding, groups 1:
+    ``tied_linear``'s calls) with up to 8 rows (float32/float64, contiguous NCHW, built-in transforms;
+    ``csrc/cpu/linear_conv2d.cpp``; ``tied_conv_transpose2d`` runs it too), and the library computes
+    a larger matrix product as f(W) and BLAS. Where the forced one does not apply, the library
     runs. All compute the same convolution; this is a knob for benchmarks and tests. See
     docs/cpu-algorithms.md.
 

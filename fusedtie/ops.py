@@ -257,8 +257,9 @@ def tied_linear(
     transposed, ``tied_conv_transpose2d``) on those views, with its fake kernels, autograd, compile
     and autocast support. On the CPU the "linear" algorithm runs it: up to 8 rows (the product of
     the leading dimensions), fused skinny GEMMs that apply f to W as they read it and f' to dW as
-    they write it, so W is read once per pass and f(W) never exists; above, f(W) in a reused
-    scratch buffer and BLAS, as ``nn.Linear`` calls it. On CUDA the 2-d operator's 1x1 path runs.
+    they write it, so W is read once per pass and f(W) never exists; above, the library path: f(W)
+    in a reused scratch buffer and BLAS, as ``nn.Linear`` calls it. On CUDA the 2-d operators'
+    fused kernels where the dispatch picks them, else f(W) by a CUDA kernel and cuBLAS.
 
     Args:
         input: ``(*, in_features)``; any number of leading dimensions, none included.
