@@ -8,6 +8,7 @@
 // for f(W) and the chain rule (TensorPasses, conv_params.h).
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <tuple>
@@ -19,22 +20,25 @@
 namespace fusedtie {
 
 // The input as at::convolution sees it: padded explicitly only by the part of an asymmetric padding
-// that at::convolution's symmetric padding cannot express.
-inline at::Tensor pad_asymmetric_remainder(const at::Tensor& input, const TiedConv2dParams& p) {
+// that at::convolution's symmetric padding cannot express. Params: TiedConv2dParams or
+// TiedConv3dParams (conv_params.h).
+template <typename Params>
+at::Tensor pad_asymmetric_remainder(const at::Tensor& input, const Params& p) {
   if (p.symmetric_padding()) return input;
   const auto extra = p.asymmetric_remainder();
-  return at::constant_pad_nd(input, {extra[0], extra[1], extra[2], extra[3]}, 0);
+  return at::constant_pad_nd(input, extra, 0);
 }
 
 // The gradient of the explicitly padded input, cropped to the input and laid out in the input's
 // suggested memory format (the rule the fake kernel states for every gradient).
-inline at::Tensor crop_input_gradient(at::Tensor grad_input, const at::Tensor& input, const TiedConv2dParams& p) {
+template <typename Params>
+at::Tensor crop_input_gradient(at::Tensor grad_input, const at::Tensor& input, const Params& p) {
+  constexpr size_t N = Params::kRank;
   if (!p.symmetric_padding()) {
-    const auto extra = p.asymmetric_remainder();
+    const auto extra = p.asymmetric_remainder();  // the last dimension first
+    for (size_t d = 0; d < N; ++d) grad_input = grad_input.narrow(2 + d, extra[2 * (N - 1 - d)], input.size(2 + d));
     // A fresh tensor, not a view into the padded gradient (an empty view would keep its offset).
-    grad_input = grad_input.narrow(2, extra[2], input.size(2))
-                     .narrow(3, extra[0], input.size(3))
-                     .clone(input.suggest_memory_format());
+    grad_input = grad_input.clone(input.suggest_memory_format());
   }
   return grad_input.contiguous(input.suggest_memory_format());
 }
@@ -83,19 +87,21 @@ inline int64_t kernel_extent(const at::Tensor& weight, int d, int64_t dilation) 
 
 inline bool takes_windows(int64_t stride, int64_t extent) { return stride >= kLargeStride && stride > extent; }
 
-// tied_conv2d's call of at::convolution: stride, padding and dilation as ATen gets them, and the
-// input (asymmetric remainder padded, windows gathered) it reads.
-struct LibraryConv2dCall {
-  std::array<int64_t, 2> stride, padding, dilation;  // at::convolution's
-  std::array<bool, 2> windowed{false, false};
+// tied_conv2d's (tied_conv3d's) call of at::convolution: stride, padding and dilation as ATen gets
+// them, and the input (asymmetric remainder padded, windows gathered) it reads.
+template <typename Params>
+struct LibraryConvCall {
+  static constexpr size_t N = Params::kRank;
+  std::array<int64_t, N> stride, padding, dilation;  // at::convolution's
+  std::array<bool, N> windowed{};
   // Per windowed dimension: the window's extent and step (the operator's stride), their count (the
   // output positions), and the input's size once padded.
-  std::array<int64_t, 2> extent{1, 1}, step{1, 1}, positions{1, 1}, padded_size{0, 0};
+  std::array<int64_t, N> extent = filled<N>(1), step = filled<N>(1), positions = filled<N>(1), padded_size{};
 
-  LibraryConv2dCall(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p)
+  LibraryConvCall(const at::Tensor& input, const at::Tensor& weight, const Params& p)
       : stride(p.library_stride(input, weight)), padding(p.symmetric_part()), dilation(p.dilation) {
     const auto out = p.output_size(input, weight);
-    for (int d = 0; d < 2; ++d) {
+    for (size_t d = 0; d < N; ++d) {
       // One tap: the dilation means nothing. oneDNN's brg_conv_fwd (torch 2.13) writes through a null
       // pointer on a channels_last input with dilation 2 along a 1-wide kernel whose every output
       // column reads padding (tests/test_fuzz.py, channels-last-padding-only-columns-crash).
@@ -111,13 +117,15 @@ struct LibraryConv2dCall {
     }
   }
 
+  bool any_windowed() const { return std::find(windowed.begin(), windowed.end(), true) != windowed.end(); }
+
   // The input at::convolution reads: the asymmetric remainder padded and, along a windowed
   // dimension, the symmetric padding too and the windows gathered.
-  at::Tensor prepare(const at::Tensor& input, const TiedConv2dParams& p) const {
+  at::Tensor prepare(const at::Tensor& input, const Params& p) const {
     at::Tensor x = pad_asymmetric_remainder(input, p);
-    if (!windowed[0] && !windowed[1]) return x;
+    if (!any_windowed()) return x;
     const auto sym = p.symmetric_part();
-    for (int d = 0; d < 2; ++d) {
+    for (size_t d = 0; d < N; ++d) {
       if (windowed[d]) x = gather_windows(x, 2 + d, sym[d], extent[d], step[d], positions[d]);
     }
     return x.contiguous(input.suggest_memory_format());
@@ -125,9 +133,9 @@ struct LibraryConv2dCall {
 
   // The gradient of prepare's result, back on the input prepare padded by the asymmetric remainder
   // (crop_input_gradient removes that).
-  at::Tensor restore(at::Tensor grad, const TiedConv2dParams& p) const {
+  at::Tensor restore(at::Tensor grad, const Params& p) const {
     const auto sym = p.symmetric_part();
-    for (int d = 0; d < 2; ++d) {
+    for (size_t d = 0; d < N; ++d) {
       if (windowed[d]) grad = scatter_windows(grad, 2 + d, padded_size[d], sym[d], extent[d], step[d], positions[d]);
     }
     return grad;
@@ -146,24 +154,25 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward_with_
                                   dilation, transposed, output_padding, groups, output_mask);
 }
 
-inline at::Tensor library_conv2d_forward(const at::Tensor& input, const at::Tensor& derived_weight,
-                                         const std::optional<at::Tensor>& derived_bias, const TiedConv2dParams& p) {
-  const LibraryConv2dCall call(input, derived_weight, p);
+// The convolution of tied_conv2d's and tied_conv3d's library algorithm, on tensors already derived.
+template <typename Params>
+at::Tensor library_conv_forward(const at::Tensor& input, const at::Tensor& derived_weight,
+                                const std::optional<at::Tensor>& derived_bias, const Params& p) {
+  const LibraryConvCall<Params> call(input, derived_weight, p);
   return at::convolution(call.prepare(input, p), derived_weight, derived_bias, call.stride, call.padding, call.dilation,
-                         /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups);
+                         /*transposed=*/false, /*output_padding=*/filled<Params::kRank>(0), p.groups);
 }
 
 // (grad_input cropped to the input, dL/d f(W), dL/d g(b)); undefined where output_mask is false.
 // `weight` is read only for the input gradient; the weight gradient needs its shape alone.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> library_conv2d_backward(const at::Tensor& grad_output,
-                                                                              const at::Tensor& input,
-                                                                              const at::Tensor& weight,
-                                                                              const TiedConv2dParams& p,
-                                                                              std::array<bool, 3> output_mask) {
-  const LibraryConv2dCall call(input, weight, p);
+template <typename Params>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> library_conv_backward(const at::Tensor& grad_output,
+                                                                     const at::Tensor& input, const at::Tensor& weight,
+                                                                     const Params& p, std::array<bool, 3> output_mask) {
+  const LibraryConvCall<Params> call(input, weight, p);
   auto [grad_input, grad_weight, grad_bias] = convolution_backward_with_bias_channels(
       grad_output, call.prepare(input, p), weight, /*bias_channels=*/weight.size(0), call.stride, call.padding,
-      call.dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups, output_mask);
+      call.dilation, /*transposed=*/false, /*output_padding=*/filled<Params::kRank>(0), p.groups, output_mask);
   if (output_mask[0]) grad_input = crop_input_gradient(call.restore(grad_input, p), input, p);
   return {grad_input, grad_weight, grad_bias};
 }
