@@ -2,7 +2,8 @@
 // The convolution on the derived weight through ATen (at::convolution and
 // at::convolution_backward: oneDNN on the CPU, cuDNN on CUDA), shared by every backend's "library"
 // algorithm: at::convolution pads symmetrically, so an asymmetric padding (padding="same" with even
-// kernels) is padded explicitly by its remainder, and the input gradient cropped back. The
+// kernels) is padded explicitly by its remainder, and the input gradient cropped back; the same code
+// serves tied_conv2d and tied_conv3d (whose CPU and CUDA kernels run only this path). The
 // transposed convolution (tied_conv_transpose2d) has only symmetric padding; it takes this path on
 // the CPU always and on CUDA when the fused kernels do not run, with the backend's elementwise passes
 // for f(W) and the chain rule (TensorPasses, conv_params.h).
@@ -16,6 +17,7 @@
 
 #include "conv_params.h"
 #include "conv_transpose_params.h"
+#include "fusedtie.h"
 
 namespace fusedtie {
 
@@ -269,6 +271,38 @@ tied_conv_transpose2d_backward_library(const at::Tensor& grad_output, const at::
   if (output_mask[2]) {
     grad_bias_out = call.any_windowed() ? grad_output.sum({0, 2, 3}) : grad_bias.contiguous();
   }
+  return {grad_input_out, grad_weight_out, grad_bias_out};
+}
+
+// --- tied_conv3d -------------------------------------------------------------------------------
+//
+// Both backends run this body, each with its elementwise passes (TensorPasses: csrc/cpu's
+// kCpuPasses, csrc/cuda's kCudaPasses): f(W) in one pass, at::convolution (oneDNN on the CPU, cuDNN
+// on CUDA), and the chain rule f'(W) * dL/df(W) in place on the weight gradient. The backends
+// derive g(b) themselves (the CPU's f(W) lives in a scratch buffer that a second pass would reuse).
+
+inline at::Tensor tied_conv3d_library(const at::Tensor& input, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& derived_bias, const TiedConv3dParams& p,
+                                      const TensorPasses& passes) {
+  return library_conv_forward(input, derived_for_conv(weight, p.weight_transform, passes), derived_bias, p);
+}
+
+// (dL/dx, dL/dW_src, dL/db_src) for the entries of output_mask that are true, None elsewhere; each
+// laid out in its tensor's suggested memory format (the fake kernel's rule).
+inline OptionalGradients tied_conv3d_backward_library(const at::Tensor& grad_output, const at::Tensor& input,
+                                                      const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                      const TiedConv3dParams& p, std::array<bool, 3> output_mask,
+                                                      const TensorPasses& passes) {
+  // f(W) is recomputed rather than saved, and only for the input gradient: the weight gradient
+  // reads W's shape alone, so the source weight stands in when the input gradient is not wanted.
+  const at::Tensor weight_for_conv = output_mask[0] ? derived_for_conv(weight, p.weight_transform, passes) : weight;
+  auto [grad_input, grad_weight, grad_bias] =
+      library_conv_backward(grad_output, input, weight_for_conv, p, output_mask);
+  std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
+  if (output_mask[0]) grad_input_out = grad_input;
+  // Both gradients are fresh tensors of convolution_backward's, so the chain rule runs in place.
+  if (output_mask[1]) grad_weight_out = gradient_through_transform(grad_weight, weight, p.weight_transform, passes);
+  if (output_mask[2]) grad_bias_out = gradient_through_transform(grad_bias, *bias, p.bias_transform, passes);
   return {grad_input_out, grad_weight_out, grad_bias_out};
 }
 
