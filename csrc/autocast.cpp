@@ -1,6 +1,6 @@
-// Autocast for fusedtie::tied_conv2d and fusedtie::tied_conv_transpose2d, registered under the
-// AutocastCPU and AutocastCUDA keys. Both follow the design below for the source weight; the
-// transposed op's bias is its own parameter and is cast as it is.
+// Autocast for fusedtie::tied_conv2d, fusedtie::tied_conv3d and fusedtie::tied_conv_transpose2d,
+// registered under the AutocastCPU and AutocastCUDA keys. All follow the design below for the source
+// weight; the transposed op's bias is its own parameter and is cast as it is.
 //
 // Under torch.autocast the built-in convolution is a "lower precision" op: every eligible floating
 // argument (on the autocast device, not float64) is cast to the autocast dtype, leaf weights through
@@ -86,21 +86,21 @@ struct AutocastRegion {
   }
 };
 
-template <c10::DeviceType device_type>
-at::Tensor tied_conv2d_autocast(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
-                                c10::string_view transform, double alpha, c10::string_view bias_transform,
-                                double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
-                                at::IntArrayRef dilation, int64_t groups) {
+// tied_conv2d's and tied_conv3d's (`op`: ops::tied_conv2d or ops::tied_conv3d, one signature).
+template <c10::DeviceType device_type, auto& op>
+at::Tensor tied_conv_autocast(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
+                              c10::string_view transform, double alpha, c10::string_view bias_transform,
+                              double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t groups) {
   const AutocastRegion<device_type> region;
   const at::Tensor x = region.cast(input);
   const Operand w = region.operand(weight, transform, alpha);
   if (!bias.has_value()) {
-    return ops::tied_conv2d(x, w.tensor, std::nullopt, w.transform, w.alpha, bias_transform, bias_alpha, stride,
-                            padding, dilation, groups);
+    return op(x, w.tensor, std::nullopt, w.transform, w.alpha, bias_transform, bias_alpha, stride, padding, dilation,
+              groups);
   }
   const Operand b = region.operand(*bias, bias_transform, bias_alpha);
-  return ops::tied_conv2d(x, w.tensor, b.tensor, w.transform, w.alpha, b.transform, b.alpha, stride, padding, dilation,
-                          groups);
+  return op(x, w.tensor, b.tensor, w.transform, w.alpha, b.transform, b.alpha, stride, padding, dilation, groups);
 }
 
 // The transposed op's bias is the decoder's own parameter (no transform): it is cast like the
@@ -121,13 +121,15 @@ at::Tensor tied_conv_transpose2d_autocast(const at::Tensor& input, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtie, AutocastCPU, m) {
-  register_kernel<ops::tied_conv2d>(m, "tied_conv2d", &tied_conv2d_autocast<c10::DeviceType::CPU>);
+  register_kernel<ops::tied_conv2d>(m, "tied_conv2d", &tied_conv_autocast<c10::DeviceType::CPU, ops::tied_conv2d>);
+  register_kernel<ops::tied_conv3d>(m, "tied_conv3d", &tied_conv_autocast<c10::DeviceType::CPU, ops::tied_conv3d>);
   register_kernel<ops::tied_conv_transpose2d>(m, "tied_conv_transpose2d",
                                               &tied_conv_transpose2d_autocast<c10::DeviceType::CPU>);
 }
 
 TORCH_LIBRARY_IMPL(fusedtie, AutocastCUDA, m) {
-  register_kernel<ops::tied_conv2d>(m, "tied_conv2d", &tied_conv2d_autocast<c10::DeviceType::CUDA>);
+  register_kernel<ops::tied_conv2d>(m, "tied_conv2d", &tied_conv_autocast<c10::DeviceType::CUDA, ops::tied_conv2d>);
+  register_kernel<ops::tied_conv3d>(m, "tied_conv3d", &tied_conv_autocast<c10::DeviceType::CUDA, ops::tied_conv3d>);
   register_kernel<ops::tied_conv_transpose2d>(m, "tied_conv_transpose2d",
                                               &tied_conv_transpose2d_autocast<c10::DeviceType::CUDA>);
 }

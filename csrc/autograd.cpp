@@ -1,5 +1,6 @@
 // Autograd for the fusedtie operators, registered under the Autograd key for every backend: one
-// pair of autograd functions for both convolution operators (tied_conv2d, tied_conv_transpose2d).
+// pair of autograd functions for every convolution operator (tied_conv2d, tied_conv3d,
+// tied_conv_transpose2d).
 //
 // It lives in C++ rather than in Python (torch.library.register_autograd) because the Python
 // wrapper's per-call cost is a visible share of a small convolution (figures in docs/design.md,
@@ -28,10 +29,15 @@ using torch::autograd::variable_list;
 // one value, with the two operator calls they complete. Each provides save/load (the autograd
 // context), forward(input, weight, bias), backward(grad_output, input, weight, bias, output_mask),
 // kOpName and kUnfusedRecipe (named in the double-backward error); the autograd functions below
-// are written once for both operators.
-struct Conv2dArgs {
-  static constexpr const char* kOpName = "fusedtie::tied_conv2d";
-  static constexpr const char* kUnfusedRecipe = "F.conv2d(x, f(w))";
+// are written once for every operator.
+// tied_conv2d's (kRank 2) and tied_conv3d's (kRank 3): the same arguments, one rank apart.
+template <int kRank>
+struct ConvArgs {
+  static_assert(kRank == 2 || kRank == 3);
+  static constexpr const char* kOpName = kRank == 2 ? "fusedtie::tied_conv2d" : "fusedtie::tied_conv3d";
+  static constexpr const char* kUnfusedRecipe = kRank == 2 ? "F.conv2d(x, f(w))" : "F.conv3d(x, f(w))";
+  static constexpr auto& kForward = kRank == 2 ? ops::tied_conv2d : ops::tied_conv3d;
+  static constexpr auto& kBackward = kRank == 2 ? ops::_tied_conv2d_backward : ops::_tied_conv3d_backward;
   std::string transform;
   double alpha;
   std::string bias_transform;
@@ -49,20 +55,20 @@ struct Conv2dArgs {
     ctx->saved_data["dilation"] = dilation;
     ctx->saved_data["groups"] = groups;
   }
-  static Conv2dArgs load(AutogradContext* ctx) {
+  static ConvArgs load(AutogradContext* ctx) {
     auto& d = ctx->saved_data;
     return {d["transform"].toStringRef(), d["alpha"].toDouble(),     d["bias_transform"].toStringRef(),
             d["bias_alpha"].toDouble(),   d["stride"].toIntVector(), d["padding"].toIntVector(),
             d["dilation"].toIntVector(),  d["groups"].toInt()};
   }
   at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias) const {
-    return ops::tied_conv2d(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding,
-                            dilation, groups);
+    return kForward(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding, dilation,
+                    groups);
   }
   OptionalGradients backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                              const OptionalTensor& bias, std::array<bool, 3> output_mask) const {
-    return ops::_tied_conv2d_backward(grad_output, input, weight, bias, transform, alpha, bias_transform, bias_alpha,
-                                      stride, padding, dilation, groups, output_mask);
+    return kBackward(grad_output, input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding,
+                     dilation, groups, output_mask);
   }
 };
 
@@ -231,8 +237,9 @@ class TransformBackwardFunction : public torch::autograd::Function<TransformBack
   static variable_list backward(AutogradContext*, variable_list) { refuse_double_backward("fusedtie::transform"); }
 };
 
-Conv2dArgs conv2d_args(c10::string_view transform, double alpha, c10::string_view bias_transform, double bias_alpha,
-                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+template <int kRank>
+ConvArgs<kRank> conv_args(c10::string_view transform, double alpha, c10::string_view bias_transform, double bias_alpha,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   return {std::string(transform), alpha, std::string(bias_transform), bias_alpha, stride.vec(), padding.vec(),
           dilation.vec(),         groups};
 }
@@ -243,25 +250,28 @@ ConvTranspose2dArgs conv_transpose2d_args(c10::string_view transform, double alp
   return {std::string(transform), alpha, stride.vec(), padding.vec(), output_padding.vec(), dilation.vec(), groups};
 }
 
-at::Tensor tied_conv2d_autograd(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
-                                c10::string_view transform, double alpha, c10::string_view bias_transform,
-                                double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
-                                at::IntArrayRef dilation, int64_t groups) {
+// tied_conv2d's (kRank 2) and tied_conv3d's (kRank 3) Autograd kernels.
+template <int kRank>
+at::Tensor tied_conv_nd_autograd(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
+                                 c10::string_view transform, double alpha, c10::string_view bias_transform,
+                                 double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t groups) {
   return tied_conv_autograd(
       input, weight, bias,
-      conv2d_args(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups));
+      conv_args<kRank>(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups));
 }
 
-OptionalGradients tied_conv2d_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,
-                                                const at::Tensor& weight, const OptionalTensor& bias,
-                                                c10::string_view transform, double alpha,
-                                                c10::string_view bias_transform, double bias_alpha,
-                                                at::IntArrayRef stride, at::IntArrayRef padding,
-                                                at::IntArrayRef dilation, int64_t groups,
-                                                std::array<bool, 3> output_mask) {
+template <int kRank>
+OptionalGradients tied_conv_nd_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,
+                                                 const at::Tensor& weight, const OptionalTensor& bias,
+                                                 c10::string_view transform, double alpha,
+                                                 c10::string_view bias_transform, double bias_alpha,
+                                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 at::IntArrayRef dilation, int64_t groups,
+                                                 std::array<bool, 3> output_mask) {
   return tied_conv_backward_autograd(
       grad_output, input, weight, bias,
-      conv2d_args(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups), output_mask);
+      conv_args<kRank>(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups), output_mask);
 }
 
 at::Tensor tied_conv_transpose2d_autograd(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
@@ -299,8 +309,10 @@ at::Tensor transform_backward_autograd(const at::Tensor& grad, const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedtie, Autograd, m) {
-  register_kernel<ops::tied_conv2d>(m, "tied_conv2d", &tied_conv2d_autograd);
-  register_kernel<ops::_tied_conv2d_backward>(m, "_tied_conv2d_backward", &tied_conv2d_backward_autograd);
+  register_kernel<ops::tied_conv2d>(m, "tied_conv2d", &tied_conv_nd_autograd<2>);
+  register_kernel<ops::_tied_conv2d_backward>(m, "_tied_conv2d_backward", &tied_conv_nd_backward_autograd<2>);
+  register_kernel<ops::tied_conv3d>(m, "tied_conv3d", &tied_conv_nd_autograd<3>);
+  register_kernel<ops::_tied_conv3d_backward>(m, "_tied_conv3d_backward", &tied_conv_nd_backward_autograd<3>);
   register_kernel<ops::tied_conv_transpose2d>(m, "tied_conv_transpose2d", &tied_conv_transpose2d_autograd);
   register_kernel<ops::_tied_conv_transpose2d_backward>(m, "_tied_conv_transpose2d_backward",
                                                         &tied_conv_transpose2d_backward_autograd);

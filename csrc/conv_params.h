@@ -59,8 +59,13 @@ inline void check_transform_backward(const at::Tensor& grad, const at::Tensor& s
 // Every convolution operator: a kernel with no taps has no meaning (F.conv2d answers with an
 // IndexError from inside its kernel).
 inline void check_kernel_not_empty(const at::Tensor& weight) {
-  TORCH_CHECK_VALUE(weight.size(2) > 0 && weight.size(3) > 0,
-                    "expected a kernel of at least 1 x 1, got weight of size ", weight.sizes());
+  bool empty = false;
+  std::string least = "1";
+  for (int64_t d = 2; d < weight.dim(); ++d) {
+    empty = empty || weight.size(d) == 0;
+    if (d > 2) least += " x 1";
+  }
+  TORCH_CHECK_VALUE(!empty, "expected a kernel of at least ", least, ", got weight of size ", weight.sizes());
 }
 
 // The backward's own arguments, for every convolution operator: grad_output shaped, typed and
@@ -99,32 +104,52 @@ inline at::Tensor gradient_through_transform(const at::Tensor& grad, const at::T
       .contiguous(source.suggest_memory_format());
 }
 
-// Geometry and transforms of one tied_conv2d call. padding is (top, bottom, left, right), so the
-// asymmetric padding of padding="same" with even kernels is expressible.
-struct TiedConv2dParams {
+// The sizes joined by " x ", as F.conv2d's and F.conv3d's messages write them.
+template <typename Sizes>
+std::string joined_sizes(const Sizes& sizes) {
+  std::ostringstream out;
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? " x " : "") << sizes[i];
+  return out.str();
+}
+
+template <size_t N>
+constexpr std::array<int64_t, N> filled(int64_t value) {
+  std::array<int64_t, N> a{};
+  a.fill(value);
+  return a;
+}
+
+// Geometry and transforms of one convolution call of spatial rank N: tied_conv2d's
+// (TiedConv2dParams) or tied_conv3d's (TiedConv3dParams), each naming its operator and layouts for
+// the messages (Self::kOp, kInputLayout, kWeightLayout, kPaddingOrder). padding is (before, after)
+// per spatial dimension, outermost first, so the asymmetric padding of padding="same" with even
+// kernels is expressible.
+template <size_t N, typename Self>
+struct TiedConvParams {
+  static constexpr size_t kRank = N;
   TransformSpec weight_transform;
   TransformSpec bias_transform;
-  std::array<int64_t, 2> stride{1, 1};
-  std::array<int64_t, 4> padding{0, 0, 0, 0};
-  std::array<int64_t, 2> dilation{1, 1};
+  std::array<int64_t, N> stride = filled<N>(1);
+  std::array<int64_t, 2 * N> padding = filled<2 * N>(0);
+  std::array<int64_t, N> dilation = filled<N>(1);
   int64_t groups = 1;
 
-  static TiedConv2dParams from_schema(c10::string_view transform, double alpha, c10::string_view bias_transform,
-                                      double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
-                                      at::IntArrayRef dilation, int64_t groups) {
-    TiedConv2dParams p;
+  static Self from_schema(c10::string_view transform, double alpha, c10::string_view bias_transform, double bias_alpha,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    Self p;
     p.weight_transform = {parse_transform(transform), alpha};
     p.bias_transform = {parse_transform(bias_transform), bias_alpha};
-    TORCH_CHECK_VALUE(stride.size() == 2, "stride must have 2 elements, got ", stride);
-    TORCH_CHECK_VALUE(padding.size() == 4, "padding must have 4 elements (top, bottom, left, right), got ", padding);
-    TORCH_CHECK_VALUE(dilation.size() == 2, "dilation must have 2 elements, got ", dilation);
-    for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK_VALUE(stride.size() == N, "stride must have ", N, " elements, got ", stride);
+    TORCH_CHECK_VALUE(padding.size() == 2 * N, "padding must have ", 2 * N, " elements ", Self::kPaddingOrder, ", got ",
+                      padding);
+    TORCH_CHECK_VALUE(dilation.size() == N, "dilation must have ", N, " elements, got ", dilation);
+    for (size_t i = 0; i < N; ++i) {
       TORCH_CHECK_VALUE(stride[i] > 0, "stride must be positive, got ", stride);
       TORCH_CHECK_VALUE(dilation[i] > 0, "dilation must be positive, got ", dilation);
       p.stride[i] = stride[i];
       p.dilation[i] = dilation[i];
     }
-    for (int i = 0; i < 4; ++i) {
+    for (size_t i = 0; i < 2 * N; ++i) {
       TORCH_CHECK_VALUE(padding[i] >= 0, "negative padding is not supported, got ", padding);
       p.padding[i] = padding[i];
     }
@@ -133,27 +158,39 @@ struct TiedConv2dParams {
     return p;
   }
 
-  bool symmetric_padding() const { return padding[0] == padding[1] && padding[2] == padding[3]; }
-  // The padding at::convolution applies itself (the smaller side of each pair) ...
-  std::array<int64_t, 2> symmetric_part() const {
-    return {std::min(padding[0], padding[1]), std::min(padding[2], padding[3])};
+  bool symmetric_padding() const {
+    for (size_t d = 0; d < N; ++d) {
+      if (padding[2 * d] != padding[2 * d + 1]) return false;
+    }
+    return true;
   }
-  // ... and what is left to pad explicitly, in at::constant_pad_nd order (left, right, top, bottom).
-  std::array<int64_t, 4> asymmetric_remainder() const {
-    auto sym = symmetric_part();
-    return {padding[2] - sym[1], padding[3] - sym[1], padding[0] - sym[0], padding[1] - sym[0]};
+  // The padding at::convolution applies itself (the smaller side of each pair) ...
+  std::array<int64_t, N> symmetric_part() const {
+    std::array<int64_t, N> sym{};
+    for (size_t d = 0; d < N; ++d) sym[d] = std::min(padding[2 * d], padding[2 * d + 1]);
+    return sym;
+  }
+  // ... and what is left to pad explicitly, in at::constant_pad_nd order (the last dimension first:
+  // left, right, top, bottom[, front, back]).
+  std::array<int64_t, 2 * N> asymmetric_remainder() const {
+    const auto sym = symmetric_part();
+    std::array<int64_t, 2 * N> extra{};
+    for (size_t d = 0; d < N; ++d) {
+      extra[2 * (N - 1 - d)] = padding[2 * d] - sym[d];
+      extra[2 * (N - 1 - d) + 1] = padding[2 * d + 1] - sym[d];
+    }
+    return extra;
   }
 
   // Checks every tensor against the geometry; the messages name the problem and the values.
   void check(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) const {
-    TORCH_CHECK_VALUE(input.dim() == 4, "fusedtie::tied_conv2d expects a 4-D input (N, C, H, W), got ",
-                      "input of size ", input.sizes());
-    TORCH_CHECK_VALUE(weight.dim() == 4,
-                      "fusedtie::tied_conv2d expects a 4-D weight (out_channels, in_channels/groups, kH, "
-                      "kW), got weight of size ",
-                      weight.sizes());
+    constexpr int64_t dim = N + 2;
+    TORCH_CHECK_VALUE(input.dim() == dim, "fusedtie::", Self::kOp, " expects a ", dim, "-D input ", Self::kInputLayout,
+                      ", got input of size ", input.sizes());
+    TORCH_CHECK_VALUE(weight.dim() == dim, "fusedtie::", Self::kOp, " expects a ", dim, "-D weight ",
+                      Self::kWeightLayout, ", got weight of size ", weight.sizes());
     check_kernel_not_empty(weight);
-    check_supported_dtype(input.scalar_type(), "tied_conv2d");
+    check_supported_dtype(input.scalar_type(), Self::kOp);
     TORCH_CHECK_TYPE(input.scalar_type() == weight.scalar_type(),
                      "expected input and weight to have the same dtype, got input ", input.scalar_type(),
                      " and weight ", weight.scalar_type());
@@ -175,27 +212,28 @@ struct TiedConv2dParams {
       TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == out_channels, "expected bias of size [", out_channels,
                         "] (out_channels), got ", b.sizes());
     }
-    for (int d = 0; d < 2; ++d) {
+    std::array<int64_t, N> padded{}, extent{};
+    for (size_t d = 0; d < N; ++d) {
       // In 64 bits with overflow checks: a padding or dilation near 2^63 must be an error, not a
       // wrapped size that a kernel then indexes with.
-      int64_t padded = 0, extent = 0;
-      TORCH_CHECK(!c10::add_overflows(input.size(2 + d), padding[2 * d], &padded) &&
-                      !c10::add_overflows(padded, padding[2 * d + 1], &padded) &&
-                      !c10::mul_overflows(dilation[d], weight.size(2 + d) - 1, &extent),
-                  "fusedtie::tied_conv2d: the padded input or the dilated kernel overflows 64 bits (input ",
+      TORCH_CHECK(!c10::add_overflows(input.size(2 + d), padding[2 * d], &padded[d]) &&
+                      !c10::add_overflows(padded[d], padding[2 * d + 1], &padded[d]) &&
+                      !c10::mul_overflows(dilation[d], weight.size(2 + d) - 1, &extent[d]),
+                  "fusedtie::", Self::kOp, ": the padded input or the dilated kernel overflows 64 bits (input ",
                   input.sizes(), ", kernel ", weight.sizes().slice(2), ", padding ", at::IntArrayRef(padding),
                   ", dilation ", at::IntArrayRef(dilation), ")");
-      extent += 1;
-      TORCH_CHECK_VALUE(
-          padded >= extent, "Calculated padded input size per channel: (", input.size(2) + padding[0] + padding[1],
-          " x ", input.size(3) + padding[2] + padding[3], "). Kernel size: (", dilation[0] * (weight.size(2) - 1) + 1,
-          " x ", dilation[1] * (weight.size(3) - 1) + 1, "). Kernel size can't be greater than actual input size");
+      extent[d] += 1;
+    }
+    for (size_t d = 0; d < N; ++d) {
+      TORCH_CHECK_VALUE(padded[d] >= extent[d], "Calculated padded input size per channel: (", joined_sizes(padded),
+                        "). Kernel size: (", joined_sizes(extent),
+                        "). Kernel size can't be greater than actual input size");
     }
     // output_size's arithmetic cannot overflow past the checks above; its product can.
     const auto out_sizes = output_size(input, weight);
     int64_t out_numel = 1;
     for (const int64_t size : out_sizes) {
-      TORCH_CHECK(!c10::mul_overflows(out_numel, size, &out_numel), "fusedtie::tied_conv2d: the output of size ",
+      TORCH_CHECK(!c10::mul_overflows(out_numel, size, &out_numel), "fusedtie::", Self::kOp, ": the output of size ",
                   at::IntArrayRef(out_sizes), " has more elements than 64 bits can count");
     }
   }
@@ -203,9 +241,9 @@ struct TiedConv2dParams {
   // Where a dimension has a single output position, every stride at least as large as the padded
   // input gives the same convolution. The library gets the smallest such stride: ATen's kernels
   // index with the stride and crash on huge ones (torch 2.13: stride 32768 on an 8x8 input).
-  std::array<int64_t, 2> library_stride(const at::Tensor& input, const at::Tensor& weight) const {
-    std::array<int64_t, 2> s = stride;
-    for (int d = 0; d < 2; ++d) {
+  std::array<int64_t, N> library_stride(const at::Tensor& input, const at::Tensor& weight) const {
+    std::array<int64_t, N> s = stride;
+    for (size_t d = 0; d < N; ++d) {
       const int64_t span = input.size(2 + d) + padding[2 * d] + padding[2 * d + 1] -
                            dilation[d] * (weight.size(2 + d) - 1);  // >= 1 after check()
       s[d] = std::min(s[d], span);
@@ -220,14 +258,32 @@ struct TiedConv2dParams {
     check_grad_output(grad_output, input, output_size(input, weight), bias.has_value(), output_mask);
   }
 
-  std::array<int64_t, 4> output_size(const at::Tensor& input, const at::Tensor& weight) const {
-    std::array<int64_t, 4> out{input.size(0), weight.size(0), 0, 0};
-    for (int d = 0; d < 2; ++d) {
+  std::array<int64_t, N + 2> output_size(const at::Tensor& input, const at::Tensor& weight) const {
+    std::array<int64_t, N + 2> out{};
+    out[0] = input.size(0);
+    out[1] = weight.size(0);
+    for (size_t d = 0; d < N; ++d) {
       const int64_t padded = input.size(2 + d) + padding[2 * d] + padding[2 * d + 1];
       out[2 + d] = (padded - dilation[d] * (weight.size(2 + d) - 1) - 1) / stride[d] + 1;
     }
     return out;
   }
+};
+
+// tied_conv2d's: padding is (top, bottom, left, right).
+struct TiedConv2dParams : TiedConvParams<2, TiedConv2dParams> {
+  static constexpr const char* kOp = "tied_conv2d";
+  static constexpr const char* kInputLayout = "(N, C, H, W)";
+  static constexpr const char* kWeightLayout = "(out_channels, in_channels/groups, kH, kW)";
+  static constexpr const char* kPaddingOrder = "(top, bottom, left, right)";
+};
+
+// tied_conv3d's: padding is (front, back, top, bottom, left, right).
+struct TiedConv3dParams : TiedConvParams<3, TiedConv3dParams> {
+  static constexpr const char* kOp = "tied_conv3d";
+  static constexpr const char* kInputLayout = "(N, C, D, H, W)";
+  static constexpr const char* kWeightLayout = "(out_channels, in_channels/groups, kD, kH, kW)";
+  static constexpr const char* kPaddingOrder = "(front, back, top, bottom, left, right)";
 };
 
 }  // namespace fusedtie

@@ -43,6 +43,16 @@ OptionalGradients _tied_conv_transpose2d_backward(const at::Tensor& grad_output,
                                                   at::IntArrayRef dilation, int64_t groups,
                                                   std::array<bool, 3> output_mask);
 
+at::Tensor tied_conv3d(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
+                       c10::string_view transform, double alpha, c10::string_view bias_transform, double bias_alpha,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+OptionalGradients _tied_conv3d_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                        const at::Tensor& weight, const OptionalTensor& bias,
+                                        c10::string_view transform, double alpha, c10::string_view bias_transform,
+                                        double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
+                                        at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask);
+
 at::Tensor transform(const at::Tensor& source, c10::string_view transform, double alpha);
 
 at::Tensor _transform_backward(const at::Tensor& grad, const at::Tensor& source, c10::string_view transform,

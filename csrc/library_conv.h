@@ -2,13 +2,15 @@
 // The convolution on the derived weight through ATen (at::convolution and
 // at::convolution_backward: oneDNN on the CPU, cuDNN on CUDA), shared by every backend's "library"
 // algorithm: at::convolution pads symmetrically, so an asymmetric padding (padding="same" with even
-// kernels) is padded explicitly by its remainder, and the input gradient cropped back. The
+// kernels) is padded explicitly by its remainder, and the input gradient cropped back; the same code
+// serves tied_conv2d and tied_conv3d (whose CPU and CUDA kernels run only this path). The
 // transposed convolution (tied_conv_transpose2d) has only symmetric padding; it takes this path on
 // the CPU always and on CUDA when the fused kernels do not run, with the backend's elementwise passes
 // for f(W) and the chain rule (TensorPasses, conv_params.h). A convolution that is a matrix product
 // (fusedtie.tied_linear's) is computed by BLAS instead (matrix_product.h).
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <tuple>
@@ -17,26 +19,30 @@
 #include "conv_params.h"
 #include "conv_transpose_params.h"
 #include "matrix_product.h"
+#include "fusedtie.h"
 
 namespace fusedtie {
 
 // The input as at::convolution sees it: padded explicitly only by the part of an asymmetric padding
-// that at::convolution's symmetric padding cannot express.
-inline at::Tensor pad_asymmetric_remainder(const at::Tensor& input, const TiedConv2dParams& p) {
+// that at::convolution's symmetric padding cannot express. Params: TiedConv2dParams or
+// TiedConv3dParams (conv_params.h).
+template <typename Params>
+at::Tensor pad_asymmetric_remainder(const at::Tensor& input, const Params& p) {
   if (p.symmetric_padding()) return input;
   const auto extra = p.asymmetric_remainder();
-  return at::constant_pad_nd(input, {extra[0], extra[1], extra[2], extra[3]}, 0);
+  return at::constant_pad_nd(input, extra, 0);
 }
 
 // The gradient of the explicitly padded input, cropped to the input and laid out in the input's
 // suggested memory format (the rule the fake kernel states for every gradient).
-inline at::Tensor crop_input_gradient(at::Tensor grad_input, const at::Tensor& input, const TiedConv2dParams& p) {
+template <typename Params>
+at::Tensor crop_input_gradient(at::Tensor grad_input, const at::Tensor& input, const Params& p) {
+  constexpr size_t N = Params::kRank;
   if (!p.symmetric_padding()) {
-    const auto extra = p.asymmetric_remainder();
+    const auto extra = p.asymmetric_remainder();  // the last dimension first
+    for (size_t d = 0; d < N; ++d) grad_input = grad_input.narrow(2 + d, extra[2 * (N - 1 - d)], input.size(2 + d));
     // A fresh tensor, not a view into the padded gradient (an empty view would keep its offset).
-    grad_input = grad_input.narrow(2, extra[2], input.size(2))
-                     .narrow(3, extra[0], input.size(3))
-                     .clone(input.suggest_memory_format());
+    grad_input = grad_input.clone(input.suggest_memory_format());
   }
   return grad_input.contiguous(input.suggest_memory_format());
 }
@@ -85,19 +91,21 @@ inline int64_t kernel_extent(const at::Tensor& weight, int d, int64_t dilation) 
 
 inline bool takes_windows(int64_t stride, int64_t extent) { return stride >= kLargeStride && stride > extent; }
 
-// tied_conv2d's call of at::convolution: stride, padding and dilation as ATen gets them, and the
-// input (asymmetric remainder padded, windows gathered) it reads.
-struct LibraryConv2dCall {
-  std::array<int64_t, 2> stride, padding, dilation;  // at::convolution's
-  std::array<bool, 2> windowed{false, false};
+// tied_conv2d's (tied_conv3d's) call of at::convolution: stride, padding and dilation as ATen gets
+// them, and the input (asymmetric remainder padded, windows gathered) it reads.
+template <typename Params>
+struct LibraryConvCall {
+  static constexpr size_t N = Params::kRank;
+  std::array<int64_t, N> stride, padding, dilation;  // at::convolution's
+  std::array<bool, N> windowed{};
   // Per windowed dimension: the window's extent and step (the operator's stride), their count (the
   // output positions), and the input's size once padded.
-  std::array<int64_t, 2> extent{1, 1}, step{1, 1}, positions{1, 1}, padded_size{0, 0};
+  std::array<int64_t, N> extent = filled<N>(1), step = filled<N>(1), positions = filled<N>(1), padded_size{};
 
-  LibraryConv2dCall(const at::Tensor& input, const at::Tensor& weight, const TiedConv2dParams& p)
+  LibraryConvCall(const at::Tensor& input, const at::Tensor& weight, const Params& p)
       : stride(p.library_stride(input, weight)), padding(p.symmetric_part()), dilation(p.dilation) {
     const auto out = p.output_size(input, weight);
-    for (int d = 0; d < 2; ++d) {
+    for (size_t d = 0; d < N; ++d) {
       // One tap: the dilation means nothing. oneDNN's brg_conv_fwd (torch 2.13) writes through a null
       // pointer on a channels_last input with dilation 2 along a 1-wide kernel whose every output
       // column reads padding (tests/test_fuzz.py, channels-last-padding-only-columns-crash).
@@ -113,13 +121,15 @@ struct LibraryConv2dCall {
     }
   }
 
+  bool any_windowed() const { return std::find(windowed.begin(), windowed.end(), true) != windowed.end(); }
+
   // The input at::convolution reads: the asymmetric remainder padded and, along a windowed
   // dimension, the symmetric padding too and the windows gathered.
-  at::Tensor prepare(const at::Tensor& input, const TiedConv2dParams& p) const {
+  at::Tensor prepare(const at::Tensor& input, const Params& p) const {
     at::Tensor x = pad_asymmetric_remainder(input, p);
-    if (!windowed[0] && !windowed[1]) return x;
+    if (!any_windowed()) return x;
     const auto sym = p.symmetric_part();
-    for (int d = 0; d < 2; ++d) {
+    for (size_t d = 0; d < N; ++d) {
       if (windowed[d]) x = gather_windows(x, 2 + d, sym[d], extent[d], step[d], positions[d]);
     }
     return x.contiguous(input.suggest_memory_format());
@@ -127,9 +137,9 @@ struct LibraryConv2dCall {
 
   // The gradient of prepare's result, back on the input prepare padded by the asymmetric remainder
   // (crop_input_gradient removes that).
-  at::Tensor restore(at::Tensor grad, const TiedConv2dParams& p) const {
+  at::Tensor restore(at::Tensor grad, const Params& p) const {
     const auto sym = p.symmetric_part();
-    for (int d = 0; d < 2; ++d) {
+    for (size_t d = 0; d < N; ++d) {
       if (windowed[d]) grad = scatter_windows(grad, 2 + d, padded_size[d], sym[d], extent[d], step[d], positions[d]);
     }
     return grad;
@@ -148,28 +158,35 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward_with_
                                   dilation, transposed, output_padding, groups, output_mask);
 }
 
-inline at::Tensor library_conv2d_forward(const at::Tensor& input, const at::Tensor& derived_weight,
-                                         const std::optional<at::Tensor>& derived_bias, const TiedConv2dParams& p) {
-  if (is_matrix_product(input, derived_weight, p))
-    return matrix_product::conv2d_forward(input, derived_weight, derived_bias);
-  const LibraryConv2dCall call(input, derived_weight, p);
+// The convolution of tied_conv2d's and tied_conv3d's library algorithm, on tensors already derived.
+template <typename Params>
+at::Tensor library_conv_forward(const at::Tensor& input, const at::Tensor& derived_weight,
+                                const std::optional<at::Tensor>& derived_bias, const Params& p) {
+  if constexpr (Params::kRank == 2) {
+    if (is_matrix_product(input, derived_weight, p)) {
+      return matrix_product::conv2d_forward(input, derived_weight, derived_bias);
+    }
+  }
+  const LibraryConvCall<Params> call(input, derived_weight, p);
   return at::convolution(call.prepare(input, p), derived_weight, derived_bias, call.stride, call.padding, call.dilation,
-                         /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups);
+                         /*transposed=*/false, /*output_padding=*/filled<Params::kRank>(0), p.groups);
 }
 
 // (grad_input cropped to the input, dL/d f(W), dL/d g(b)); undefined where output_mask is false.
 // `weight` is read only for the input gradient; the weight gradient needs its shape alone.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> library_conv2d_backward(const at::Tensor& grad_output,
-                                                                              const at::Tensor& input,
-                                                                              const at::Tensor& weight,
-                                                                              const TiedConv2dParams& p,
-                                                                              std::array<bool, 3> output_mask) {
-  if (is_matrix_product(input, weight, p))
-    return matrix_product::conv2d_backward(grad_output, input, weight, output_mask);
-  const LibraryConv2dCall call(input, weight, p);
+template <typename Params>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> library_conv_backward(const at::Tensor& grad_output,
+                                                                     const at::Tensor& input, const at::Tensor& weight,
+                                                                     const Params& p, std::array<bool, 3> output_mask) {
+  if constexpr (Params::kRank == 2) {
+    if (is_matrix_product(input, weight, p)) {
+      return matrix_product::conv2d_backward(grad_output, input, weight, output_mask);
+    }
+  }
+  const LibraryConvCall<Params> call(input, weight, p);
   auto [grad_input, grad_weight, grad_bias] = convolution_backward_with_bias_channels(
       grad_output, call.prepare(input, p), weight, /*bias_channels=*/weight.size(0), call.stride, call.padding,
-      call.dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups, output_mask);
+      call.dilation, /*transposed=*/false, /*output_padding=*/filled<Params::kRank>(0), p.groups, output_mask);
   if (output_mask[0]) grad_input = crop_input_gradient(call.restore(grad_input, p), input, p);
   return {grad_input, grad_weight, grad_bias};
 }
@@ -273,6 +290,38 @@ tied_conv_transpose2d_backward_library(const at::Tensor& grad_output, const at::
   if (output_mask[2]) {
     grad_bias_out = grad_bias.defined() ? grad_bias.contiguous() : grad_output.sum({0, 2, 3});
   }
+  return {grad_input_out, grad_weight_out, grad_bias_out};
+}
+
+// --- tied_conv3d -------------------------------------------------------------------------------
+//
+// Both backends run this body, each with its elementwise passes (TensorPasses: csrc/cpu's
+// kCpuPasses, csrc/cuda's kCudaPasses): f(W) in one pass, at::convolution (oneDNN on the CPU, cuDNN
+// on CUDA), and the chain rule f'(W) * dL/df(W) in place on the weight gradient. The backends
+// derive g(b) themselves (the CPU's f(W) lives in a scratch buffer that a second pass would reuse).
+
+inline at::Tensor tied_conv3d_library(const at::Tensor& input, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& derived_bias, const TiedConv3dParams& p,
+                                      const TensorPasses& passes) {
+  return library_conv_forward(input, derived_for_conv(weight, p.weight_transform, passes), derived_bias, p);
+}
+
+// (dL/dx, dL/dW_src, dL/db_src) for the entries of output_mask that are true, None elsewhere; each
+// laid out in its tensor's suggested memory format (the fake kernel's rule).
+inline OptionalGradients tied_conv3d_backward_library(const at::Tensor& grad_output, const at::Tensor& input,
+                                                      const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                      const TiedConv3dParams& p, std::array<bool, 3> output_mask,
+                                                      const TensorPasses& passes) {
+  // f(W) is recomputed rather than saved, and only for the input gradient: the weight gradient
+  // reads W's shape alone, so the source weight stands in when the input gradient is not wanted.
+  const at::Tensor weight_for_conv = output_mask[0] ? derived_for_conv(weight, p.weight_transform, passes) : weight;
+  auto [grad_input, grad_weight, grad_bias] =
+      library_conv_backward(grad_output, input, weight_for_conv, p, output_mask);
+  std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
+  if (output_mask[0]) grad_input_out = grad_input;
+  // Both gradients are fresh tensors of convolution_backward's, so the chain rule runs in place.
+  if (output_mask[1]) grad_weight_out = gradient_through_transform(grad_weight, weight, p.weight_transform, passes);
+  if (output_mask[2]) grad_bias_out = gradient_through_transform(grad_bias, *bias, p.bias_transform, passes);
   return {grad_input_out, grad_weight_out, grad_bias_out};
 }
 

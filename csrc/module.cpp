@@ -52,6 +52,16 @@ at::Tensor tied_conv_transpose2d_eager(const at::Tensor& input, const at::Tensor
                                               dilation, groups);
 }
 
+// fusedtie::tied_conv3d the same way (FusedTiedConv3d's eager calls).
+at::Tensor tied_conv3d_eager(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             c10::string_view transform, double alpha, c10::string_view bias_transform,
+                             double bias_alpha, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                             std::vector<int64_t> dilation, int64_t groups) {
+  pybind11::gil_scoped_release no_gil;
+  return fusedtie::ops::tied_conv3d(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding,
+                                    dilation, groups);
+}
+
 pybind11::dict blas_assessment_dict(const fusedtie::BlasAssessment& a) {
   pybind11::dict d;
   d["vendor"] = a.vendor;
@@ -82,6 +92,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fusedtie::tied_conv2d through the dispatcher with the GIL released (eager calls only)");
   m.def("tied_conv_transpose2d_eager", &tied_conv_transpose2d_eager,
         "fusedtie::tied_conv_transpose2d through the dispatcher with the GIL released (eager calls only)");
+  m.def("tied_conv3d_eager", &tied_conv3d_eager,
+        "fusedtie::tied_conv3d through the dispatcher with the GIL released (eager calls only)");
   m.def("set_cpu_conv_algorithm", &fusedtie::set_cpu_conv_algorithm, pybind11::arg("name"),
         "Set the CPU convolution algorithm (auto, library, gemm, depthwise); returns the previous one");
   m.def("cpu_conv_algorithm", &fusedtie::cpu_conv_algorithm, "The CPU convolution algorithm setting");

@@ -33,6 +33,17 @@ TORCH_LIBRARY(fusedtie, m) {
       "_tied_conv_transpose2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, "
       "str transform, float alpha, int[2] stride, int[2] padding, int[2] output_padding, int[2] dilation, "
       "int groups, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
+  // y = conv3d(input, f(weight), g(bias)): tied_conv2d one rank up. padding is (front, back, top,
+  // bottom, left, right).
+  m.def(
+      "tied_conv3d(Tensor input, Tensor weight, Tensor? bias, str transform, float alpha, "
+      "str bias_transform, float bias_alpha, int[3] stride, int[6] padding, int[3] dilation, "
+      "int groups) -> Tensor");
+  // tied_conv3d's gradients, as _tied_conv2d_backward's.
+  m.def(
+      "_tied_conv3d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, "
+      "str transform, float alpha, str bias_transform, float bias_alpha, int[3] stride, "
+      "int[6] padding, int[3] dilation, int groups, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
   // f(source) as a new tensor: the derived weight FusedTiedConv2d.weight reports, and to_conv2d().
   m.def("transform(Tensor source, str transform, float alpha) -> Tensor");
   // grad * f'(source): the fused chain-rule pass on its own.
@@ -84,6 +95,23 @@ OptionalGradients _tied_conv_transpose2d_backward(const at::Tensor& grad_output,
   static const auto op = handle<_tied_conv_transpose2d_backward>("fusedtie::_tied_conv_transpose2d_backward");
   return op.call(grad_output, input, weight, bias, transform, alpha, stride, padding, output_padding, dilation, groups,
                  output_mask);
+}
+
+at::Tensor tied_conv3d(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
+                       c10::string_view transform, double alpha, c10::string_view bias_transform, double bias_alpha,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  static const auto op = handle<tied_conv3d>("fusedtie::tied_conv3d");
+  return op.call(input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups);
+}
+
+OptionalGradients _tied_conv3d_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                        const at::Tensor& weight, const OptionalTensor& bias,
+                                        c10::string_view transform, double alpha, c10::string_view bias_transform,
+                                        double bias_alpha, at::IntArrayRef stride, at::IntArrayRef padding,
+                                        at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+  static const auto op = handle<_tied_conv3d_backward>("fusedtie::_tied_conv3d_backward");
+  return op.call(grad_output, input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding,
+                 dilation, groups, output_mask);
 }
 
 at::Tensor transform(const at::Tensor& source, c10::string_view transform, double alpha) {

@@ -12,13 +12,14 @@ from ._version import __version__ as __version__
 from .bake import bake
 from .cache import cached
 from .info import build_info, clear_cuda_autotune_cache, cpu_capability
-from .nn import FusedTiedConv1d, FusedTiedConv2d, FusedTiedConvTranspose2d, FusedTiedLinear
+from .nn import FusedTiedConv1d, FusedTiedConv2d, FusedTiedConv3d, FusedTiedConvTranspose2d, FusedTiedLinear
 from .ops import (
     apply_transform,
     cpu_conv_algorithm_for,
     cpu_info,
     tied_conv1d,
     tied_conv2d,
+    tied_conv3d,
     tied_conv_transpose2d,
     tied_linear,
     use_cpu_conv_algorithm,
@@ -40,6 +41,7 @@ Examples:
 __all__ = [
     "FusedTiedConv1d",
     "FusedTiedConv2d",
+    "FusedTiedConv3d",
     "FusedTiedConvTranspose2d",
     "FusedTiedLinear",
     "Transform",
@@ -55,6 +57,7 @@ __all__ = [
     "cuda_compiled",
     "tied_conv1d",
     "tied_conv2d",
+    "tied_conv3d",
     "tied_conv_transpose2d",
     "tie_",
     "tied_linear",

@@ -66,7 +66,7 @@ def check_padded_size(input, pad, layer: str, padding_mode: str) -> None:
 
 def check_kernel_not_empty(weight) -> None:
     """check_kernel_not_empty of csrc/conv_params.h (F.conv2d raises an IndexError from its kernel),
-    for a 4-D weight or tied_conv1d's 3-D one."""
+    for a 4-D or 5-D weight or tied_conv1d's 3-D one."""
     if 0 in weight.shape[2:]:
         least = " x ".join("1" * (weight.dim() - 2))
         raise ValueError(f"expected a kernel of at least {least}, got weight of size {list(weight.shape)}")
@@ -89,35 +89,65 @@ def check_groups_and_channels(input, weight, groups, channel_dim: int = 1) -> No
         )
 
 
+_CONV_LAYOUTS = {  # spatial rank: (op, input layout, weight layout, padding order), as conv_params.h names them
+    2: ("tied_conv2d", "(N, C, H, W)", "(out_channels, in_channels/groups, kH, kW)", "(top, bottom, left, right)"),
+    3: (
+        "tied_conv3d",
+        "(N, C, D, H, W)",
+        "(out_channels, in_channels/groups, kD, kH, kW)",
+        "(front, back, top, bottom, left, right)",
+    ),
+}
+
+
 def check_tied_conv2d(input, weight, bias, transform, bias_transform, stride, padding, dilation, groups) -> None:
     """The fake kernel's argument checks: the rules and messages of TiedConv2dParams::check
     (csrc/conv_params.h), which checks real tensors. Both are exercised by tests/test_bad_input.py."""
+    _check_tied_conv(2, input, weight, bias, transform, bias_transform, stride, padding, dilation, groups)
+
+
+def check_tied_conv3d(input, weight, bias, transform, bias_transform, stride, padding, dilation, groups) -> None:
+    """check_tied_conv2d's for tied_conv3d (TiedConv3dParams::check); tests/test_conv3d.py runs both."""
+    _check_tied_conv(3, input, weight, bias, transform, bias_transform, stride, padding, dilation, groups)
+
+
+def _check_tied_conv(rank, input, weight, bias, transform, bias_transform, stride, padding, dilation, groups) -> None:
+    op, input_layout, weight_layout, padding_order = _CONV_LAYOUTS[rank]
     check_transform_name(transform)
     check_transform_name(bias_transform)
-    if len(stride) != 2 or len(dilation) != 2 or len(padding) != 4:
-        raise ValueError(f"expected stride and dilation pairs and 4 paddings, got {stride}, {dilation}, {padding}")
+    for name, values, length in (
+        ("stride", stride, rank),
+        ("padding", padding, 2 * rank),
+        ("dilation", dilation, rank),
+    ):
+        if len(values) != length:
+            order = f" {padding_order}" if name == "padding" else ""
+            raise ValueError(f"{name} must have {length} elements{order}, got {list(values)}")
     check_geometry_values(stride, padding, dilation)
     if groups <= 0:
         raise ValueError(f"groups must be a positive integer, got {groups}")
-    if input.dim() != 4:
+    dim = rank + 2
+    if input.dim() != dim:
         raise ValueError(
-            f"fusedtie::tied_conv2d expects a 4-D input (N, C, H, W), got input of size {list(input.shape)}"
+            f"fusedtie::{op} expects a {dim}-D input {input_layout}, got input of size {list(input.shape)}"
         )
-    if weight.dim() != 4:
-        raise ValueError(f"fusedtie::tied_conv2d expects a 4-D weight, got weight of size {list(weight.shape)}")
+    if weight.dim() != dim:
+        raise ValueError(
+            f"fusedtie::{op} expects a {dim}-D weight {weight_layout}, got weight of size {list(weight.shape)}"
+        )
     check_kernel_not_empty(weight)
-    check_supported_dtype(input.dtype, "tied_conv2d")
+    check_supported_dtype(input.dtype, op)
     check_operands_like_input(input, weight, bias)
     check_groups_and_channels(input, weight, groups)
     out_channels = weight.shape[0]
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_channels):
         raise ValueError(f"expected bias of size [{out_channels}] (out_channels), got {list(bias.shape)}")
-    padded = [input.shape[2] + padding[0] + padding[1], input.shape[3] + padding[2] + padding[3]]
-    extent = [dilation[d] * (weight.shape[2 + d] - 1) + 1 for d in range(2)]
-    if padded[0] < extent[0] or padded[1] < extent[1]:
+    padded = [input.shape[2 + d] + padding[2 * d] + padding[2 * d + 1] for d in range(rank)]
+    extent = [dilation[d] * (weight.shape[2 + d] - 1) + 1 for d in range(rank)]
+    if any(p < e for p, e in zip(padded, extent)):
         raise ValueError(
-            f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
-            f"({extent[0]} x {extent[1]}). Kernel size can't be greater than actual input size"
+            f"Calculated padded input size per channel: ({' x '.join(map(str, padded))}). Kernel size: "
+            f"({' x '.join(map(str, extent))}). Kernel size can't be greater than actual input size"
         )
 
 

@@ -1,9 +1,10 @@
 """``_FusedTiedConvNd``: a conv layer whose weight is f(source.weight), owning no parameters, for a
-source of either spatial rank. ``FusedTiedConv2d`` (fusedtie/_conv2d_layer.py, rank 2) and
-``FusedTiedConv1d`` (fusedtie/_conv1d_layer.py, rank 1) are this class with their source type, their
-tuple normaliser, their call path and their signature and docstrings; both run the 2-d operator, the
-1-d layer on an H = 1 view (fusedtie/_op_args.py's ``as_2d_geometry``). The tie itself is
-fusedtie/_tied_layer.py's."""
+source of any spatial rank. ``FusedTiedConv2d`` (fusedtie/_conv2d_layer.py, rank 2),
+``FusedTiedConv1d`` (fusedtie/_conv1d_layer.py, rank 1) and ``FusedTiedConv3d``
+(fusedtie/_conv3d_layer.py, rank 3) are this class with their source type, their tuple normaliser,
+their call path and their signature and docstrings; the 2-d and 1-d layers run the 2-d operator, the
+1-d layer on an H = 1 view (fusedtie/_op_args.py's ``as_2d_geometry``), the 3-d layer the 3-d
+operator (``as_3d_geometry``, ``TiedConv3dArgs``). The tie itself is fusedtie/_tied_layer.py's."""
 
 from __future__ import annotations
 
@@ -27,13 +28,17 @@ _IDENTITY = Transform("identity")
 
 
 class _FusedTiedConvNd(_TiedLayer):
-    """What ``FusedTiedConv2d`` and ``FusedTiedConv1d`` share: everything but the class attributes
+    """What ``FusedTiedConv2d``, ``FusedTiedConv1d`` and ``FusedTiedConv3d`` share: everything but the class attributes
     below, the signature and the docstrings (see ``FusedTiedConv2d`` for the semantics)."""
 
-    _RANK: int  # the spatial rank: 2 or 1
+    _RANK: int  # the spatial rank: 3, 2 or 1
     _WEIGHT_LAYOUT: str  # the source weight's dimensions, for messages
-    _as_tuple: Callable  # _pair or _single: an int or a sequence as a tuple of _RANK ints
-    _run: Callable  # run_tied_conv2d or run_tied_conv1d (a staticmethod)
+    _as_tuple: Callable  # _triple, _pair or _single: an int or a sequence as a tuple of _RANK ints
+    _run: Callable  # run_tied_conv3d, run_tied_conv2d or run_tied_conv1d (a staticmethod)
+    # The operator's (stride, padding, dilation) for the layer's geometry, and its argument tuple:
+    # the 2-d operator's (which the 1-d layer runs on an H = 1 view) unless a subclass says otherwise.
+    _geometry: Callable = staticmethod(as_2d_geometry)
+    _ARGS: type = TiedConv2dArgs
 
     _DERIVED_ATTRIBUTES = frozenset({"weight", "bias"})
     _FIXED_AT_CONSTRUCTION = frozenset(
@@ -122,20 +127,21 @@ class _FusedTiedConvNd(_TiedLayer):
         self.padding = padding if isinstance(padding, str) else self._as_tuple(padding, "padding")
         self.padding_mode = padding_mode
         check_geometry_values(self.stride, (0,) if isinstance(padding, str) else self.padding, self.dilation)
-        _, (top, bottom, left, right), _ = as_2d_geometry(kernel, self.stride, self.padding, self.dilation)
+        _, op_padding, _ = self._geometry(kernel, self.stride, self.padding, self.dilation)
         if padding_mode != "zeros":
-            # nn.Conv2d's order (nn.Conv1d's): F.pad's (left, right[, top, bottom]), then a
-            # convolution without padding
-            self._reversed_padding_repeated_twice = (left, right, top, bottom)[: 2 * self._RANK]
+            # nn.Conv3d's order (nn.Conv2d's, nn.Conv1d's): F.pad's, the last dimension first
+            # ((left, right[, top, bottom[, front, back]])), then a convolution without padding
+            pairs = [op_padding[i : i + 2] for i in range(0, len(op_padding), 2)]
+            self._reversed_padding_repeated_twice = tuple(p for pair in reversed(pairs) for p in pair)[: 2 * self._RANK]
         self._attach_source(source)
 
     def _build_op_args(self) -> None:
         # Everything the operator needs besides the tensors, normalised once.
-        stride, padding, dilation = as_2d_geometry(self.kernel_size, self.stride, self.padding, self.dilation)
+        stride, padding, dilation = self._geometry(self.kernel_size, self.stride, self.padding, self.dilation)
         if self.padding_mode != "zeros":
-            padding = (0, 0, 0, 0)  # forward pads with F.pad
+            padding = (0,) * len(padding)  # forward pads with F.pad
         bias_transform = self.transform if self.bias_mode == "transform" else _IDENTITY
-        self._op_args = TiedConv2dArgs(
+        self._op_args = self._ARGS(
             self.transform.name,
             self.transform.op_alpha,
             bias_transform.name,
@@ -199,12 +205,13 @@ class _FusedTiedConvNd(_TiedLayer):
 
         Args:
             input: ``(N, in_channels, H, W)``, or unbatched ``(in_channels, H, W)``;
-                ``(N, in_channels, L)`` or ``(in_channels, L)`` for ``FusedTiedConv1d``.
+                ``(N, in_channels, L)`` or ``(in_channels, L)`` for ``FusedTiedConv1d``;
+                ``(N, in_channels, D, H, W)`` or ``(in_channels, D, H, W)`` for ``FusedTiedConv3d``.
 
         Returns:
-            ``(N, out_channels, H_out, W_out)`` (``(N, out_channels, L_out)`` for ``FusedTiedConv1d``;
-                without N for unbatched input), differentiable with respect to ``input`` and the
-                source's parameters.
+            ``(N, out_channels, H_out, W_out)`` (``(N, out_channels, L_out)`` for ``FusedTiedConv1d``,
+                ``(N, out_channels, D_out, H_out, W_out)`` for ``FusedTiedConv3d``; without N for
+                unbatched input), differentiable with respect to ``input`` and the source's parameters.
 
         Raises:
             ValueError: input whose channel count is not ``in_channels`` (the message names the count
@@ -242,7 +249,8 @@ class _FusedTiedConvNd(_TiedLayer):
         return apply_transform(weight, self.transform), bias
 
     def _untied(self) -> nn.Module:
-        """The plain ``_SOURCE_TYPE`` conv with f(W) and g(b) baked in (``to_conv2d``, ``to_conv1d``)."""
+        """The plain ``_SOURCE_TYPE`` conv with f(W) and g(b) baked in (``to_conv2d``, ``to_conv1d``,
+        ``to_conv3d``)."""
         with torch.no_grad():
             source_weight, source_bias = self._source_tensors()
             weight, bias = self._derive(source_weight, source_bias)

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _library  # noqa: F401  (defines the operators, before their fakes are registered)
-from ._checks import check_grad_output_device, check_tied_conv2d, check_tied_conv_transpose2d, check_transform_args
+from ._checks import (
+    check_grad_output_device,
+    check_tied_conv2d,
+    check_tied_conv3d,
+    check_tied_conv_transpose2d,
+    check_transform_args,
+)
 
 
 def _suggested_format(t: Tensor) -> torch.memory_format:
@@ -70,6 +76,42 @@ def _fake_gradients(grad_output, expected, input, weight, bias, output_mask):
         like(weight) if output_mask[1] else None,
         like(bias) if output_mask[2] else None,
     )
+
+
+@torch.library.register_fake("fusedtie::tied_conv3d")
+def _tied_conv3d_fake(
+    input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups
+):
+    check_tied_conv3d(input, weight, bias, transform, bias_transform, stride, padding, dilation, groups)
+    # As tied_conv2d's: aten.convolution on the input padded by the asymmetric remainder.
+    symmetric = [min(padding[2 * d], padding[2 * d + 1]) for d in range(3)]
+    if any(padding[2 * d] != padding[2 * d + 1] for d in range(3)):
+        remainder = [padding[2 * d + side] - symmetric[d] for d in (2, 1, 0) for side in (0, 1)]  # F.pad's order
+        input = F.pad(input, remainder)
+    return torch.ops.aten.convolution(input, weight, bias, stride, symmetric, dilation, False, (0, 0, 0), groups)
+
+
+@torch.library.register_fake("fusedtie::_tied_conv3d_backward")
+def _tied_conv3d_backward_fake(
+    grad_output,
+    input,
+    weight,
+    bias,
+    transform,
+    alpha,
+    bias_transform,
+    bias_alpha,
+    stride,
+    padding,
+    dilation,
+    groups,
+    output_mask,
+):
+    check_grad_output_device(grad_output, input)
+    expected = _tied_conv3d_fake(
+        input, weight, bias, transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups
+    )
+    return _fake_gradients(grad_output, expected, input, weight, bias, output_mask)
 
 
 @torch.library.register_fake("fusedtie::tied_conv_transpose2d")

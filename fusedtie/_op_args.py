@@ -1,7 +1,8 @@
-"""The operators' arguments besides the tensors: the normalisation of what ``F.conv2d`` and
-``F.conv1d`` accept (ints, pairs or single ints, padding strings), the H = 1 view that runs a 1-d
-convolution through the 2-d operator, and the named argument objects, ``TiedConv2dArgs`` and
-``TiedConvTranspose2dArgs``, which a layer builds once and every call passes on as they are."""
+"""The operators' arguments besides the tensors: the normalisation of what ``F.conv2d``,
+``F.conv1d`` and ``F.conv3d`` accept (ints, pairs, single ints or triples, padding strings), the
+H = 1 view that runs a 1-d convolution through the 2-d operator, and the named argument objects,
+``TiedConv2dArgs``, ``TiedConv3dArgs`` and ``TiedConvTranspose2dArgs``, which a layer builds once and
+every call passes on as they are."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .transforms import Transform
 TransformLike = Union[str, Transform]
 IntOrPair = Union[int, Sequence[int]]
 PaddingLike = Union[str, int, Sequence[int]]
+IntOrTriple = Union[int, Sequence[int]]
 
 
 def _as_int(v) -> int:
@@ -47,6 +49,20 @@ def _single(value: IntOrPair, name: str) -> tuple[int]:
         return (_as_int(value),)
     except TypeError:
         raise TypeError(f"{name} must be an int or a sequence of one int, got {value!r}") from None
+
+
+def _triple(value: IntOrTriple, name: str) -> tuple[int, int, int]:
+    """An int, or a sequence of one or three ints (as F.conv3d takes them), as a triple."""
+    try:
+        if isinstance(value, (tuple, list, torch.Size)):
+            if len(value) == 1:
+                return (_as_int(value[0]),) * 3
+            if len(value) == 3:
+                return (_as_int(value[0]), _as_int(value[1]), _as_int(value[2]))
+            raise TypeError
+        return (_as_int(value),) * 3
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a sequence of one or three ints, got {value!r}") from None
 
 
 def normalize_padding(
@@ -90,6 +106,33 @@ def as_2d_geometry(
     return stride2, padding4, dilation2  # type: ignore[return-value]
 
 
+def as_3d_geometry(
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Union[str, Sequence[int]],
+    dilation: Sequence[int],
+) -> tuple[tuple[int, int, int], tuple[int, int, int, int, int, int], tuple[int, int, int]]:
+    """``tied_conv3d``'s (stride, padding, dilation) for a normalised 3-d geometry (triples): padding
+    as (front, back, top, bottom, left, right), ``"same"`` split like F.conv3d (the odd element goes
+    last)."""
+    stride3, dilation3 = tuple(stride), tuple(dilation)
+    if not isinstance(padding, str):
+        if min(padding) < 0:
+            raise ValueError(f"negative padding is not supported, got {list(padding)}")
+        return stride3, tuple(p for p in padding for _ in range(2)), dilation3  # type: ignore[return-value]
+    if padding == "valid":
+        return stride3, (0,) * 6, dilation3  # type: ignore[return-value]
+    if padding != "same":
+        raise ValueError(f"Invalid padding string '{padding}', should be one of {{'valid', 'same'}}")
+    if any(s != 1 for s in stride3):
+        raise ValueError("padding='same' is not supported for strided convolutions")
+    sides: list[int] = []
+    for d in range(3):
+        total = dilation3[d] * (kernel_size[d] - 1)
+        sides += [total // 2, total - total // 2]
+    return stride3, tuple(sides), dilation3  # type: ignore[return-value]
+
+
 class TiedConv2dArgs(NamedTuple):
     """``torch.ops.fusedtie.tied_conv2d``'s arguments after the tensors, in its schema's order."""
 
@@ -121,6 +164,23 @@ class TiedConvTranspose2dArgs(NamedTuple):
     def derived(self) -> TiedConvTranspose2dArgs:
         """The same call on a weight that is already f(W) (``fusedtie.cached()``'s path)."""
         return self._replace(transform="identity", alpha=1.0)
+
+
+class TiedConv3dArgs(NamedTuple):
+    """``torch.ops.fusedtie.tied_conv3d``'s arguments after the tensors, in its schema's order."""
+
+    transform: str
+    alpha: float
+    bias_transform: str
+    bias_alpha: float
+    stride: tuple[int, int, int]
+    padding: tuple[int, int, int, int, int, int]  # (front, back, top, bottom, left, right)
+    dilation: tuple[int, int, int]
+    groups: int
+
+    def derived(self) -> TiedConv3dArgs:
+        """The same call on tensors that are already f(W) and g(b) (``fusedtie.cached()``'s path)."""
+        return self._replace(transform="identity", alpha=1.0, bias_transform="identity", bias_alpha=1.0)
 
 
 # A Linear's arguments as those of a 1x1 convolution on (N, C, 1, 1) views (tied_linear), and of

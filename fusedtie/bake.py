@@ -1,5 +1,5 @@
 """fusedtie.bake(model): a deployable copy with every tie replaced by a plain nn.Conv2d (nn.Conv1d,
-nn.ConvTranspose2d, nn.Linear) holding f(W)."""
+nn.Conv3d, nn.ConvTranspose2d, nn.Linear) holding f(W)."""
 
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ _CALL_HOOK_ATTRIBUTES = (
 
 def bake(model: nn.Module) -> nn.Module:
     r"""A deep copy of ``model`` in which every ``FusedTiedConv2d`` is a plain ``nn.Conv2d``,
-    every ``FusedTiedConv1d`` a plain ``nn.Conv1d``, every ``FusedTiedConvTranspose2d`` a plain
-    ``nn.ConvTranspose2d`` and every ``FusedTiedLinear`` a plain ``nn.Linear`` (``to_linear``).
+    every ``FusedTiedConv1d`` a plain ``nn.Conv1d``, every ``FusedTiedConv3d`` a plain ``nn.Conv3d``,
+    every ``FusedTiedConvTranspose2d`` a plain ``nn.ConvTranspose2d`` and every ``FusedTiedLinear``
+    a plain ``nn.Linear`` (``to_linear``).
 
     Each tied layer becomes the ``nn.Conv2d`` of ``FusedTiedConv2d.to_conv2d`` (the ``nn.Conv1d`` of
-    ``FusedTiedConv1d.to_conv1d``, the ``nn.ConvTranspose2d`` of
-    ``FusedTiedConvTranspose2d.to_conv_transpose2d``, with a copy of that layer's own bias): f(W)
-    and g(b) computed once from the source's current values and stored as that conv's own
+    ``FusedTiedConv1d.to_conv1d``, the ``nn.Conv3d`` of ``FusedTiedConv3d.to_conv3d``, the
+    ``nn.ConvTranspose2d`` of ``FusedTiedConvTranspose2d.to_conv_transpose2d``, with a copy of that
+    layer's own bias): f(W) and g(b) computed once from the source's current values and stored as that conv's own
     parameters, with the layer's geometry (``padding_mode`` included), dtype, device, training flag,
     ``requires_grad`` and forward/backward hooks. Everything else is the deep copy: the sources stay
     (with their own parameters), so do submodules of every kind (``nn.Sequential``,
@@ -90,8 +91,8 @@ def bake(model: nn.Module) -> nn.Module:
 
 
 def _baked(layer: _TiedLayer) -> nn.Module:
-    """The layer's plain counterpart (``to_conv2d()``, ``to_conv1d()``, ``to_conv_transpose2d()``) with the layer's
-    call hooks moved onto it."""
+    """The layer's plain counterpart (``to_conv2d()``, ``to_conv1d()``, ``to_conv3d()``,
+    ``to_conv_transpose2d()``) with the layer's call hooks moved onto it."""
     conv = layer._untied()
     for name in _CALL_HOOK_ATTRIBUTES:
         hooks = layer.__dict__.get(name)

@@ -4,10 +4,12 @@
 ``torch.ops.fusedtie.tied_conv2d`` takes fully normalised arguments (4-D input, pairs, padding as
 (top, bottom, left, right)); ``tied_conv2d`` below accepts everything ``F.conv2d`` accepts,
 ``tied_conv1d`` everything ``F.conv1d`` accepts (and runs the 2-d operator on an H = 1 view),
-``tied_conv_transpose2d`` everything ``F.conv_transpose2d`` accepts, and ``tied_linear`` everything
-``F.linear`` accepts (a 1x1 convolution on (N, C, 1, 1) views, or its transpose for the decoder).
-The normalised arguments are a named tuple (fusedtie/_op_args.py); the fake kernels are
-fusedtie/_fake.py's, the settings fusedtie/_settings.py's (re-exported here).
+``tied_conv3d`` everything ``F.conv3d`` accepts (``torch.ops.fusedtie.tied_conv3d`` takes triples and
+padding as (front, back, top, bottom, left, right)), ``tied_conv_transpose2d`` everything
+``F.conv_transpose2d`` accepts, and ``tied_linear`` everything ``F.linear`` accepts (a 1x1
+convolution on (N, C, 1, 1) views, or its transpose for the decoder). The normalised arguments are
+a named tuple (fusedtie/_op_args.py); the fake kernels are fusedtie/_fake.py's, the settings
+fusedtie/_settings.py's (re-exported here).
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ from ._op_args import (
     LINEAR_CONV2D_ARGS,
     LINEAR_CONV_TRANSPOSE2D_ARGS,
     TiedConv2dArgs,
+    TiedConv3dArgs,
     TiedConvTranspose2dArgs,
     _single,
+    _triple,
     as_2d_geometry,
+    as_3d_geometry,
 )
 from ._op_args import IntOrPair as IntOrPair
+from ._op_args import IntOrTriple as IntOrTriple
 from ._op_args import PaddingLike as PaddingLike
 from ._op_args import TransformLike as TransformLike
 from ._op_args import _pair as _pair
@@ -241,6 +247,72 @@ def tied_conv_transpose2d(
     return run_tied_conv_transpose2d(input, weight, bias, args)
 
 
+def tied_conv3d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    transform: TransformLike = "identity",
+    bias_transform: TransformLike = "identity",
+    stride: IntOrTriple = 1,
+    padding: PaddingLike = 0,
+    dilation: IntOrTriple = 1,
+    groups: int = 1,
+) -> Tensor:
+    """``F.conv3d(input, f(weight), g(bias), stride, padding, dilation, groups)`` as one operator.
+
+    ``weight`` and ``bias`` are the *source* tensors; f = ``transform`` and g = ``bias_transform``
+    are applied inside the operator (``torch.ops.fusedtie.tied_conv3d``), and gradients reach the
+    source through f' and g'. On the CPU and on CUDA it runs the library path: f(W) in one pass,
+    the library's convolution (oneDNN, cuDNN), the chain rule in place on the weight gradient; the
+    CPU and CUDA algorithm settings, which choose among the 2-d kernels, do not apply. It accepts
+    what ``F.conv3d`` accepts: unbatched 4-D input, channels_last_3d and non-contiguous tensors,
+    batch 0, meta tensors (shape only); float32, float64, bfloat16 and float16.
+
+    Args:
+        input: ``(N, C_in, D, H, W)``, or unbatched ``(C_in, D, H, W)``.
+        weight: the source weight W, ``(C_out, C_in / groups, kD, kH, kW)``; the convolution uses f(W).
+        bias: the source bias b, ``(C_out,)``, or None; the convolution uses g(b).
+        transform: f: a name from ``available_transforms()`` or a ``Transform``; ``"identity"`` (the
+            default) uses the weight as it is.
+        bias_transform: g, applied to ``bias``; ``"identity"`` (the default) uses the bias as it is.
+        stride: an int, or a sequence of one or three ints.
+        padding: an int, a sequence of one or three ints, ``"valid"`` or ``"same"`` (stride 1 only;
+            for an even kernel the odd element goes at the back/bottom/right, as in ``F.conv3d``).
+        dilation: an int, or a sequence of one or three ints.
+        groups: the number of groups; it divides ``C_out``, and ``C_in = weight.shape[1] * groups``.
+
+    Returns:
+        The output ``(N, C_out, D_out, H_out, W_out)`` (without N for unbatched input),
+            differentiable with respect to ``input``, ``weight`` and ``bias``.
+
+    Raises:
+        ValueError: an unknown transform; an input that is not 4-D or 5-D, a weight that is not 5-D;
+            channels or groups that do not fit the weight; a non-positive stride or dilation,
+            negative padding, or a kernel larger than the padded input.
+        TypeError: a dtype other than the four floating types, operands of different dtypes, or a
+            stride, padding or dilation that is not an int or a sequence of one or three ints.
+
+    Examples:
+        >>> w = torch.randn(8, 4, 3, 3, 3, requires_grad=True)
+        >>> x = torch.randn(2, 4, 6, 10, 10)
+        >>> y = fusedtie.tied_conv3d(x, w, transform="tanh", padding="same")
+        >>> torch.allclose(y, F.conv3d(x, torch.tanh(w), padding="same"), atol=1e-5)
+        True
+        >>> y.sum().backward()  # w.grad is (1 - tanh(w) ** 2) * dL/d(tanh(w))
+    """
+    t = Transform.parse(transform)
+    bt = Transform.parse(bias_transform)
+    _check_weight_and_groups(weight, groups, "(out_channels, in_channels/groups, kD, kH, kW)", dim=5)
+    check_kernel_not_empty(weight)
+    stride3 = _triple(stride, "stride")
+    dilation3 = _triple(dilation, "dilation")
+    padding3 = padding if isinstance(padding, str) else _triple(padding, "padding")
+    check_geometry_values(stride3, (0,) if isinstance(padding3, str) else padding3, dilation3)
+    stride3, padding6, dilation3 = as_3d_geometry(weight.shape[2:], stride3, padding3, dilation3)
+    args = TiedConv3dArgs(t.name, t.op_alpha, bt.name, bt.op_alpha, stride3, padding6, dilation3, groups)
+    return run_tied_conv3d(input, weight, bias, args)
+
+
 def tied_linear(
     input: Tensor,
     weight: Tensor,
@@ -319,6 +391,8 @@ def tied_linear(
 _has_torch_function = torch._C._has_torch_function
 _tied_conv2d_op = torch.ops.fusedtie.tied_conv2d.default
 _tied_conv2d_eager = LIB.tied_conv2d_eager
+_tied_conv3d_op = torch.ops.fusedtie.tied_conv3d.default
+_tied_conv3d_eager = LIB.tied_conv3d_eager
 _tied_conv_transpose2d_op = torch.ops.fusedtie.tied_conv_transpose2d.default
 _tied_conv_transpose2d_eager = LIB.tied_conv_transpose2d_eager
 
@@ -407,6 +481,18 @@ def run_tied_conv_transpose2d(
         output = _tied_conv_transpose2d_op(input, weight, bias, *args)
     else:
         output = _tied_conv_transpose2d_eager(input, weight, bias, *args)
+    return output if batched else output.squeeze(0)
+
+
+def run_tied_conv3d(input: Tensor, weight: Tensor, bias: Optional[Tensor], args: TiedConv3dArgs) -> Tensor:
+    """The 3-d operator's call with arguments already normalised, unbatched (4-D) input included."""
+    batched = input_dim(input, bias, "tied_conv3d", 3) == 5
+    if not batched:
+        input = input.unsqueeze(0)
+    if torch.compiler.is_compiling() or _has_torch_function((input, weight, bias)):
+        output = _tied_conv3d_op(input, weight, bias, *args)
+    else:
+        output = _tied_conv3d_eager(input, weight, bias, *args)
     return output if batched else output.squeeze(0)
 
 

@@ -1,5 +1,6 @@
-"""The reference oracles: F.conv2d(x, f(W), g(b), ...), F.conv1d(x, f(W), g(b), ...) and
-F.conv_transpose2d(x, f(W), b, ...) in float64, with f written in torch ops.
+"""The reference oracles: F.conv2d(x, f(W), g(b), ...), F.conv1d(x, f(W), g(b), ...),
+F.conv3d(x, f(W), g(b), ...) and F.conv_transpose2d(x, f(W), b, ...) in float64, with f written in
+torch ops.
 
 Independent of fusedtie's kernels: f here is PyTorch's own elementwise ops, gradients are autograd's.
 """
@@ -93,6 +94,49 @@ def reference_conv1d(
         xin = F.pad(x64, sides, mode=padding_mode)
         padding = 0
     out = F.conv1d(
+        xin,
+        reference_f(transform, w64),
+        None if b64 is None else reference_f(bias_transform, b64),
+        stride,
+        padding,
+        dilation,
+        groups,
+    )
+
+    def grads(grad_out):
+        inputs = [x64, w64] + ([b64] if b64 is not None else [])
+        g = torch.autograd.grad(out, inputs, grad_out.double(), retain_graph=True, allow_unused=True)
+        g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, inputs)]  # an empty batch
+        return g[0], g[1], (g[2] if b64 is not None else None)
+
+    return out.detach(), grads
+
+
+def reference_conv3d(
+    x, w, b, transform, bias_transform="identity", stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"
+):
+    """float64 F.conv3d(x, f(W), g(b)) and a function giving (dL/dx, dL/dW, dL/db) for a grad_out.
+
+    A padding_mode other than "zeros" pads with F.pad first, as nn.Conv3d does ("same" split with the
+    odd element at the back/bottom/right); the gradients are autograd's through PyTorch's own ops.
+    """
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    b64 = None if b is None else b.detach().double().requires_grad_(True)
+    xin = x64
+    if padding_mode != "zeros":
+        dil = (dilation,) * 3 if isinstance(dilation, int) else tuple(dilation)
+        if padding == "same":
+            totals = [dil[d] * (w.shape[2 + d] - 1) for d in range(3)]
+            sides = [(t // 2, t - t // 2) for t in totals]
+        elif padding == "valid":
+            sides = [(0, 0)] * 3
+        else:
+            p = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
+            sides = [(q, q) for q in p]
+        xin = F.pad(x64, [s for pair in reversed(sides) for s in pair], mode=padding_mode)
+        padding = 0
+    out = F.conv3d(
         xin,
         reference_f(transform, w64),
         None if b64 is None else reference_f(bias_transform, b64),

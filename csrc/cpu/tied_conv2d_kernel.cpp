@@ -71,7 +71,7 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, co
                                          p.symmetric_part(), p.dilation);
     if (!pads(p) || all_finite(out)) return out;
   }
-  return library_conv2d_forward(input, weight_for_conv, derived_bias, p);
+  return library_conv_forward(input, weight_for_conv, derived_bias, p);
 }
 
 // (dL/dx, dL/dW_src, dL/d g(b)) by the gemm or the library algorithm, undefined where output_mask is
@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_or_library_backward(
       algorithm == CpuConvAlgorithm::kGemm
           ? gemm_conv2d_backward(grad_output, pad_asymmetric_remainder(input, p), weight_for_conv, p.stride,
                                  p.symmetric_part(), p.dilation, output_mask)
-          : library_conv2d_backward(grad_output, input, weight_for_conv, p, output_mask);
+          : library_conv_backward(grad_output, input, weight_for_conv, p, output_mask);
   if (output_mask[0] && algorithm == CpuConvAlgorithm::kGemm) {
     grad_input = crop_input_gradient(grad_input, input, p);
   }

@@ -44,8 +44,7 @@ at::Tensor library_forward(const at::Tensor& input, const at::Tensor& weight, co
                            const TiedConv2dParams& p) {
   std::optional<at::Tensor> derived_bias;
   if (bias.has_value()) derived_bias = derived_for_conv(*bias, p.bias_transform, cuda::kCudaPasses);
-  return library_conv2d_forward(input, derived_for_conv(weight, p.weight_transform, cuda::kCudaPasses), derived_bias,
-                                p);
+  return library_conv_forward(input, derived_for_conv(weight, p.weight_transform, cuda::kCudaPasses), derived_bias, p);
 }
 
 using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -57,7 +56,7 @@ Gradients library_backward(const at::Tensor& grad_output, const at::Tensor& inpu
   const at::Tensor weight_for_conv =
       output_mask[0] ? derived_for_conv(weight, p.weight_transform, cuda::kCudaPasses) : weight;
   auto [grad_input, grad_weight, grad_bias] =
-      library_conv2d_backward(grad_output, input, weight_for_conv, p, output_mask);
+      library_conv_backward(grad_output, input, weight_for_conv, p, output_mask);
   if (output_mask[1]) {
     grad_weight = gradient_through_transform(grad_weight, weight, p.weight_transform, cuda::kCudaPasses);
   }
