@@ -203,6 +203,10 @@ struct ExpTransform {
   static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
     return math::exp(x);
   }
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V derivative_from_value(V, V fx, V) {
+    return fx;
+  }
 };
 struct SigmoidTransform {
   template <typename V>
@@ -214,6 +218,10 @@ struct SigmoidTransform {
     V s = V(1) / (V(1) + math::exp(V(0) - x));
     return s * (V(1) - s);
   }
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V derivative_from_value(V, V s, V) {
+    return s * (V(1) - s);
+  }
 };
 struct TanhTransform {
   template <typename V>
@@ -223,6 +231,10 @@ struct TanhTransform {
   template <typename V>
   static FUSEDTIE_HOST_DEVICE V derivative(V x, V) {
     V t = math::tanh(x);
+    return V(1) - t * t;
+  }
+  template <typename V>
+  static FUSEDTIE_HOST_DEVICE V derivative_from_value(V, V t, V) {
     return V(1) - t * t;
   }
 };
@@ -251,6 +263,19 @@ struct ReluTransform {
     return math::where(x <= V(0), V(0), V(1));
   }
 };
+
+// f'(x) where f(x) is at hand already (a pass computing both): the transforms whose derivative is a
+// function of their value (exp, sigmoid, tanh) define derivative_from_value, the same arithmetic
+// as their derivative after its own f, so the result is the same bit for bit; the rest compute
+// derivative(x).
+template <typename Transform, typename V>
+FUSEDTIE_HOST_DEVICE V derivative_given_value(V x, V fx, V alpha) {
+  if constexpr (requires { Transform::derivative_from_value(x, fx, alpha); }) {
+    return Transform::derivative_from_value(x, fx, alpha);
+  } else {
+    return Transform::derivative(x, alpha);
+  }
+}
 
 // Calls fn(SomeTransform{}) for the functor of `kind`: one switch, taken once per tensor on the CPU
 // and once per thread block (a uniform branch) in CUDA kernels.

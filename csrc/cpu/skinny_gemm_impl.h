@@ -96,8 +96,8 @@ void skinny_rows_loop(const T* w, int64_t K, const T* a, int64_t lda, int64_t ro
       Vec wv[R];
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) wv[r] = n == V ? Vec::loadu(w + (o + r) * K + k) : Vec::loadu(w + (o + r) * K + k, n);
+      Vec fw[R];  // f(W), where the spread needs it (and f' reads it then)
       if constexpr (kSpread) {
-        Vec fw[R];
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) fw[r] = Transform::forward(wv[r], alpha_vec);
         for (int64_t m = 0; m < rows; ++m) {
@@ -119,7 +119,15 @@ void skinny_rows_loop(const T* w, int64_t K, const T* a, int64_t lda, int64_t ro
           for (int r = 0; r < R; ++r) g[r] = at::vec::fmadd(Vec(a[m * lda + o + r]), bv, g[r]);
         }
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) (g[r] * Transform::derivative(wv[r], alpha_vec)).store(grad_w + (o + r) * K + k, n);
+        for (int r = 0; r < R; ++r) {
+          Vec derivative;
+          if constexpr (kSpread) {
+            derivative = derivative_given_value<Transform>(wv[r], fw[r], alpha_vec);
+          } else {
+            derivative = Transform::derivative(wv[r], alpha_vec);
+          }
+          (g[r] * derivative).store(grad_w + (o + r) * K + k, n);
+        }
       }
     }
   };
