@@ -25,9 +25,9 @@ of 4 inputs with noise, which an ICNN can fit and a non-convex model has no adva
 
 Prints per epoch the held-out mean squared error (of the standardised target) of both networks and
 the time each took to train, then the mean time per epoch of each and their ratio. At the default
-width of 64 the twin is the faster (measured on one core: 0.086 s an epoch for fusedtie, 0.072 s
-for parametrize): a 64 x 64 weight costs less to transform than fusedtie's fixed cost per call. At
-``--width 1024`` the two were even (2.16 s and 2.19 s).
+width of 64 the twin is the faster (measured on one core of an AMD EPYC: 0.074 s an epoch for
+fusedtie, 0.062 s for parametrize): a 64 x 64 weight costs less to transform than fusedtie's fixed cost per call. At
+``--width 1024`` fusedtie was the faster (2.05 s and 2.15 s).
 """
 
 from __future__ import annotations
