@@ -191,11 +191,7 @@ class _FusedTiedConvNd(_TiedLayer):
         fixed cost. A parametrized (or otherwise computed) weight falls back to attribute access.
         """
         weight = self._source_weight()
-        if self.bias_mode is None:
-            return weight, None
-        source = self._modules["source"]
-        bias = source._parameters["bias"] if "bias" in source._parameters else source.bias
-        return weight, bias
+        return weight, (None if self.bias_mode is None else self._source_bias())
 
     def forward(self, input: Tensor) -> Tensor:
         """The convolution with f(source.weight) and the derived bias: one operator call.

@@ -208,11 +208,7 @@ class FusedTiedLinear(_TiedLayer):
         weight = self._source_weight()
         if self.transpose:
             return weight, self._parameters["bias"]
-        if self.bias_mode is None:
-            return weight, None
-        source = self._modules["source"]
-        bias = source._parameters["bias"] if "bias" in source._parameters else source.bias
-        return weight, bias
+        return weight, (None if self.bias_mode is None else self._source_bias())
 
     def forward(self, input: Tensor) -> Tensor:
         """``F.linear(input, f(W), g(b))``, or the decoder's ``input @ f(W) + b``: one operator call.

@@ -107,6 +107,11 @@ class _TiedLayer(nn.Module):
         weight = self._modules["source"]._parameters.get("weight")
         return self._modules["source"].weight if weight is None else weight
 
+    def _source_bias(self) -> Optional[Tensor]:
+        """The source's bias as it is now (None if it has none), read as ``_source_weight`` reads."""
+        source = self._modules["source"]
+        return source._parameters["bias"] if "bias" in source._parameters else source.bias
+
     def _check_not_sharded(self, weight: Tensor, input: Tensor) -> None:
         """A clear error when FSDP2 hands this layer a shard of its source's weight (fusedtie/_fsdp.py)."""
         if type(weight) is not nn.Parameter:  # plain parameters (the common case) cannot be shards
