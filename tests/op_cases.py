@@ -80,6 +80,10 @@ GEOMETRIES = [
     dict(id="dw3x3-p1-channels_last", padding=1, cin=8, cout=8, groups=8, layout="channels_last"),
     dict(id="3x3-p1-non_contiguous", padding=1, layout="non_contiguous"),
     dict(id="1x1-s2-non_contiguous", kernel=(1, 1), stride=2, layout="non_contiguous"),
+    # a Linear as tied_linear runs it: a matrix product on (N, C, 1, 1) views (the CPU's skinny GEMMs
+    # up to 8 rows, BLAS above; the fused CUDA kernels or cuBLAS)
+    dict(id="linear-b5", kernel=(1, 1), hw=(1, 1), batch=5, cin=40, cout=24),
+    dict(id="linear-b12", kernel=(1, 1), hw=(1, 1), batch=12, cin=24, cout=40),
     # channel counts and sizes that are not multiples of any tile, and ones that are
     dict(id="3x3-p1-24to40-17x13", padding=1, cin=24, cout=40, hw=(17, 13), batch=2),
     dict(id="3x3-p1-64to64-16x16", padding=1, cin=64, cout=64, hw=(16, 16), batch=2),
@@ -129,6 +133,9 @@ TRANSPOSE_GEOMETRIES = [
     ("4x4-s2-p1-channels_last", (2, 16, 6, 5), (16, 8, 4, 4), 2, 1, 0, 1, 1, "channels_last"),
     ("3x3-s2-p1-non_contiguous", (2, 16, 6, 6), (16, 8, 3, 3), 2, 1, 1, 1, 1, "non_contiguous"),
     ("3x3-s2-p1-batch0", (0, 16, 6, 6), (16, 8, 3, 3), 2, 1, 1, 1, 1, "contiguous"),
+    # tied_linear's decoder (transpose=True): a matrix product on (N, C, 1, 1) views
+    ("linear-decoder-b5", (5, 24, 1, 1), (24, 40, 1, 1), 1, 0, 0, 1, 1, "contiguous"),
+    ("linear-decoder-b12", (12, 40, 1, 1), (40, 24, 1, 1), 1, 0, 0, 1, 1, "contiguous"),
 ]
 
 

@@ -452,3 +452,53 @@ def test_gradcheck_float64(transform):
         xt = torch.randn(rows, 5, dtype=torch.float64, requires_grad=True)
         bt = torch.randn(4, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda x, w, b: fusedtie.tied_linear(x, w, b, t, transpose=True), (xt, w, bt))
+
+
+# --- checkpoints of every kind, autocast, export ----------------------------------------------------
+
+
+def test_meta_construction_then_to_empty_and_load_keeps_the_tie():
+    trained = TiedAutoencoder()
+    with torch.device("meta"):
+        net = TiedAutoencoder()
+    assert net.encoder.weight.is_meta and list(net.state_dict()) == list(trained.state_dict())
+    net.to_empty(device="cpu")
+    net.load_state_dict(trained.state_dict())
+    assert net.middle.source is net.encoder and net.decoder.source is net.encoder
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(net(x).double(), reference_autoencoder(trained, x), rtol=1e-5, atol=1e-5)
+
+
+def test_safetensors_round_trip(tmp_path):
+    import safetensors.torch
+
+    net, fresh = TiedAutoencoder(), TiedAutoencoder()
+    path = tmp_path / "net.safetensors"
+    safetensors.torch.save_model(net, path)
+    assert sorted(safetensors.torch.load_file(path)) == sorted(net.state_dict())
+    missing, unexpected = safetensors.torch.load_model(fresh, path)
+    assert not missing and not unexpected and fresh.middle.source is fresh.encoder
+    x = torch.randn(2, 12)
+    torch.testing.assert_close(fresh(x).double(), reference_autoencoder(net, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [3, 10])
+def test_autocast_bfloat16_runs_in_bfloat16_like_nn_linear(rows):
+    net = TiedAutoencoder("square")
+    x = torch.randn(rows, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net.middle(x)
+        plain = F.linear(x, net.encoder.weight**2, net.encoder.bias)
+    assert out.dtype == plain.dtype == torch.bfloat16
+    w = net.encoder.weight.detach().to(torch.bfloat16).double()
+    ref = F.linear(x.to(torch.bfloat16).double(), w**2, net.encoder.bias.detach().to(torch.bfloat16).double())
+    torch.testing.assert_close(out.double(), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_torch_export_keeps_the_operator():
+    net = TiedAutoencoder("softplus").eval()
+    x = torch.randn(4, 12)
+    exported = torch.export.export(net, (x,))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert any("fusedtie.tied_conv2d" in t for t in targets) and any("tied_conv_transpose2d" in t for t in targets)
+    torch.testing.assert_close(exported.module()(x).double(), reference_autoencoder(net, x), rtol=1e-5, atol=1e-5)
