@@ -31,12 +31,13 @@ LIB=$ROOT/$OUT/lib
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}
 # The suites that run our C++ on every path: each CPU algorithm on the op grid and its edges, the
 # crash regressions and the fuzzer (kept cases and the bounded run), bad input, non-finite values,
-# caches and user transforms (our loader), modules. Left out, for time: property tests (hypothesis,
-# same kernels), compile/export, the example, the benchmark harness and the build tests.
+# caches and user transforms (our loader), modules, the Linear (skinny GEMMs) and 3-d operators.
+# Left out, for time: property tests (hypothesis, same kernels), compile/export in their own files,
+# the example, the benchmark harness and the build tests.
 SUITES=${SUITES:-tests/test_op_grid.py tests/test_cpu_algorithms.py tests/test_crash_regressions.py \
 tests/test_fuzz.py tests/test_bad_input.py tests/test_nonfinite.py tests/test_conv_transpose.py \
 tests/test_module.py tests/test_user_transforms.py tests/test_cache.py tests/test_determinism.py \
-tests/test_transform_accuracy.py tests/test_call_paths.py}
+tests/test_transform_accuracy.py tests/test_call_paths.py tests/test_linear.py tests/test_conv3d.py}
 
 start=$(date +%s)
 mkdir -p "$OUT"
