@@ -191,6 +191,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> library_conv_backward(const at::T
   return {grad_input, grad_weight, grad_bias};
 }
 
+// library_conv_backward on the source weight: f(W) recomputed rather than saved by the forward (one
+// pass over W, no memory held between the passes), and only for the input gradient, since the
+// weight gradient reads W's shape alone; then the chain rule in place on the fresh dL/df(W).
+// Returns (dL/dx, dL/dW_src, dL/d g(b)); the bias's chain rule is the caller's.
+template <typename Params>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> library_backward_through_transform(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const Params& p,
+    std::array<bool, 3> output_mask, const TensorPasses& passes) {
+  const at::Tensor weight_for_conv = output_mask[0] ? derived_for_conv(weight, p.weight_transform, passes) : weight;
+  auto [grad_input, grad_weight, grad_bias] =
+      library_conv_backward(grad_output, input, weight_for_conv, p, output_mask);
+  if (output_mask[1]) grad_weight = gradient_through_transform(grad_weight, weight, p.weight_transform, passes);
+  return {grad_input, grad_weight, grad_bias};
+}
+
 // --- tied_conv_transpose2d ---------------------------------------------------------------------
 //
 // The CPU backend always runs this library path (one f(W) pass, the library's transposed
@@ -312,15 +327,12 @@ inline OptionalGradients tied_conv3d_backward_library(const at::Tensor& grad_out
                                                       const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                                       const TiedConv3dParams& p, std::array<bool, 3> output_mask,
                                                       const TensorPasses& passes) {
-  // f(W) is recomputed rather than saved, and only for the input gradient: the weight gradient
-  // reads W's shape alone, so the source weight stands in when the input gradient is not wanted.
-  const at::Tensor weight_for_conv = output_mask[0] ? derived_for_conv(weight, p.weight_transform, passes) : weight;
   auto [grad_input, grad_weight, grad_bias] =
-      library_conv_backward(grad_output, input, weight_for_conv, p, output_mask);
+      library_backward_through_transform(grad_output, input, weight, p, output_mask, passes);
   std::optional<at::Tensor> grad_input_out, grad_weight_out, grad_bias_out;
   if (output_mask[0]) grad_input_out = grad_input;
-  // Both gradients are fresh tensors of convolution_backward's, so the chain rule runs in place.
-  if (output_mask[1]) grad_weight_out = gradient_through_transform(grad_weight, weight, p.weight_transform, passes);
+  if (output_mask[1]) grad_weight_out = grad_weight;
+  // A fresh tensor of convolution_backward's, so the chain rule runs in place.
   if (output_mask[2]) grad_bias_out = gradient_through_transform(grad_bias, *bias, p.bias_transform, passes);
   return {grad_input_out, grad_weight_out, grad_bias_out};
 }

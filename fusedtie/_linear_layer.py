@@ -72,7 +72,7 @@ class FusedTiedLinear(_TiedLayer):
     _PICKLED_OP_ARGS = False  # a new layer: its pickles hold no argument objects (_TiedLayer.__getstate__)
 
     _SOURCE_TYPE = nn.Linear
-    _DERIVED_ATTRIBUTES = frozenset({"weight"})
+    _DERIVED_ATTRIBUTES = frozenset({"weight"})  # and "bias" for the tied layer (set in __init__)
     _FIXED_AT_CONSTRUCTION = frozenset({"source", "transform", "bias_mode", "transpose", "in_features", "out_features"})
 
     def __init__(
@@ -121,6 +121,10 @@ class FusedTiedLinear(_TiedLayer):
             self._init_bias()
         elif transpose:
             self.register_parameter("bias", None)
+        if not transpose:
+            # The tied layer's bias is derived from the source (read through __getattr__), the
+            # decoder's is its own parameter: the tie's refusal to assign covers it only here.
+            object.__setattr__(self, "_DERIVED_ATTRIBUTES", frozenset({"weight", "bias"}))
         self._attach_source(source)
 
     @staticmethod
@@ -179,14 +183,6 @@ class FusedTiedLinear(_TiedLayer):
         if self.bias_mode is None or source_bias is None:
             return None
         return source_bias if self.bias_mode == "same" else apply_transform(source_bias, self.transform)
-
-    def __setattr__(self, name, value):
-        if name == "bias" and not getattr(self, "transpose", True):
-            raise AttributeError(
-                "FusedTiedLinear.bias is derived from its source and cannot be assigned; "
-                "assign the source's instead (layer.source.bias)"
-            )
-        super().__setattr__(name, value)
 
     def reset_parameters(self) -> None:
         """Re-initialises the decoder's own bias (as ``nn.Linear`` does), and only it; refused for a

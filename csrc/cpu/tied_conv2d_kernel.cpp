@@ -44,10 +44,7 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, co
   const auto p =
       TiedConv2dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups);
   p.check(input, weight, bias);
-  std::optional<at::Tensor> derived_bias;
-  if (bias.has_value()) {
-    derived_bias = p.bias_transform.is_identity() ? *bias : apply_transform(*bias, p.bias_transform);
-  }
+  const std::optional<at::Tensor> derived_bias = fusedtie::derived_bias(bias, p.bias_transform);
   const CpuConvAlgorithm algorithm = choose_algorithm(input, weight, p, ConvPass::kForward);
   // A matrix product (linear_conv2d.h): no padding, so no rule for non-finite values applies.
   if (algorithm == CpuConvAlgorithm::kLinear)
@@ -75,22 +72,19 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, co
 }
 
 // (dL/dx, dL/dW_src, dL/d g(b)) by the gemm or the library algorithm, undefined where output_mask is
-// false. f(W) is recomputed rather than saved by the forward: one pass over W, no memory held
-// between forward and backward. It is needed only for the input gradient; the weight gradient reads
-// W's shape alone, so the source weight stands in when the input gradient is not wanted.
+// false; f(W) recomputed for the input gradient only, as library_backward_through_transform does.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_or_library_backward(
     CpuConvAlgorithm algorithm, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const TiedConv2dParams& p, std::array<bool, 3> output_mask) {
+  if (algorithm != CpuConvAlgorithm::kGemm) {
+    return library_backward_through_transform(grad_output, input, weight, p, output_mask, kCpuPasses);
+  }
   const at::Tensor weight_for_conv = output_mask[0] ? derived_for_conv(weight, p.weight_transform, kCpuPasses) : weight;
   auto [grad_input, grad_weight, grad_bias] =
-      algorithm == CpuConvAlgorithm::kGemm
-          ? gemm_conv2d_backward(grad_output, pad_asymmetric_remainder(input, p), weight_for_conv, p.stride,
-                                 p.symmetric_part(), p.dilation, output_mask)
-          : library_conv_backward(grad_output, input, weight_for_conv, p, output_mask);
-  if (output_mask[0] && algorithm == CpuConvAlgorithm::kGemm) {
-    grad_input = crop_input_gradient(grad_input, input, p);
-  }
-  // grad_weight is a fresh tensor from convolution_backward, so the chain rule runs in place.
+      gemm_conv2d_backward(grad_output, pad_asymmetric_remainder(input, p), weight_for_conv, p.stride,
+                           p.symmetric_part(), p.dilation, output_mask);
+  if (output_mask[0]) grad_input = crop_input_gradient(grad_input, input, p);
+  // grad_weight is a fresh tensor of the GEMM's, so the chain rule runs in place.
   if (output_mask[1]) grad_weight = gradient_through_transform(grad_weight, weight, p.weight_transform, kCpuPasses);
   return {grad_input, grad_weight, grad_bias};
 }

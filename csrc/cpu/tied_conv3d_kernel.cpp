@@ -20,12 +20,7 @@ at::Tensor tied_conv3d_cpu(const at::Tensor& input, const at::Tensor& weight, co
   const auto p =
       TiedConv3dParams::from_schema(transform, alpha, bias_transform, bias_alpha, stride, padding, dilation, groups);
   p.check(input, weight, bias);
-  // g(b) as a tensor of its own: f(W) takes this thread's scratch buffer.
-  std::optional<at::Tensor> derived_bias;
-  if (bias.has_value()) {
-    derived_bias = p.bias_transform.is_identity() ? *bias : apply_transform(*bias, p.bias_transform);
-  }
-  return tied_conv3d_library(input, weight, derived_bias, p, kCpuPasses);
+  return tied_conv3d_library(input, weight, derived_bias(bias, p.bias_transform), p, kCpuPasses);
 }
 
 OptionalGradients tied_conv3d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,

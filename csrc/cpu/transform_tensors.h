@@ -4,12 +4,21 @@
 // CPU operator (tied_conv2d and tied_conv_transpose2d, all algorithms) goes through these.
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 #include "../conv_params.h"
 
 namespace fusedtie {
 
 // f(source) as a new tensor with source's layout (kept for dense tensors, contiguous otherwise).
 at::Tensor apply_transform(const at::Tensor& source, const TransformSpec& spec);
+
+// g(b) for a convolution, as a tensor of its own (the bias itself for the identity): f(W) takes this
+// thread's scratch buffer, so g(b) cannot.
+inline std::optional<at::Tensor> derived_bias(const std::optional<at::Tensor>& bias, const TransformSpec& spec) {
+  if (!bias.has_value() || spec.is_identity()) return bias;
+  return apply_transform(*bias, spec);
+}
 
 // f(source) in this thread's grow-only scratch buffer: valid until the next call on this thread,
 // so only for a tensor that the caller consumes before returning (never for an operator's output).

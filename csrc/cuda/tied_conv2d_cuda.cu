@@ -52,15 +52,7 @@ using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // dL/dx, dL/dW_src and dL/d g(b) (the bias chain rule is applied by the caller).
 Gradients library_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                            const TiedConv2dParams& p, std::array<bool, 3> output_mask) {
-  // f(W) is needed only for the input gradient; the weight gradient reads W's shape alone.
-  const at::Tensor weight_for_conv =
-      output_mask[0] ? derived_for_conv(weight, p.weight_transform, cuda::kCudaPasses) : weight;
-  auto [grad_input, grad_weight, grad_bias] =
-      library_conv_backward(grad_output, input, weight_for_conv, p, output_mask);
-  if (output_mask[1]) {
-    grad_weight = gradient_through_transform(grad_weight, weight, p.weight_transform, cuda::kCudaPasses);
-  }
-  return {grad_input, grad_weight, grad_bias};
+  return library_backward_through_transform(grad_output, input, weight, p, output_mask, cuda::kCudaPasses);
 }
 
 Gradients fused_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
